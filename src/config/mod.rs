@@ -1,0 +1,286 @@
+//! Configuration: `serve` settings from flags and an optional TOML file (flags win), and the
+//! rules (`rules.rs`), each turned from raw serde structs into validated types.
+
+pub mod rules;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub use rules::{Rules, RulesError};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// How pgveil talks to the upstream server (libpq's `sslmode` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, without verifying its certificate.
+    Prefer,
+    /// TLS or fail, without verifying the certificate.
+    Require,
+    /// TLS with the certificate verified against `--upstream-ca` and the host name.
+    VerifyFull,
+}
+
+/// Every setting of `pgveil serve`, as read from a config file; all optional so that
+/// command-line flags can be layered on top.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub rules: Option<PathBuf>,
+    pub audit_log: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub require_tls: Option<bool>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub upstream_ca: Option<PathBuf>,
+    pub metrics: Option<String>,
+    pub max_client_conn: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
+    pub client_idle_timeout_secs: Option<u64>,
+    pub connect_timeout_secs: Option<u64>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub max_message_bytes: Option<usize>,
+}
+
+impl ServeSettings {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<ServeSettings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: location(path, &text, e.span()),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// `self` with every unset value taken from `base`.
+    pub fn or(self, base: ServeSettings) -> ServeSettings {
+        ServeSettings {
+            listen: self.listen.or(base.listen),
+            upstream: self.upstream.or(base.upstream),
+            rules: self.rules.or(base.rules),
+            audit_log: self.audit_log.or(base.audit_log),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
+            require_tls: self.require_tls.or(base.require_tls),
+            upstream_tls: self.upstream_tls.or(base.upstream_tls),
+            upstream_ca: self.upstream_ca.or(base.upstream_ca),
+            metrics: self.metrics.or(base.metrics),
+            max_client_conn: self.max_client_conn.or(base.max_client_conn),
+            handshake_timeout_secs: self.handshake_timeout_secs.or(base.handshake_timeout_secs),
+            client_idle_timeout_secs: self
+                .client_idle_timeout_secs
+                .or(base.client_idle_timeout_secs),
+            connect_timeout_secs: self.connect_timeout_secs.or(base.connect_timeout_secs),
+            shutdown_grace_secs: self.shutdown_grace_secs.or(base.shutdown_grace_secs),
+            max_message_bytes: self.max_message_bytes.or(base.max_message_bytes),
+        }
+    }
+}
+
+/// Validated settings the proxy runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: String,
+    /// `host:port` of the real server.
+    pub upstream: String,
+    /// The host part of `upstream`, for TLS server-name checks.
+    pub upstream_host: String,
+    pub rules_path: PathBuf,
+    pub audit_log: String,
+    pub client_tls: Option<(PathBuf, PathBuf)>,
+    pub require_tls: bool,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+    pub limits: Limits,
+}
+
+/// Resource limits and timeouts; zero durations mean "no limit".
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_client_conn: usize,
+    pub handshake_timeout: Duration,
+    pub client_idle_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_client_conn: 1000,
+            handshake_timeout: Duration::from_secs(60),
+            client_idle_timeout: None,
+            connect_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+            max_message_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Applies defaults and checks the combination of settings.
+    pub fn from_settings(s: ServeSettings) -> Result<Config, ConfigError> {
+        let d = Limits::default();
+        let upstream = s.upstream.unwrap_or_else(|| "127.0.0.1:5432".into());
+        let upstream_host = split_host_port(&upstream).ok_or_else(|| ConfigError::Invalid {
+            key: "upstream",
+            message: format!("{upstream:?} is not HOST:PORT"),
+        })?;
+        let client_tls = match (s.tls_cert, s.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_cert",
+                    message: "--tls-cert and --tls-key go together".into(),
+                })
+            }
+        };
+        let require_tls = s.require_tls.unwrap_or(false);
+        if require_tls && client_tls.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "require_tls",
+                message: "--require-tls needs --tls-cert and --tls-key".into(),
+            });
+        }
+        let upstream_tls = s.upstream_tls.unwrap_or(UpstreamTls::Prefer);
+        if upstream_tls == UpstreamTls::VerifyFull && s.upstream_ca.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "upstream_tls",
+                message: "verify-full needs --upstream-ca".into(),
+            });
+        }
+        let metrics = match s.metrics {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|_| ConfigError::Invalid {
+                key: "metrics",
+                message: format!("{m:?} is not an IP:PORT address"),
+            })?),
+        };
+        let secs = |v: Option<u64>, dflt: Duration| v.map(Duration::from_secs).unwrap_or(dflt);
+        Ok(Config {
+            listen: s.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
+            upstream,
+            upstream_host,
+            rules_path: s.rules.unwrap_or_else(|| PathBuf::from("rules/")),
+            audit_log: s.audit_log.unwrap_or_else(|| "audit.jsonl".into()),
+            client_tls,
+            require_tls,
+            upstream_tls,
+            upstream_ca: s.upstream_ca,
+            metrics,
+            limits: Limits {
+                max_client_conn: s.max_client_conn.unwrap_or(d.max_client_conn).max(1),
+                handshake_timeout: secs(s.handshake_timeout_secs, d.handshake_timeout),
+                client_idle_timeout: s
+                    .client_idle_timeout_secs
+                    .filter(|&v| v > 0)
+                    .map(Duration::from_secs),
+                connect_timeout: secs(s.connect_timeout_secs, d.connect_timeout),
+                shutdown_grace: secs(s.shutdown_grace_secs, d.shutdown_grace),
+                max_message_bytes: s.max_message_bytes.unwrap_or(d.max_message_bytes),
+            },
+        })
+    }
+}
+
+/// The host of `host:port` (`[v6]:port` too), if the port is a number.
+fn split_host_port(s: &str) -> Option<String> {
+    let (host, port) = s.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// `path:line` for a byte span of `text`.
+pub(crate) fn location(path: &Path, text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => format!("{}:{}", path.display(), line_of(text, span.start)),
+        None => path.display().to_string(),
+    }
+}
+
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_settings(ServeSettings::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6432");
+        assert_eq!(c.upstream, "127.0.0.1:5432");
+        assert_eq!(c.rules_path, PathBuf::from("rules/"));
+        assert_eq!(c.audit_log, "audit.jsonl");
+        assert_eq!(c.upstream_tls, UpstreamTls::Prefer);
+        assert!(c.client_tls.is_none() && !c.require_tls && c.metrics.is_none());
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: ServeSettings =
+            toml::from_str("listen = \"0.0.0.0:7000\"\nupstream = \"db:5433\"\n").unwrap();
+        let flags = ServeSettings {
+            listen: Some("127.0.0.1:7001".into()),
+            ..Default::default()
+        };
+        let c = Config::from_settings(flags.or(file)).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7001");
+        assert_eq!(c.upstream, "db:5433");
+        assert_eq!(c.upstream_host, "db");
+    }
+
+    #[test]
+    fn rejects_inconsistent_settings() {
+        let bad = |s: ServeSettings| Config::from_settings(s).is_err();
+        assert!(bad(ServeSettings {
+            require_tls: Some(true),
+            ..Default::default()
+        }));
+        assert!(bad(ServeSettings {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        }));
+        assert!(bad(ServeSettings {
+            upstream_tls: Some(UpstreamTls::VerifyFull),
+            ..Default::default()
+        }));
+        assert!(bad(ServeSettings {
+            upstream: Some("nohost".into()),
+            ..Default::default()
+        }));
+    }
+
+    #[test]
+    fn unknown_config_keys_are_reported_with_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pgveil.toml");
+        std::fs::write(&p, "listen = \"x:1\"\nlisten_port = 5\n").unwrap();
+        let err = ServeSettings::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("pgveil.toml:2"), "{err}");
+        assert!(err.contains("listen_port"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! pgveil: a PostgreSQL wire-protocol proxy for CRM databases.
+//!
+//! One statement's path: `server` accepts a client and hands it to `session`, which
+//! negotiates TLS (`tls`), relays authentication to the real server and reads the
+//! session's identity, then relays frames (`protocol`) in both directions while
+//! `session::state` pairs every server reply with the client request it answers.
+//! Statement analysis, policy decisions, masking of result rows and the audit log hook
+//! into that relay. `config` turns flags, config files and rules into validated types.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod tls;

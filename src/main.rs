@@ -1,0 +1,77 @@
+//! The `pgveil` binary: parse the command line, start tracing, run the subcommand.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use pgveil::cli::{self, AuditCommand, Cli, Command, TokenCommand};
+use pgveil::config::Config;
+use pgveil::server::{self, Proxy};
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGVEIL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => match serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pgveil serve: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Check {
+            rules,
+            upstream_url,
+        } => cli::check(&rules, upstream_url.as_deref()),
+        Command::Explain { .. } => cli::not_yet("explain"),
+        Command::Audit(AuditCommand::Verify { .. }) => cli::not_yet("audit verify"),
+        Command::Audit(AuditCommand::Search { .. }) => cli::not_yet("audit search"),
+        Command::Trash { action, .. } => cli::not_yet(&format!("trash {action}")),
+        Command::Token(TokenCommand::Decode { .. }) => cli::not_yet("token decode"),
+    }
+}
+
+fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
+    let config = Config::from_settings(args.settings()?)?;
+    let proxy = Arc::new(Proxy::new(config)?);
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&proxy.config.listen)
+            .await
+            .with_context(|| format!("listening on {}", proxy.config.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            upstream = %proxy.config.upstream,
+            "pgveil ready"
+        );
+        if proxy.config.metrics.is_some() {
+            tracing::warn!("--metrics is not implemented yet in this version; ignored");
+        }
+        let mut hangup = signal(SignalKind::hangup())?;
+        let reloader = proxy.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let _ = reloader.reload_rules();
+            }
+        });
+        let mut term = signal(SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            tracing::info!("shutdown requested");
+        };
+        server::run(listener, proxy, shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,94 @@
+//! Builders for the messages pgveil itself sends.
+
+use bytes::{BufMut, BytesMut};
+
+use super::frame::Frame;
+use super::sqlstate::SqlState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Frames a message whose body `fill` writes.
+pub fn frame(tag: u8, fill: impl FnOnce(&mut BytesMut)) -> Frame {
+    let mut b = BytesMut::with_capacity(64);
+    b.put_u8(tag);
+    b.put_i32(0);
+    fill(&mut b);
+    let len = (b.len() - 1) as i32;
+    b[1..5].copy_from_slice(&len.to_be_bytes());
+    Frame::from_raw(b.freeze()).expect("frame built with its own length")
+}
+
+fn put_cstr(b: &mut BytesMut, s: &str) {
+    // A NUL inside would end the field early; PostgreSQL never sends one either.
+    b.put_slice(s.replace('\0', " ").as_bytes());
+    b.put_u8(0);
+}
+
+/// An ErrorResponse with severity, SQLSTATE and message.
+pub fn error_response(severity: Severity, code: SqlState, message: &str) -> Frame {
+    error_response_with(severity, code, message, None)
+}
+
+/// An ErrorResponse with an optional DETAIL or HINT line (`(b'D' | b'H', text)`).
+pub fn error_response_with(
+    severity: Severity,
+    code: SqlState,
+    message: &str,
+    extra: Option<(u8, &str)>,
+) -> Frame {
+    frame(b'E', |b| {
+        b.put_u8(b'S');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'V');
+        put_cstr(b, severity.as_str());
+        b.put_u8(b'C');
+        put_cstr(b, code.code());
+        b.put_u8(b'M');
+        put_cstr(b, message);
+        if let Some((field, text)) = extra {
+            b.put_u8(field);
+            put_cstr(b, text);
+        }
+        b.put_u8(0);
+    })
+}
+
+/// AuthenticationSASL listing `mechanisms`.
+pub fn authentication_sasl(mechanisms: &[&str]) -> Frame {
+    frame(b'R', |b| {
+        b.put_i32(super::backend::auth::SASL);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    })
+}
+
+pub fn backend_key_data(key: super::startup::CancelKey) -> Frame {
+    frame(b'K', |b| {
+        b.put_i32(key.pid);
+        b.put_i32(key.secret);
+    })
+}
+
+/// A simple-protocol Query.
+pub fn query(sql: &str) -> Frame {
+    frame(b'Q', |b| put_cstr(b, sql))
+}
+
+pub fn terminate() -> Frame {
+    frame(b'X', |_| {})
+}

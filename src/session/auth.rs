@@ -1,0 +1,245 @@
+//! Authentication is relayed, never terminated: the StartupMessage goes to the server and
+//! each authentication request and answer passes between the two, so pgveil stores no
+//! password and the server's verdict stands. Then the session's identity is read and the
+//! client gets the server's ReadyForQuery.
+
+use std::collections::HashMap;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::error::{already_reported, SessionError};
+use super::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
+use super::Legs;
+use crate::protocol::backend::{self, auth};
+use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
+use crate::protocol::startup::{CancelKey, StartupMessage};
+use crate::protocol::write;
+use crate::protocol::{Frame, SqlState};
+
+/// What a completed startup hands to the relay.
+pub struct Established {
+    pub identity: SessionIdentity,
+    pub server_params: HashMap<String, String>,
+    /// The upstream backend's key and the one the client was given instead.
+    pub keys: Option<(CancelKey, CancelKey)>,
+}
+
+/// Context of the startup the relay needs.
+pub struct Startup<'a> {
+    pub message: &'a StartupMessage,
+    pub session_id: u64,
+    pub client_addr: std::net::SocketAddr,
+    /// Both legs are encrypted: SCRAM without channel binding cannot pass.
+    pub tls_both_legs: bool,
+    /// Chooses the secret the client sees for the server's BackendKeyData.
+    pub client_key: &'a (dyn Fn(CancelKey) -> CancelKey + Send + Sync),
+}
+
+pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established, SessionError> {
+    send_upstream(&mut legs.upstream_w, startup.message.raw()).await?;
+    authenticate(legs, &startup).await?;
+    let mut params = HashMap::new();
+    let mut keys = None;
+    let mut out = BytesMut::new();
+    loop {
+        let frame = legs
+            .upstream_r
+            .next()
+            .await
+            .map_err(SessionError::upstream)?;
+        match frame.tag() {
+            b'S' => {
+                let (k, v) = backend::parameter_status(&frame).map_err(SessionError::upstream)?;
+                params.insert(k.to_string(), v.to_string());
+                out.extend_from_slice(frame.raw());
+            }
+            b'K' => {
+                let server_key =
+                    backend::backend_key_data(&frame).map_err(SessionError::upstream)?;
+                let client_key = (startup.client_key)(server_key);
+                keys = Some((server_key, client_key));
+                out.extend_from_slice(write::backend_key_data(client_key).raw());
+            }
+            b'N' => out.extend_from_slice(frame.raw()),
+            b'E' => {
+                out.extend_from_slice(frame.raw());
+                send(&mut legs.client_w, &out).await?;
+                return Err(SessionError::Reported(already_reported()));
+            }
+            b'Z' => {
+                let identity = read_identity(legs, &startup).await?;
+                out.extend_from_slice(frame.raw());
+                send(&mut legs.client_w, &out).await?;
+                return Ok(Established {
+                    identity,
+                    server_params: params,
+                    keys,
+                });
+            }
+            tag => {
+                return Err(SessionError::Upstream(format!(
+                    "unexpected message {:?} after authentication",
+                    tag as char
+                )))
+            }
+        }
+    }
+}
+
+/// Relays the authentication exchange until AuthenticationOk.
+async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), SessionError> {
+    loop {
+        let frame = legs
+            .upstream_r
+            .next()
+            .await
+            .map_err(SessionError::upstream)?;
+        match frame.tag() {
+            b'R' => {
+                let code = backend::authentication_code(&frame).map_err(SessionError::upstream)?;
+                match code {
+                    auth::OK => {
+                        send(&mut legs.client_w, frame.raw()).await?;
+                        return Ok(());
+                    }
+                    auth::SASL => {
+                        let offered = strip_channel_binding(&frame)?;
+                        send(&mut legs.client_w, offered.raw()).await?;
+                        let answer = client_auth_response(legs).await?;
+                        check_scram_relayable(&answer, startup.tls_both_legs)?;
+                        send_upstream(&mut legs.upstream_w, answer.raw()).await?;
+                    }
+                    auth::SASL_FINAL => send(&mut legs.client_w, frame.raw()).await?,
+                    _ => {
+                        send(&mut legs.client_w, frame.raw()).await?;
+                        let answer = client_auth_response(legs).await?;
+                        send_upstream(&mut legs.upstream_w, answer.raw()).await?;
+                    }
+                }
+            }
+            // NegotiateProtocolVersion: the server speaks an older minor version.
+            b'v' => send(&mut legs.client_w, frame.raw()).await?,
+            b'E' => {
+                // The server's verdict (28P01, 3D000, ...) reaches the client unchanged.
+                send(&mut legs.client_w, frame.raw()).await?;
+                return Err(SessionError::Reported(already_reported()));
+            }
+            tag => {
+                return Err(SessionError::Upstream(format!(
+                    "unexpected message {:?} during authentication",
+                    tag as char
+                )))
+            }
+        }
+    }
+}
+
+async fn client_auth_response(legs: &mut Legs) -> Result<Frame, SessionError> {
+    let frame = legs
+        .client_r
+        .next()
+        .await
+        .map_err(SessionError::from_client)?;
+    if frame.tag() != b'p' {
+        return Err(SessionError::Client(
+            crate::protocol::ProtocolError::Unexpected {
+                tag: frame.tag() as char,
+                during: "during authentication",
+            },
+        ));
+    }
+    Ok(frame)
+}
+
+/// AuthenticationSASL without SCRAM-SHA-256-PLUS: channel binding ties the exchange to one
+/// TLS connection, and a relay has two.
+fn strip_channel_binding(frame: &Frame) -> Result<Frame, SessionError> {
+    let mechanisms = backend::sasl_mechanisms(frame).map_err(SessionError::upstream)?;
+    let kept: Vec<&str> = mechanisms
+        .into_iter()
+        .filter(|m| *m != backend::SCRAM_PLUS)
+        .collect();
+    if kept.is_empty() {
+        return Err(SessionError::Refused {
+            code: SqlState::FEATURE_NOT_SUPPORTED,
+            message: "pgveil: the server offers only SCRAM with channel binding, which a proxy cannot relay".into(),
+        });
+    }
+    Ok(write::authentication_sasl(&kept))
+}
+
+/// With TLS on both legs, a client that supports channel binding sends the GS2 flag `y`
+/// ("I could bind but the server did not offer it"); the server, which does offer it on
+/// its own TLS leg, would reject the exchange as a downgrade. Say so plainly.
+fn check_scram_relayable(answer: &Frame, tls_both_legs: bool) -> Result<(), SessionError> {
+    let (_, flag) = sasl_initial_response(answer).map_err(SessionError::Client)?;
+    let refuse = match flag {
+        ChannelBindingFlag::Used => true,
+        ChannelBindingFlag::ClientOnly => tls_both_legs,
+        ChannelBindingFlag::NotSupported => false,
+    };
+    if refuse {
+        return Err(SessionError::Refused {
+            code: SqlState::INVALID_AUTHORIZATION,
+            message: "pgveil: SCRAM channel binding cannot pass through a proxy with TLS on both legs; \
+                      connect with channel_binding=disable, or run pgveil with --upstream-tls disable"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Runs [`IDENTITY_QUERY`] on the session's upstream connection and swallows its reply.
+async fn read_identity(
+    legs: &mut Legs,
+    startup: &Startup<'_>,
+) -> Result<SessionIdentity, SessionError> {
+    send_upstream(&mut legs.upstream_w, write::query(IDENTITY_QUERY).raw()).await?;
+    let mut rows = IdentityRows::default();
+    let mut failed = None;
+    loop {
+        let frame = legs
+            .upstream_r
+            .next()
+            .await
+            .map_err(SessionError::upstream)?;
+        match frame.tag() {
+            b'D' => {
+                let cols = backend::data_row(&frame).map_err(SessionError::upstream)?;
+                if let [Some(kind), Some(value)] = cols.as_slice() {
+                    rows.push(kind, value);
+                }
+            }
+            b'E' => failed = Some(backend::error_code_and_severity(&frame)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    if let Some((code, _)) = failed {
+        return Err(SessionError::Upstream(format!(
+            "reading the session's roles failed with SQLSTATE {code}"
+        )));
+    }
+    let app = startup
+        .message
+        .param("application_name")
+        .unwrap_or_default()
+        .to_string();
+    rows.finish(startup.session_id, startup.client_addr, app)
+        .ok_or_else(|| SessionError::Upstream("the server did not report the session user".into()))
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), SessionError> {
+    w.write_all(bytes)
+        .await
+        .map_err(|e| SessionError::from_client(e.into()))?;
+    w.flush()
+        .await
+        .map_err(|e| SessionError::from_client(e.into()))
+}
+
+async fn send_upstream<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), SessionError> {
+    w.write_all(bytes).await.map_err(SessionError::upstream)?;
+    w.flush().await.map_err(SessionError::upstream)
+}

@@ -1,0 +1,117 @@
+//! Who a session is: login user, every role it belongs to (transitively, from the catalog,
+//! read on the session's own upstream connection before the client sees ReadyForQuery),
+//! database, client address and application name. Masking and guards key on this.
+
+use std::net::SocketAddr;
+
+/// The identity of one client session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionIdentity {
+    pub session_id: u64,
+    /// `session_user` as the server reports it.
+    pub user: String,
+    /// The login user and every role it is a member of, directly or indirectly; sorted.
+    pub roles: Vec<String>,
+    pub database: String,
+    pub client_addr: SocketAddr,
+    pub application_name: String,
+    pub search_path: String,
+}
+
+impl SessionIdentity {
+    /// Whether any of the session's roles is in `names` (`"*"` matches every role).
+    pub fn has_any_role(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .any(|n| n == "*" || self.roles.binary_search(n).is_ok())
+    }
+}
+
+/// Reads the identity in one round trip. Membership follows `pg_auth_members` recursively
+/// (UNION stops at cycles); a superuser is not treated as a member of every role, because
+/// the rules name roles, not privileges.
+pub const IDENTITY_QUERY: &str = "WITH RECURSIVE m(oid) AS (\
+ SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user \
+ UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN m ON a.member = m.oid) \
+ SELECT 'u', session_user::text \
+ UNION ALL SELECT 'd', pg_catalog.current_database()::text \
+ UNION ALL SELECT 's', pg_catalog.current_setting('search_path') \
+ UNION ALL SELECT 'r', r.rolname::text FROM pg_catalog.pg_roles r JOIN m ON r.oid = m.oid";
+
+/// Collects the rows of [`IDENTITY_QUERY`].
+#[derive(Default)]
+pub struct IdentityRows {
+    user: Option<String>,
+    database: Option<String>,
+    search_path: Option<String>,
+    roles: Vec<String>,
+}
+
+impl IdentityRows {
+    /// Adds one `(kind, value)` row.
+    pub fn push(&mut self, kind: &[u8], value: &[u8]) {
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b"u" => self.user = Some(value),
+            b"d" => self.database = Some(value),
+            b"s" => self.search_path = Some(value),
+            b"r" => self.roles.push(value),
+            _ => {}
+        }
+    }
+
+    /// The identity, if the server told us who the session is.
+    pub fn finish(
+        mut self,
+        session_id: u64,
+        client_addr: SocketAddr,
+        application_name: String,
+    ) -> Option<SessionIdentity> {
+        let user = self.user?;
+        if !self.roles.contains(&user) {
+            self.roles.push(user.clone());
+        }
+        self.roles.sort();
+        self.roles.dedup();
+        Some(SessionIdentity {
+            session_id,
+            user,
+            roles: self.roles,
+            database: self.database?,
+            client_addr,
+            application_name,
+            search_path: self.search_path.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_include_user_and_wildcard_matches() {
+        let mut rows = IdentityRows::default();
+        rows.push(b"u", b"alice");
+        rows.push(b"d", b"crm");
+        rows.push(b"r", b"crm_support");
+        rows.push(b"r", b"alice");
+        rows.push(b"r", b"crm_base");
+        let id = rows
+            .finish(1, "127.0.0.1:5000".parse().unwrap(), "psql".into())
+            .unwrap();
+        assert_eq!(id.roles, vec!["alice", "crm_base", "crm_support"]);
+        assert!(id.has_any_role(&["crm_base".into()]));
+        assert!(id.has_any_role(&["*".into()]));
+        assert!(!id.has_any_role(&["crm_admin".into()]));
+    }
+
+    #[test]
+    fn missing_user_is_no_identity() {
+        let mut rows = IdentityRows::default();
+        rows.push(b"d", b"crm");
+        assert!(rows
+            .finish(1, "127.0.0.1:5000".parse().unwrap(), String::new())
+            .is_none());
+    }
+}

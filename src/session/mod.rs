@@ -1,0 +1,210 @@
+//! One client connection, as an explicit sequence of phases:
+//! Startup (SSL/GSS negotiation, `startup.rs`) → Connect (upstream link, `upstream.rs`) →
+//! Auth (relayed, then identity, `auth.rs`) → Ready (the relay, `relay.rs`, over the state
+//! in `state.rs`) → Closed. A CancelRequest takes a short path to the upstream.
+
+pub mod auth;
+pub mod error;
+pub mod identity;
+pub mod relay;
+pub mod startup;
+pub mod state;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::protocol::startup::StartupMessage;
+use crate::protocol::{FrameReader, SqlState};
+use crate::server::Proxy;
+use crate::tls::Stream;
+use error::{report, SessionError};
+use startup::Opening;
+
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Both legs of a session, split into framed readers and raw writers.
+pub struct Legs {
+    pub client_r: FrameReader<BoxRead>,
+    pub client_w: BoxWrite,
+    pub upstream_r: FrameReader<BoxRead>,
+    pub upstream_w: BoxWrite,
+}
+
+fn split(stream: Stream, max_len: usize) -> (FrameReader<BoxRead>, BoxWrite) {
+    let (r, w): (BoxRead, BoxWrite) = match stream {
+        Stream::Plain(tcp) => {
+            let (r, w) = tcp.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        tls => {
+            let (r, w) = tokio::io::split(tls);
+            (Box::new(r), Box::new(w))
+        }
+    };
+    (FrameReader::new(r, max_len), w)
+}
+
+/// Serves one accepted connection to its end. `permit` is `None` past the connection cap.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    permit: Option<OwnedSemaphorePermit>,
+    shutdown: CancellationToken,
+) {
+    let id = proxy.next_session_id();
+    let span = tracing::info_span!("session", id, %peer);
+    async move {
+        tcp.set_nodelay(true).ok();
+        let limits = &proxy.config.limits;
+        let opened =
+            tokio::time::timeout(limits.handshake_timeout, startup::negotiate(tcp, &proxy)).await;
+        let (stream, opening) = match opened {
+            Ok(r) => r,
+            Err(_) => return tracing::info!("client startup timed out"),
+        };
+        let Some(mut stream) = stream else { return };
+        let message = match opening {
+            Ok(Opening::Cancel(key)) => return forward_cancel(&proxy, key).await,
+            Ok(Opening::Startup(m)) => m,
+            Err(e) => {
+                report(&mut stream, &e).await;
+                return;
+            }
+        };
+        if let Err(e) = admit(&proxy, &message, &stream, permit.is_some()) {
+            report(&mut stream, &e).await;
+            return;
+        }
+        let _permit = permit;
+        proxy.metrics_session_started();
+        let result = run_session(stream, message, id, peer, &proxy, &shutdown).await;
+        proxy.metrics_session_ended();
+        if let Err(e) = result {
+            tracing::debug!("session ended: {e}");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Checks made after StartupMessage and before any upstream work.
+fn admit(
+    proxy: &Proxy,
+    msg: &StartupMessage,
+    stream: &Stream,
+    has_permit: bool,
+) -> Result<(), SessionError> {
+    if !has_permit {
+        return Err(SessionError::Refused {
+            code: SqlState::TOO_MANY_CONNECTIONS,
+            message: "pgveil: sorry, too many clients already".into(),
+        });
+    }
+    if msg.is_replication() {
+        return Err(SessionError::Refused {
+            code: SqlState::FEATURE_NOT_SUPPORTED,
+            message:
+                "pgveil: replication connections are not supported; connect to the server directly"
+                    .into(),
+        });
+    }
+    if proxy.config.require_tls && !stream.is_tls() {
+        return Err(SessionError::Refused {
+            code: SqlState::INVALID_AUTHORIZATION,
+            message: "pgveil: this proxy accepts only TLS connections (sslmode=require)".into(),
+        });
+    }
+    Ok(())
+}
+
+async fn run_session(
+    mut client: Stream,
+    message: StartupMessage,
+    id: u64,
+    peer: SocketAddr,
+    proxy: &Arc<Proxy>,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let limits = &proxy.config.limits;
+    let upstream = match upstream::connect(proxy).await {
+        Ok(s) => s,
+        Err(e) => {
+            report(&mut client, &e).await;
+            return Err(e);
+        }
+    };
+    let tls_both_legs = client.is_tls() && upstream.is_tls();
+    let (client_r, client_w) = split(client, limits.max_message_bytes);
+    let (upstream_r, upstream_w) = split(upstream, usize::MAX >> 1);
+    let mut legs = Legs {
+        client_r,
+        client_w,
+        upstream_r,
+        upstream_w,
+    };
+    let issue_key = |server| proxy.issue_cancel_key(server);
+    let established = tokio::time::timeout(
+        limits.handshake_timeout,
+        auth::relay(
+            &mut legs,
+            auth::Startup {
+                message: &message,
+                session_id: id,
+                client_addr: peer,
+                tls_both_legs,
+                client_key: &issue_key,
+            },
+        ),
+    )
+    .await
+    .unwrap_or(Err(SessionError::HandshakeTimeout));
+    let established = match established {
+        Ok(e) => e,
+        Err(e) => {
+            report(&mut legs.client_w, &e).await;
+            return Err(e);
+        }
+    };
+    let identity = &established.identity;
+    tracing::info!(
+        user = %identity.user,
+        database = %identity.database,
+        roles = ?identity.roles,
+        "session established"
+    );
+    let state = Mutex::new(state::SessionState::new(established.server_params));
+    let result = relay::run(&mut legs, &state, limits.client_idle_timeout, shutdown).await;
+    if let Some((_, client_key)) = established.keys {
+        proxy.cancel_keys.remove(&client_key);
+    }
+    if !matches!(result, Ok(relay::RelayEnd::Terminated)) {
+        // Tell the server we are done, whatever happened on the client side.
+        let terminate = crate::protocol::write::terminate();
+        let _ = legs.upstream_w.write_all(terminate.raw()).await;
+    }
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            report(&mut legs.client_w, &e).await;
+            Err(e)
+        }
+    }
+}
+
+async fn forward_cancel(proxy: &Proxy, key: crate::protocol::startup::CancelKey) {
+    let Some(server_key) = proxy.cancel_keys.get(&key).map(|k| *k) else {
+        return tracing::info!("cancel request with an unknown key ignored");
+    };
+    if let Err(e) = upstream::cancel(proxy, server_key).await {
+        tracing::warn!("forwarding a cancel request failed: {e}");
+    }
+}

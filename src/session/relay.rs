@@ -1,0 +1,177 @@
+//! The Ready phase: two pumps in one task, client → server and server → client, sharing
+//! the session state. Frames are read in batches and written with one write per batch;
+//! each frame is forwarded as the bytes it arrived in.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::error::{already_reported, SessionError};
+use super::state::SessionState;
+use super::{BoxRead, Legs};
+use crate::protocol::backend::{self, TransactionStatus};
+use crate::protocol::frontend::FrontendMessage;
+use crate::protocol::{Frame, FrameReader};
+
+/// How the relay ended without an error to report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    Terminated,
+    /// The server ended the session with a FATAL error the client has received.
+    ServerClosed,
+}
+
+/// Relays until one side ends or `shutdown` fires.
+pub async fn run(
+    legs: &mut Legs,
+    state: &Mutex<SessionState>,
+    idle_timeout: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Result<RelayEnd, SessionError> {
+    // Set while a pump is part-way through writing to the client, so that no error frame
+    // is written into the middle of another message afterwards.
+    let client_dirty = AtomicBool::new(false);
+    let result = tokio::select! {
+        r = client_to_server(&mut legs.client_r, &mut legs.upstream_w, state, idle_timeout) => r,
+        r = server_to_client(&mut legs.upstream_r, &mut legs.client_w, state, &client_dirty) => r,
+        _ = shutdown.cancelled() => Err(SessionError::Shutdown),
+    };
+    if client_dirty.load(Ordering::Acquire) && result.is_err() {
+        return Err(SessionError::Reported(already_reported()));
+    }
+    result
+}
+
+async fn client_to_server(
+    client: &mut FrameReader<BoxRead>,
+    upstream: &mut (impl AsyncWrite + Unpin),
+    state: &Mutex<SessionState>,
+    idle_timeout: Option<Duration>,
+) -> Result<RelayEnd, SessionError> {
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let first = next_client_frame(client, state, idle_timeout).await?;
+        let mut terminated = false;
+        {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut frame = Some(first);
+            while let Some(f) = frame {
+                let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
+                if msg == FrontendMessage::Terminate {
+                    terminated = true;
+                }
+                st.on_client(&msg);
+                out.extend_from_slice(f.raw());
+                if terminated {
+                    break;
+                }
+                frame = client.buffered().map_err(SessionError::Client)?;
+            }
+        }
+        upstream
+            .write_all(&out)
+            .await
+            .map_err(SessionError::upstream)?;
+        out.clear();
+        if terminated {
+            return Ok(RelayEnd::Terminated);
+        }
+    }
+}
+
+async fn next_client_frame(
+    client: &mut FrameReader<BoxRead>,
+    state: &Mutex<SessionState>,
+    idle_timeout: Option<Duration>,
+) -> Result<Frame, SessionError> {
+    let idle = idle_timeout.filter(|_| {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.is_idle() && st.transaction != Some(TransactionStatus::InBlock) && !client.has_partial()
+    });
+    let read = client.next();
+    let frame = match idle {
+        Some(limit) => tokio::time::timeout(limit, read)
+            .await
+            .map_err(|_| SessionError::IdleTimeout)?,
+        None => read.await,
+    };
+    frame.map_err(SessionError::from_client)
+}
+
+async fn server_to_client(
+    upstream: &mut FrameReader<BoxRead>,
+    client: &mut (impl AsyncWrite + Unpin),
+    state: &Mutex<SessionState>,
+    client_dirty: &AtomicBool,
+) -> Result<RelayEnd, SessionError> {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let first = upstream.next().await.map_err(|e| {
+            if e.is_disconnect() {
+                SessionError::Upstream("the server closed the connection".into())
+            } else {
+                SessionError::upstream(e)
+            }
+        })?;
+        let mut fatal = false;
+        {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut frame = Some(first);
+            while let Some(f) = frame {
+                fatal |= on_server_frame(&mut st, &f)?;
+                out.extend_from_slice(f.raw());
+                // Bound the batch so a fast server cannot grow it without limit.
+                if fatal || out.len() >= 256 * 1024 {
+                    break;
+                }
+                frame = upstream.buffered().map_err(SessionError::upstream)?;
+            }
+        }
+        client_dirty.store(true, Ordering::Release);
+        client
+            .write_all(&out)
+            .await
+            .map_err(|e| SessionError::from_client(e.into()))?;
+        client_dirty.store(false, Ordering::Release);
+        out.clear();
+        if fatal {
+            return Ok(RelayEnd::ServerClosed);
+        }
+    }
+}
+
+/// Updates the state for one server frame; true when it is a FATAL error that ends the
+/// session.
+fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<bool, SessionError> {
+    match f.tag() {
+        // DataRow: the hot path; nothing to learn until masking plans exist.
+        b'D' => {}
+        b'T' => {
+            let rows = backend::row_description(f).map_err(SessionError::upstream)?;
+            st.on_server(b'T', Some(rows));
+        }
+        b'Z' => {
+            let status = backend::ready_for_query(f).map_err(SessionError::upstream)?;
+            st.on_server(b'Z', None);
+            st.on_ready(status);
+        }
+        b'S' => {
+            let (k, v) = backend::parameter_status(f).map_err(SessionError::upstream)?;
+            st.server_params.insert(k.to_string(), v.to_string());
+        }
+        b'E' => {
+            st.on_server(b'E', None);
+            let (_, severity) = backend::error_code_and_severity(f);
+            return Ok(severity == "FATAL" || severity == "PANIC");
+        }
+        tag => {
+            st.on_server(tag, None);
+        }
+    }
+    Ok(false)
+}

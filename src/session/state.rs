@@ -1,0 +1,442 @@
+//! What a session knows between startup and close: transaction status, server parameters,
+//! prepared statements and portals with their row descriptions, and the queue that pairs
+//! every server reply with the client request it answers, pipelined or not.
+//!
+//! The client side pushes a `Pending` entry for each request that gets a reply; the server
+//! side pops them as replies arrive. Statements and portals are registered when the server
+//! confirms them (ParseComplete, BindComplete), so a pipelined batch that fails half-way
+//! leaves no phantom entries: after an ErrorResponse in extended mode the server skips to
+//! Sync, and so does this queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::protocol::backend::{FieldDescription, TransactionStatus};
+use crate::protocol::frontend::{FrontendMessage, Target};
+
+/// Result columns as the server described them.
+pub type RowShape = Arc<Vec<FieldDescription>>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedStatement {
+    pub sql: Arc<str>,
+    pub param_types: Vec<u32>,
+    /// `Some(None)` when described as returning no rows.
+    pub rows: Option<Option<RowShape>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Portal {
+    pub statement: String,
+    pub sql: Arc<str>,
+    pub result_formats: Vec<i16>,
+    pub rows: Option<Option<RowShape>>,
+}
+
+impl Portal {
+    /// The wire format (0 text, 1 binary) of result column `i`, per Bind's rules.
+    pub fn format_of(&self, i: usize) -> i16 {
+        match self.result_formats.as_slice() {
+            [] => 0,
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// A client request still waiting for (the end of) its reply.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pending {
+    Query {
+        sql: Arc<str>,
+    },
+    Parse(String, PreparedStatement),
+    Bind {
+        portal: String,
+        statement: String,
+        result_formats: Vec<i16>,
+    },
+    Describe {
+        target: Target,
+        name: String,
+    },
+    Execute {
+        portal: String,
+    },
+    Close {
+        target: Target,
+        name: String,
+    },
+    Sync,
+    FunctionCall,
+}
+
+impl Pending {
+    fn is_extended(&self) -> bool {
+        !matches!(
+            self,
+            Pending::Query { .. } | Pending::Sync | Pending::FunctionCall
+        )
+    }
+}
+
+/// What the server side learned from one reply, for the relay to act on.
+#[derive(Debug, PartialEq)]
+pub enum Reply {
+    /// Rows follow with this shape (from RowDescription, or the portal being executed).
+    Rows(Option<RowShape>),
+    /// Anything else.
+    Other,
+}
+
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub transaction: Option<TransactionStatus>,
+    pub server_params: HashMap<String, String>,
+    statements: HashMap<String, PreparedStatement>,
+    portals: HashMap<String, Portal>,
+    pending: VecDeque<Pending>,
+    /// Shape of the rows currently streaming, if any.
+    current_rows: Option<RowShape>,
+    /// Replies that matched no request: a bug or an unexpected server; logged, not fatal.
+    pub unmatched: u64,
+}
+
+impl SessionState {
+    pub fn new(server_params: HashMap<String, String>) -> Self {
+        SessionState {
+            transaction: Some(TransactionStatus::Idle),
+            server_params,
+            ..Default::default()
+        }
+    }
+
+    /// No request is waiting for the server.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn statement(&self, name: &str) -> Option<&PreparedStatement> {
+        self.statements.get(name)
+    }
+
+    pub fn portal(&self, name: &str) -> Option<&Portal> {
+        self.portals.get(name)
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &Pending> {
+        self.pending.iter()
+    }
+
+    /// Records a client request that the server will answer.
+    pub fn on_client(&mut self, msg: &FrontendMessage<'_>) {
+        let pending = match msg {
+            FrontendMessage::Query { sql } => Pending::Query {
+                sql: Arc::from(*sql),
+            },
+            FrontendMessage::Parse {
+                statement,
+                sql,
+                param_types,
+            } => Pending::Parse(
+                statement.to_string(),
+                PreparedStatement {
+                    sql: Arc::from(*sql),
+                    param_types: param_types.clone(),
+                    rows: None,
+                },
+            ),
+            FrontendMessage::Bind {
+                portal,
+                statement,
+                result_formats,
+            } => Pending::Bind {
+                portal: portal.to_string(),
+                statement: statement.to_string(),
+                result_formats: result_formats.clone(),
+            },
+            FrontendMessage::Describe { target, name } => Pending::Describe {
+                target: *target,
+                name: name.to_string(),
+            },
+            FrontendMessage::Execute { portal, .. } => Pending::Execute {
+                portal: portal.to_string(),
+            },
+            FrontendMessage::Close { target, name } => Pending::Close {
+                target: *target,
+                name: name.to_string(),
+            },
+            FrontendMessage::Sync => Pending::Sync,
+            FrontendMessage::FunctionCall => Pending::FunctionCall,
+            _ => return,
+        };
+        self.pending.push_back(pending);
+    }
+
+    /// Applies one server reply (by tag; `rows` is the decoded RowDescription for `T`).
+    pub fn on_server(&mut self, tag: u8, rows: Option<Vec<FieldDescription>>) -> Reply {
+        match tag {
+            b'1' => self.complete_parse(),
+            b'2' => self.complete_bind(),
+            b'3' => self.complete_close(),
+            b't' => {} // ParameterDescription: the Describe continues with T or n.
+            b'T' => {
+                let shape = rows.map(Arc::new);
+                self.complete_describe(Some(shape.clone()));
+                self.current_rows = shape.clone();
+                return Reply::Rows(shape);
+            }
+            b'n' => self.complete_describe(None),
+            b'D' => {
+                if self.current_rows.is_none() {
+                    self.current_rows = self.executing_shape();
+                }
+                return Reply::Rows(self.current_rows.clone());
+            }
+            b'C' | b'I' | b's' => {
+                self.current_rows = None;
+                if matches!(self.pending.front(), Some(Pending::Execute { .. })) {
+                    self.pending.pop_front();
+                }
+            }
+            b'E' => self.on_error(),
+            b'Z' => {
+                self.current_rows = None;
+                match self.pending.pop_front() {
+                    Some(Pending::Query { .. } | Pending::Sync | Pending::FunctionCall) => {
+                        // A simple Query replaces the unnamed statement and portal.
+                    }
+                    _ => self.unmatched += 1,
+                }
+            }
+            _ => {}
+        }
+        Reply::Other
+    }
+
+    /// Sets the transaction status from ReadyForQuery; portals end with the transaction.
+    pub fn on_ready(&mut self, status: TransactionStatus) {
+        if status == TransactionStatus::Idle {
+            self.portals.clear();
+        }
+        self.transaction = Some(status);
+    }
+
+    fn executing_shape(&self) -> Option<RowShape> {
+        match self.pending.front() {
+            Some(Pending::Execute { portal }) => self
+                .portals
+                .get(portal)
+                .and_then(|p| p.rows.clone())
+                .flatten(),
+            _ => None,
+        }
+    }
+
+    fn complete_parse(&mut self) {
+        match self.pending.pop_front() {
+            Some(Pending::Parse(name, stmt)) => {
+                self.statements.insert(name, stmt);
+            }
+            _ => self.unmatched += 1,
+        }
+    }
+
+    fn complete_bind(&mut self) {
+        match self.pending.pop_front() {
+            Some(Pending::Bind {
+                portal,
+                statement,
+                result_formats,
+            }) => {
+                let (sql, rows) = match self.statements.get(&statement) {
+                    Some(s) => (s.sql.clone(), s.rows.clone()),
+                    None => (Arc::from(""), None),
+                };
+                self.portals.insert(
+                    portal,
+                    Portal {
+                        statement,
+                        sql,
+                        result_formats,
+                        rows,
+                    },
+                );
+            }
+            _ => self.unmatched += 1,
+        }
+    }
+
+    fn complete_close(&mut self) {
+        match self.pending.pop_front() {
+            Some(Pending::Close { target, name }) => match target {
+                Target::Statement => {
+                    self.statements.remove(&name);
+                }
+                Target::Portal => {
+                    self.portals.remove(&name);
+                }
+            },
+            _ => self.unmatched += 1,
+        }
+    }
+
+    fn complete_describe(&mut self, shape: Option<Option<RowShape>>) {
+        let described = shape.unwrap_or(None);
+        // A RowDescription inside a simple Query or an Execute is not a Describe reply.
+        let Some(Pending::Describe { target, name }) = self.pending.front() else {
+            return;
+        };
+        match target {
+            Target::Statement => {
+                if let Some(s) = self.statements.get_mut(name) {
+                    s.rows = Some(described);
+                }
+            }
+            Target::Portal => {
+                if let Some(p) = self.portals.get_mut(name) {
+                    p.rows = Some(described);
+                }
+            }
+        }
+        self.pending.pop_front();
+    }
+
+    /// After an error in extended mode the server discards messages until Sync.
+    fn on_error(&mut self) {
+        self.current_rows = None;
+        if self.pending.front().is_some_and(Pending::is_extended) {
+            while self.pending.front().is_some_and(Pending::is_extended) {
+                self.pending.pop_front();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(name: &str) -> FieldDescription {
+        FieldDescription {
+            name: name.into(),
+            table_oid: 1,
+            column: 1,
+            type_oid: 25,
+            type_len: -1,
+            type_mod: -1,
+            format: 0,
+        }
+    }
+
+    fn parse<'a>(name: &'a str, sql: &'a str) -> FrontendMessage<'a> {
+        FrontendMessage::Parse {
+            statement: name,
+            sql,
+            param_types: vec![],
+        }
+    }
+
+    fn bind<'a>(portal: &'a str, statement: &'a str, formats: Vec<i16>) -> FrontendMessage<'a> {
+        FrontendMessage::Bind {
+            portal,
+            statement,
+            result_formats: formats,
+        }
+    }
+
+    #[test]
+    fn pipelined_prepare_bind_execute_knows_shape_and_formats() {
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&parse("s1", "SELECT phone FROM customers"));
+        s.on_client(&FrontendMessage::Describe {
+            target: Target::Statement,
+            name: "s1",
+        });
+        s.on_client(&FrontendMessage::Sync);
+        s.on_client(&bind("p1", "s1", vec![1]));
+        s.on_client(&FrontendMessage::Execute {
+            portal: "p1",
+            max_rows: 0,
+        });
+        s.on_client(&FrontendMessage::Sync);
+        assert!(!s.is_idle());
+
+        assert_eq!(s.on_server(b'1', None), Reply::Other);
+        s.on_server(b't', None);
+        assert!(matches!(
+            s.on_server(b'T', Some(vec![field("phone")])),
+            Reply::Rows(Some(_))
+        ));
+        s.on_server(b'Z', None);
+        s.on_ready(TransactionStatus::Idle);
+        s.on_server(b'2', None);
+        let portal = s.portal("p1").unwrap();
+        assert_eq!(portal.format_of(0), 1);
+        let Reply::Rows(Some(shape)) = s.on_server(b'D', None) else {
+            panic!("rows of an Execute must have the statement's shape")
+        };
+        assert_eq!(shape[0].name, "phone");
+        s.on_server(b'C', None);
+        s.on_server(b'Z', None);
+        s.on_ready(TransactionStatus::Idle);
+        assert!(s.is_idle());
+        assert_eq!(s.unmatched, 0);
+        assert!(s.portal("p1").is_none(), "portals end with the transaction");
+        assert!(s.statement("s1").is_some());
+    }
+
+    #[test]
+    fn error_in_batch_skips_to_sync_and_registers_nothing() {
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&parse("bad", "SELEC 1"));
+        s.on_client(&bind("p", "bad", vec![]));
+        s.on_client(&FrontendMessage::Execute {
+            portal: "p",
+            max_rows: 0,
+        });
+        s.on_client(&FrontendMessage::Sync);
+        s.on_server(b'E', None);
+        s.on_server(b'Z', None);
+        assert!(s.is_idle());
+        assert!(s.statement("bad").is_none());
+        assert_eq!(s.unmatched, 0);
+    }
+
+    #[test]
+    fn simple_query_with_several_results() {
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&FrontendMessage::Query {
+            sql: "SELECT 1; SELECT 2",
+        });
+        for _ in 0..2 {
+            assert!(matches!(
+                s.on_server(b'T', Some(vec![field("a")])),
+                Reply::Rows(Some(_))
+            ));
+            assert!(matches!(s.on_server(b'D', None), Reply::Rows(Some(_))));
+            s.on_server(b'C', None);
+        }
+        assert!(!s.is_idle());
+        s.on_server(b'Z', None);
+        assert!(s.is_idle());
+        assert_eq!(s.unmatched, 0);
+    }
+
+    #[test]
+    fn close_removes_statement() {
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&parse("s", "SELECT 1"));
+        s.on_client(&FrontendMessage::Close {
+            target: Target::Statement,
+            name: "s",
+        });
+        s.on_client(&FrontendMessage::Sync);
+        s.on_server(b'1', None);
+        assert!(s.statement("s").is_some());
+        s.on_server(b'3', None);
+        s.on_server(b'Z', None);
+        assert!(s.statement("s").is_none());
+        assert_eq!(s.unmatched, 0);
+    }
+}

@@ -1,0 +1,237 @@
+//! rustls for both legs: the acceptor that serves clients, the connector that reaches the
+//! upstream in libpq's `sslmode` terms, and `Stream`, a socket that may or may not be
+//! encrypted.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::UpstreamTls;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_pem(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::File {
+            path: path.display().to_string(),
+            message: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The acceptor for client connections, from a PEM certificate chain and key.
+pub fn client_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs = load_certs(cert)?;
+    let pem = read_pem(key)?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| TlsError::File {
+            path: key.display().to_string(),
+            message: "no private key found".into(),
+        })?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How to secure the upstream leg.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    pub mode: UpstreamTls,
+    connector: Option<TlsConnector>,
+    server_name: ServerName<'static>,
+}
+
+impl UpstreamConnector {
+    pub fn new(mode: UpstreamTls, ca: Option<&Path>, host: &str) -> Result<Self, TlsError> {
+        let server_name = ServerName::try_from(host.to_string()).map_err(|e| TlsError::File {
+            path: host.to_string(),
+            message: format!("not a valid server name: {e}"),
+        })?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let config = match (mode, ca) {
+            (UpstreamTls::Disable, _) => None,
+            (UpstreamTls::VerifyFull, Some(ca)) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in load_certs(ca)? {
+                    roots.add(cert)?;
+                }
+                Some(builder.with_root_certificates(roots).with_no_client_auth())
+            }
+            (UpstreamTls::VerifyFull, None) => {
+                return Err(TlsError::File {
+                    path: "--upstream-ca".into(),
+                    message: "verify-full needs a CA file".into(),
+                })
+            }
+            // libpq's prefer/require encrypt without authenticating the server.
+            _ => Some(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+                    .with_no_client_auth(),
+            ),
+        };
+        Ok(UpstreamConnector {
+            mode,
+            connector: config.map(|c| TlsConnector::from(Arc::new(c))),
+            server_name,
+        })
+    }
+
+    pub async fn connect(&self, tcp: TcpStream) -> io::Result<Stream> {
+        let connector = self
+            .connector
+            .as_ref()
+            .ok_or_else(|| io::Error::other("upstream TLS is disabled"))?;
+        let tls = connector.connect(self.server_name.clone(), tcp).await?;
+        Ok(Stream::UpstreamTls(Box::new(tls)))
+    }
+}
+
+/// Accepts any server certificate but still checks the handshake signatures, as libpq's
+/// `sslmode=require` does.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TCP connection, plain or under TLS, on either leg.
+pub enum Stream {
+    Plain(TcpStream),
+    ClientTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    UpstreamTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Stream::Plain(_))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::ClientTls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::UpstreamTls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::ClientTls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::UpstreamTls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::ClientTls(s) => Pin::new(s).poll_flush(cx),
+            Stream::UpstreamTls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::ClientTls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::UpstreamTls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
