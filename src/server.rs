@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Rules, RulesError};
 use crate::protocol::startup::CancelKey;
+use crate::session::identity::SessionIdentity;
 use crate::tls::{self, TlsError, UpstreamConnector};
 
 #[derive(Debug, Error)]
@@ -36,6 +37,8 @@ pub struct Proxy {
     pub upstream_tls: UpstreamConnector,
     /// Client-visible cancel key → the upstream backend's key.
     pub cancel_keys: DashMap<CancelKey, CancelKey>,
+    /// Identities of the sessions past authentication, by session id.
+    pub sessions: DashMap<u64, SessionIdentity>,
     session_ids: AtomicU64,
     active_sessions: AtomicUsize,
 }
@@ -59,6 +62,7 @@ impl Proxy {
             client_tls,
             upstream_tls,
             cancel_keys: DashMap::new(),
+            sessions: DashMap::new(),
             session_ids: AtomicU64::new(1),
             active_sessions: AtomicUsize::new(0),
         })
@@ -115,10 +119,11 @@ impl Proxy {
 /// Connections past the cap that may be told so at once; beyond this they are dropped.
 const MAX_PENDING_REFUSALS: usize = 64;
 
-/// Accepts clients on `listener` until `shutdown` completes, then lets sessions finish
-/// for the grace period and cancels the rest.
+/// Accepts clients on `listener` until `shutdown` completes; then idle sessions close,
+/// running statements get the grace period to finish, and the rest are cancelled.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let tracker = TaskTracker::new();
+    let drain = CancellationToken::new();
     let cancel = CancellationToken::new();
     let sessions = Arc::new(Semaphore::new(proxy.config.limits.max_client_conn));
     let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
@@ -146,14 +151,15 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             None
         };
         let proxy = proxy.clone();
-        let token = cancel.child_token();
+        let (drain, now) = (drain.child_token(), cancel.child_token());
         tracker.spawn(async move {
-            crate::session::serve(tcp, peer, proxy, permit, token).await;
+            crate::session::serve(tcp, peer, proxy, permit, drain, now).await;
             drop(refusal);
         });
     }
     drop(listener);
     tracker.close();
+    drain.cancel();
     let grace = proxy.config.limits.shutdown_grace;
     tracing::info!(
         sessions = tracker.len(),

@@ -58,7 +58,8 @@ pub async fn serve(
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     permit: Option<OwnedSemaphorePermit>,
-    shutdown: CancellationToken,
+    drain: CancellationToken,
+    stop_now: CancellationToken,
 ) {
     let id = proxy.next_session_id();
     let span = tracing::info_span!("session", id, %peer);
@@ -86,7 +87,11 @@ pub async fn serve(
         }
         let _permit = permit;
         proxy.metrics_session_started();
-        let result = run_session(stream, message, id, peer, &proxy, &shutdown).await;
+        let stop = relay::Stop {
+            drain: &drain,
+            now: &stop_now,
+        };
+        let result = run_session(stream, message, id, peer, &proxy, stop).await;
         proxy.metrics_session_ended();
         if let Err(e) = result {
             tracing::debug!("session ended: {e}");
@@ -132,7 +137,7 @@ async fn run_session(
     id: u64,
     peer: SocketAddr,
     proxy: &Arc<Proxy>,
-    shutdown: &CancellationToken,
+    stop: relay::Stop<'_>,
 ) -> Result<(), SessionError> {
     let limits = &proxy.config.limits;
     let upstream = match upstream::connect(proxy).await {
@@ -181,8 +186,10 @@ async fn run_session(
         roles = ?identity.roles,
         "session established"
     );
+    proxy.sessions.insert(id, established.identity.clone());
     let state = Mutex::new(state::SessionState::new(established.server_params));
-    let result = relay::run(&mut legs, &state, limits.client_idle_timeout, shutdown).await;
+    let result = relay::run(&mut legs, &state, limits.client_idle_timeout, stop).await;
+    proxy.sessions.remove(&id);
     if let Some((_, client_key)) = established.keys {
         proxy.cancel_keys.remove(&client_key);
     }

@@ -26,20 +26,28 @@ pub enum RelayEnd {
     ServerClosed,
 }
 
-/// Relays until one side ends or `shutdown` fires.
+/// Tokens that end a session from outside.
+pub struct Stop<'a> {
+    /// Shutdown has begun: end the session as soon as no statement is running.
+    pub drain: &'a CancellationToken,
+    /// The grace period is over: end the session now.
+    pub now: &'a CancellationToken,
+}
+
+/// Relays until one side ends or the proxy stops.
 pub async fn run(
     legs: &mut Legs,
     state: &Mutex<SessionState>,
     idle_timeout: Option<Duration>,
-    shutdown: &CancellationToken,
+    stop: Stop<'_>,
 ) -> Result<RelayEnd, SessionError> {
     // Set while a pump is part-way through writing to the client, so that no error frame
     // is written into the middle of another message afterwards.
     let client_dirty = AtomicBool::new(false);
     let result = tokio::select! {
-        r = client_to_server(&mut legs.client_r, &mut legs.upstream_w, state, idle_timeout) => r,
-        r = server_to_client(&mut legs.upstream_r, &mut legs.client_w, state, &client_dirty) => r,
-        _ = shutdown.cancelled() => Err(SessionError::Shutdown),
+        r = client_to_server(&mut legs.client_r, &mut legs.upstream_w, state, idle_timeout, stop.drain) => r,
+        r = server_to_client(&mut legs.upstream_r, &mut legs.client_w, state, &client_dirty, stop.drain) => r,
+        _ = stop.now.cancelled() => Err(SessionError::Shutdown),
     };
     if client_dirty.load(Ordering::Acquire) && result.is_err() {
         return Err(SessionError::Reported(already_reported()));
@@ -52,10 +60,11 @@ async fn client_to_server(
     upstream: &mut (impl AsyncWrite + Unpin),
     state: &Mutex<SessionState>,
     idle_timeout: Option<Duration>,
+    drain: &CancellationToken,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
-        let first = next_client_frame(client, state, idle_timeout).await?;
+        let first = next_client_frame(client, state, idle_timeout, drain).await?;
         let mut terminated = false;
         {
             let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,19 +97,37 @@ async fn next_client_frame(
     client: &mut FrameReader<BoxRead>,
     state: &Mutex<SessionState>,
     idle_timeout: Option<Duration>,
+    drain: &CancellationToken,
 ) -> Result<Frame, SessionError> {
-    let idle = idle_timeout.filter(|_| {
+    let (waiting, outside_tx) = {
         let st = state.lock().unwrap_or_else(|p| p.into_inner());
-        st.is_idle() && st.transaction != Some(TransactionStatus::InBlock) && !client.has_partial()
-    });
-    let read = client.next();
-    let frame = match idle {
-        Some(limit) => tokio::time::timeout(limit, read)
-            .await
-            .map_err(|_| SessionError::IdleTimeout)?,
-        None => read.await,
+        (
+            st.is_idle() && !client.has_partial(),
+            st.transaction != Some(TransactionStatus::InBlock),
+        )
     };
-    frame.map_err(SessionError::from_client)
+    if waiting && drain.is_cancelled() {
+        return Err(SessionError::Shutdown);
+    }
+    let limit = idle_timeout.filter(|_| waiting && outside_tx);
+    let read = async {
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, client.next())
+                .await
+                .map_err(|_| SessionError::IdleTimeout)?,
+            None => client.next().await,
+        }
+        .map_err(SessionError::from_client)
+    };
+    // While a statement runs, the server side ends the session once it completes.
+    if waiting && !drain.is_cancelled() {
+        tokio::select! {
+            frame = read => frame,
+            _ = drain.cancelled() => Err(SessionError::Shutdown),
+        }
+    } else {
+        read.await
+    }
 }
 
 async fn server_to_client(
@@ -108,6 +135,7 @@ async fn server_to_client(
     client: &mut (impl AsyncWrite + Unpin),
     state: &Mutex<SessionState>,
     client_dirty: &AtomicBool,
+    drain: &CancellationToken,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -141,6 +169,9 @@ async fn server_to_client(
         out.clear();
         if fatal {
             return Ok(RelayEnd::ServerClosed);
+        }
+        if drain.is_cancelled() && state.lock().unwrap_or_else(|p| p.into_inner()).is_idle() {
+            return Err(SessionError::Shutdown);
         }
     }
 }
