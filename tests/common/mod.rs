@@ -170,8 +170,11 @@ impl PgCluster {
         cluster.psql_super(
             "postgres",
             "SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN PASSWORD 'md5_pw' IN ROLE crm_support; \
-             CREATE ROLE clear_user LOGIN PASSWORD 'clear_pw'; CREATE ROLE trust_user LOGIN; \
-             CREATE ROLE repl_user LOGIN REPLICATION PASSWORD 'repl_pw'",
+             CREATE ROLE clear_user LOGIN PASSWORD 'clear_pw'; CREATE ROLE trust_user LOGIN",
+        );
+        cluster.psql_super(
+            "postgres",
+            "CREATE ROLE repl_user LOGIN REPLICATION PASSWORD 'repl_pw'",
         );
         cluster
     }
@@ -433,7 +436,7 @@ impl TestProxy {
 
     pub fn conn_str(&self, user: &str, password: &str, db: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            "host=127.0.0.1 port={} user={user} password='{password}' dbname={db} connect_timeout=10",
             self.addr.port()
         )
     }
@@ -466,7 +469,7 @@ impl Drop for TestProxy {
 pub async fn connect(conn_str: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connect {conn_str}: {e}"));
+        .unwrap_or_else(|e| panic!("connect {conn_str}: {e:?}"));
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -478,4 +481,70 @@ pub async fn output(mut cmd: Command) -> Output {
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
+}
+
+/// A raw protocol client: startup as a `trust` user (no password), then ready for queries.
+pub async fn raw_session(addr: &str, user: &str, db: &str) -> tokio::net::TcpStream {
+    raw_session_with(addr, &[("user", user), ("database", db)]).await
+}
+
+/// A raw protocol client with the given startup parameters.
+pub async fn raw_session_with(addr: &str, params: &[(&str, &str)]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let startup = pgveil::protocol::startup::StartupMessage::new(params);
+    s.write_all(startup.raw()).await.unwrap();
+    loop {
+        let (tag, body) = read_message(&mut s).await.expect("startup reply");
+        match tag {
+            b'Z' => return s,
+            b'E' => panic!("startup failed: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// Reads one typed message; `None` at end of stream.
+pub async fn read_message(s: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let tag = s.read_u8().await.ok()?;
+    let len = s.read_i32().await.ok()?;
+    let mut body = vec![0u8; (len - 4) as usize];
+    s.read_exact(&mut body).await.ok()?;
+    Some((tag, body))
+}
+
+/// The SQLSTATE (`C` field) of an ErrorResponse body.
+pub fn sqlstate_of(body: &[u8]) -> String {
+    body.split(|&b| b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default()
+}
+
+/// Reads until an ErrorResponse or the end of the stream; returns the error's body.
+pub async fn expect_error(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some((tag, body)) = read_message(s).await {
+            if tag == b'E' {
+                return Some(body);
+            }
+        }
+        None
+    })
+    .await
+    .expect("an error or a close must come promptly")
+}
+
+/// Whether the server has closed the stream (within a few seconds).
+pub async fn is_closed(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
 }
