@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Relay benchmark: pgbench select-only (-S) and TPC-B, each in simple and prepared mode,
+8 clients, interleaved in one run against PostgreSQL directly, pgveil (no rules) and
+PgBouncer (session mode); plus a 1,000,000-row SELECT * fetched with psql. Prints TPS,
+latency, ratios against direct, and each proxy's CPU time per transaction (user+system
+from /proc/PID/stat over the run).
+
+    scripts/bench.py [--duration 10] [--rounds 3] [--clients 8] [--fetch-reps 5]
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASSWORD = "postgres"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def env():
+    e = dict(os.environ, PGPASSWORD=PASSWORD, PGCONNECT_TIMEOUT="10")
+    e.pop("PGSSLMODE", None)
+    return e
+
+
+def psql(port, db, sql):
+    return run(["psql", "-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-p", str(port),
+                "-U", "postgres", "-d", db, "-c", sql], env=env()).stdout.strip()
+
+
+def wait_ready(port, db="bench"):
+    for _ in range(100):
+        try:
+            psql(port, db, "SELECT 1")
+            return
+        except subprocess.CalledProcessError:
+            time.sleep(0.1)
+    sys.exit(f"nothing answers on port {port}")
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
+
+
+def as_postgres(cmd):
+    return ["runuser", "-u", "postgres", "--"] + cmd if os.geteuid() == 0 else cmd
+
+
+def start_pgbouncer(work, pg_port):
+    port = free_port()
+    d = os.path.join(work, "pgbouncer")
+    os.makedirs(d)
+    with open(os.path.join(d, "userlist.txt"), "w") as f:
+        f.write(f'"postgres" "{PASSWORD}"\n')
+    cfg = os.path.join(d, "pgbouncer.ini")
+    with open(cfg, "w") as f:
+        f.write(f"""[databases]
+bench = host=127.0.0.1 port={pg_port} dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {d}/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 50
+logfile = {d}/pgbouncer.log
+pidfile = {d}/pgbouncer.pid
+""")
+    if os.geteuid() == 0:
+        shutil.chown(d, "postgres")
+        for name in os.listdir(d):
+            shutil.chown(os.path.join(d, name), "postgres")
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    run(as_postgres([binary, "-d", cfg]))
+    for _ in range(100):
+        if os.path.exists(os.path.join(d, "pgbouncer.pid")):
+            break
+        time.sleep(0.05)
+    with open(os.path.join(d, "pgbouncer.pid")) as f:
+        pid = int(f.read().strip())
+    wait_ready(port)
+    return port, pid
+
+
+def pgbench(port, args, duration, clients):
+    out = run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+               "-c", str(clients), "-j", "2", "-T", str(duration)] + args + ["bench"],
+              env=env()).stdout
+    tps = float(re.search(r"tps = ([\d.]+) \(without initial", out).group(1))
+    lat = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))
+    txns = int(re.search(r"actually processed: (\d+)", out).group(1))
+    return tps, lat, txns
+
+
+def timed_fetch(port):
+    start = time.perf_counter()
+    subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                    "-d", "bench", "-c", "SELECT * FROM big", "-o", "/dev/null"],
+                   check=True, env=env())
+    return time.perf_counter() - start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--fetch-reps", type=int, default=5)
+    ap.add_argument("--no-pgbouncer", action="store_true")
+    a = ap.parse_args()
+
+    subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
+    print("building pgveil (release) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="pgveil-bench.")
+    os.chmod(work, 0o755)
+    procs = []
+    try:
+        pg_port = int(run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
+                           PASSWORD]).stdout.strip())
+        psql(pg_port, "postgres", "CREATE DATABASE bench")
+        print(f"pgbench -i -s {a.scale} and a 1,000,000-row table ...", flush=True)
+        run(["pgbench", "-i", "-q", "-s", str(a.scale), "-h", "127.0.0.1", "-p", str(pg_port),
+             "-U", "postgres", "bench"], env=env())
+        psql(pg_port, "bench", "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a, g * 2 AS b, "
+                               "now() AS ts, 'customer ' || g AS name FROM generate_series(1, 1000000) g")
+        psql(pg_port, "bench", "VACUUM ANALYZE big")
+
+        rules = os.path.join(work, "rules")
+        os.makedirs(rules)
+        veil_port = free_port()
+        veil = subprocess.Popen(
+            [os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{veil_port}",
+             "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
+             "--audit-log", os.path.join(work, "audit.jsonl")],
+            env=dict(os.environ, PGVEIL_LOG="warn"))
+        procs.append(veil)
+        wait_ready(veil_port)
+        targets = [("direct", pg_port, None), ("pgveil", veil_port, veil.pid)]
+        bouncer_pid = None
+        if not a.no_pgbouncer:
+            bouncer_port, bouncer_pid = start_pgbouncer(work, pg_port)
+            targets.append(("pgbouncer", bouncer_port, bouncer_pid))
+
+        workloads = [("select-only simple", ["-S", "-M", "simple"]),
+                     ("select-only prepared", ["-S", "-M", "prepared"]),
+                     ("tpc-b simple", ["-M", "simple"]),
+                     ("tpc-b prepared", ["-M", "prepared"])]
+        results = {}
+        for r in range(a.rounds):
+            for wname, args in workloads:
+                for tname, port, pid in targets:
+                    before = cpu_ticks(pid) if pid else 0
+                    tps, lat, txns = pgbench(port, args, a.duration, a.clients)
+                    cpu_us = (cpu_ticks(pid) - before) * 1e6 / TICK / txns if pid else None
+                    results.setdefault((wname, tname), []).append((tps, lat, cpu_us))
+                    print(f"  round {r + 1} {wname:22} {tname:10} {tps:10.0f} tps", flush=True)
+
+        print(f"\npgbench, {a.clients} clients, {a.duration}s x {a.rounds} interleaved rounds, medians")
+        print(f"{'workload':22} {'target':10} {'tps':>10} {'lat ms':>8} {'ratio':>7} {'cpu us/txn':>11}")
+        for wname, _ in workloads:
+            direct = statistics.median(t for t, _, _ in results[(wname, "direct")])
+            for tname, _, pid in targets:
+                rows = results[(wname, tname)]
+                tps = statistics.median(t for t, _, _ in rows)
+                lat = statistics.median(l for _, l, _ in rows)
+                cpu = f"{statistics.median(c for _, _, c in rows):.1f}" if pid else "-"
+                print(f"{wname:22} {tname:10} {tps:10.0f} {lat:8.3f} {tps / direct:7.2f} {cpu:>11}")
+
+        print(f"\n1,000,000-row SELECT * with psql, {a.fetch_reps} interleaved reps, median seconds")
+        fetch = {}
+        for _ in range(a.fetch_reps):
+            for tname, port, _ in targets:
+                fetch.setdefault(tname, []).append(timed_fetch(port))
+        base = statistics.median(fetch["direct"])
+        for tname, _, _ in targets:
+            m = statistics.median(fetch[tname])
+            print(f"{tname:10} {m:8.3f} s  ratio {m / base:5.2f}")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        pidfile = os.path.join(work, "pgbouncer", "pgbouncer.pid")
+        if os.path.exists(pidfile):
+            with open(pidfile) as f:
+                try:
+                    os.kill(int(f.read().strip()), signal.SIGTERM)
+                except (ValueError, ProcessLookupError):
+                    pass
+        subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "stop", os.path.join(work, "pg")])
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the tests, demo and benchmarks need on a fresh Debian machine:
+# PostgreSQL 15 server and client (initdb, pg_ctl, psql), pgbench (postgresql-contrib)
+# and PgBouncer (for the benchmarks). Does nothing when they are already there.
+set -euo pipefail
+need=()
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v psql >/dev/null || need+=(postgresql-client)
+command -v pgbench >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/pgbench" >/dev/null || need+=(postgresql-contrib)
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" postgresql-contrib >/dev/null
+  # Debian's package starts a cluster on 5432; the tests use their own, on free ports.
+  if command -v pg_ctlcluster >/dev/null; then
+    for c in /etc/postgresql/*/main; do
+      [ -d "$c" ] && pg_ctlcluster "$(basename "$(dirname "$c")")" main stop 2>/dev/null || true
+    done
+  fi
+fi
+# pgbench lives next to the server binaries on some installs.
+if ! command -v pgbench >/dev/null; then
+  for d in /usr/lib/postgresql/*/bin; do [ -x "$d/pgbench" ] && ln -sf "$d/pgbench" /usr/local/bin/pgbench; done
+fi
