@@ -145,6 +145,9 @@ pub struct ServeArgs {
     /// Largest message a client may send, in bytes [default: 268435456]
     #[arg(long)]
     pub max_message_bytes: Option<usize>,
+    /// Threads that run sessions; 1 is a single-threaded event loop [default: 1]
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
 }
 
 impl ServeArgs {
@@ -171,6 +174,7 @@ impl ServeArgs {
             connect_timeout_secs: self.connect_timeout_secs,
             shutdown_grace_secs: self.shutdown_grace_secs,
             max_message_bytes: self.max_message_bytes,
+            worker_threads: self.worker_threads,
         };
         Ok(flags.or(file))
     }

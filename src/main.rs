@@ -43,7 +43,17 @@ fn main() -> ExitCode {
 fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_settings(args.settings()?)?;
     let proxy = Arc::new(Proxy::new(config)?);
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let threads = proxy.config.limits.worker_threads;
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    }
+    .enable_all()
+    .build()
+    .context("starting the runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&proxy.config.listen)
             .await

@@ -55,6 +55,7 @@ pub struct ServeSettings {
     pub connect_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
     pub max_message_bytes: Option<usize>,
+    pub worker_threads: Option<usize>,
 }
 
 impl ServeSettings {
@@ -91,6 +92,7 @@ impl ServeSettings {
             connect_timeout_secs: self.connect_timeout_secs.or(base.connect_timeout_secs),
             shutdown_grace_secs: self.shutdown_grace_secs.or(base.shutdown_grace_secs),
             max_message_bytes: self.max_message_bytes.or(base.max_message_bytes),
+            worker_threads: self.worker_threads.or(base.worker_threads),
         }
     }
 }
@@ -122,6 +124,8 @@ pub struct Limits {
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_message_bytes: usize,
+    /// Runtime threads; 1 runs every session on one thread, as PgBouncer does.
+    pub worker_threads: usize,
 }
 
 impl Default for Limits {
@@ -133,6 +137,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             max_message_bytes: 256 * 1024 * 1024,
+            worker_threads: 1,
         }
     }
 }
@@ -199,6 +204,7 @@ impl Config {
                 connect_timeout: secs(s.connect_timeout_secs, d.connect_timeout),
                 shutdown_grace: secs(s.shutdown_grace_secs, d.shutdown_grace),
                 max_message_bytes: s.max_message_bytes.unwrap_or(d.max_message_bytes),
+                worker_threads: s.worker_threads.unwrap_or(d.worker_threads).max(1),
             },
         })
     }

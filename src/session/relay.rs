@@ -44,10 +44,42 @@ pub async fn run(
     // Set while a pump is part-way through writing to the client, so that no error frame
     // is written into the middle of another message afterwards.
     let client_dirty = AtomicBool::new(false);
-    let result = tokio::select! {
-        r = client_to_server(&mut legs.client_r, &mut legs.upstream_w, state, idle_timeout, stop.drain) => r,
-        r = server_to_client(&mut legs.upstream_r, &mut legs.client_w, state, &client_dirty, stop.drain) => r,
-        _ = stop.now.cancelled() => Err(SessionError::Shutdown),
+    // Set once shutdown begins; each pump then ends the session when nothing is running.
+    let draining = AtomicBool::new(false);
+    let client_partial = AtomicBool::new(false);
+    let c2s = client_to_server(
+        &mut legs.client_r,
+        &mut legs.upstream_w,
+        state,
+        idle_timeout,
+        &draining,
+        &client_partial,
+    );
+    let s2c = server_to_client(
+        &mut legs.upstream_r,
+        &mut legs.client_w,
+        state,
+        &client_dirty,
+        &draining,
+    );
+    tokio::pin!(c2s, s2c);
+    // Created once per session: registering a waiter is not free on the hot path.
+    let drain = stop.drain.cancelled();
+    let now = stop.now.cancelled();
+    tokio::pin!(drain, now);
+    let result = loop {
+        tokio::select! {
+            r = &mut c2s => break r,
+            r = &mut s2c => break r,
+            _ = &mut now => break Err(SessionError::Shutdown),
+            _ = &mut drain, if !draining.load(Ordering::Relaxed) => {
+                draining.store(true, Ordering::Relaxed);
+                let idle = lock(state).is_idle();
+                if idle && !client_partial.load(Ordering::Relaxed) {
+                    break Err(SessionError::Shutdown);
+                }
+            }
+        }
     };
     if client_dirty.load(Ordering::Acquire) && result.is_err() {
         return Err(SessionError::Reported(already_reported()));
@@ -55,19 +87,41 @@ pub async fn run(
     result
 }
 
+fn lock(state: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 async fn client_to_server(
     client: &mut FrameReader<BoxRead>,
     upstream: &mut (impl AsyncWrite + Unpin),
     state: &Mutex<SessionState>,
     idle_timeout: Option<Duration>,
-    drain: &CancellationToken,
+    draining: &AtomicBool,
+    client_partial: &AtomicBool,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
-        let first = next_client_frame(client, state, idle_timeout, drain).await?;
+        let (idle, outside_tx) = {
+            let st = lock(state);
+            (
+                st.is_idle() && !client.has_partial(),
+                st.transaction != Some(TransactionStatus::InBlock),
+            )
+        };
+        if idle && draining.load(Ordering::Relaxed) {
+            return Err(SessionError::Shutdown);
+        }
+        client_partial.store(client.has_partial(), Ordering::Relaxed);
+        let first = match idle_timeout.filter(|_| idle && outside_tx) {
+            Some(limit) => tokio::time::timeout(limit, client.next())
+                .await
+                .map_err(|_| SessionError::IdleTimeout)?,
+            None => client.next().await,
+        }
+        .map_err(SessionError::from_client)?;
         let mut terminated = false;
         {
-            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = lock(state);
             let mut frame = Some(first);
             while let Some(f) = frame {
                 let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
@@ -82,6 +136,7 @@ async fn client_to_server(
                 frame = client.buffered().map_err(SessionError::Client)?;
             }
         }
+        client_partial.store(client.has_partial(), Ordering::Relaxed);
         upstream
             .write_all(&out)
             .await
@@ -93,49 +148,12 @@ async fn client_to_server(
     }
 }
 
-async fn next_client_frame(
-    client: &mut FrameReader<BoxRead>,
-    state: &Mutex<SessionState>,
-    idle_timeout: Option<Duration>,
-    drain: &CancellationToken,
-) -> Result<Frame, SessionError> {
-    let (waiting, outside_tx) = {
-        let st = state.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            st.is_idle() && !client.has_partial(),
-            st.transaction != Some(TransactionStatus::InBlock),
-        )
-    };
-    if waiting && drain.is_cancelled() {
-        return Err(SessionError::Shutdown);
-    }
-    let limit = idle_timeout.filter(|_| waiting && outside_tx);
-    let read = async {
-        match limit {
-            Some(limit) => tokio::time::timeout(limit, client.next())
-                .await
-                .map_err(|_| SessionError::IdleTimeout)?,
-            None => client.next().await,
-        }
-        .map_err(SessionError::from_client)
-    };
-    // While a statement runs, the server side ends the session once it completes.
-    if waiting && !drain.is_cancelled() {
-        tokio::select! {
-            frame = read => frame,
-            _ = drain.cancelled() => Err(SessionError::Shutdown),
-        }
-    } else {
-        read.await
-    }
-}
-
 async fn server_to_client(
     upstream: &mut FrameReader<BoxRead>,
     client: &mut (impl AsyncWrite + Unpin),
     state: &Mutex<SessionState>,
     client_dirty: &AtomicBool,
-    drain: &CancellationToken,
+    draining: &AtomicBool,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -148,7 +166,7 @@ async fn server_to_client(
         })?;
         let mut fatal = false;
         {
-            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = lock(state);
             let mut frame = Some(first);
             while let Some(f) = frame {
                 fatal |= on_server_frame(&mut st, &f)?;
@@ -170,7 +188,7 @@ async fn server_to_client(
         if fatal {
             return Ok(RelayEnd::ServerClosed);
         }
-        if drain.is_cancelled() && state.lock().unwrap_or_else(|p| p.into_inner()).is_idle() {
+        if draining.load(Ordering::Relaxed) && lock(state).is_idle() {
             return Err(SessionError::Shutdown);
         }
     }
