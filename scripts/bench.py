@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--fetch-reps", type=int, default=5)
     ap.add_argument("--no-pgbouncer", action="store_true")
+    ap.add_argument("--pgveil-args", default="", help="extra flags for pgveil serve")
     a = ap.parse_args()
 
     subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
@@ -156,7 +157,7 @@ def main():
         veil = subprocess.Popen(
             [os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{veil_port}",
              "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
-             "--audit-log", os.path.join(work, "audit.jsonl")],
+             "--audit-log", os.path.join(work, "audit.jsonl")] + a.pgveil_args.split(),
             env=dict(os.environ, PGVEIL_LOG="warn"))
         procs.append(veil)
         wait_ready(veil_port)

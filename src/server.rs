@@ -1,19 +1,20 @@
 //! The accept loop owns every session's lifetime: sessions are spawned into a
-//! `TaskTracker`, capped by a `Semaphore`, and cancelled through a `CancellationToken`
-//! once the shutdown grace period has passed.
+//! `TaskTracker` and capped by a `Semaphore`; on shutdown they drain, and are stopped
+//! once the grace period has passed (`Shutdown`).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use atomic_waker::AtomicWaker;
 use dashmap::DashMap;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Rules, RulesError};
@@ -39,6 +40,8 @@ pub struct Proxy {
     pub cancel_keys: DashMap<CancelKey, CancelKey>,
     /// Identities of the sessions past authentication, by session id.
     pub sessions: DashMap<u64, SessionIdentity>,
+    /// How far shutdown has gone, and how to wake the sessions that must notice it.
+    pub shutdown: Shutdown,
     session_ids: AtomicU64,
     active_sessions: AtomicUsize,
 }
@@ -63,6 +66,7 @@ impl Proxy {
             upstream_tls,
             cancel_keys: DashMap::new(),
             sessions: DashMap::new(),
+            shutdown: Shutdown::default(),
             session_ids: AtomicU64::new(1),
             active_sessions: AtomicUsize::new(0),
         })
@@ -89,8 +93,8 @@ impl Proxy {
 
     /// A key for the client in place of the server's: same pid (so `pg_backend_pid()`
     /// still matches), a fresh secret, so a CancelRequest reaches only backends this
-    /// proxy opened for that client.
-    pub fn issue_cancel_key(&self, server: CancelKey) -> CancelKey {
+    /// proxy opened for that client. The mapping lives as long as the registration.
+    pub fn register_cancel_key(self: &Arc<Self>, server: CancelKey) -> CancelRegistration {
         loop {
             let key = CancelKey {
                 pid: server.pid,
@@ -98,7 +102,10 @@ impl Proxy {
             };
             if let dashmap::Entry::Vacant(v) = self.cancel_keys.entry(key) {
                 v.insert(server);
-                return key;
+                return CancelRegistration {
+                    proxy: self.clone(),
+                    client_key: key,
+                };
             }
         }
     }
@@ -116,6 +123,84 @@ impl Proxy {
     }
 }
 
+/// Shutdown as sessions see it: a level that only rises, and one waker per session in
+/// the relay phase. Polling it costs two atomic operations, which matters because the
+/// relay polls it on every wake-up.
+#[derive(Default)]
+pub struct Shutdown {
+    level: AtomicU8,
+    wakers: DashMap<u64, Arc<AtomicWaker>>,
+}
+
+/// The levels of [`Shutdown`].
+pub mod shutdown_level {
+    pub const RUNNING: u8 = 0;
+    /// Stop accepting; end each session once no statement is running.
+    pub const DRAIN: u8 = 1;
+    /// The grace period is over: end every session now.
+    pub const STOP: u8 = 2;
+}
+
+impl Shutdown {
+    /// Raises the level and wakes every registered session.
+    pub fn raise(&self, level: u8) {
+        self.level.fetch_max(level, Ordering::SeqCst);
+        for w in self.wakers.iter() {
+            w.wake();
+        }
+    }
+
+    /// Registers a session to be woken; dropping the guard unregisters it.
+    pub fn watch(&self, session: u64) -> ShutdownWatch<'_> {
+        let waker = Arc::new(AtomicWaker::new());
+        self.wakers.insert(session, waker.clone());
+        ShutdownWatch {
+            shutdown: self,
+            session,
+            waker,
+        }
+    }
+}
+
+/// One session's view of [`Shutdown`].
+pub struct ShutdownWatch<'a> {
+    shutdown: &'a Shutdown,
+    session: u64,
+    waker: Arc<AtomicWaker>,
+}
+
+impl ShutdownWatch<'_> {
+    /// Resolves with the level once it is above `seen`.
+    pub async fn above(&self, seen: u8) -> u8 {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.shutdown.level.load(Ordering::SeqCst) {
+                level if level > seen => Poll::Ready(level),
+                _ => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for ShutdownWatch<'_> {
+    fn drop(&mut self) {
+        self.shutdown.wakers.remove(&self.session);
+    }
+}
+
+/// A client-visible cancel key, mapped to its backend until dropped.
+pub struct CancelRegistration {
+    proxy: Arc<Proxy>,
+    pub client_key: CancelKey,
+}
+
+impl Drop for CancelRegistration {
+    fn drop(&mut self) {
+        self.proxy.cancel_keys.remove(&self.client_key);
+    }
+}
+
 /// Connections past the cap that may be told so at once; beyond this they are dropped.
 const MAX_PENDING_REFUSALS: usize = 64;
 
@@ -123,8 +208,6 @@ const MAX_PENDING_REFUSALS: usize = 64;
 /// running statements get the grace period to finish, and the rest are cancelled.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let tracker = TaskTracker::new();
-    let drain = CancellationToken::new();
-    let cancel = CancellationToken::new();
     let sessions = Arc::new(Semaphore::new(proxy.config.limits.max_client_conn));
     let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
     tokio::pin!(shutdown);
@@ -151,15 +234,14 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             None
         };
         let proxy = proxy.clone();
-        let (drain, now) = (drain.child_token(), cancel.child_token());
         tracker.spawn(async move {
-            crate::session::serve(tcp, peer, proxy, permit, drain, now).await;
+            crate::session::serve(tcp, peer, proxy, permit).await;
             drop(refusal);
         });
     }
     drop(listener);
     tracker.close();
-    drain.cancel();
+    proxy.shutdown.raise(shutdown_level::DRAIN);
     let grace = proxy.config.limits.shutdown_grace;
     tracing::info!(
         sessions = tracker.len(),
@@ -171,7 +253,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             sessions = tracker.len(),
             "grace period over; closing sessions"
         );
-        cancel.cancel();
+        proxy.shutdown.raise(shutdown_level::STOP);
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
 }

@@ -414,3 +414,40 @@ async fn five_hundred_concurrent_sessions() {
     }
     assert_eq!(proxy.proxy.active_sessions(), 0);
 }
+
+#[tokio::test]
+async fn negotiate_protocol_version_passes_through() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = TestProxy::start(shared(), |_| {}).await;
+    // Protocol 3.2 with an unknown protocol option: the server answers with
+    // NegotiateProtocolVersion and the session goes on at 3.0.
+    let mut body = Vec::new();
+    body.extend_from_slice(&((3i32 << 16) | 2).to_be_bytes());
+    for (k, v) in [
+        ("user", "trust_user"),
+        ("database", "crm"),
+        ("_pq_.pgveil_test", "1"),
+    ] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&packet).await.unwrap();
+    let mut tags = Vec::new();
+    while let Some((tag, body)) = common::read_message(&mut s).await {
+        tags.push(tag);
+        if tag == b'v' {
+            assert!(String::from_utf8_lossy(&body).contains("_pq_.pgveil_test"));
+        }
+        if tag == b'Z' || tag == b'E' {
+            break;
+        }
+    }
+    assert!(tags.contains(&b'v'), "{tags:?}");
+    assert_eq!(tags.last(), Some(&b'Z'), "{tags:?}");
+}

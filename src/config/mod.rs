@@ -67,7 +67,7 @@ impl ServeSettings {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::File {
             path: location(path, &text, e.span()),
-            message: e.message().to_string(),
+            message: e.message().trim().replace('\n', "; "),
         })
     }
 

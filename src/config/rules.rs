@@ -303,7 +303,8 @@ impl FileCtx<'_> {
             Ok(raw) => raw,
             Err(e) => {
                 let at = super::location(self.path, self.text, e.span());
-                self.problems.push(format!("{at}: {}", e.message().trim()));
+                self.problems
+                    .push(format!("{at}: {}", one_line(e.message())));
                 return;
             }
         };
@@ -376,7 +377,7 @@ impl FileCtx<'_> {
         match T::deserialize(value.into_inner()) {
             Ok(v) => Some((origin, v)),
             Err(e) => {
-                self.problem(&origin, format!("[{what}]: {}", e.message().trim()));
+                self.problem(&origin, format!("[{what}]: {}", one_line(e.message())));
                 None
             }
         }
@@ -410,6 +411,16 @@ impl FileCtx<'_> {
             origin,
         })
     }
+}
+
+/// A parser message on one line, so that every problem is one line of output.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The function of a raw mask, checking it has the options it needs and no others.

@@ -4,6 +4,7 @@
 //! client gets the server's ReadyForQuery.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -13,16 +14,17 @@ use super::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
 use super::Legs;
 use crate::protocol::backend::{self, auth};
 use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
-use crate::protocol::startup::{CancelKey, StartupMessage};
+use crate::protocol::startup::StartupMessage;
 use crate::protocol::write;
 use crate::protocol::{Frame, SqlState};
+use crate::server::{CancelRegistration, Proxy};
 
 /// What a completed startup hands to the relay.
 pub struct Established {
     pub identity: SessionIdentity,
     pub server_params: HashMap<String, String>,
-    /// The upstream backend's key and the one the client was given instead.
-    pub keys: Option<(CancelKey, CancelKey)>,
+    /// The client's cancel key, mapped to the upstream backend's while the session lives.
+    pub cancel: Option<CancelRegistration>,
 }
 
 /// Context of the startup the relay needs.
@@ -32,15 +34,14 @@ pub struct Startup<'a> {
     pub client_addr: std::net::SocketAddr,
     /// Both legs are encrypted: SCRAM without channel binding cannot pass.
     pub tls_both_legs: bool,
-    /// Chooses the secret the client sees for the server's BackendKeyData.
-    pub client_key: &'a (dyn Fn(CancelKey) -> CancelKey + Send + Sync),
+    pub proxy: &'a Arc<Proxy>,
 }
 
 pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established, SessionError> {
     send_upstream(&mut legs.upstream_w, startup.message.raw()).await?;
     authenticate(legs, &startup).await?;
     let mut params = HashMap::new();
-    let mut keys = None;
+    let mut cancel = None;
     let mut out = BytesMut::new();
     loop {
         let frame = legs
@@ -57,9 +58,9 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
             b'K' => {
                 let server_key =
                     backend::backend_key_data(&frame).map_err(SessionError::upstream)?;
-                let client_key = (startup.client_key)(server_key);
-                keys = Some((server_key, client_key));
-                out.extend_from_slice(write::backend_key_data(client_key).raw());
+                let registration = startup.proxy.register_cancel_key(server_key);
+                out.extend_from_slice(write::backend_key_data(registration.client_key).raw());
+                cancel = Some(registration);
             }
             b'N' => out.extend_from_slice(frame.raw()),
             b'E' => {
@@ -74,7 +75,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
                 return Ok(Established {
                     identity,
                     server_params: params,
-                    keys,
+                    cancel,
                 });
             }
             tag => {

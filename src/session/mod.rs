@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::protocol::startup::StartupMessage;
@@ -29,6 +28,10 @@ use startup::Opening;
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The server never sends a message over 1 GiB (`MaxAllocSize`) plus its framing; this
+/// bound keeps a broken upstream from making us allocate without limit.
+const MAX_SERVER_MESSAGE: usize = (1 << 30) + (1 << 20);
 
 /// Both legs of a session, split into framed readers and raw writers.
 pub struct Legs {
@@ -58,8 +61,6 @@ pub async fn serve(
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     permit: Option<OwnedSemaphorePermit>,
-    drain: CancellationToken,
-    stop_now: CancellationToken,
 ) {
     let id = proxy.next_session_id();
     let span = tracing::info_span!("session", id, %peer);
@@ -87,11 +88,7 @@ pub async fn serve(
         }
         let _permit = permit;
         proxy.metrics_session_started();
-        let stop = relay::Stop {
-            drain: &drain,
-            now: &stop_now,
-        };
-        let result = run_session(stream, message, id, peer, &proxy, stop).await;
+        let result = run_session(stream, message, id, peer, &proxy).await;
         proxy.metrics_session_ended();
         if let Err(e) = result {
             tracing::debug!("session ended: {e}");
@@ -137,7 +134,6 @@ async fn run_session(
     id: u64,
     peer: SocketAddr,
     proxy: &Arc<Proxy>,
-    stop: relay::Stop<'_>,
 ) -> Result<(), SessionError> {
     let limits = &proxy.config.limits;
     let upstream = match upstream::connect(proxy).await {
@@ -149,14 +145,13 @@ async fn run_session(
     };
     let tls_both_legs = client.is_tls() && upstream.is_tls();
     let (client_r, client_w) = split(client, limits.max_message_bytes);
-    let (upstream_r, upstream_w) = split(upstream, usize::MAX >> 1);
+    let (upstream_r, upstream_w) = split(upstream, MAX_SERVER_MESSAGE);
     let mut legs = Legs {
         client_r,
         client_w,
         upstream_r,
         upstream_w,
     };
-    let issue_key = |server| proxy.issue_cancel_key(server);
     let established = tokio::time::timeout(
         limits.handshake_timeout,
         auth::relay(
@@ -166,7 +161,7 @@ async fn run_session(
                 session_id: id,
                 client_addr: peer,
                 tls_both_legs,
-                client_key: &issue_key,
+                proxy,
             },
         ),
     )
@@ -188,11 +183,11 @@ async fn run_session(
     );
     proxy.sessions.insert(id, established.identity.clone());
     let state = Mutex::new(state::SessionState::new(established.server_params));
-    let result = relay::run(&mut legs, &state, limits.client_idle_timeout, stop).await;
+    let shutdown = proxy.shutdown.watch(id);
+    let result = relay::run(&mut legs, &state, limits.client_idle_timeout, &shutdown).await;
+    drop(shutdown);
     proxy.sessions.remove(&id);
-    if let Some((_, client_key)) = established.keys {
-        proxy.cancel_keys.remove(&client_key);
-    }
+    drop(established.cancel);
     if !matches!(result, Ok(relay::RelayEnd::Terminated)) {
         // Tell the server we are done, whatever happened on the client side.
         let terminate = crate::protocol::write::terminate();

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::server::{shutdown_level, ShutdownWatch};
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use super::error::{already_reported, SessionError};
 use super::state::SessionState;
@@ -26,20 +26,12 @@ pub enum RelayEnd {
     ServerClosed,
 }
 
-/// Tokens that end a session from outside.
-pub struct Stop<'a> {
-    /// Shutdown has begun: end the session as soon as no statement is running.
-    pub drain: &'a CancellationToken,
-    /// The grace period is over: end the session now.
-    pub now: &'a CancellationToken,
-}
-
 /// Relays until one side ends or the proxy stops.
 pub async fn run(
     legs: &mut Legs,
     state: &Mutex<SessionState>,
     idle_timeout: Option<Duration>,
-    stop: Stop<'_>,
+    shutdown: &ShutdownWatch<'_>,
 ) -> Result<RelayEnd, SessionError> {
     // Set while a pump is part-way through writing to the client, so that no error frame
     // is written into the middle of another message afterwards.
@@ -63,16 +55,18 @@ pub async fn run(
         &draining,
     );
     tokio::pin!(c2s, s2c);
-    // Created once per session: registering a waiter is not free on the hot path.
-    let drain = stop.drain.cancelled();
-    let now = stop.now.cancelled();
-    tokio::pin!(drain, now);
+    let mut level = shutdown_level::RUNNING;
     let result = loop {
         tokio::select! {
-            r = &mut c2s => break r,
+            // Fixed order: no per-wake random number, and replies first.
+            biased;
             r = &mut s2c => break r,
-            _ = &mut now => break Err(SessionError::Shutdown),
-            _ = &mut drain, if !draining.load(Ordering::Relaxed) => {
+            r = &mut c2s => break r,
+            seen = shutdown.above(level) => {
+                level = seen;
+                if level >= shutdown_level::STOP {
+                    break Err(SessionError::Shutdown);
+                }
                 draining.store(true, Ordering::Relaxed);
                 let idle = lock(state).is_idle();
                 if idle && !client_partial.load(Ordering::Relaxed) {

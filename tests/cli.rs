@@ -1,0 +1,137 @@
+//! The command line: `check` reports every problem with file:line and exits 1, valid rules
+//! exit 0, bad `serve` settings fail at once with a clear message, every subcommand has
+//! help, and rules reload keeps the old rules when the new ones are invalid.
+
+use std::process::Command;
+
+fn pgveil(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pgveil"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn check_accepts_the_sample_rules() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let out = pgveil(&["check", "--rules", rules]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("valid"));
+}
+
+#[test]
+fn check_reports_each_problem_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[[mask]]\ncolumn = \"customers.phone\"\nfunction = \"scramble\"\n\n[[mask]]\ncolumn = \"x\"\nfunction = \"null\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[settings]\nprotected = [\"delete\"\n",
+    )
+    .unwrap();
+    let out = pgveil(&["check", "--rules", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].contains("a.toml:1:") && lines[0].contains("scramble"));
+    assert!(lines[1].contains("a.toml:5:"));
+    assert!(lines[2].contains("b.toml:"));
+}
+
+#[test]
+fn serve_refuses_bad_settings_and_rules() {
+    let out = pgveil(&["serve", "--require-tls"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--require-tls needs"), "{}", text(&out));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "[[allow]]\nroles = 1\n").unwrap();
+    let out = pgveil(&["serve", "--rules", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("bad.toml:1"), "{}", text(&out));
+
+    let cfg = dir.path().join("pgveil.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\nlisten_address = \"x\"\n").unwrap();
+    let out = pgveil(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("pgveil.toml:2"), "{}", text(&out));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["check", "--help"],
+        vec!["explain", "--help"],
+        vec!["audit", "verify", "--help"],
+        vec!["audit", "search", "--help"],
+        vec!["trash", "--help"],
+        vec!["token", "decode", "--help"],
+    ] {
+        let out = pgveil(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("Usage"), "{args:?}");
+    }
+    let out = pgveil(&["serve", "--help"]);
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--rules",
+        "--audit-log",
+        "--tls-cert",
+        "--tls-key",
+        "--require-tls",
+        "--upstream-tls",
+        "--upstream-ca",
+        "--metrics",
+        "--config",
+    ] {
+        assert!(text(&out).contains(flag), "serve --help lacks {flag}");
+    }
+}
+
+#[test]
+fn unfinished_subcommands_say_so() {
+    let out = pgveil(&["audit", "verify", "x.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("not implemented yet"));
+}
+
+#[test]
+fn reload_keeps_old_rules_when_new_ones_are_invalid() {
+    use pgveil::config::{Config, ServeSettings};
+    use pgveil::server::Proxy;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.toml");
+    std::fs::write(&file, "[[mask]]\ncolumn = \"t.c\"\nfunction = \"null\"\n").unwrap();
+    let config = Config::from_settings(ServeSettings {
+        rules: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    let proxy = Proxy::new(config).unwrap();
+    assert_eq!(proxy.rules.load().masks.len(), 1);
+    std::fs::write(&file, "[[mask]]\ncolumn = \"t.c\"\nfunction = \"nope\"\n").unwrap();
+    assert!(proxy.reload_rules().is_err());
+    assert_eq!(proxy.rules.load().masks.len(), 1, "old rules stay in force");
+    std::fs::write(
+        &file,
+        "[[mask]]\ncolumn = \"t.c\"\nfunction = \"null\"\n[[mask]]\ncolumn = \"t.d\"\nfunction = \"email\"\n",
+    )
+    .unwrap();
+    proxy.reload_rules().unwrap();
+    assert_eq!(proxy.rules.load().masks.len(), 2);
+}
