@@ -1,6 +1,12 @@
 //! Typed, borrowed views of the messages a client sends after startup.
 
+use smallvec::SmallVec;
+
 use super::frame::{BodyReader, Frame, ProtocolError};
+
+/// Result-column format codes of a Bind: empty (all text), one (for all), or one per
+/// column. Held inline for the common short lists.
+pub type FormatCodes = SmallVec<[i16; 4]>;
 
 /// `Describe` and `Close` name either a prepared statement or a portal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +40,7 @@ pub enum FrontendMessage<'a> {
         portal: &'a str,
         statement: &'a str,
         /// Result-column format codes as sent: empty (all text), one (for all), or one per column.
-        result_formats: Vec<i16>,
+        result_formats: FormatCodes,
     },
     Describe {
         target: Target,
@@ -147,7 +153,7 @@ fn parse_bind(body: &[u8]) -> Result<FrontendMessage<'_>, ProtocolError> {
         }
     }
     let n = r.count(2)?;
-    let mut result_formats = Vec::with_capacity(n);
+    let mut result_formats = FormatCodes::with_capacity(n);
     for _ in 0..n {
         let f = r.i16()?;
         if f != 0 && f != 1 {
@@ -220,7 +226,7 @@ mod tests {
             FrontendMessage::Bind {
                 portal: "p1",
                 statement: "s1",
-                result_formats: vec![0, 1]
+                result_formats: [0, 1].into_iter().collect()
             }
         );
     }

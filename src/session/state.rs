@@ -11,8 +11,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use compact_str::CompactString;
+
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
-use crate::protocol::frontend::{FrontendMessage, Target};
+use crate::protocol::frontend::{FormatCodes, FrontendMessage, Target};
+
+/// A statement or portal name: short names (the usual case) are held inline.
+pub type Name = CompactString;
 
 /// Result columns as the server described them.
 pub type RowShape = Arc<Vec<FieldDescription>>;
@@ -27,9 +32,9 @@ pub struct PreparedStatement {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Portal {
-    pub statement: String,
+    pub statement: Name,
     pub sql: Arc<str>,
-    pub result_formats: Vec<i16>,
+    pub result_formats: FormatCodes,
     pub rows: Option<Option<RowShape>>,
 }
 
@@ -50,22 +55,22 @@ pub enum Pending {
     Query {
         sql: Arc<str>,
     },
-    Parse(String, PreparedStatement),
+    Parse(Name, PreparedStatement),
     Bind {
-        portal: String,
-        statement: String,
-        result_formats: Vec<i16>,
+        portal: Name,
+        statement: Name,
+        result_formats: FormatCodes,
     },
     Describe {
         target: Target,
-        name: String,
+        name: Name,
     },
     Execute {
-        portal: String,
+        portal: Name,
     },
     Close {
         target: Target,
-        name: String,
+        name: Name,
     },
     Sync,
     FunctionCall,
@@ -93,8 +98,8 @@ pub enum Reply {
 pub struct SessionState {
     pub transaction: Option<TransactionStatus>,
     pub server_params: HashMap<String, String>,
-    statements: HashMap<String, PreparedStatement>,
-    portals: HashMap<String, Portal>,
+    statements: HashMap<Name, PreparedStatement>,
+    portals: HashMap<Name, Portal>,
     pending: VecDeque<Pending>,
     /// Shape of the rows currently streaming, if any.
     current_rows: Option<RowShape>,
@@ -139,7 +144,7 @@ impl SessionState {
                 sql,
                 param_types,
             } => Pending::Parse(
-                statement.to_string(),
+                Name::new(statement),
                 PreparedStatement {
                     sql: Arc::from(*sql),
                     param_types: param_types.clone(),
@@ -151,20 +156,20 @@ impl SessionState {
                 statement,
                 result_formats,
             } => Pending::Bind {
-                portal: portal.to_string(),
-                statement: statement.to_string(),
+                portal: Name::new(portal),
+                statement: Name::new(statement),
                 result_formats: result_formats.clone(),
             },
             FrontendMessage::Describe { target, name } => Pending::Describe {
                 target: *target,
-                name: name.to_string(),
+                name: Name::new(name),
             },
             FrontendMessage::Execute { portal, .. } => Pending::Execute {
-                portal: portal.to_string(),
+                portal: Name::new(portal),
             },
             FrontendMessage::Close { target, name } => Pending::Close {
                 target: *target,
-                name: name.to_string(),
+                name: Name::new(name),
             },
             FrontendMessage::Sync => Pending::Sync,
             FrontendMessage::FunctionCall => Pending::FunctionCall,
@@ -341,7 +346,7 @@ mod tests {
         FrontendMessage::Bind {
             portal,
             statement,
-            result_formats: formats,
+            result_formats: formats.into_iter().collect(),
         }
     }
 
