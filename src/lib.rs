@@ -8,9 +8,12 @@
 //! into that relay. `config` turns flags, config files and rules into validated types.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod sql;
 pub mod tls;

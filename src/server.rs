@@ -3,7 +3,7 @@
 //! once the grace period has passed (`Shutdown`).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -17,13 +17,30 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::catalog::Catalog;
 use crate::config::{Config, Rules, RulesError};
 use crate::protocol::startup::CancelKey;
 use crate::session::identity::SessionIdentity;
 use crate::tls::{self, TlsError, UpstreamConnector};
 
+/// Keys of `hash` and `tokenize` masks must be in the environment before any session
+/// starts: a missing key would otherwise mean a column nobody can read or, worse, a
+/// silent fallback.
+fn check_keys(rules: &Rules) -> Result<(), ServerError> {
+    use crate::config::rules::MaskFunction;
+    for m in &rules.masks {
+        if let MaskFunction::Hash { key_env } | MaskFunction::Tokenize { key_env } = &m.function {
+            crate::policy::mask::key_from_env(key_env)
+                .map_err(|e| ServerError::Key(format!("{}: {e}", m.origin)))?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Error)]
 pub enum ServerError {
+    #[error("mask key: {0}")]
+    Key(String),
     #[error("rules: {0}")]
     Rules(#[from] RulesError),
     #[error("TLS: {0}")]
@@ -42,6 +59,8 @@ pub struct Proxy {
     pub sessions: DashMap<u64, SessionIdentity>,
     /// How far shutdown has gone, and how to wake the sessions that must notice it.
     pub shutdown: Shutdown,
+    /// Schema knowledge per database, loaded by the first session that needs it.
+    pub catalogs: DashMap<String, CachedCatalog>,
     session_ids: AtomicU64,
     active_sessions: AtomicUsize,
 }
@@ -50,6 +69,7 @@ impl Proxy {
     /// Loads rules and TLS material; fails on anything invalid.
     pub fn new(config: Config) -> Result<Proxy, ServerError> {
         let rules = Rules::load(&config.rules_path)?;
+        check_keys(&rules)?;
         let client_tls = match &config.client_tls {
             Some((cert, key)) => Some(tls::client_acceptor(cert, key)?),
             None => None,
@@ -67,6 +87,7 @@ impl Proxy {
             cancel_keys: DashMap::new(),
             sessions: DashMap::new(),
             shutdown: Shutdown::default(),
+            catalogs: DashMap::new(),
             session_ids: AtomicU64::new(1),
             active_sessions: AtomicUsize::new(0),
         })
@@ -80,7 +101,15 @@ impl Proxy {
     pub fn reload_rules(&self) -> Result<(), RulesError> {
         match Rules::load(&self.config.rules_path) {
             Ok(rules) => {
+                if let Err(e) = check_keys(&rules) {
+                    tracing::error!("new rules are invalid, keeping the old ones: {e}");
+                    return Err(RulesError {
+                        problems: vec![e.to_string()],
+                    });
+                }
                 self.rules.store(Arc::new(rules));
+                // Masks may name other columns now: sessions rebuild from a fresh catalog.
+                self.catalogs.clear();
                 tracing::info!(path = %self.config.rules_path.display(), "rules reloaded");
                 Ok(())
             }
@@ -121,6 +150,14 @@ impl Proxy {
     pub fn metrics_session_ended(&self) {
         self.active_sessions.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A database's catalog and a flag any session sets after a statement that may have
+/// changed the schema; the next session to start then reloads it.
+#[derive(Clone)]
+pub struct CachedCatalog {
+    pub catalog: Arc<Catalog>,
+    pub stale: Arc<AtomicBool>,
 }
 
 /// Shutdown as sessions see it: a level that only rises, and one waker per session in

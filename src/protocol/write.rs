@@ -92,3 +92,42 @@ pub fn query(sql: &str) -> Frame {
 pub fn terminate() -> Frame {
     frame(b'X', |_| {})
 }
+
+/// Parse of `sql` as statement `name`, with no declared parameter types.
+pub fn parse(name: &str, sql: &str) -> Frame {
+    frame(b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, sql);
+        b.put_i16(0);
+    })
+}
+
+/// Bind of portal `portal` to statement `statement`, no parameters, text results.
+pub fn bind(portal: &str, statement: &str) -> Frame {
+    frame(b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    })
+}
+
+/// Execute of portal `portal`, all rows.
+pub fn execute(portal: &str) -> Frame {
+    frame(b'E', |b| {
+        put_cstr(b, portal);
+        b.put_i32(0);
+    })
+}
+
+/// A statement that makes the server itself raise a policy refusal (SQLSTATE 42501), so
+/// that a transaction block is aborted on the server exactly as for a server error.
+pub fn refusal_sql(message: &str) -> String {
+    // A plain string literal inside a dollar-quoted body: quotes are doubled, and the
+    // message cannot close the body because `$` is dropped from it.
+    let literal = message.replace(['$', '\\'], "").replace('\'', "''");
+    format!(
+        "DO $pgveil$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{literal}'; END $pgveil$"
+    )
+}

@@ -4,6 +4,7 @@
 //! client gets the server's ReadyForQuery.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -11,13 +12,16 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
 use super::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
+use super::policy::SessionPolicy;
 use super::Legs;
+use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
+use crate::policy::SessionMasks;
 use crate::protocol::backend::{self, auth};
 use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::write;
 use crate::protocol::{Frame, SqlState};
-use crate::server::{CancelRegistration, Proxy};
+use crate::server::{CachedCatalog, CancelRegistration, Proxy};
 
 /// What a completed startup hands to the relay.
 pub struct Established {
@@ -25,6 +29,10 @@ pub struct Established {
     pub server_params: HashMap<String, String>,
     /// The client's cancel key, mapped to the upstream backend's while the session lives.
     pub cancel: Option<CancelRegistration>,
+    /// Masking for this session, if any mask applies to it.
+    pub policy: Option<SessionPolicy>,
+    /// Set after schema changes, when any mask is configured at all.
+    pub catalog_stale: Option<Arc<AtomicBool>>,
 }
 
 /// Context of the startup the relay needs.
@@ -70,12 +78,15 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
             }
             b'Z' => {
                 let identity = read_identity(legs, &startup).await?;
+                let (policy, catalog_stale) = session_policy(legs, &startup, &identity).await?;
                 out.extend_from_slice(frame.raw());
                 send(&mut legs.client_w, &out).await?;
                 return Ok(Established {
                     identity,
                     server_params: params,
                     cancel,
+                    policy,
+                    catalog_stale,
                 });
             }
             tag => {
@@ -229,6 +240,78 @@ async fn read_identity(
         .to_string();
     rows.finish(startup.session_id, startup.client_addr, app)
         .ok_or_else(|| SessionError::Upstream("the server did not report the session user".into()))
+}
+
+/// The session's masking policy: the masks of rules that apply to its roles, resolved
+/// against the database's catalog (read on this connection if not cached).
+async fn session_policy(
+    legs: &mut Legs,
+    startup: &Startup<'_>,
+    identity: &SessionIdentity,
+) -> Result<(Option<SessionPolicy>, Option<Arc<AtomicBool>>), SessionError> {
+    let rules = startup.proxy.rules.load_full();
+    if rules.masks.is_empty() {
+        return Ok((None, None));
+    }
+    let cached = startup
+        .proxy
+        .catalogs
+        .get(&identity.database)
+        .map(|c| c.clone())
+        .filter(|c| !c.stale.load(Ordering::Relaxed));
+    let cached = match cached {
+        Some(c) => c,
+        None => {
+            let catalog = Arc::new(read_catalog(legs).await?);
+            let entry = CachedCatalog {
+                catalog,
+                stale: Arc::new(AtomicBool::new(false)),
+            };
+            startup
+                .proxy
+                .catalogs
+                .insert(identity.database.clone(), entry.clone());
+            entry
+        }
+    };
+    let masks = SessionMasks::build(&rules, identity, &cached.catalog);
+    let policy = (!masks.is_empty()).then(|| {
+        SessionPolicy::new(
+            Arc::new(masks),
+            cached.catalog.clone(),
+            search_path_schemas(&identity.search_path, &identity.user),
+            rules.settings.unanalysable,
+            identity.user.clone(),
+        )
+    });
+    Ok((policy, Some(cached.stale)))
+}
+
+/// Runs [`CATALOG_QUERY`] on the session's connection and swallows its reply.
+async fn read_catalog(legs: &mut Legs) -> Result<Catalog, SessionError> {
+    send_upstream(&mut legs.upstream_w, write::query(CATALOG_QUERY).raw()).await?;
+    let mut rows = CatalogRows::default();
+    let mut failed = None;
+    loop {
+        let frame = legs
+            .upstream_r
+            .next()
+            .await
+            .map_err(SessionError::upstream)?;
+        match frame.tag() {
+            b'D' => rows.push(&backend::data_row(&frame).map_err(SessionError::upstream)?),
+            b'E' => failed = Some(backend::error_code_and_severity(&frame).0),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match failed {
+        // Without the catalog no mask can be enforced: the session does not start.
+        Some(code) => Err(SessionError::Upstream(format!(
+            "reading the catalog failed with SQLSTATE {code}"
+        ))),
+        None => Ok(rows.finish()),
+    }
 }
 
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), SessionError> {

@@ -6,7 +6,9 @@
 pub mod auth;
 pub mod error;
 pub mod identity;
+pub mod policy;
 pub mod relay;
+pub mod rows;
 pub mod startup;
 pub mod state;
 pub mod upstream;
@@ -182,7 +184,10 @@ async fn run_session(
         "session established"
     );
     proxy.sessions.insert(id, established.identity.clone());
-    let state = Mutex::new(state::SessionState::new(established.server_params));
+    let mut session_state = state::SessionState::new(established.server_params);
+    session_state.policy = established.policy;
+    session_state.catalog_stale = established.catalog_stale;
+    let state = Mutex::new(session_state);
     let shutdown = proxy.shutdown.watch(id);
     let result = relay::run(&mut legs, &state, limits.client_idle_timeout, &shutdown).await;
     drop(shutdown);

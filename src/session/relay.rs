@@ -11,11 +11,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
-use super::state::SessionState;
+use super::rows::MaskPlan;
+use super::state::{Pending, Reply, SessionState};
 use super::{BoxRead, Legs};
 use crate::protocol::backend::{self, TransactionStatus};
 use crate::protocol::frontend::FrontendMessage;
-use crate::protocol::{Frame, FrameReader};
+use crate::protocol::{write, Frame, FrameReader, SqlState};
+use std::sync::Arc;
 
 /// How the relay ended without an error to report.
 #[derive(Debug, PartialEq, Eq)]
@@ -121,11 +123,14 @@ async fn client_to_server(
                 let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
                 if msg == FrontendMessage::Terminate {
                     terminated = true;
-                }
-                st.on_client(&msg);
-                out.extend_from_slice(f.raw());
-                if terminated {
+                    out.extend_from_slice(f.raw());
                     break;
+                }
+                if st.policy.is_some() {
+                    screen(&mut st, &msg, &f, &mut out);
+                } else {
+                    st.on_client(&msg);
+                    out.extend_from_slice(f.raw());
                 }
                 frame = client.buffered().map_err(SessionError::Client)?;
             }
@@ -150,6 +155,7 @@ async fn server_to_client(
     draining: &AtomicBool,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut scratch = Vec::new();
     loop {
         let first = upstream.next().await.map_err(|e| {
             if e.is_disconnect() {
@@ -163,8 +169,20 @@ async fn server_to_client(
             let mut st = lock(state);
             let mut frame = Some(first);
             while let Some(f) = frame {
-                fatal |= on_server_frame(&mut st, &f)?;
-                out.extend_from_slice(f.raw());
+                match on_server_frame(&mut st, &f)? {
+                    Action::Forward => out.extend_from_slice(f.raw()),
+                    Action::Fatal => {
+                        out.extend_from_slice(f.raw());
+                        fatal = true;
+                    }
+                    Action::Swallow => {}
+                    Action::Mask(plan) => {
+                        let masked = plan
+                            .rewrite(&f, &mut out, &mut scratch)
+                            .map_err(SessionError::upstream)?;
+                        st.rows_masked += masked;
+                    }
+                }
                 // Bound the batch so a fast server cannot grow it without limit.
                 if fatal || out.len() >= 256 * 1024 {
                     break;
@@ -188,12 +206,34 @@ async fn server_to_client(
     }
 }
 
-/// Updates the state for one server frame; true when it is a FATAL error that ends the
-/// session.
-fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<bool, SessionError> {
+/// What to do with one server frame.
+enum Action {
+    Forward,
+    /// A FATAL error: forward it, then end the session.
+    Fatal,
+    /// A reply to a message pgveil injected.
+    Swallow,
+    /// A DataRow to rewrite with this plan.
+    Mask(Arc<MaskPlan>),
+}
+
+/// Updates the state for one server frame and decides what reaches the client.
+fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError> {
     match f.tag() {
-        // DataRow: the hot path; nothing to learn until masking plans exist.
-        b'D' => {}
+        // DataRow: the hot path. Sessions without masks forward it untouched.
+        b'D' => {
+            if st.policy.is_none() {
+                return Ok(Action::Forward);
+            }
+            return match st.row_plan() {
+                Ok(Some(plan)) => Ok(Action::Mask(plan)),
+                Ok(None) => Ok(Action::Forward),
+                Err(_) => Err(SessionError::Refused {
+                    code: SqlState::INSUFFICIENT_PRIVILEGE,
+                    message: "pgveil: result rows arrived without a row description; a masked session cannot forward them".into(),
+                }),
+            };
+        }
         b'T' => {
             let rows = backend::row_description(f).map_err(SessionError::upstream)?;
             st.on_server(b'T', Some(rows));
@@ -210,11 +250,87 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<bool, SessionErro
         b'E' => {
             st.on_server(b'E', None);
             let (_, severity) = backend::error_code_and_severity(f);
-            return Ok(severity == "FATAL" || severity == "PANIC");
+            if severity == "FATAL" || severity == "PANIC" {
+                return Ok(Action::Fatal);
+            }
+        }
+        b'C' => {
+            if let Some(stale) = &st.catalog_stale {
+                let tag = backend::command_tag(f).unwrap_or_default();
+                if changes_schema(tag) {
+                    stale.store(true, Ordering::Relaxed);
+                }
+            }
+            st.on_server(b'C', None);
         }
         tag => {
-            st.on_server(tag, None);
+            if st.on_server(tag, None) == Reply::Swallow {
+                return Ok(Action::Swallow);
+            }
         }
     }
-    Ok(false)
+    Ok(Action::Forward)
+}
+
+/// Command tags of statements after which the cached catalog may be out of date.
+fn changes_schema(tag: &str) -> bool {
+    [
+        "CREATE",
+        "ALTER",
+        "DROP",
+        "GRANT",
+        "REVOKE",
+        "COMMENT",
+        "SELECT INTO",
+    ]
+    .iter()
+    .any(|p| tag.starts_with(p))
+}
+
+/// For a masked session: forwards a client message, or replaces a refused one by a
+/// statement that makes the server raise the refusal (see `write::refusal_sql`).
+fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &mut BytesMut) {
+    if let Some(message) = st.discarding.clone() {
+        // After a refused Parse, as after a server error: skip to Sync. At Sync the server
+        // raises the refusal itself, unless an earlier error already has it skipping.
+        if *msg == FrontendMessage::Sync {
+            st.discarding = None;
+            out.extend_from_slice(write::parse("", &write::refusal_sql(&message)).raw());
+            out.extend_from_slice(write::bind("", "").raw());
+            out.extend_from_slice(write::execute("").raw());
+            st.push_internal(Pending::Internal);
+            st.push_internal(Pending::Internal);
+            st.push_internal(Pending::Execute { portal: "".into() });
+            st.on_client(msg);
+            out.extend_from_slice(raw.raw());
+        }
+        return;
+    }
+    let scs = st
+        .server_params
+        .get("standard_conforming_strings")
+        .is_none_or(|v| v == "on");
+    let refused = match msg {
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
+            st.policy.as_mut().and_then(|p| p.screen(sql, scs))
+        }
+        // Fast-path calls name functions by OID, beyond the analysis.
+        FrontendMessage::FunctionCall => Some(format!(
+            "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
+            st.policy.as_ref().map(|p| p.role.as_str()).unwrap_or("")
+        )),
+        _ => None,
+    };
+    match (refused, msg) {
+        (Some(message), FrontendMessage::Parse { .. }) => st.discarding = Some(message),
+        (Some(message), _) => {
+            let sql = write::refusal_sql(&message);
+            st.on_client(&FrontendMessage::Query { sql: &sql });
+            out.extend_from_slice(write::query(&sql).raw());
+        }
+        (None, _) => {
+            st.on_client(msg);
+            out.extend_from_slice(raw.raw());
+        }
+    }
 }

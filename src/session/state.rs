@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use compact_str::CompactString;
 
+use super::policy::SessionPolicy;
+use super::rows::MaskPlan;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
 use crate::protocol::frontend::{FormatCodes, FrontendMessage, Target};
 
@@ -74,6 +76,8 @@ pub enum Pending {
     },
     Sync,
     FunctionCall,
+    /// A message pgveil injected; its ParseComplete/BindComplete is not the client's.
+    Internal,
 }
 
 impl Pending {
@@ -85,11 +89,17 @@ impl Pending {
     }
 }
 
+/// Rows arrived for which no RowDescription is known.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UnknownRows;
+
 /// What the server side learned from one reply, for the relay to act on.
 #[derive(Debug, PartialEq)]
 pub enum Reply {
     /// Rows follow with this shape (from RowDescription, or the portal being executed).
     Rows(Option<RowShape>),
+    /// A reply to a message pgveil injected: not forwarded.
+    Swallow,
     /// Anything else.
     Other,
 }
@@ -105,6 +115,16 @@ pub struct SessionState {
     current_rows: Option<RowShape>,
     /// Replies that matched no request: a bug or an unexpected server; logged, not fatal.
     pub unmatched: u64,
+    /// Masking for this session; `None` when no mask applies to it.
+    pub policy: Option<SessionPolicy>,
+    /// The in-flight mask plan of the rows now streaming: `None` until computed.
+    plan: Option<Option<Arc<MaskPlan>>>,
+    /// A refused extended-protocol message: client messages are dropped until Sync.
+    pub discarding: Option<String>,
+    /// Set when a statement may have changed the schema the cached catalog describes.
+    pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Values masked in flight so far.
+    pub rows_masked: u64,
 }
 
 impl SessionState {
@@ -181,14 +201,30 @@ impl SessionState {
     /// Applies one server reply (by tag; `rows` is the decoded RowDescription for `T`).
     pub fn on_server(&mut self, tag: u8, rows: Option<Vec<FieldDescription>>) -> Reply {
         match tag {
+            b'1' | b'2' if matches!(self.pending.front(), Some(Pending::Internal)) => {
+                self.pending.pop_front();
+                return Reply::Swallow;
+            }
             b'1' => self.complete_parse(),
             b'2' => self.complete_bind(),
             b'3' => self.complete_close(),
             b't' => {} // ParameterDescription: the Describe continues with T or n.
             b'T' => {
                 let shape = rows.map(Arc::new);
+                let for_statement = matches!(
+                    self.pending.front(),
+                    Some(Pending::Describe {
+                        target: Target::Statement,
+                        ..
+                    })
+                );
                 self.complete_describe(Some(shape.clone()));
-                self.current_rows = shape.clone();
+                // A statement's description carries no result formats and no rows follow
+                // it; rows of a later Execute take their formats from Bind.
+                self.current_rows = if for_statement { None } else { shape.clone() };
+                // RowDescription formats are the real ones, except for Describe Statement
+                // (no rows follow that one).
+                self.plan = None;
                 return Reply::Rows(shape);
             }
             b'n' => self.complete_describe(None),
@@ -200,6 +236,7 @@ impl SessionState {
             }
             b'C' | b'I' | b's' => {
                 self.current_rows = None;
+                self.plan = None;
                 if matches!(self.pending.front(), Some(Pending::Execute { .. })) {
                     self.pending.pop_front();
                 }
@@ -207,6 +244,7 @@ impl SessionState {
             b'E' => self.on_error(),
             b'Z' => {
                 self.current_rows = None;
+                self.plan = None;
                 match self.pending.pop_front() {
                     Some(Pending::Query { .. } | Pending::Sync | Pending::FunctionCall) => {
                         // A simple Query replaces the unnamed statement and portal.
@@ -217,6 +255,37 @@ impl SessionState {
             _ => {}
         }
         Reply::Other
+    }
+
+    /// Records messages pgveil injects ahead of a client's Sync.
+    pub fn push_internal(&mut self, pending: Pending) {
+        self.pending.push_back(pending);
+    }
+
+    /// The mask plan for the DataRow now arriving: from the last RowDescription, or for
+    /// an Execute from its portal's description and Bind's formats. `Err` when the
+    /// session is masked and the rows' origin is unknown.
+    pub fn row_plan(&mut self) -> Result<Option<Arc<MaskPlan>>, UnknownRows> {
+        if let Some(plan) = &self.plan {
+            return Ok(plan.clone());
+        }
+        let Some(policy) = &self.policy else {
+            return Ok(None);
+        };
+        let plan = if let Some(shape) = &self.current_rows {
+            MaskPlan::build(shape, &policy.masks, |i| shape[i].format)
+        } else {
+            let portal = match self.pending.front() {
+                Some(Pending::Execute { portal }) => self.portals.get(portal),
+                _ => None,
+            };
+            let Some((portal, Some(shape))) = portal.map(|p| (p, p.rows.clone().flatten())) else {
+                return Err(UnknownRows);
+            };
+            MaskPlan::build(&shape, &policy.masks, |i| portal.format_of(i))
+        };
+        self.plan = Some(plan.clone());
+        Ok(plan)
     }
 
     /// Sets the transaction status from ReadyForQuery; portals end with the transaction.
@@ -310,6 +379,7 @@ impl SessionState {
     /// After an error in extended mode the server discards messages until Sync.
     fn on_error(&mut self) {
         self.current_rows = None;
+        self.plan = None;
         if self.pending.front().is_some_and(Pending::is_extended) {
             while self.pending.front().is_some_and(Pending::is_extended) {
                 self.pending.pop_front();

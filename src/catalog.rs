@@ -1,0 +1,297 @@
+//! What pgveil knows of a database's schema: relations with their columns and types,
+//! which tables each view reads (transitively), and the functions that are not built in.
+//! Read from the catalog on a session's own upstream connection, cached per database.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// One multi-statement query, one round trip; each row starts with its kind.
+pub const CATALOG_QUERY: &str = "\
+SELECT 'c', n.nspname::text, c.relname::text, c.oid::text, c.relkind::text, a.attname::text, \
+ a.attnum::text, a.atttypid::text, t.typname::text \
+ FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+ JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+ JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+ WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') \
+ AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(toast|temp)' \
+ AND (n.nspname <> 'pg_catalog' OR c.relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_statistic')); \
+SELECT DISTINCT 'v', r.ev_class::text, d.refobjid::text \
+ FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d ON d.objid = r.oid \
+ AND d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass \
+ WHERE d.refobjid <> r.ev_class; \
+SELECT DISTINCT 'f', n.nspname::text, p.proname::text FROM pg_catalog.pg_proc p \
+ JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'); \
+SELECT DISTINCT 'b', p.proname::text FROM pg_catalog.pg_proc p \
+ WHERE p.pronamespace = 'pg_catalog'::regnamespace; \
+SELECT 's', n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+ WHERE n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'v')";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub attnum: i16,
+    pub type_oid: u32,
+    pub type_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relation {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// `r` table, `v` view, `m` materialized view, `p` partitioned table, `f` foreign table.
+    pub kind: char,
+    pub columns: Vec<Column>,
+    /// For views and materialized views: every relation they read, directly or through
+    /// other views.
+    pub reads: Vec<u32>,
+}
+
+impl Relation {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// A database's schema as pgveil needs it.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    by_name: HashMap<(String, String), Arc<Relation>>,
+    by_oid: HashMap<u32, Arc<Relation>>,
+    /// Functions outside pg_catalog, by bare name and by `schema.name`.
+    user_functions: HashSet<String>,
+    /// Function names in pg_catalog.
+    builtin_functions: HashSet<String>,
+    /// Tables and views of pg_catalog and information_schema, by bare and qualified name.
+    system_relations: HashSet<String>,
+}
+
+impl Catalog {
+    pub fn relation(&self, schema: &str, name: &str) -> Option<&Arc<Relation>> {
+        self.by_name.get(&(schema.to_string(), name.to_string()))
+    }
+
+    pub fn by_oid(&self, oid: u32) -> Option<&Arc<Relation>> {
+        self.by_oid.get(&oid)
+    }
+
+    /// Every relation with this bare name, in any schema.
+    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Arc<Relation>> + 'a {
+        self.by_oid.values().filter(move |r| r.name == name)
+    }
+
+    /// Resolves an unqualified name along `search_path` (schema names, in order).
+    pub fn resolve(&self, search_path: &[String], name: &str) -> Option<&Arc<Relation>> {
+        search_path.iter().find_map(|s| self.relation(s, name))
+    }
+
+    /// Whether a function name (bare or `schema.name`) is defined outside pg_catalog.
+    pub fn is_user_function(&self, name: &str) -> bool {
+        self.user_functions.contains(name)
+    }
+
+    pub fn is_builtin_function(&self, name: &str) -> bool {
+        self.builtin_functions.contains(name)
+    }
+
+    /// Whether a (folded, possibly qualified) name is a pg_catalog or information_schema
+    /// relation.
+    pub fn is_system_relation(&self, parts: &[String]) -> bool {
+        match parts {
+            [name] => self.system_relations.contains(name),
+            [schema, name] | [_, schema, name] => {
+                self.system_relations.contains(&format!("{schema}.{name}"))
+            }
+            _ => false,
+        }
+    }
+
+    pub fn relations(&self) -> impl Iterator<Item = &Arc<Relation>> {
+        self.by_oid.values()
+    }
+}
+
+/// Builds a [`Catalog`] from the text rows of [`CATALOG_QUERY`].
+#[derive(Default)]
+pub struct CatalogRows {
+    relations: HashMap<u32, Relation>,
+    depends: Vec<(u32, u32)>,
+    functions: HashSet<String>,
+    builtins: HashSet<String>,
+    system: HashSet<String>,
+}
+
+impl CatalogRows {
+    pub fn push(&mut self, row: &[Option<&[u8]>]) {
+        let col = |i: usize| {
+            row.get(i)
+                .copied()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
+        match col(0).as_str() {
+            "c" => {
+                let oid: u32 = col(3).parse().unwrap_or(0);
+                let rel = self.relations.entry(oid).or_insert_with(|| Relation {
+                    oid,
+                    schema: col(1),
+                    name: col(2),
+                    kind: col(4).chars().next().unwrap_or('r'),
+                    columns: Vec::new(),
+                    reads: Vec::new(),
+                });
+                rel.columns.push(Column {
+                    name: col(5),
+                    attnum: col(6).parse().unwrap_or(0),
+                    type_oid: col(7).parse().unwrap_or(0),
+                    type_name: col(8),
+                });
+            }
+            "v" => {
+                if let (Ok(view), Ok(table)) = (col(1).parse(), col(2).parse()) {
+                    self.depends.push((view, table));
+                }
+            }
+            "f" => {
+                self.functions.insert(col(2));
+                self.functions.insert(format!("{}.{}", col(1), col(2)));
+            }
+            "b" => {
+                self.builtins.insert(col(1));
+            }
+            "s" => {
+                // Only pg_catalog is searched implicitly; information_schema needs its name.
+                if col(1) == "pg_catalog" {
+                    self.system.insert(col(2));
+                }
+                self.system.insert(format!("{}.{}", col(1), col(2)));
+            }
+            _ => {}
+        }
+    }
+
+    pub fn finish(self) -> Catalog {
+        let mut direct: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (view, table) in &self.depends {
+            direct.entry(*view).or_default().push(*table);
+        }
+        let mut by_oid = HashMap::new();
+        let mut by_name = HashMap::new();
+        for (oid, mut rel) in self.relations {
+            rel.columns.sort_by_key(|c| c.attnum);
+            rel.reads = transitive_reads(oid, &direct);
+            let rel = Arc::new(rel);
+            by_name.insert((rel.schema.clone(), rel.name.clone()), rel.clone());
+            by_oid.insert(oid, rel);
+        }
+        Catalog {
+            by_name,
+            by_oid,
+            user_functions: self.functions,
+            builtin_functions: self.builtins,
+            system_relations: self.system,
+        }
+    }
+}
+
+fn transitive_reads(start: u32, direct: &HashMap<u32, Vec<u32>>) -> Vec<u32> {
+    let mut seen = HashSet::new();
+    let mut stack = direct.get(&start).cloned().unwrap_or_default();
+    while let Some(next) = stack.pop() {
+        if seen.insert(next) {
+            if let Some(more) = direct.get(&next) {
+                stack.extend(more);
+            }
+        }
+    }
+    let mut out: Vec<u32> = seen.into_iter().collect();
+    out.sort();
+    out
+}
+
+/// Splits a `search_path` setting into schema names, as the server resolves them for the
+/// session (`"$user"` becomes the session user; `pg_catalog` comes first unless listed).
+pub fn search_path_schemas(setting: &str, user: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for part in setting.split(',') {
+        let p = part.trim();
+        let name = if let Some(q) = p.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            q.replace("\"\"", "\"")
+        } else {
+            p.to_lowercase()
+        };
+        let name = if name == "$user" {
+            user.to_string()
+        } else {
+            name
+        };
+        if !name.is_empty() {
+            out.push(name);
+        }
+    }
+    if !out.iter().any(|s| s == "pg_catalog") {
+        out.insert(0, "pg_catalog".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(v: &'a [&'a str]) -> Vec<Option<&'a [u8]>> {
+        v.iter().map(|s| Some(s.as_bytes())).collect()
+    }
+
+    #[test]
+    fn builds_relations_views_and_functions() {
+        let mut rows = CatalogRows::default();
+        rows.push(&row(&[
+            "c",
+            "public",
+            "customers",
+            "100",
+            "r",
+            "phone",
+            "3",
+            "25",
+            "text",
+        ]));
+        rows.push(&row(&[
+            "c",
+            "public",
+            "customers",
+            "100",
+            "r",
+            "id",
+            "1",
+            "20",
+            "int8",
+        ]));
+        rows.push(&row(&[
+            "c", "public", "v1", "200", "v", "phone", "1", "25", "text",
+        ]));
+        rows.push(&row(&[
+            "c", "public", "v2", "300", "v", "phone", "1", "25", "text",
+        ]));
+        rows.push(&row(&["v", "200", "100"]));
+        rows.push(&row(&["v", "300", "200"]));
+        rows.push(&row(&["f", "public", "leak"]));
+        let cat = rows.finish();
+        let c = cat.relation("public", "customers").unwrap();
+        assert_eq!(c.columns[0].name, "id");
+        assert_eq!(cat.by_oid(300).unwrap().reads, vec![100, 200]);
+        assert!(cat.is_user_function("leak") && cat.is_user_function("public.leak"));
+        assert!(!cat.is_user_function("upper"));
+        let path = search_path_schemas("\"$user\", public", "alice");
+        assert_eq!(path, vec!["pg_catalog", "alice", "public"]);
+        assert_eq!(cat.resolve(&path, "customers").unwrap().oid, 100);
+    }
+}

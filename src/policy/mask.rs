@@ -1,0 +1,794 @@
+//! The mask functions of spec section 2, applied to one wire value in text or binary
+//! format. Every output is a valid value of the column's type (or NULL); NULL input stays
+//! NULL and is never passed here. Keys for `hash` and `tokenize` come from the environment.
+
+use aes_siv::siv::Aes256Siv;
+use aes_siv::KeyInit;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256, Sha512};
+use thiserror::Error;
+
+use super::pgtypes::{self, TypeClass, USECS_PER_DAY};
+use crate::config::rules::{MaskFunction, TruncUnit};
+
+#[derive(Debug, Error, PartialEq)]
+pub enum MaskError {
+    #[error("environment variable {0} (the mask key) is not set")]
+    MissingKey(String),
+    #[error("mask {function} cannot apply to a column of type {type_name}")]
+    TypeMismatch { function: String, type_name: String },
+    #[error("constant {value:?} is not a valid {type_name}")]
+    BadConstant { value: String, type_name: String },
+    #[error("not a pgveil token")]
+    BadToken,
+}
+
+const TOKEN_PREFIX: &str = "tok_";
+const REDACTED: &str = "****";
+
+/// A mask ready to run: keys loaded, constants pre-encoded for the column's type.
+#[derive(Clone)]
+pub enum Masker {
+    Redact(Vec<u8>),
+    Partial {
+        keep_first: usize,
+        keep_last: usize,
+    },
+    Email,
+    Hash(Vec<u8>),
+    Tokenize(Box<[u8; 64]>),
+    Null,
+    Constant {
+        text: Vec<u8>,
+        binary: Option<Vec<u8>>,
+    },
+    DateTrunc(TruncUnit),
+    Round(f64),
+}
+
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        let name = match self {
+            Masker::Redact(_) => "redact",
+            Masker::Partial { .. } => "partial",
+            Masker::Email => "email",
+            Masker::Hash(_) => "hash",
+            Masker::Tokenize(_) => "tokenize",
+            Masker::Null => "null",
+            Masker::Constant { .. } => "constant",
+            Masker::DateTrunc(_) => "date_trunc",
+            Masker::Round(_) => "round",
+        };
+        write!(f, "Masker({name})")
+    }
+}
+
+/// The name of a mask function, as written in rules.
+pub fn function_name(f: &MaskFunction) -> &'static str {
+    match f {
+        MaskFunction::Redact { .. } => "redact",
+        MaskFunction::Partial { .. } => "partial",
+        MaskFunction::Email => "email",
+        MaskFunction::Hash { .. } => "hash",
+        MaskFunction::Tokenize { .. } => "tokenize",
+        MaskFunction::Null => "null",
+        MaskFunction::Constant { .. } => "constant",
+        MaskFunction::DateTrunc { .. } => "date_trunc",
+        MaskFunction::Round { .. } => "round",
+        MaskFunction::Deny => "deny",
+    }
+}
+
+/// Whether `f` can mask a column of class `class` (what `check` enforces).
+pub fn fits(f: &MaskFunction, class: TypeClass, type_name: &str) -> Result<(), MaskError> {
+    let ok = match f {
+        MaskFunction::Redact { .. } | MaskFunction::Null | MaskFunction::Deny => true,
+        MaskFunction::Partial { .. }
+        | MaskFunction::Email
+        | MaskFunction::Hash { .. }
+        | MaskFunction::Tokenize { .. } => class.is_text(),
+        MaskFunction::DateTrunc { .. } => class.is_temporal(),
+        MaskFunction::Round { .. } => class.is_number(),
+        MaskFunction::Constant { value } => {
+            return encode_constant(value, class, type_name).map(|_| ())
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(MaskError::TypeMismatch {
+            function: function_name(f).into(),
+            type_name: type_name.into(),
+        })
+    }
+}
+
+/// The key bytes named by `key_env`.
+pub fn key_from_env(key_env: &str) -> Result<Vec<u8>, MaskError> {
+    match std::env::var(key_env) {
+        Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
+        _ => Err(MaskError::MissingKey(key_env.into())),
+    }
+}
+
+fn tokenize_key(secret: &[u8]) -> Box<[u8; 64]> {
+    let mut h = Sha512::new();
+    h.update(b"pgveil-tokenize\0");
+    h.update(secret);
+    Box::new(h.finalize().into())
+}
+
+impl Masker {
+    /// Prepares `f` for a column of class `class`; `None` for `deny`, which never runs.
+    pub fn new(
+        f: &MaskFunction,
+        class: TypeClass,
+        type_name: &str,
+    ) -> Result<Option<Masker>, MaskError> {
+        fits(f, class, type_name)?;
+        Ok(Some(match f {
+            MaskFunction::Redact { replacement } => Masker::Redact(
+                replacement
+                    .as_deref()
+                    .unwrap_or(REDACTED)
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            MaskFunction::Partial {
+                keep_first,
+                keep_last,
+            } => Masker::Partial {
+                keep_first: *keep_first,
+                keep_last: *keep_last,
+            },
+            MaskFunction::Email => Masker::Email,
+            MaskFunction::Hash { key_env } => Masker::Hash(key_from_env(key_env)?),
+            MaskFunction::Tokenize { key_env } => {
+                Masker::Tokenize(tokenize_key(&key_from_env(key_env)?))
+            }
+            MaskFunction::Null => Masker::Null,
+            MaskFunction::Constant { value } => {
+                let binary = encode_constant(value, class, type_name)?;
+                Masker::Constant {
+                    text: value.as_bytes().to_vec(),
+                    binary,
+                }
+            }
+            MaskFunction::DateTrunc { unit } => Masker::DateTrunc(*unit),
+            MaskFunction::Round { step } => Masker::Round(*step),
+            MaskFunction::Deny => return Ok(None),
+        }))
+    }
+
+    /// Masks one non-NULL value. Appends the masked bytes to `out` and returns true, or
+    /// returns false for SQL NULL (nothing appended).
+    pub fn apply(&self, class: TypeClass, binary: bool, value: &[u8], out: &mut Vec<u8>) -> bool {
+        match self {
+            Masker::Null => false,
+            Masker::Redact(replacement) => {
+                if class.is_text() {
+                    out.extend_from_slice(replacement);
+                    true
+                } else {
+                    false
+                }
+            }
+            Masker::Constant { text, binary: b } => match (binary, b) {
+                (false, _) => {
+                    out.extend_from_slice(text);
+                    true
+                }
+                (true, Some(b)) => {
+                    out.extend_from_slice(b);
+                    true
+                }
+                (true, None) => false,
+            },
+            Masker::Partial {
+                keep_first,
+                keep_last,
+            } => text_mask(value, out, |s, o| partial(s, *keep_first, *keep_last, o)),
+            Masker::Email => text_mask(value, out, email),
+            Masker::Hash(key) => {
+                let mut mac =
+                    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
+                mac.update(value);
+                let digest = mac.finalize().into_bytes();
+                for b in &digest[..16] {
+                    out.extend_from_slice(format!("{b:02x}").as_bytes());
+                }
+                true
+            }
+            Masker::Tokenize(key) => {
+                let mut cipher = Aes256Siv::new(key.as_slice().into());
+                match cipher.encrypt([b"pgveil"], value) {
+                    Ok(ct) => {
+                        out.extend_from_slice(TOKEN_PREFIX.as_bytes());
+                        out.extend_from_slice(
+                            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                                .encode(ct)
+                                .as_bytes(),
+                        );
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Masker::DateTrunc(unit) => date_trunc(class, binary, value, *unit, out),
+            Masker::Round(step) => round(class, binary, value, *step, out),
+        }
+    }
+}
+
+/// Reverses `tokenize` for someone who holds the key.
+pub fn decode_token(secret: &[u8], token: &str) -> Result<Vec<u8>, MaskError> {
+    let body = token
+        .strip_prefix(TOKEN_PREFIX)
+        .ok_or(MaskError::BadToken)?;
+    let ct = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| MaskError::BadToken)?;
+    let mut cipher = Aes256Siv::new(tokenize_key(secret).as_slice().into());
+    cipher
+        .decrypt([b"pgveil"], &ct)
+        .map_err(|_| MaskError::BadToken)
+}
+
+fn text_mask(value: &[u8], out: &mut Vec<u8>, f: impl FnOnce(&str, &mut Vec<u8>)) -> bool {
+    match std::str::from_utf8(value) {
+        Ok(s) => f(s, out),
+        // Not UTF-8 (a client_encoding other than UTF8): hide it whole.
+        Err(_) => out.extend_from_slice(REDACTED.as_bytes()),
+    }
+    true
+}
+
+fn partial(s: &str, keep_first: usize, keep_last: usize, out: &mut Vec<u8>) {
+    let n = s.chars().count();
+    if n <= keep_first + keep_last {
+        out.extend(std::iter::repeat_n(b'*', n.max(1)));
+        return;
+    }
+    let mut buf = [0u8; 4];
+    for (i, c) in s.chars().enumerate() {
+        if i < keep_first || i >= n - keep_last {
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        } else {
+            out.push(b'*');
+        }
+    }
+}
+
+fn email(s: &str, out: &mut Vec<u8>) {
+    match s.rsplit_once('@') {
+        Some((local, domain)) if !local.is_empty() => {
+            let first = local.chars().next().unwrap_or('*');
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(first.encode_utf8(&mut buf).as_bytes());
+            out.extend_from_slice(b"***@");
+            out.extend_from_slice(domain.as_bytes());
+        }
+        _ => out.extend_from_slice(REDACTED.as_bytes()),
+    }
+}
+
+fn parse_ymd(s: &str) -> Option<(i64, u32, u32)> {
+    let b = s.as_bytes();
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    Some((
+        s[0..4].parse().ok()?,
+        s[5..7].parse().ok()?,
+        s[8..10].parse().ok()?,
+    ))
+}
+
+fn date_trunc(
+    class: TypeClass,
+    binary: bool,
+    value: &[u8],
+    unit: TruncUnit,
+    out: &mut Vec<u8>,
+) -> bool {
+    let trunc = |y: i64, m: u32| match unit {
+        TruncUnit::Year => (y, 1, 1),
+        TruncUnit::Month => (y, m, 1),
+    };
+    if binary {
+        match class {
+            TypeClass::Date => {
+                let Ok(raw) = <[u8; 4]>::try_from(value) else {
+                    return false;
+                };
+                let days = i32::from_be_bytes(raw);
+                if days == i32::MAX || days == i32::MIN {
+                    out.extend_from_slice(value);
+                    return true;
+                }
+                let (y, m, _) = pgtypes::civil_from_days(days.into());
+                let (y, m, d) = trunc(y, m);
+                out.extend_from_slice(&(pgtypes::days_from_civil(y, m, d) as i32).to_be_bytes());
+                true
+            }
+            TypeClass::Timestamp | TypeClass::TimestampTz => {
+                let Ok(raw) = <[u8; 8]>::try_from(value) else {
+                    return false;
+                };
+                let us = i64::from_be_bytes(raw);
+                if us == i64::MAX || us == i64::MIN {
+                    out.extend_from_slice(value);
+                    return true;
+                }
+                let (y, m, _) = pgtypes::civil_from_days(us.div_euclid(USECS_PER_DAY));
+                let (y, m, d) = trunc(y, m);
+                out.extend_from_slice(
+                    &(pgtypes::days_from_civil(y, m, d) * USECS_PER_DAY).to_be_bytes(),
+                );
+                true
+            }
+            _ => false,
+        }
+    } else {
+        let Ok(s) = std::str::from_utf8(value) else {
+            return false;
+        };
+        if s.ends_with("infinity") {
+            out.extend_from_slice(value);
+            return true;
+        }
+        // ISO DateStyle only; anything else becomes NULL rather than leak.
+        let Some((y, m, _)) = parse_ymd(s) else {
+            return false;
+        };
+        let (y, m, d) = trunc(y, m);
+        out.extend_from_slice(format!("{y:04}-{m:02}-{d:02}").as_bytes());
+        if class != TypeClass::Date {
+            out.extend_from_slice(b" 00:00:00");
+            if class == TypeClass::TimestampTz {
+                // Keep the zone offset the server printed: "+08", "-03:30".
+                if let Some(pos) = s[10..].rfind(['+', '-']) {
+                    out.extend_from_slice(&s.as_bytes()[10 + pos..]);
+                }
+            }
+        }
+        true
+    }
+}
+
+fn round_to(v: f64, step: f64) -> f64 {
+    (v / step).round() * step
+}
+
+fn decimals_of(step: f64) -> usize {
+    let s = format!("{step}");
+    s.split_once('.').map(|(_, f)| f.len()).unwrap_or(0)
+}
+
+fn round(class: TypeClass, binary: bool, value: &[u8], step: f64, out: &mut Vec<u8>) -> bool {
+    let int_step = step.round().max(1.0);
+    match (class, binary) {
+        (TypeClass::Int2 | TypeClass::Int4 | TypeClass::Int8, true) => {
+            let v: i64 = match value.len() {
+                2 => i16::from_be_bytes([value[0], value[1]]).into(),
+                4 => i32::from_be_bytes([value[0], value[1], value[2], value[3]]).into(),
+                8 => i64::from_be_bytes(value.try_into().unwrap_or([0; 8])),
+                _ => return false,
+            };
+            let r = round_to(v as f64, int_step);
+            match class {
+                TypeClass::Int2 => out.extend_from_slice(
+                    &(r.clamp(i16::MIN.into(), i16::MAX.into()) as i16).to_be_bytes(),
+                ),
+                TypeClass::Int4 => out.extend_from_slice(
+                    &(r.clamp(i32::MIN.into(), i32::MAX.into()) as i32).to_be_bytes(),
+                ),
+                _ => out.extend_from_slice(&(r as i64).to_be_bytes()),
+            }
+            true
+        }
+        (TypeClass::Int2 | TypeClass::Int4 | TypeClass::Int8, false) => {
+            let Some(v) = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            else {
+                return false;
+            };
+            let (lo, hi) = match class {
+                TypeClass::Int2 => (i16::MIN as f64, i16::MAX as f64),
+                TypeClass::Int4 => (i32::MIN as f64, i32::MAX as f64),
+                _ => (i64::MIN as f64, i64::MAX as f64),
+            };
+            out.extend_from_slice(
+                format!("{}", round_to(v as f64, int_step).clamp(lo, hi) as i64).as_bytes(),
+            );
+            true
+        }
+        (TypeClass::Float4, true) => {
+            let Ok(raw) = <[u8; 4]>::try_from(value) else {
+                return false;
+            };
+            let v = f32::from_be_bytes(raw) as f64;
+            out.extend_from_slice(&(finite_round(v, step) as f32).to_be_bytes());
+            true
+        }
+        (TypeClass::Float8, true) => {
+            let Ok(raw) = <[u8; 8]>::try_from(value) else {
+                return false;
+            };
+            out.extend_from_slice(&finite_round(f64::from_be_bytes(raw), step).to_be_bytes());
+            true
+        }
+        (TypeClass::Float4 | TypeClass::Float8, false) => {
+            let Some(v) = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+            else {
+                return false;
+            };
+            out.extend_from_slice(format!("{}", finite_round(v, step)).as_bytes());
+            true
+        }
+        (TypeClass::Numeric, _) => {
+            let text = if binary {
+                match pgtypes::numeric_from_binary(value) {
+                    Some(t) => t,
+                    None => return false,
+                }
+            } else {
+                match std::str::from_utf8(value) {
+                    Ok(t) => t.to_string(),
+                    Err(_) => return false,
+                }
+            };
+            let Ok(v) = text.parse::<f64>() else {
+                return false;
+            };
+            if !v.is_finite() {
+                // NaN and ±Infinity carry no customer data.
+                out.extend_from_slice(value);
+                return true;
+            }
+            let rounded = format!("{:.*}", decimals_of(step), round_to(v, step));
+            let rounded = if rounded.starts_with('-')
+                && rounded.trim_start_matches(['-', '0', '.']).is_empty()
+            {
+                rounded[1..].to_string()
+            } else {
+                rounded
+            };
+            if binary {
+                match pgtypes::numeric_to_binary(&rounded) {
+                    Some(b) => out.extend_from_slice(&b),
+                    None => return false,
+                }
+            } else {
+                out.extend_from_slice(rounded.as_bytes());
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+fn finite_round(v: f64, step: f64) -> f64 {
+    if v.is_finite() {
+        round_to(v, step)
+    } else {
+        v
+    }
+}
+
+/// The binary encoding of a constant for a column of `class`, checking it parses.
+fn encode_constant(
+    value: &str,
+    class: TypeClass,
+    type_name: &str,
+) -> Result<Option<Vec<u8>>, MaskError> {
+    let bad = || MaskError::BadConstant {
+        value: value.into(),
+        type_name: type_name.into(),
+    };
+    Ok(Some(match class {
+        TypeClass::Text => value.as_bytes().to_vec(),
+        TypeClass::Int2 => value
+            .parse::<i16>()
+            .map_err(|_| bad())?
+            .to_be_bytes()
+            .to_vec(),
+        TypeClass::Int4 => value
+            .parse::<i32>()
+            .map_err(|_| bad())?
+            .to_be_bytes()
+            .to_vec(),
+        TypeClass::Int8 => value
+            .parse::<i64>()
+            .map_err(|_| bad())?
+            .to_be_bytes()
+            .to_vec(),
+        TypeClass::Float4 => value
+            .parse::<f32>()
+            .map_err(|_| bad())?
+            .to_be_bytes()
+            .to_vec(),
+        TypeClass::Float8 => value
+            .parse::<f64>()
+            .map_err(|_| bad())?
+            .to_be_bytes()
+            .to_vec(),
+        TypeClass::Numeric => pgtypes::numeric_to_binary(value).ok_or_else(bad)?,
+        TypeClass::Date => {
+            let (y, m, d) = parse_ymd(value)
+                .filter(|_| value.len() == 10)
+                .ok_or_else(bad)?;
+            (pgtypes::days_from_civil(y, m, d) as i32)
+                .to_be_bytes()
+                .to_vec()
+        }
+        TypeClass::Timestamp | TypeClass::TimestampTz => {
+            let (y, m, d) = parse_ymd(value)
+                .filter(|_| value.len() == 10)
+                .ok_or_else(bad)?;
+            (pgtypes::days_from_civil(y, m, d) * USECS_PER_DAY)
+                .to_be_bytes()
+                .to_vec()
+        }
+        TypeClass::Other => return Err(bad()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run(f: MaskFunction, class: TypeClass, binary: bool, value: &[u8]) -> Option<Vec<u8>> {
+        let m = Masker::new(&f, class, "t").unwrap().unwrap();
+        let mut out = Vec::new();
+        m.apply(class, binary, value, &mut out).then_some(out)
+    }
+
+    fn text(f: MaskFunction, class: TypeClass, value: &str) -> Option<String> {
+        run(f, class, false, value.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn text_masks() {
+        let partial = MaskFunction::Partial {
+            keep_first: 3,
+            keep_last: 4,
+        };
+        assert_eq!(
+            text(partial.clone(), TypeClass::Text, "13912345678").as_deref(),
+            Some("139****5678")
+        );
+        assert_eq!(
+            text(partial, TypeClass::Text, "1234").as_deref(),
+            Some("****")
+        );
+        assert_eq!(
+            text(MaskFunction::Email, TypeClass::Text, "john.doe@example.com").as_deref(),
+            Some("j***@example.com")
+        );
+        assert_eq!(
+            text(MaskFunction::Email, TypeClass::Text, "nope").as_deref(),
+            Some("****")
+        );
+        assert_eq!(
+            text(
+                MaskFunction::Redact { replacement: None },
+                TypeClass::Text,
+                "ID123"
+            )
+            .as_deref(),
+            Some("****")
+        );
+        assert_eq!(
+            text(
+                MaskFunction::Redact {
+                    replacement: Some("[hidden]".into())
+                },
+                TypeClass::Text,
+                "x"
+            )
+            .as_deref(),
+            Some("[hidden]")
+        );
+        assert_eq!(
+            text(
+                MaskFunction::Redact { replacement: None },
+                TypeClass::Int4,
+                "5"
+            ),
+            None
+        );
+        assert_eq!(text(MaskFunction::Null, TypeClass::Text, "x"), None);
+        assert_eq!(
+            text(
+                MaskFunction::Constant {
+                    value: "n/a".into()
+                },
+                TypeClass::Text,
+                "x"
+            )
+            .as_deref(),
+            Some("n/a")
+        );
+    }
+
+    #[test]
+    fn dates_and_numbers() {
+        let year = MaskFunction::DateTrunc {
+            unit: TruncUnit::Year,
+        };
+        let month = MaskFunction::DateTrunc {
+            unit: TruncUnit::Month,
+        };
+        assert_eq!(
+            text(year.clone(), TypeClass::Date, "1984-07-19").as_deref(),
+            Some("1984-01-01")
+        );
+        assert_eq!(
+            text(month, TypeClass::Timestamp, "1984-07-19 10:11:12.5").as_deref(),
+            Some("1984-07-01 00:00:00")
+        );
+        assert_eq!(
+            text(
+                year.clone(),
+                TypeClass::TimestampTz,
+                "1984-07-19 10:11:12+08"
+            )
+            .as_deref(),
+            Some("1984-01-01 00:00:00+08")
+        );
+        assert_eq!(
+            text(year.clone(), TypeClass::Date, "infinity").as_deref(),
+            Some("infinity")
+        );
+        assert_eq!(
+            text(year.clone(), TypeClass::Date, "19.07.1984"),
+            None,
+            "non-ISO DateStyle hides the value"
+        );
+        let d = (pgtypes::days_from_civil(1984, 7, 19) as i32).to_be_bytes();
+        let got = run(year, TypeClass::Date, true, &d).unwrap();
+        assert_eq!(
+            i32::from_be_bytes(got.try_into().unwrap()) as i64,
+            pgtypes::days_from_civil(1984, 1, 1)
+        );
+
+        let r = MaskFunction::Round { step: 1000.0 };
+        assert_eq!(
+            text(r.clone(), TypeClass::Numeric, "1234.56").as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            text(r.clone(), TypeClass::Int4, "2600").as_deref(),
+            Some("3000")
+        );
+        assert_eq!(
+            text(r.clone(), TypeClass::Float8, "-1499.9").as_deref(),
+            Some("-1000")
+        );
+        assert_eq!(
+            text(r.clone(), TypeClass::Numeric, "NaN").as_deref(),
+            Some("NaN")
+        );
+        let got = run(
+            r.clone(),
+            TypeClass::Numeric,
+            true,
+            &pgtypes::numeric_to_binary("98765.43").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(pgtypes::numeric_from_binary(&got).unwrap(), "99000");
+        let got = run(r, TypeClass::Int8, true, &123_456i64.to_be_bytes()).unwrap();
+        assert_eq!(i64::from_be_bytes(got.try_into().unwrap()), 123_000);
+        let cents = MaskFunction::Round { step: 0.5 };
+        assert_eq!(
+            text(cents, TypeClass::Numeric, "10.26").as_deref(),
+            Some("10.5")
+        );
+    }
+
+    #[test]
+    fn type_fit_is_checked() {
+        assert!(fits(&MaskFunction::Email, TypeClass::Int4, "integer").is_err());
+        assert!(fits(&MaskFunction::Round { step: 1.0 }, TypeClass::Text, "text").is_err());
+        assert!(fits(
+            &MaskFunction::DateTrunc {
+                unit: TruncUnit::Year
+            },
+            TypeClass::Numeric,
+            "numeric"
+        )
+        .is_err());
+        assert!(fits(
+            &MaskFunction::Constant {
+                value: "abc".into()
+            },
+            TypeClass::Int4,
+            "integer"
+        )
+        .is_err());
+        assert!(fits(
+            &MaskFunction::Constant { value: "42".into() },
+            TypeClass::Int4,
+            "integer"
+        )
+        .is_ok());
+        assert!(fits(&MaskFunction::Null, TypeClass::Other, "jsonb").is_ok());
+    }
+
+    #[test]
+    fn keyed_masks_need_their_key_and_tokens_decode() {
+        std::env::set_var("PGVEIL_TEST_KEY_A", "s3cret");
+        let f = MaskFunction::Tokenize {
+            key_env: "PGVEIL_TEST_KEY_A".into(),
+        };
+        let a = text(f.clone(), TypeClass::Text, "4111000015485863").unwrap();
+        let b = text(f, TypeClass::Text, "4111000015485863").unwrap();
+        assert_eq!(a, b, "deterministic");
+        assert!(a.starts_with("tok_") && !a.contains("4111"));
+        assert_eq!(decode_token(b"s3cret", &a).unwrap(), b"4111000015485863");
+        assert_eq!(decode_token(b"other", &a), Err(MaskError::BadToken));
+        let h = MaskFunction::Hash {
+            key_env: "PGVEIL_TEST_KEY_A".into(),
+        };
+        let x = text(h.clone(), TypeClass::Text, "user1@example.com").unwrap();
+        assert_eq!(x.len(), 32);
+        assert_eq!(x, text(h, TypeClass::Text, "user1@example.com").unwrap());
+        let missing = MaskFunction::Hash {
+            key_env: "PGVEIL_TEST_KEY_UNSET".into(),
+        };
+        assert!(matches!(
+            Masker::new(&missing, TypeClass::Text, "text"),
+            Err(MaskError::MissingKey(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn partial_keeps_ends_and_length(s in "\\PC{0,30}", kf in 0usize..5, kl in 0usize..5) {
+            let out = text(MaskFunction::Partial { keep_first: kf, keep_last: kl }, TypeClass::Text, &s).unwrap();
+            let n = s.chars().count();
+            prop_assert_eq!(out.chars().count(), n.max(1).max(if n <= kf + kl { 1 } else { n }));
+            if n > kf + kl {
+                prop_assert!(out.chars().skip(kf).take(n - kf - kl).all(|c| c == '*'));
+            } else {
+                prop_assert!(out.chars().all(|c| c == '*'));
+            }
+        }
+
+        #[test]
+        fn email_never_shows_more_than_first_char(local in "[a-z0-9.]{2,20}", domain in "[a-z]{1,10}\\.com") {
+            let out = text(MaskFunction::Email, TypeClass::Text, &format!("{local}@{domain}")).unwrap();
+            let expected = format!("{}***@{domain}", &local[..1]);
+            prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn round_text_and_binary_agree(v in -1_000_000i32..1_000_000) {
+            let r = MaskFunction::Round { step: 100.0 };
+            let t = text(r.clone(), TypeClass::Int4, &v.to_string()).unwrap();
+            let b = run(r, TypeClass::Int4, true, &v.to_be_bytes()).unwrap();
+            prop_assert_eq!(t.parse::<i32>().unwrap(), i32::from_be_bytes(b.try_into().unwrap()));
+            prop_assert_eq!(t.parse::<i32>().unwrap() % 100, 0);
+        }
+
+        #[test]
+        fn date_trunc_is_a_valid_date_in_both_formats(days in -200_000i32..200_000) {
+            let f = MaskFunction::DateTrunc { unit: TruncUnit::Month };
+            let (y, m, d) = pgtypes::civil_from_days(days.into());
+            let t = text(f.clone(), TypeClass::Date, &format!("{y:04}-{m:02}-{d:02}"));
+            let b = run(f, TypeClass::Date, true, &days.to_be_bytes()).unwrap();
+            let (by, bm, bd) = pgtypes::civil_from_days(i32::from_be_bytes(b.try_into().unwrap()).into());
+            prop_assert_eq!((by, bm, bd), (y, m, 1));
+            if y >= 1000 {
+                prop_assert_eq!(t.unwrap(), format!("{y:04}-{m:02}-01"));
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The masks that apply to one session: every `[[mask]]` rule whose `unmasked_for` names
+//! none of the session's roles, resolved against the catalog to table OIDs, attribute
+//! numbers and type classes. Built once per session; read on every RowDescription.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::mask::{function_name, Masker};
+use super::pgtypes::TypeClass;
+use crate::catalog::Catalog;
+use crate::config::rules::{ColumnRef, MaskRule, Origin, Rules};
+use crate::session::identity::SessionIdentity;
+
+/// One masked column as this session sees it.
+#[derive(Debug)]
+pub struct ColumnMask {
+    pub column: ColumnRef,
+    pub function: &'static str,
+    /// `None` for `deny`: any statement reading the column is refused.
+    pub masker: Option<Masker>,
+    pub class: TypeClass,
+    pub searchable: bool,
+    pub origin: Origin,
+}
+
+impl ColumnMask {
+    pub fn is_deny(&self) -> bool {
+        self.masker.is_none()
+    }
+}
+
+/// Masks of one session, by table OID and column name, and by (table OID, attnum).
+#[derive(Debug, Default)]
+pub struct SessionMasks {
+    by_table: HashMap<u32, HashMap<String, Arc<ColumnMask>>>,
+    by_attr: HashMap<(u32, i16), Arc<ColumnMask>>,
+    /// Views (by OID) that read a masked table, with the first such table.
+    masked_views: HashMap<u32, u32>,
+    /// Rule names (`file:line`) of masks whose column the catalog does not have.
+    pub unresolved: Vec<String>,
+}
+
+/// Whether `rule` masks the column for a session with `identity`'s roles.
+pub fn applies(rule: &MaskRule, identity: &SessionIdentity) -> bool {
+    !identity.has_any_role(&rule.unmasked_for)
+}
+
+impl SessionMasks {
+    pub fn build(rules: &Rules, identity: &SessionIdentity, catalog: &Catalog) -> SessionMasks {
+        let mut masks = SessionMasks::default();
+        for rule in rules.masks.iter().filter(|r| applies(r, identity)) {
+            let c = &rule.column;
+            let Some((rel, col)) = catalog
+                .relation(&c.schema, &c.table)
+                .and_then(|rel| rel.column(&c.column).map(|col| (rel, col)))
+            else {
+                masks.unresolved.push(rule.origin.to_string());
+                continue;
+            };
+            let class = TypeClass::of(col.type_oid, &col.type_name);
+            // A mask that cannot run on this type hides the column entirely.
+            let masker = match Masker::new(&rule.function, class, &col.type_name) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        "mask {} at {}: {e}; the column is refused instead",
+                        c,
+                        rule.origin
+                    );
+                    None
+                }
+            };
+            let mask = Arc::new(ColumnMask {
+                column: c.clone(),
+                function: if masker.is_none() {
+                    "deny"
+                } else {
+                    function_name(&rule.function)
+                },
+                masker,
+                class,
+                searchable: rule.searchable,
+                origin: rule.origin.clone(),
+            });
+            masks
+                .by_table
+                .entry(rel.oid)
+                .or_default()
+                .insert(col.name.clone(), mask.clone());
+            masks.by_attr.insert((rel.oid, col.attnum), mask);
+        }
+        for rel in catalog.relations() {
+            if let Some(t) = rel.reads.iter().find(|t| masks.by_table.contains_key(t)) {
+                masks.masked_views.insert(rel.oid, *t);
+            }
+        }
+        masks
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_table.is_empty()
+    }
+
+    /// The masked columns of a table, by name.
+    pub fn of_table(&self, oid: u32) -> Option<&HashMap<String, Arc<ColumnMask>>> {
+        self.by_table.get(&oid)
+    }
+
+    /// The mask of a result column whose origin is (table OID, attribute number).
+    pub fn of_attr(&self, table_oid: u32, attnum: i16) -> Option<&Arc<ColumnMask>> {
+        if table_oid == 0 {
+            return None;
+        }
+        self.by_attr.get(&(table_oid, attnum))
+    }
+
+    /// For a view reading a masked table: that table's OID.
+    pub fn view_reads_masked(&self, oid: u32) -> Option<u32> {
+        self.masked_views.get(&oid).copied()
+    }
+}

@@ -1,0 +1,7 @@
+//! Pure policy decisions: which columns a session sees masked, and how each is masked.
+
+pub mod mask;
+pub mod masks;
+pub mod pgtypes;
+
+pub use masks::{ColumnMask, SessionMasks};

@@ -1,0 +1,758 @@
+//! Can a statement run for a masked session, and must its results be masked in flight?
+//!
+//! pgveil masks result columns in flight, by the origin (table OID, attribute number)
+//! the server reports in RowDescription. That origin exists only for bare column
+//! references in the outermost SELECT list (and `*` expansions of it), so those are the
+//! only uses of a masked column this checker lets through (plus `searchable` columns in
+//! the outermost WHERE). Every other use, in expressions, predicates, ORDER BY, subqueries,
+//! CTEs, set operations, whole-row references, RETURNING, COPY, cursors, SQL PREPARE, views
+//! over masked tables, functions that are not built in or that run SQL, is refused: what
+//! cannot be proven safe does not run.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use sqlparser::ast::{
+    visit_expressions, Distinct, Expr, FunctionArg, FunctionArgExpr, FunctionArguments,
+    GroupByExpr, JoinConstraint, JoinOperator, OrderByKind, Query, Select, SelectItem, SetExpr,
+    Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
+};
+
+use super::{fold, kind_of, name_parts};
+use crate::catalog::{Catalog, Relation};
+use crate::config::rules::{Origin, Unanalysable};
+use crate::policy::{ColumnMask, SessionMasks};
+
+/// What the session knows when a statement arrives.
+pub struct Context<'a> {
+    pub catalog: &'a Catalog,
+    pub masks: &'a SessionMasks,
+    pub search_path: &'a [String],
+    pub temp_tables: &'a HashSet<String>,
+    pub unanalysable: Unanalysable,
+    pub standard_conforming_strings: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Reads no masked table: forward as is.
+    Pass,
+    /// Reads masked columns only where in-flight masking covers them.
+    Masked,
+    Refused(Refusal),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub kind: &'static str,
+    pub table: String,
+    pub reason: String,
+    pub rule: Option<Origin>,
+}
+
+impl Refusal {
+    /// The client-facing message of spec section 5.
+    pub fn message(&self, role: &str) -> String {
+        let rule = match &self.rule {
+            Some(o) => format!(" (rule {o})"),
+            None => String::new(),
+        };
+        format!(
+            "pgveil: {} on {} is not allowed for role \"{role}\": {}{rule}",
+            self.kind.to_uppercase(),
+            self.table,
+            self.reason
+        )
+    }
+}
+
+/// Built-ins that run SQL given as text, read files or large objects, or change settings
+/// behind the analysis's back.
+fn is_dangerous(name: &str) -> bool {
+    name.contains("_to_xml")
+        || name.starts_with("dblink")
+        || name.starts_with("lo_")
+        || matches!(
+            name,
+            "ts_stat"
+                | "loread"
+                | "pg_read_file"
+                | "pg_read_binary_file"
+                | "pg_ls_dir"
+                | "pg_stat_file"
+                | "set_config"
+                | "query_to_xmlschema"
+        )
+}
+
+/// Functions that are SQL grammar rather than pg_proc entries.
+fn is_grammar_function(name: &str) -> bool {
+    matches!(
+        name,
+        "coalesce"
+            | "nullif"
+            | "greatest"
+            | "least"
+            | "current_date"
+            | "current_time"
+            | "current_timestamp"
+            | "localtime"
+            | "localtimestamp"
+            | "current_user"
+            | "session_user"
+            | "user"
+            | "current_role"
+            | "current_catalog"
+            | "current_schema"
+            | "grouping"
+            | "xmlconcat"
+            | "xmlforest"
+            | "xmlelement"
+    )
+}
+
+const STATS_VIEWS: [&str; 4] = [
+    "pg_stats",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic",
+];
+
+/// Checks a whole query string; one refused statement refuses the string. Also returns
+/// the tables the string creates, which the session's catalog does not know yet.
+pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
+    if ctx.masks.is_empty() {
+        return (Verdict::Pass, Vec::new());
+    }
+    if !ctx.standard_conforming_strings {
+        let reason = "standard_conforming_strings is off, so pgveil cannot read string literals as the server does";
+        return (unanalysable(ctx, reason), Vec::new());
+    }
+    let statements = match super::parse(sql) {
+        Ok(s) => s,
+        Err(_) => {
+            return (
+                unanalysable(ctx, "pgveil cannot analyse this statement"),
+                Vec::new(),
+            )
+        }
+    };
+    let mut verdict = Verdict::Pass;
+    let mut created = Vec::new();
+    for stmt in &statements {
+        match check_statement(stmt, ctx) {
+            Verdict::Refused(r) => return (Verdict::Refused(r), Vec::new()),
+            Verdict::Masked => verdict = Verdict::Masked,
+            Verdict::Pass => {}
+        }
+        created.extend(created_table(stmt));
+    }
+    (verdict, created)
+}
+
+fn unanalysable(ctx: &Context<'_>, reason: &str) -> Verdict {
+    match ctx.unanalysable {
+        Unanalysable::Deny => Verdict::Refused(Refusal {
+            kind: "statement",
+            table: "(unknown)".into(),
+            reason: reason.into(),
+            rule: None,
+        }),
+        // The DBA chose to forward it; in-flight masking still applies.
+        Unanalysable::Allow => Verdict::Masked,
+    }
+}
+
+/// One table reference in FROM, UPDATE, DELETE or COPY.
+struct TableRef {
+    parts: Vec<String>,
+    alias: Option<String>,
+    alias_columns: bool,
+    function: bool,
+}
+
+/// Everything the checker needs from one statement, gathered in one walk.
+#[derive(Default)]
+struct Facts {
+    tables: Vec<TableRef>,
+    ctes: HashSet<String>,
+    /// Column-like references: (address of the Expr, its folded parts).
+    idents: Vec<(usize, Vec<String>)>,
+    functions: Vec<Vec<String>>,
+    /// `x.*` passed to a function (`row_to_json(c.*)`).
+    row_args: Vec<Vec<String>>,
+    /// SELECTs (by address) that have `*` or `x.*` in their list.
+    wildcard_selects: Vec<usize>,
+    using_columns: Vec<String>,
+    natural_join: bool,
+    select_into: bool,
+}
+
+impl Visitor for Facts {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                self.ctes.insert(fold(&cte.alias.name));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, s: &Select) -> ControlFlow<()> {
+        if s.projection.iter().any(|i| {
+            matches!(
+                i,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        }) {
+            self.wildcard_selects.push(s as *const Select as usize);
+        }
+        if s.into.is_some() {
+            self.select_into = true;
+        }
+        for twj in &s.from {
+            self.joins(twj);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table {
+            name, alias, args, ..
+        } = tf
+        {
+            self.tables.push(TableRef {
+                parts: name_parts(name).unwrap_or_default(),
+                alias: alias.as_ref().map(|a| fold(&a.name)),
+                alias_columns: alias.as_ref().is_some_and(|a| !a.columns.is_empty()),
+                function: args.is_some(),
+            });
+        }
+        if let TableFactor::NestedJoin {
+            table_with_joins, ..
+        } = tf
+        {
+            self.joins(table_with_joins);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        let addr = e as *const Expr as usize;
+        match e {
+            Expr::Identifier(i) => self.idents.push((addr, vec![fold(i)])),
+            Expr::CompoundIdentifier(parts) => {
+                self.idents.push((addr, parts.iter().map(fold).collect()))
+            }
+            Expr::Function(f) => {
+                self.functions
+                    .push(name_parts(&f.name).unwrap_or_else(|| vec!["?".into()]));
+                if let FunctionArguments::List(list) = &f.args {
+                    for arg in &list.args {
+                        let a = match arg {
+                            FunctionArg::Unnamed(a)
+                            | FunctionArg::Named { arg: a, .. }
+                            | FunctionArg::ExprNamed { arg: a, .. } => a,
+                        };
+                        if let FunctionArgExpr::QualifiedWildcard(n) = a {
+                            self.row_args.push(name_parts(n).unwrap_or_default());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Facts {
+    fn joins(&mut self, twj: &TableWithJoins) {
+        for j in &twj.joins {
+            let constraint = match &j.join_operator {
+                JoinOperator::Join(c)
+                | JoinOperator::Inner(c)
+                | JoinOperator::Left(c)
+                | JoinOperator::LeftOuter(c)
+                | JoinOperator::Right(c)
+                | JoinOperator::RightOuter(c)
+                | JoinOperator::FullOuter(c) => Some(c),
+                _ => None,
+            };
+            match constraint {
+                Some(JoinConstraint::Using(cols)) => {
+                    for c in cols {
+                        if let Some(p) = name_parts(c) {
+                            self.using_columns.extend(p.last().cloned());
+                        }
+                    }
+                }
+                Some(JoinConstraint::Natural) => self.natural_join = true,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The masked columns of one table, by name.
+type TableMasks = HashMap<String, Arc<ColumnMask>>;
+
+/// The statement's tables as the session's masks see them.
+struct Scope<'a> {
+    /// Alias (or bare table name) → relation.
+    by_alias: HashMap<String, Arc<Relation>>,
+    masked: Vec<(Arc<Relation>, &'a TableMasks)>,
+}
+
+impl<'a> Scope<'a> {
+    fn masked_column(&self, col: &str) -> Option<&'a Arc<ColumnMask>> {
+        // A deny mask wins over any other mask on a column of the same name.
+        let mut found: Option<&'a Arc<ColumnMask>> = None;
+        for (_, cols) in &self.masked {
+            if let Some(m) = cols.get(col) {
+                if found.is_none() || m.is_deny() {
+                    found = Some(m);
+                }
+            }
+        }
+        found
+    }
+
+    fn masked_relation(&self, name: &str) -> Option<&Arc<Relation>> {
+        self.by_alias
+            .get(name)
+            .filter(|r| self.masked.iter().any(|(m, _)| m.oid == r.oid))
+            .or_else(|| self.masked.iter().map(|(r, _)| r).find(|r| r.name == name))
+    }
+
+    fn masks_of(&self, rel: &Relation) -> Option<&'a TableMasks> {
+        self.masked
+            .iter()
+            .find(|(r, _)| r.oid == rel.oid)
+            .map(|(_, m)| *m)
+    }
+}
+
+/// How one column-like reference reads masked data.
+enum Use<'a> {
+    Column(&'a Arc<ColumnMask>),
+    WholeRow(String),
+    None,
+}
+
+fn classify<'a>(parts: &[String], scope: &Scope<'a>) -> Use<'a> {
+    let col = parts.last().map(String::as_str).unwrap_or("");
+    if parts.len() == 1 {
+        if let Some(m) = scope.masked_column(col) {
+            return Use::Column(m);
+        }
+        if let Some(r) = scope.masked_relation(col) {
+            return Use::WholeRow(r.qualified());
+        }
+        return Use::None;
+    }
+    // A qualifier that names a non-masked relation makes the reference safe; anything
+    // else (a masked relation, schema.table, a composite column) is judged by name.
+    if parts.len() == 2 {
+        if let Some(rel) = scope.by_alias.get(&parts[0]) {
+            return match scope.masks_of(rel).and_then(|m| m.get(col)) {
+                Some(m) => Use::Column(m),
+                None => Use::None,
+            };
+        }
+    }
+    for p in &parts[..parts.len() - 1] {
+        if let Some(m) = scope.masked_column(p) {
+            return Use::Column(m);
+        }
+    }
+    match scope.masked_column(col) {
+        Some(m) => Use::Column(m),
+        None => Use::None,
+    }
+}
+
+fn refuse(
+    kind: &'static str,
+    table: impl Into<String>,
+    reason: impl Into<String>,
+    rule: Option<&Origin>,
+) -> Verdict {
+    Verdict::Refused(Refusal {
+        kind,
+        table: table.into(),
+        reason: reason.into(),
+        rule: rule.cloned(),
+    })
+}
+
+fn check_statement(stmt: &Statement, ctx: &Context<'_>) -> Verdict {
+    let kind = kind_of(stmt);
+    let mut facts = Facts::default();
+    let _ = stmt.visit(&mut facts);
+    if let Statement::Copy {
+        source: sqlparser::ast::CopySource::Table { table_name, .. },
+        ..
+    } = stmt
+    {
+        facts.tables.push(TableRef {
+            parts: name_parts(table_name).unwrap_or_default(),
+            alias: None,
+            alias_columns: false,
+            function: false,
+        });
+    }
+
+    for f in &facts.functions {
+        let name = f.last().map(String::as_str).unwrap_or("?");
+        let qualified_builtin = f.len() == 1 || (f.len() == 2 && f[0] == "pg_catalog");
+        if is_dangerous(name) {
+            return refuse(
+                kind,
+                format!("function {}", f.join(".")),
+                "it runs SQL or reads data pgveil cannot see",
+                None,
+            );
+        }
+        let builtin = qualified_builtin
+            && (ctx.catalog.is_builtin_function(name) || is_grammar_function(name))
+            && !ctx.catalog.is_user_function(name);
+        if !builtin {
+            return refuse(
+                kind,
+                format!("function {}", f.join(".")),
+                "only built-in functions may run for masked roles",
+                None,
+            );
+        }
+    }
+
+    let mut scope = Scope {
+        by_alias: HashMap::new(),
+        masked: Vec::new(),
+    };
+    for t in &facts.tables {
+        if t.function {
+            let name = t.parts.join(".");
+            let last = t.parts.last().map(String::as_str).unwrap_or("");
+            if is_dangerous(last)
+                || ctx.catalog.is_user_function(last)
+                || !ctx.catalog.is_builtin_function(last)
+            {
+                return refuse(
+                    kind,
+                    format!("function {name}"),
+                    "only built-in functions may run for masked roles",
+                    None,
+                );
+            }
+            continue;
+        }
+        let rel = match t.parts.as_slice() {
+            [name] if facts.ctes.contains(name) || ctx.temp_tables.contains(name) => continue,
+            // The session may change search_path in ways the analysis cannot follow: a
+            // bare name that could mean a masked relation in any schema is taken as it.
+            [name] => ctx
+                .catalog
+                .named(name)
+                .find(|r| {
+                    ctx.masks.of_table(r.oid).is_some()
+                        || ctx.masks.view_reads_masked(r.oid).is_some()
+                })
+                .or_else(|| ctx.catalog.resolve(ctx.search_path, name)),
+            [schema, name] | [_, schema, name] => ctx.catalog.relation(schema, name),
+            _ => None,
+        };
+        let Some(rel) = rel else {
+            let name = t.parts.join(".");
+            if ctx.catalog.is_system_relation(&t.parts) {
+                continue;
+            }
+            return refuse(
+                kind,
+                name,
+                "the relation is unknown to pgveil's catalog",
+                None,
+            );
+        };
+        if rel.schema == "pg_catalog" && STATS_VIEWS.contains(&rel.name.as_str()) {
+            return refuse(
+                kind,
+                rel.qualified(),
+                "catalog statistics expose column values",
+                None,
+            );
+        }
+        if let Some(table) = ctx.masks.view_reads_masked(rel.oid) {
+            let table = ctx
+                .catalog
+                .by_oid(table)
+                .map(|t| t.qualified())
+                .unwrap_or_default();
+            return refuse(
+                kind,
+                rel.qualified(),
+                format!("the view reads masked table {table}"),
+                None,
+            );
+        }
+        if let Some(cols) = ctx.masks.of_table(rel.oid) {
+            if t.alias_columns {
+                return refuse(
+                    kind,
+                    rel.qualified(),
+                    "column aliases on a masked table are not supported",
+                    None,
+                );
+            }
+            scope.masked.push((rel.clone(), cols));
+        }
+        scope.by_alias.insert(
+            t.alias.clone().unwrap_or_else(|| rel.name.clone()),
+            rel.clone(),
+        );
+    }
+    if scope.masked.is_empty() {
+        return Verdict::Pass;
+    }
+    let first = scope.masked[0].0.qualified();
+    check_masked(stmt, kind, &facts, &scope, &first)
+}
+
+fn check_masked(
+    stmt: &Statement,
+    kind: &'static str,
+    facts: &Facts,
+    scope: &Scope<'_>,
+    first: &str,
+) -> Verdict {
+    let top = match stmt {
+        Statement::Query(q) => match q.body.as_ref() {
+            SetExpr::Select(s) => Some((q.as_ref(), s.as_ref())),
+            _ => None,
+        },
+        Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_)
+        | Statement::Copy { to: false, .. } => None,
+        _ => {
+            return refuse(
+                kind,
+                first,
+                "statements of this kind may not read masked tables",
+                None,
+            )
+        }
+    };
+    if facts.select_into {
+        return refuse(
+            kind,
+            first,
+            "SELECT INTO would copy masked columns in clear",
+            None,
+        );
+    }
+    if facts.natural_join {
+        return refuse(kind, first, "NATURAL JOIN compares masked columns", None);
+    }
+    for c in &facts.using_columns {
+        if let Some(m) = scope.masked_column(c) {
+            return refuse(
+                kind,
+                m.column.to_string(),
+                "JOIN USING compares a masked column",
+                Some(&m.origin),
+            );
+        }
+    }
+    for r in &facts.row_args {
+        if let Some(rel) = r.last().and_then(|n| scope.masked_relation(n)) {
+            return refuse(
+                kind,
+                rel.qualified(),
+                "a whole row of a masked table is passed to a function",
+                None,
+            );
+        }
+    }
+    if let Some(v) = returning_wildcard(stmt) {
+        return refuse(kind, first, v, None);
+    }
+
+    // Where in-flight masking covers a masked column: bare references in the outermost
+    // SELECT list; `searchable` columns may also be compared in the outermost WHERE.
+    let mut bare: HashSet<usize> = HashSet::new();
+    let mut bare_aliases: HashSet<String> = HashSet::new();
+    let mut masked_output = false;
+    let mut searchable_zone: HashSet<usize> = HashSet::new();
+    if let Some((query, select)) = top {
+        for item in &select.projection {
+            let (expr, alias) = match item {
+                SelectItem::UnnamedExpr(e) => (e, None),
+                SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                    masked_output = true;
+                    if let Some(d) = deny_in_scope(scope) {
+                        return refuse(
+                            kind,
+                            d.column.to_string(),
+                            "the column's mask is deny",
+                            Some(&d.origin),
+                        );
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let parts = match expr {
+                Expr::Identifier(i) => vec![fold(i)],
+                Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
+                _ => continue,
+            };
+            if let Use::Column(_) = classify(&parts, scope) {
+                bare.insert(expr as *const Expr as usize);
+                masked_output = true;
+                bare_aliases
+                    .insert(alias.unwrap_or_else(|| parts.last().cloned().unwrap_or_default()));
+            }
+        }
+        if masked_output {
+            if let Some(v) = ordering_leak(query, select) {
+                return refuse(kind, first, v, None);
+            }
+        }
+        if let Some(w) = &select.selection {
+            let _ = visit_expressions(w, |e: &Expr| {
+                searchable_zone.insert(e as *const Expr as usize);
+                ControlFlow::<()>::Continue(())
+            });
+        }
+        let top_addr = select as *const Select as usize;
+        if facts.wildcard_selects.iter().any(|&s| s != top_addr) {
+            return refuse(
+                kind,
+                first,
+                "`*` inside a subquery or CTE would pass masked columns on",
+                None,
+            );
+        }
+    } else if !facts.wildcard_selects.is_empty() {
+        return refuse(
+            kind,
+            first,
+            "`*` over a masked table outside the outermost SELECT list",
+            None,
+        );
+    }
+
+    for (addr, parts) in &facts.idents {
+        match classify(parts, scope) {
+            Use::Column(m) if m.is_deny() => {
+                return refuse(
+                    kind,
+                    m.column.to_string(),
+                    "the column's mask is deny",
+                    Some(&m.origin),
+                );
+            }
+            Use::Column(_) if bare.contains(addr) => {}
+            Use::Column(m) if m.searchable && searchable_zone.contains(addr) => {}
+            Use::Column(m) => {
+                return refuse(
+                    kind,
+                    m.column.to_string(),
+                    format!(
+                        "masked column {} is used in an expression, predicate or subquery",
+                        m.column.column
+                    ),
+                    Some(&m.origin),
+                );
+            }
+            Use::WholeRow(table) => {
+                return refuse(
+                    kind,
+                    table,
+                    "a whole-row reference would carry masked columns in clear",
+                    None,
+                );
+            }
+            Use::None => {
+                if parts.len() == 1 && bare_aliases.contains(&parts[0]) && !bare.contains(addr) {
+                    return refuse(
+                        kind,
+                        first,
+                        format!("{} names a masked output column", parts[0]),
+                        None,
+                    );
+                }
+            }
+        }
+    }
+    Verdict::Masked
+}
+
+fn deny_in_scope<'a>(scope: &Scope<'a>) -> Option<&'a Arc<ColumnMask>> {
+    scope
+        .masked
+        .iter()
+        .flat_map(|(_, cols)| cols.values())
+        .find(|m| m.is_deny())
+}
+
+fn returning_wildcard(stmt: &Statement) -> Option<&'static str> {
+    let returning = match stmt {
+        Statement::Insert(i) => i.returning.as_ref(),
+        Statement::Update(u) => u.returning.as_ref(),
+        Statement::Delete(d) => d.returning.as_ref(),
+        _ => None,
+    }?;
+    returning
+        .iter()
+        .any(|i| {
+            matches!(
+                i,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        })
+        .then_some("RETURNING * would return masked columns in clear")
+}
+
+/// DISTINCT, or ORDER BY / GROUP BY by position, would compute on clear values of the
+/// masked output columns.
+fn ordering_leak(query: &Query, select: &Select) -> Option<&'static str> {
+    if matches!(
+        select.distinct,
+        Some(Distinct::Distinct) | Some(Distinct::On(_))
+    ) {
+        return Some("DISTINCT would compare masked columns in clear");
+    }
+    let positional = |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Number(..)));
+    if let Some(ob) = &query.order_by {
+        match &ob.kind {
+            OrderByKind::All(_) => return Some("ORDER BY ALL would sort by masked columns"),
+            OrderByKind::Expressions(exprs) => {
+                if exprs.iter().any(|o| positional(&o.expr)) {
+                    return Some("ORDER BY position would sort by clear values");
+                }
+            }
+        }
+    }
+    match &select.group_by {
+        GroupByExpr::All(_) => Some("GROUP BY ALL would group by masked columns"),
+        GroupByExpr::Expressions(exprs, _) if exprs.iter().any(positional) => {
+            Some("GROUP BY position would group by clear values")
+        }
+        _ => None,
+    }
+}
+
+/// The name of a table a statement creates, for name resolution later in the session.
+fn created_table(stmt: &Statement) -> Option<String> {
+    match stmt {
+        Statement::CreateTable(ct) => name_parts(&ct.name).and_then(|p| p.last().cloned()),
+        _ => None,
+    }
+}

@@ -1,0 +1,444 @@
+//! Masking that no SQL gets around (spec section 3). As `alice` (crm_support, masked) no
+//! clear value, nor a distinctive part of one (the hidden middle digits of a phone, the
+//! local part of an e-mail, the national ID, the card number), may reach the client,
+//! whatever the statement's form, over the simple and the extended protocol, in text and
+//! binary format. Statements that pgveil cannot prove safe are refused with 42501 and the
+//! session stays usable. Exempt roles and unmasked columns see exactly what a direct
+//! connection sees.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{output, psql_cmd, shared, stderr, stdout, PgCluster, TestProxy};
+
+const RULES: &str = r#"
+[[mask]]
+column = "public.customers.phone"
+function = "partial"
+keep_first = 3
+keep_last = 4
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "customers.email"
+function = "email"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "customers.national_id"
+function = "redact"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "customers.card_number"
+function = "tokenize"
+key_env = "PGVEIL_TEST_TOKEN_KEY"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "customers.birth_date"
+function = "date_trunc"
+unit = "year"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "customers.balance"
+function = "round"
+step = 1000
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "contacts.value"
+function = "deny"
+unmasked_for = ["crm_admin"]
+"#;
+
+/// The shared cluster plus objects an attacker might use: a view over the masked table
+/// and a SECURITY DEFINER function that reads it.
+fn cluster() -> &'static PgCluster {
+    static SETUP: OnceLock<()> = OnceLock::new();
+    let pg = shared();
+    SETUP.get_or_init(|| {
+        pg.psql_super(
+            "crm",
+            "CREATE VIEW customer_view AS SELECT * FROM customers; \
+             GRANT SELECT ON customer_view TO crm_base; \
+             CREATE FUNCTION leak() RETURNS SETOF text LANGUAGE sql SECURITY DEFINER AS 'SELECT phone FROM customers'; \
+             CREATE SCHEMA other; CREATE TABLE other.customers (id int, phone text); \
+             INSERT INTO other.customers VALUES (1, 'not-secret'); \
+             GRANT USAGE ON SCHEMA other TO crm_base; GRANT SELECT ON other.customers TO crm_base; \
+             ANALYZE customers",
+        );
+    });
+    pg
+}
+
+async fn proxy() -> (TestProxy, tempfile::TempDir) {
+    std::env::set_var("PGVEIL_TEST_TOKEN_KEY", "test-token-key");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let path = dir.path().to_path_buf();
+    let p = TestProxy::start(cluster(), move |s| s.rules = Some(path)).await;
+    (p, dir)
+}
+
+/// Distinctive fragments of every masked value, read directly as the superuser.
+fn secrets() -> &'static Vec<String> {
+    static SECRETS: OnceLock<Vec<String>> = OnceLock::new();
+    SECRETS.get_or_init(|| {
+        let rows = cluster().psql_super(
+            "crm",
+            "SELECT substr(phone, 1, 7), split_part(email, '@', 1), national_id, card_number FROM customers",
+        );
+        let mut out: Vec<String> = rows
+            .lines()
+            .flat_map(|l| l.split('|').map(str::to_string).collect::<Vec<_>>())
+            .filter(|s| s.len() >= 4)
+            .collect();
+        out.extend(
+            cluster()
+                .psql_super("crm", "SELECT value FROM contacts")
+                .lines()
+                .map(str::to_string),
+        );
+        out
+    })
+}
+
+fn assert_no_secret(text: &str, context: &str) {
+    for s in secrets() {
+        assert!(
+            !text.contains(s.as_str()),
+            "{context}: clear value fragment {s:?} leaked in {text:?}"
+        );
+    }
+}
+
+async fn simple_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let msgs = client.simple_query(sql).await?;
+    let mut out = String::new();
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            for i in 0..r.len() {
+                out.push_str(r.get(i).unwrap_or("NULL"));
+                out.push('|');
+            }
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn masked_role_gets_masked_values_in_text() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let rows = simple_rows(&alice, "SELECT * FROM customers ORDER BY id LIMIT 20")
+        .await
+        .unwrap();
+    assert_no_secret(&rows, "SELECT *");
+    let first: Vec<&str> = rows.lines().next().unwrap().split('|').collect();
+    // id | full_name | phone | email | national_id | card_number | birth_date | balance | created_at
+    assert_eq!(first[0], "1");
+    assert_eq!(first[1], "Customer 1");
+    assert_eq!(first[2], "139****7919");
+    assert_eq!(first[3], "u***@example.com");
+    assert_eq!(first[4], "****");
+    assert!(first[5].starts_with("tok_"), "{}", first[5]);
+    assert_eq!(first[6], "1960-01-01");
+    assert_eq!(first[7], "0");
+    // Bare references, aliases, qualified names and joins are masked in flight too.
+    for sql in [
+        "SELECT phone, email FROM customers WHERE id = 1",
+        "SELECT c.phone AS p, c.email AS e FROM customers c JOIN deals d ON d.customer_id = c.id WHERE c.id = 1 LIMIT 1",
+        "SELECT public.customers.phone, customers.email FROM customers WHERE id = 1",
+        "SELECT t.* FROM customers t WHERE id = 1",
+        "SELECT \"phone\", EMAIL FROM PUBLIC.\"customers\" WHERE id = 1",
+    ] {
+        let rows = simple_rows(&alice, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(rows.contains("139****7919"), "{sql}: {rows}");
+        assert!(rows.contains("u***@example.com"), "{sql}: {rows}");
+        assert_no_secret(&rows, sql);
+    }
+}
+
+#[tokio::test]
+async fn masked_role_gets_masked_values_in_binary() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let stmt = alice
+        .prepare("SELECT phone, email, national_id, card_number, birth_date, balance FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    let row = alice.query_one(&stmt, &[&1i64]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "139****7919");
+    assert_eq!(row.get::<_, String>(1), "u***@example.com");
+    assert_eq!(row.get::<_, String>(2), "****");
+    let token: String = row.get(3);
+    assert!(token.starts_with("tok_"));
+    assert_eq!(
+        row.get::<_, RawDate>(4).0,
+        pgveil::policy::pgtypes::days_from_civil(1960, 1, 1) as i32
+    );
+    assert_eq!(row.get::<_, RawNumeric>(5).0, "0");
+    // The token decodes to the clear card number for someone who holds the key.
+    let clear = cluster().psql_super("crm", "SELECT card_number FROM customers WHERE id = 1");
+    let decoded = pgveil::policy::mask::decode_token(b"test-token-key", &token).unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), clear);
+    let all = alice.query("SELECT * FROM customers", &[]).await.unwrap();
+    assert_eq!(all.len(), 200);
+    for r in &all {
+        let phone: String = r.get(2);
+        assert!(
+            phone.starts_with("139") && &phone[3..7] == "****",
+            "{phone}"
+        );
+    }
+}
+
+struct RawDate(i32);
+impl<'a> tokio_postgres::types::FromSql<'a> for RawDate {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawDate(i32::from_be_bytes(raw.try_into()?)))
+    }
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::DATE
+    }
+}
+
+struct RawNumeric(String);
+impl<'a> tokio_postgres::types::FromSql<'a> for RawNumeric {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawNumeric(
+            pgveil::policy::pgtypes::numeric_from_binary(raw).ok_or("bad numeric")?,
+        ))
+    }
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::NUMERIC
+    }
+}
+
+/// Every way we could think of to see a clear value.
+const ATTACKS: &[&str] = &[
+    "SELECT upper(phone) FROM customers",
+    "SELECT phone || '' FROM customers",
+    "SELECT substr(phone, 4, 4) FROM customers",
+    "SELECT phone::bigint FROM customers",
+    "SELECT CAST(phone AS text) FROM customers",
+    "SELECT string_agg(phone, ',') FROM customers",
+    "SELECT json_agg(c) FROM customers c",
+    "SELECT row_to_json(c) FROM customers c",
+    "SELECT row_to_json(c.*) FROM customers c",
+    "SELECT c FROM customers c",
+    "SELECT customers FROM customers",
+    "SELECT (c).phone FROM customers c",
+    "SELECT phone(c) FROM customers c",
+    "SELECT c::text FROM customers c",
+    "SELECT id FROM customers WHERE phone LIKE '139%'",
+    "SELECT id FROM customers WHERE email = 'user1@example.com'",
+    "SELECT id FROM customers ORDER BY phone",
+    "SELECT phone AS p FROM customers ORDER BY p",
+    "SELECT phone FROM customers ORDER BY 1",
+    "SELECT DISTINCT phone FROM customers",
+    "SELECT count(*) FROM customers GROUP BY national_id",
+    "SELECT phone FROM customers UNION SELECT 'x'",
+    "SELECT * FROM (SELECT phone FROM customers) s",
+    "SELECT s FROM (SELECT * FROM customers) s",
+    "WITH x AS (SELECT phone FROM customers) SELECT * FROM x",
+    "WITH x AS (SELECT * FROM customers) SELECT x FROM x",
+    "SELECT (SELECT phone FROM customers LIMIT 1)",
+    "SELECT x FROM customers c, LATERAL (SELECT c.phone AS x) l",
+    "SELECT id FROM customers c WHERE EXISTS (SELECT 1 WHERE c.phone LIKE '1391%')",
+    "SELECT a.id FROM customers a JOIN customers b USING (phone)",
+    "SELECT * FROM customers NATURAL JOIN customers",
+    "SELECT x FROM customers AS c(a, b, x)",
+    "COPY customers TO STDOUT",
+    "COPY (SELECT phone FROM customers) TO STDOUT",
+    "PREPARE p AS SELECT phone FROM customers",
+    "EXPLAIN ANALYZE SELECT upper(phone) FROM customers",
+    "CREATE TEMP TABLE stolen AS SELECT phone FROM customers",
+    "SELECT phone INTO TEMP stolen2 FROM customers",
+    "INSERT INTO tasks (owner, note) SELECT 'x', phone FROM customers",
+    "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING phone",
+    "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING *",
+    "SELECT query_to_xml('select phone from customers', true, true, '')",
+    "SELECT * FROM pg_stats WHERE tablename = 'customers'",
+    "SELECT most_common_vals::text FROM pg_catalog.pg_stats",
+    "SELECT * FROM customer_view",
+    "SELECT leak()",
+    "SELECT * FROM leak()",
+    "SELECT public.leak()",
+    "SELECT value FROM contacts",
+    "SELECT * FROM contacts",
+    "SELECT set_config('search_path', 'other', false)",
+    "DO $$ BEGIN RAISE NOTICE '%', (SELECT phone FROM customers LIMIT 1); END $$",
+    "SELECT 1; SELECT upper(phone) FROM customers",
+    "SELECT xmlagg(xmlelement(name p, phone)) FROM customers",
+    "SELECT jsonb_build_object('p', phone) FROM customers",
+    "SELECT ARRAY[phone] FROM customers",
+    "SELECT ROW(phone) FROM customers",
+    "SELECT phone COLLATE \"C\" FROM customers",
+    "SELECT (phone) FROM customers LIMIT 1 OFFSET (SELECT length(phone) FROM customers LIMIT 1)",
+];
+
+fn is_refusal(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|d| d.code().code() == "42501" && d.message().starts_with("pgveil:"))
+}
+
+#[tokio::test]
+async fn attacks_are_refused_over_the_simple_protocol() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for sql in ATTACKS {
+        match simple_rows(&alice, sql).await {
+            Ok(rows) => panic!("{sql} ran and returned {rows:?}"),
+            Err(e) => assert!(
+                is_refusal(&e),
+                "{sql}: expected a pgveil refusal, got {e:?}"
+            ),
+        }
+        // The session stays usable after each refusal.
+        assert_eq!(
+            simple_rows(&alice, "SELECT 1").await.unwrap(),
+            "1|\n",
+            "after {sql}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn attacks_are_refused_over_the_extended_protocol() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for sql in ATTACKS.iter().filter(|s| !s.contains("; ")) {
+        let err = alice.query(*sql, &[]).await.expect_err(sql);
+        assert!(is_refusal(&err) || err.code().is_some(), "{sql}: {err:?}");
+        assert!(
+            is_refusal(&err),
+            "{sql}: expected a pgveil refusal, got {err:?}"
+        );
+        let row = alice.query_one("SELECT 2::int", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 2, "after {sql}");
+    }
+}
+
+#[tokio::test]
+async fn search_path_games_do_not_unmask() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    // Whatever schema `customers` resolves to, the masked table's columns stay masked.
+    alice
+        .batch_execute("SET search_path = other, public")
+        .await
+        .unwrap();
+    let e = simple_rows(&alice, "SELECT upper(phone) FROM customers")
+        .await
+        .unwrap_err();
+    assert!(is_refusal(&e), "{e:?}");
+    alice
+        .batch_execute("SET search_path = public")
+        .await
+        .unwrap();
+    let rows = simple_rows(&alice, "SELECT phone FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(rows, "139****7919|\n");
+    // SET ROLE to an exempt role is not possible for alice, and never widens what the
+    // login identity sees.
+    assert!(alice.batch_execute("SET ROLE crm_admin").await.is_err());
+}
+
+#[tokio::test]
+async fn refusal_inside_a_transaction_aborts_it_like_a_server_error() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    alice
+        .batch_execute("BEGIN; INSERT INTO tasks (owner, note) VALUES ('alice', 'must not commit')")
+        .await
+        .unwrap();
+    let e = alice
+        .batch_execute("SELECT upper(phone) FROM customers")
+        .await
+        .unwrap_err();
+    assert!(is_refusal(&e));
+    let e = alice.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        e.code().unwrap().code(),
+        "25P02",
+        "the transaction is aborted on the server"
+    );
+    alice.batch_execute("COMMIT").await.unwrap();
+    let n = cluster().psql_super(
+        "crm",
+        "SELECT count(*) FROM tasks WHERE note = 'must not commit'",
+    );
+    assert_eq!(n, "0");
+}
+
+#[tokio::test]
+async fn exempt_role_and_unmasked_columns_match_direct() {
+    let (p, _d) = proxy().await;
+    let queries = [
+        "SELECT * FROM customers ORDER BY id",
+        "SELECT id, full_name, created_at FROM customers ORDER BY id",
+        "SELECT * FROM deals ORDER BY id",
+        "SELECT upper(full_name), count(*) FROM customers GROUP BY 1 ORDER BY 1 LIMIT 5",
+    ];
+    for (user, pw, exempt) in [
+        ("crm_admin", "admin_pw", true),
+        ("alice", "alice_pw", false),
+    ] {
+        let via = p.connect(user, pw).await;
+        let direct = common::connect(&format!(
+            "host=127.0.0.1 port={} user={user} password={pw} dbname=crm",
+            cluster().port
+        ))
+        .await;
+        for sql in queries {
+            if !exempt && sql.contains('*') && sql.contains("customers") {
+                continue;
+            }
+            let a = simple_rows(&via, sql).await.unwrap();
+            let b = simple_rows(&direct, sql).await.unwrap();
+            assert_eq!(a, b, "{user}: {sql}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_as_two_roles() {
+    let (p, _d) = proxy().await;
+    let sql = "SELECT phone, email FROM customers WHERE id = 2";
+    let mut admin = psql_cmd(&p.addr_string(), "crm_admin", "admin_pw", "crm");
+    admin.args(["-c", sql]);
+    let out = output(admin).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "13910015838|user2@example.com");
+    let mut alice = psql_cmd(&p.addr_string(), "alice", "alice_pw", "crm");
+    alice.args(["-c", sql]);
+    let out = output(alice).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "139****5838|u***@example.com");
+    let mut attack = psql_cmd(&p.addr_string(), "alice", "alice_pw", "crm");
+    attack.args(["-c", "SELECT lower(email) FROM customers"]);
+    let out = output(attack).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("pgveil: SELECT on public.customers.email is not allowed for role \"alice\""),
+        "{}",
+        stderr(&out)
+    );
+    assert_no_secret(&stdout(&out), "psql attack");
+}
