@@ -37,8 +37,13 @@ show() { # user password title
   echo "== as $1 ($3), through pgveil:"
   PGPASSWORD="$2" psql -X -h 127.0.0.1 -p "$proxy_port" -U "$1" -d crm -c "$query"
 }
-show crm_admin admin_pw "exempt from every mask"
-show alice alice_pw "crm_support: masking of phone, email, national_id, balance lands with the masking issue"
+show crm_admin admin_pw "crm_admin: exempt from every mask, sees clear values"
+show alice alice_pw "crm_support: phone, email, national_id, balance masked; birth_date exempt for support"
+
+echo
+echo "== alice tries to get around the mask: SELECT upper(phone) FROM customers"
+PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
+  -c "SELECT upper(phone) FROM customers LIMIT 3" 2>&1 || true
 
 echo "== alice tries: DELETE FROM customers WHERE id = 1"
 PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \

@@ -440,5 +440,10 @@ async fn psql_as_two_roles() {
         "{}",
         stderr(&out)
     );
+    assert!(
+        !stderr(&out).contains("PL/pgSQL"),
+        "the refusal carries no server context: {}",
+        stderr(&out)
+    );
     assert_no_secret(&stdout(&out), "psql attack");
 }

@@ -176,6 +176,7 @@ async fn server_to_client(
                         fatal = true;
                     }
                     Action::Swallow => {}
+                    Action::Replace(frame) => out.extend_from_slice(frame.raw()),
                     Action::Mask(plan) => {
                         let masked = plan
                             .rewrite(&f, &mut out, &mut scratch)
@@ -215,6 +216,8 @@ enum Action {
     Swallow,
     /// A DataRow to rewrite with this plan.
     Mask(Arc<MaskPlan>),
+    /// Send this frame instead.
+    Replace(Frame),
 }
 
 /// Updates the state for one server frame and decides what reaches the client.
@@ -249,9 +252,12 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
         }
         b'E' => {
             st.on_server(b'E', None);
-            let (_, severity) = backend::error_code_and_severity(f);
+            let (code, severity) = backend::error_code_and_severity(f);
             if severity == "FATAL" || severity == "PANIC" {
                 return Ok(Action::Fatal);
+            }
+            if let Some(refusal) = own_refusal(&code, f) {
+                return Ok(Action::Replace(refusal));
             }
         }
         b'C' => {
@@ -270,6 +276,23 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
         }
     }
     Ok(Action::Forward)
+}
+
+/// A refusal raised through `write::refusal_sql`, without the PL/pgSQL context and
+/// source location the server attaches: the client sees what pgveil means to say.
+fn own_refusal(code: &str, f: &Frame) -> Option<Frame> {
+    if code != SqlState::INSUFFICIENT_PRIVILEGE.code() {
+        return None;
+    }
+    let fields = backend::error_fields(f).ok()?;
+    let message = fields.iter().find(|(k, _)| *k == b'M').map(|(_, m)| *m)?;
+    message.starts_with("pgveil: ").then(|| {
+        write::error_response(
+            write::Severity::Error,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+            message,
+        )
+    })
 }
 
 /// Command tags of statements after which the cached catalog may be out of date.
