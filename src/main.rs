@@ -32,11 +32,18 @@ fn main() -> ExitCode {
             rules,
             upstream_url,
         } => cli::check(&rules, upstream_url.as_deref()),
-        Command::Explain { .. } => cli::not_yet("explain"),
+        Command::Explain {
+            rules,
+            role,
+            upstream_url,
+            sql,
+        } => cli::explain(&rules, &role, upstream_url.as_deref(), &sql),
         Command::Audit(AuditCommand::Verify { .. }) => cli::not_yet("audit verify"),
         Command::Audit(AuditCommand::Search { .. }) => cli::not_yet("audit search"),
         Command::Trash { action, .. } => cli::not_yet(&format!("trash {action}")),
-        Command::Token(TokenCommand::Decode { .. }) => cli::not_yet("token decode"),
+        Command::Token(TokenCommand::Decode { key_env, tokens }) => {
+            cli::inspect::token_decode(&key_env, &tokens)
+        }
     }
 }
 

@@ -447,3 +447,194 @@ async fn psql_as_two_roles() {
     );
     assert_no_secret(&stdout(&out), "psql attack");
 }
+
+fn pgveil_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn admin_url() -> String {
+    format!(
+        "postgres://postgres:{}@127.0.0.1:{}/crm",
+        common::SUPERUSER_PASSWORD,
+        cluster().port
+    )
+}
+
+#[test]
+fn check_against_the_database_names_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.toml"),
+        r#"[[mask]]
+column = "customers.no_such_column"
+function = "null"
+
+[[mask]]
+column = "customers.balance"
+function = "email"
+
+[[mask]]
+column = "customers.card_number"
+function = "hash"
+key_env = "PGVEIL_TEST_UNSET_KEY"
+
+[[mask]]
+column = "customers.phone"
+function = "partial"
+keep_first = 3
+unmasked_for = ["no_such_role"]
+searchable = true
+
+[[mask]]
+column = "missing_table.x"
+function = "null"
+"#,
+    )
+    .unwrap();
+    let out = pgveil_cli(
+        &[
+            "check",
+            "--rules",
+            dir.path().to_str().unwrap(),
+            "--upstream-url",
+            &admin_url(),
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (line, needle) in [
+        ("r.toml:1:", "does not exist"),
+        ("r.toml:5:", "cannot apply to a column of type numeric"),
+        ("r.toml:9:", "PGVEIL_TEST_UNSET_KEY"),
+        ("r.toml:14:", "no_such_role"),
+        ("r.toml:14:", "warning"),
+        ("r.toml:21:", "missing_table"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(line) && l.contains(needle)),
+            "{line} {needle}:\n{text}"
+        );
+    }
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let out = pgveil_cli(
+        &["check", "--rules", sample, "--upstream-url", &admin_url()],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn explain_shows_masks_per_column_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let rules = dir.path().to_str().unwrap();
+    let env = [("PGVEIL_TEST_TOKEN_KEY", "test-token-key")];
+    let url = admin_url();
+    let out = pgveil_cli(
+        &[
+            "explain",
+            "--rules",
+            rules,
+            "--role",
+            "alice",
+            "--upstream-url",
+            &url,
+            "SELECT id, phone FROM customers",
+        ],
+        &env,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("statement: select"), "{text}");
+    assert!(text.contains("column 1 id: none"), "{text}");
+    assert!(text.contains("column 2 phone: partial (rule"), "{text}");
+    let out = pgveil_cli(
+        &[
+            "explain",
+            "--rules",
+            rules,
+            "--role",
+            "alice",
+            "--upstream-url",
+            &url,
+            "SELECT upper(phone) FROM customers",
+        ],
+        &env,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("decision: refused") && text.contains("rules.toml:2"),
+        "{text}"
+    );
+    let out = pgveil_cli(
+        &[
+            "explain",
+            "--rules",
+            rules,
+            "--role",
+            "crm_admin",
+            "--upstream-url",
+            &url,
+            "SELECT phone FROM customers",
+        ],
+        &env,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("column 1 phone: none"), "{text}");
+}
+
+#[test]
+fn token_decode_reverses_tokenize() {
+    let m = pgveil::policy::mask::Masker::new(
+        &pgveil::config::rules::MaskFunction::Tokenize {
+            key_env: "PGVEIL_TEST_CLI_KEY".into(),
+        },
+        pgveil::policy::pgtypes::TypeClass::Text,
+        "text",
+    );
+    assert!(m.is_err(), "no key in the environment yet");
+    std::env::set_var("PGVEIL_TEST_CLI_KEY", "k1");
+    let m = pgveil::policy::mask::Masker::new(
+        &pgveil::config::rules::MaskFunction::Tokenize {
+            key_env: "PGVEIL_TEST_CLI_KEY".into(),
+        },
+        pgveil::policy::pgtypes::TypeClass::Text,
+        "text",
+    )
+    .unwrap()
+    .unwrap();
+    let mut tok = Vec::new();
+    assert!(m.apply(
+        pgveil::policy::pgtypes::TypeClass::Text,
+        false,
+        b"4111000015485863",
+        &mut tok
+    ));
+    let tok = String::from_utf8(tok).unwrap();
+    let out = pgveil_cli(&["token", "decode", "--key-env", "K", &tok], &[("K", "k1")]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "4111000015485863"
+    );
+    let out = pgveil_cli(
+        &["token", "decode", "--key-env", "K", &tok],
+        &[("K", "wrong")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+}

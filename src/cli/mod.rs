@@ -1,12 +1,14 @@
 //! The command line: `pgveil serve` and the review and maintenance subcommands of spec
 //! section 1. Flag names are part of the contract.
 
+pub mod inspect;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Rules, ServeSettings, UpstreamTls};
+use crate::config::{ServeSettings, UpstreamTls};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -180,28 +182,79 @@ impl ServeArgs {
     }
 }
 
-/// `pgveil check`: every problem on its own line, exit 1 if any.
-pub fn check(rules: &std::path::Path, upstream_url: Option<&str>) -> ExitCode {
-    if upstream_url.is_some() {
-        return not_yet("check --upstream-url");
+/// `pgveil check`: every problem on its own line, exit 1 if any (warnings alone pass).
+pub fn check(rules_path: &std::path::Path, upstream_url: Option<&str>) -> ExitCode {
+    let rules = match inspect::load_rules(rules_path) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if let Some(url) = upstream_url {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("pgveil check: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match runtime.block_on(inspect::check_against_database(&rules, url)) {
+            Ok(lines) => {
+                let errors = lines.iter().filter(|l| !l.contains(": warning: ")).count();
+                for l in &lines {
+                    println!("{l}");
+                }
+                if errors > 0 {
+                    return ExitCode::from(1);
+                }
+            }
+            Err(e) => {
+                eprintln!("pgveil check: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
-    match Rules::load(rules) {
-        Ok(r) => {
-            println!(
-                "{}: valid ({} masks, {} allow rules, {} recycle rules, {} alerts)",
-                rules.display(),
-                r.masks.len(),
-                r.allows.len(),
-                r.recycles.len(),
-                r.alerts.len()
-            );
+    println!(
+        "{}: valid ({} masks, {} allow rules, {} recycle rules, {} alerts)",
+        rules_path.display(),
+        rules.masks.len(),
+        rules.allows.len(),
+        rules.recycles.len(),
+        rules.alerts.len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `pgveil explain`: prints the dry run; exit 1 on bad rules, 2 if the database fails.
+pub fn explain(
+    rules_path: &std::path::Path,
+    role: &str,
+    upstream_url: Option<&str>,
+    sql: &str,
+) -> ExitCode {
+    let rules = match inspect::load_rules(rules_path) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgveil explain: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(inspect::explain(&rules, role, upstream_url, sql)) {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            for p in &e.problems {
-                println!("{p}");
-            }
-            ExitCode::from(1)
+            eprintln!("pgveil explain: {e}");
+            ExitCode::from(2)
         }
     }
 }

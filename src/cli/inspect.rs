@@ -1,0 +1,252 @@
+//! The review commands of spec section 1 that read rules and, optionally, a database:
+//! `check` (rules against the live schema), `explain` (a dry run of one statement for a
+//! role) and `token decode`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
+use crate::config::rules::{MaskFunction, Rules, Unanalysable};
+use crate::policy::mask::{self, decode_token};
+use crate::policy::pgtypes::TypeClass;
+use crate::policy::SessionMasks;
+use crate::session::identity::SessionIdentity;
+use crate::sql::masking::{self, Verdict};
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", redact_url(url)))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn redact_url(url: &str) -> String {
+    // Never echo a password from the URL.
+    match url.split_once('@') {
+        Some((creds, rest)) if creds.contains("://") => {
+            let scheme = creds.split("://").next().unwrap_or("postgres");
+            format!("{scheme}://...@{rest}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn load_catalog(client: &tokio_postgres::Client) -> Result<Catalog, String> {
+    let mut rows = CatalogRows::default();
+    for msg in client
+        .simple_query(CATALOG_QUERY)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = msg {
+            let cols: Vec<Option<&[u8]>> =
+                (0..r.len()).map(|i| r.get(i).map(str::as_bytes)).collect();
+            rows.push(&cols);
+        }
+    }
+    Ok(rows.finish())
+}
+
+async fn role_names(client: &tokio_postgres::Client) -> Result<Vec<String>, String> {
+    let rows = client
+        .query("SELECT rolname::text FROM pg_catalog.pg_roles", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// `pgveil check --upstream-url`: every problem on its own line with file:line.
+pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<String>, String> {
+    let client = connect(url).await?;
+    let catalog = load_catalog(&client).await?;
+    let roles = role_names(&client).await?;
+    let mut out = Vec::new();
+    let known_role = |r: &String| r == "*" || roles.contains(r);
+    for m in &rules.masks {
+        let c = &m.column;
+        let Some(rel) = catalog.relation(&c.schema, &c.table) else {
+            out.push(format!(
+                "{}: table {}.{} does not exist",
+                m.origin, c.schema, c.table
+            ));
+            continue;
+        };
+        let Some(col) = rel.column(&c.column) else {
+            out.push(format!("{}: column {} does not exist", m.origin, c));
+            continue;
+        };
+        let class = TypeClass::of(col.type_oid, &col.type_name);
+        if let Err(e) = mask::fits(&m.function, class, &col.type_name) {
+            out.push(format!("{}: {c}: {e}", m.origin));
+        }
+        if let MaskFunction::Hash { key_env } | MaskFunction::Tokenize { key_env } = &m.function {
+            if let Err(e) = mask::key_from_env(key_env) {
+                out.push(format!("{}: {c}: {e}", m.origin));
+            }
+        }
+        for r in m.unmasked_for.iter().filter(|r| !known_role(r)) {
+            out.push(format!(
+                "{}: role {r:?} in unmasked_for does not exist",
+                m.origin
+            ));
+        }
+        if m.searchable {
+            out.push(format!(
+                "{}: warning: {c} is searchable: predicates compare clear values, which lets a user infer them",
+                m.origin
+            ));
+        }
+    }
+    for a in &rules.allows {
+        for r in a.roles.iter().filter(|r| !known_role(r)) {
+            out.push(format!("{}: role {r:?} does not exist", a.origin));
+        }
+    }
+    for r in &rules.recycles {
+        if catalog.relation(&r.schema, &r.table).is_none() {
+            out.push(format!(
+                "{}: table {}.{} does not exist",
+                r.origin, r.schema, r.table
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `pgveil explain`: how `sql` would be treated for `role`.
+pub async fn explain(
+    rules: &Rules,
+    role: &str,
+    url: Option<&str>,
+    sql: &str,
+) -> Result<String, String> {
+    let mut out = String::new();
+    match crate::sql::parse(sql) {
+        Ok(stmts) => {
+            for s in &stmts {
+                out.push_str(&format!("statement: {}\n", crate::sql::kind_of(s)));
+            }
+        }
+        Err(e) => out.push_str(&format!("statement: cannot be parsed ({e})\n")),
+    }
+    let Some(url) = url else {
+        out.push_str("masks: connect with --upstream-url to resolve tables, roles and masks\n");
+        return Ok(out);
+    };
+    let client = connect(url).await?;
+    let catalog = Arc::new(load_catalog(&client).await?);
+    let rows = client
+        .query(
+            "WITH RECURSIVE m(oid) AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1 \
+             UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN m ON a.member = m.oid) \
+             SELECT r.rolname::text FROM pg_catalog.pg_roles r JOIN m ON r.oid = m.oid",
+            &[&role],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        return Err(format!("role {role:?} does not exist"));
+    }
+    let mut roles: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    roles.sort();
+    let identity = SessionIdentity {
+        session_id: 0,
+        user: role.to_string(),
+        roles: roles.clone(),
+        database: String::new(),
+        client_addr: "127.0.0.1:0".parse().expect("literal address"),
+        application_name: "pgveil explain".into(),
+        search_path: "\"$user\", public".into(),
+    };
+    out.push_str(&format!("roles: {}\n", roles.join(", ")));
+    let masks = SessionMasks::build(rules, &identity, &catalog);
+    let ctx = masking::Context {
+        catalog: &catalog,
+        masks: &masks,
+        search_path: &search_path_schemas(&identity.search_path, role),
+        temp_tables: &Default::default(),
+        unanalysable: rules.settings.unanalysable,
+        standard_conforming_strings: true,
+    };
+    let (verdict, _) = masking::check(sql, &ctx);
+    match verdict {
+        Verdict::Refused(r) => {
+            out.push_str(&format!(
+                "decision: refused\nerror: 42501 {}\n",
+                r.message(role)
+            ));
+            return Ok(out);
+        }
+        Verdict::Pass => out.push_str("decision: forwarded (reads no masked column)\n"),
+        Verdict::Masked => out.push_str("decision: forwarded, result columns masked in flight\n"),
+    }
+    if masks.is_empty() {
+        out.push_str("masks: none apply to this role\n");
+    }
+    // Describe (no execution) tells where each result column comes from.
+    if let Ok(stmt) = client.prepare(sql).await {
+        for (i, c) in stmt.columns().iter().enumerate() {
+            let mask = c
+                .table_oid()
+                .zip(c.column_id())
+                .and_then(|(t, a)| masks.of_attr(t, a));
+            match mask {
+                Some(m) => out.push_str(&format!(
+                    "column {} {}: {} (rule {}, on {})\n",
+                    i + 1,
+                    c.name(),
+                    m.function,
+                    m.origin,
+                    m.column
+                )),
+                None => out.push_str(&format!("column {} {}: none\n", i + 1, c.name())),
+            }
+        }
+    }
+    if rules.settings.unanalysable == Unanalysable::Allow {
+        out.push_str(
+            "note: unanalysable = \"allow\": statements pgveil cannot parse are forwarded\n",
+        );
+    }
+    Ok(out)
+}
+
+/// `pgveil token decode`: one clear value per line, in the order of the tokens.
+pub fn token_decode(key_env: &str, tokens: &[String]) -> ExitCode {
+    let key = match mask::key_from_env(key_env) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("pgveil token decode: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = false;
+    for t in tokens {
+        match decode_token(&key, t) {
+            Ok(clear) => println!("{}", String::from_utf8_lossy(&clear)),
+            Err(e) => {
+                eprintln!("{t}: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Loads rules for a subcommand, printing problems as `check` does.
+pub fn load_rules(path: &Path) -> Result<Rules, ExitCode> {
+    Rules::load(path).map_err(|e| {
+        for p in &e.problems {
+            println!("{p}");
+        }
+        ExitCode::from(1)
+    })
+}
