@@ -80,6 +80,10 @@ fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
                 let _ = reloader.reload_rules();
             }
         });
+        tokio::spawn(server::watch_rules(
+            proxy.clone(),
+            std::time::Duration::from_secs(2),
+        ));
         let mut term = signal(SignalKind::terminate())?;
         let shutdown = async move {
             tokio::select! {

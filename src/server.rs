@@ -238,6 +238,22 @@ impl Drop for CancelRegistration {
     }
 }
 
+/// Reloads the rules whenever their files change (polled: works on every filesystem,
+/// including bind mounts and network shares where inotify does not).
+pub async fn watch_rules(proxy: Arc<Proxy>, every: Duration) {
+    let path = proxy.config.rules_path.clone();
+    let mut last = crate::config::rules::fingerprint(&path);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = crate::config::rules::fingerprint(&path);
+        if now != last {
+            last = now;
+            tracing::info!(path = %path.display(), "rules files changed");
+            let _ = proxy.reload_rules();
+        }
+    }
+}
+
 /// Connections past the cap that may be told so at once; beyond this they are dropped.
 const MAX_PENDING_REFUSALS: usize = 64;
 

@@ -135,3 +135,41 @@ fn reload_keeps_old_rules_when_new_ones_are_invalid() {
     proxy.reload_rules().unwrap();
     assert_eq!(proxy.rules.load().masks.len(), 2);
 }
+
+#[tokio::test]
+async fn rules_reload_when_their_files_change() {
+    use pgveil::config::{Config, ServeSettings};
+    use pgveil::server::{watch_rules, Proxy};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.toml");
+    std::fs::write(&file, "[[mask]]\ncolumn = \"t.c\"\nfunction = \"null\"\n").unwrap();
+    let config = Config::from_settings(ServeSettings {
+        rules: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    let proxy = Arc::new(Proxy::new(config).unwrap());
+    let watcher = tokio::spawn(watch_rules(proxy.clone(), Duration::from_millis(50)));
+    // A broken edit is ignored; the old rules stay.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(&file, "[[mask]]\ncolumn = \"t.c\"\nfunction = \"broken\"\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(proxy.rules.load().masks.len(), 1);
+    // A new file is picked up.
+    std::fs::write(
+        dir.path().join("s.toml"),
+        "[[mask]]\ncolumn = \"t.d\"\nfunction = \"email\"\n",
+    )
+    .unwrap();
+    std::fs::write(&file, "[[mask]]\ncolumn = \"t.c\"\nfunction = \"null\"\n").unwrap();
+    for _ in 0..100 {
+        if proxy.rules.load().masks.len() == 2 {
+            watcher.abort();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("rules were not reloaded after the files changed");
+}

@@ -266,6 +266,21 @@ impl Rules {
     }
 }
 
+/// What identifies the current state of the rules files: each file with its modification
+/// time and size. A change means the rules should be reloaded.
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64)> {
+    rule_files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map(|m| m.len()).unwrap_or(0);
+            (f, modified, len)
+        })
+        .collect()
+}
+
 fn rule_files(path: &Path) -> Result<Vec<PathBuf>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_dir() {
