@@ -173,7 +173,7 @@ pub async fn explain(
         standard_conforming_strings: true,
     };
     let (verdict, _) = masking::check(sql, &ctx);
-    match verdict {
+    match &verdict {
         Verdict::Refused(r) => {
             out.push_str(&format!(
                 "decision: refused\nerror: 42501 {}\n",
@@ -183,12 +183,20 @@ pub async fn explain(
         }
         Verdict::Pass => out.push_str("decision: forwarded (reads no masked column)\n"),
         Verdict::Masked => out.push_str("decision: forwarded, result columns masked in flight\n"),
+        Verdict::Rewritten(ref sql) => {
+            out.push_str("decision: rewritten, masked columns computed masked by the server\n");
+            out.push_str(&format!("rewritten: {sql}\n"));
+        }
     }
     if masks.is_empty() {
         out.push_str("masks: none apply to this role\n");
     }
     // Describe (no execution) tells where each result column comes from.
-    if let Ok(stmt) = client.prepare(sql).await {
+    let described = match &verdict {
+        Verdict::Rewritten(s) => s.as_str(),
+        _ => sql,
+    };
+    if let Ok(stmt) = client.prepare(described).await {
         for (i, c) in stmt.columns().iter().enumerate() {
             let mask = c
                 .table_oid()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::mask::{function_name, Masker};
 use super::pgtypes::TypeClass;
 use crate::catalog::Catalog;
-use crate::config::rules::{ColumnRef, MaskRule, Origin, Rules};
+use crate::config::rules::{ColumnRef, MaskFunction, MaskRule, Origin, Rules};
 use crate::session::identity::SessionIdentity;
 
 /// One masked column as this session sees it.
@@ -16,6 +16,10 @@ use crate::session::identity::SessionIdentity;
 pub struct ColumnMask {
     pub column: ColumnRef,
     pub function: &'static str,
+    /// The rule's function, for its SQL form (`policy::sqlmask`).
+    pub definition: MaskFunction,
+    /// The column's type name, to cast a masked expression back to it.
+    pub type_name: String,
     /// `None` for `deny`: any statement reading the column is refused.
     pub masker: Option<Masker>,
     pub class: TypeClass,
@@ -77,6 +81,12 @@ impl SessionMasks {
                 } else {
                     function_name(&rule.function)
                 },
+                definition: if masker.is_none() {
+                    MaskFunction::Deny
+                } else {
+                    rule.function.clone()
+                },
+                type_name: col.type_name.clone(),
                 masker,
                 class,
                 searchable: rule.searchable,

@@ -3,5 +3,6 @@
 pub mod mask;
 pub mod masks;
 pub mod pgtypes;
+pub mod sqlmask;
 
 pub use masks::{ColumnMask, SessionMasks};

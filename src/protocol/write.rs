@@ -95,10 +95,18 @@ pub fn terminate() -> Frame {
 
 /// Parse of `sql` as statement `name`, with no declared parameter types.
 pub fn parse(name: &str, sql: &str) -> Frame {
+    parse_typed(name, sql, &[])
+}
+
+/// Parse of `sql` as statement `name` with the client's declared parameter types.
+pub fn parse_typed(name: &str, sql: &str, param_types: &[u32]) -> Frame {
     frame(b'P', |b| {
         put_cstr(b, name);
         put_cstr(b, sql);
-        b.put_i16(0);
+        b.put_i16(param_types.len() as i16);
+        for t in param_types {
+            b.put_u32(*t);
+        }
     })
 }
 

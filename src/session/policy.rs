@@ -45,10 +45,10 @@ impl SessionPolicy {
         }
     }
 
-    /// The refusal message for `sql`, or `None` when it may be forwarded.
-    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Option<String> {
+    /// What to do with `sql` before it is forwarded.
+    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Screen {
         if let Some(v) = self.verdicts.get(sql) {
-            return refusal(v, &self.role);
+            return screen_of(v, &self.role);
         }
         let ctx = masking::Context {
             catalog: &self.catalog,
@@ -60,7 +60,7 @@ impl SessionPolicy {
         };
         let (verdict, created) = masking::check(sql, &ctx);
         self.created.extend(created);
-        let message = refusal(&verdict, &self.role);
+        let message = screen_of(&verdict, &self.role);
         if standard_conforming_strings {
             if self.verdicts.len() >= VERDICT_CACHE {
                 self.verdicts.clear();
@@ -71,9 +71,20 @@ impl SessionPolicy {
     }
 }
 
-fn refusal(v: &Verdict, role: &str) -> Option<String> {
+/// The treatment of one statement.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Screen {
+    Forward,
+    /// Forward this SQL instead (masked columns computed masked by the server).
+    Rewrite(String),
+    /// Refuse with this message.
+    Refuse(String),
+}
+
+fn screen_of(v: &Verdict, role: &str) -> Screen {
     match v {
-        Verdict::Refused(r) => Some(r.message(role)),
-        _ => None,
+        Verdict::Refused(r) => Screen::Refuse(r.message(role)),
+        Verdict::Rewritten(sql) => Screen::Rewrite(sql.clone()),
+        Verdict::Pass | Verdict::Masked => Screen::Forward,
     }
 }

@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
+use super::policy::Screen;
 use super::rows::MaskPlan;
 use super::state::{Pending, Reply, SessionState};
 use super::{BoxRead, Legs};
@@ -333,27 +334,49 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
         .server_params
         .get("standard_conforming_strings")
         .is_none_or(|v| v == "on");
-    let refused = match msg {
-        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
-            st.policy.as_mut().and_then(|p| p.screen(sql, scs))
-        }
+    let screened = match msg {
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => st
+            .policy
+            .as_mut()
+            .map(|p| p.screen(sql, scs))
+            .unwrap_or(Screen::Forward),
         // Fast-path calls name functions by OID, beyond the analysis.
-        FrontendMessage::FunctionCall => Some(format!(
+        FrontendMessage::FunctionCall => Screen::Refuse(format!(
             "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
             st.policy.as_ref().map(|p| p.role.as_str()).unwrap_or("")
         )),
-        _ => None,
+        _ => Screen::Forward,
     };
-    match (refused, msg) {
-        (Some(message), FrontendMessage::Parse { .. }) => st.discarding = Some(message),
-        (Some(message), _) => {
+    match (screened, msg) {
+        (Screen::Forward, _) => {
+            st.on_client(msg);
+            out.extend_from_slice(raw.raw());
+        }
+        (Screen::Refuse(message), FrontendMessage::Parse { .. }) => st.discarding = Some(message),
+        (Screen::Refuse(message), _) => {
             let sql = write::refusal_sql(&message);
             st.on_client(&FrontendMessage::Query { sql: &sql });
             out.extend_from_slice(write::query(&sql).raw());
         }
-        (None, _) => {
-            st.on_client(msg);
-            out.extend_from_slice(raw.raw());
+        (
+            Screen::Rewrite(sql),
+            FrontendMessage::Parse {
+                statement,
+                param_types,
+                ..
+            },
+        ) => {
+            let parse = FrontendMessage::Parse {
+                statement,
+                sql: &sql,
+                param_types: param_types.clone(),
+            };
+            st.on_client(&parse);
+            out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
+        }
+        (Screen::Rewrite(sql), _) => {
+            st.on_client(&FrontendMessage::Query { sql: &sql });
+            out.extend_from_slice(write::query(&sql).raw());
         }
     }
 }

@@ -19,9 +19,14 @@ use sqlparser::ast::{
     Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
 };
 
+use sqlparser::ast::{Ident, VisitMut, VisitorMut};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
 use super::{fold, kind_of, name_parts};
 use crate::catalog::{Catalog, Relation};
 use crate::config::rules::{Origin, Unanalysable};
+use crate::policy::sqlmask;
 use crate::policy::{ColumnMask, SessionMasks};
 
 /// What the session knows when a statement arrives.
@@ -40,6 +45,9 @@ pub enum Verdict {
     Pass,
     /// Reads masked columns only where in-flight masking covers them.
     Masked,
+    /// Forward this SQL instead: masked columns outside in-flight reach are replaced by
+    /// their masks computed in SQL.
+    Rewritten(String),
     Refused(Refusal),
 }
 
@@ -129,7 +137,7 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
         let reason = "standard_conforming_strings is off, so pgveil cannot read string literals as the server does";
         return (unanalysable(ctx, reason), Vec::new());
     }
-    let statements = match super::parse(sql) {
+    let mut statements = match super::parse(sql) {
         Ok(s) => s,
         Err(_) => {
             return (
@@ -140,15 +148,101 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     };
     let mut verdict = Verdict::Pass;
     let mut created = Vec::new();
-    for stmt in &statements {
-        match check_statement(stmt, ctx) {
+    let mut rewritten = false;
+    for stmt in statements.iter_mut() {
+        let (v, subs) = check_statement(stmt, ctx);
+        match v {
             Verdict::Refused(r) => return (Verdict::Refused(r), Vec::new()),
-            Verdict::Masked => verdict = Verdict::Masked,
             Verdict::Pass => {}
+            _ => verdict = Verdict::Masked,
+        }
+        if !subs.is_empty() {
+            if let Err(r) = substitute(stmt, subs) {
+                return (Verdict::Refused(r), Vec::new());
+            }
+            rewritten = true;
         }
         created.extend(created_table(stmt));
     }
+    if rewritten {
+        let sql: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
+        return (Verdict::Rewritten(sql.join(";\n")), created);
+    }
     (verdict, created)
+}
+
+/// A masked column reference to replace by its SQL mask; `name` keeps the output column's
+/// name when the reference is a whole SELECT list item.
+struct Substitution {
+    sql: String,
+    name: String,
+}
+
+type Substitutions = HashMap<usize, Substitution>;
+
+/// Replaces the referenced expressions (by address, from the analysis of this very tree).
+fn substitute(stmt: &mut Statement, subs: Substitutions) -> Result<(), Refusal> {
+    struct Apply {
+        subs: Substitutions,
+        failed: Option<String>,
+    }
+    impl Apply {
+        fn parsed(&mut self, sql: &str) -> Option<Expr> {
+            match Parser::new(&PostgreSqlDialect {})
+                .try_with_sql(sql)
+                .and_then(|mut p| p.parse_expr())
+            {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    self.failed = Some(e.to_string());
+                    None
+                }
+            }
+        }
+    }
+    impl VisitorMut for Apply {
+        type Break = ();
+        fn pre_visit_select(&mut self, s: &mut Select) -> ControlFlow<()> {
+            for item in s.projection.iter_mut() {
+                if let SelectItem::UnnamedExpr(e) = item {
+                    let addr = e as *const Expr as usize;
+                    if let Some(sub) = self.subs.remove(&addr) {
+                        if let Some(expr) = self.parsed(&sub.sql) {
+                            *item = SelectItem::ExprWithAlias {
+                                expr,
+                                alias: Ident::with_quote('"', sub.name),
+                            };
+                        }
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+        fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+            let addr = e as *const Expr as usize;
+            if let Some(sub) = self.subs.remove(&addr) {
+                if let Some(expr) = self.parsed(&sub.sql) {
+                    *e = Expr::Nested(Box::new(expr));
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut apply = Apply { subs, failed: None };
+    let _ = stmt.visit(&mut apply);
+    match (apply.failed, apply.subs.is_empty()) {
+        (None, true) => Ok(()),
+        // Every planned replacement must have happened, or the statement is not safe.
+        (failed, _) => Err(Refusal {
+            kind: kind_of(stmt),
+            table: "(rewrite)".into(),
+            reason: format!(
+                "pgveil could not rewrite the statement safely{}",
+                failed.map(|f| format!(": {f}")).unwrap_or_default()
+            ),
+            rule: None,
+        }),
+    }
 }
 
 fn unanalysable(ctx: &Context<'_>, reason: &str) -> Verdict {
@@ -177,8 +271,8 @@ struct TableRef {
 struct Facts {
     tables: Vec<TableRef>,
     ctes: HashSet<String>,
-    /// Column-like references: (address of the Expr, its folded parts).
-    idents: Vec<(usize, Vec<String>)>,
+    /// Column-like references: (address of the Expr, its folded parts, its SQL).
+    idents: Vec<(usize, Vec<String>, String)>,
     functions: Vec<Vec<String>>,
     /// `x.*` passed to a function (`row_to_json(c.*)`).
     row_args: Vec<Vec<String>>,
@@ -243,9 +337,10 @@ impl Visitor for Facts {
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         let addr = e as *const Expr as usize;
         match e {
-            Expr::Identifier(i) => self.idents.push((addr, vec![fold(i)])),
+            Expr::Identifier(i) => self.idents.push((addr, vec![fold(i)], e.to_string())),
             Expr::CompoundIdentifier(parts) => {
-                self.idents.push((addr, parts.iter().map(fold).collect()))
+                self.idents
+                    .push((addr, parts.iter().map(fold).collect(), e.to_string()))
             }
             Expr::Function(f) => {
                 self.functions
@@ -389,7 +484,13 @@ fn refuse(
     })
 }
 
-fn check_statement(stmt: &Statement, ctx: &Context<'_>) -> Verdict {
+fn check_statement(stmt: &Statement, ctx: &Context<'_>) -> (Verdict, Substitutions) {
+    let mut subs = Substitutions::new();
+    let verdict = judge_statement(stmt, ctx, &mut subs);
+    (verdict, subs)
+}
+
+fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions) -> Verdict {
     let kind = kind_of(stmt);
     let mut facts = Facts::default();
     let _ = stmt.visit(&mut facts);
@@ -519,7 +620,7 @@ fn check_statement(stmt: &Statement, ctx: &Context<'_>) -> Verdict {
         return Verdict::Pass;
     }
     let first = scope.masked[0].0.qualified();
-    check_masked(stmt, kind, &facts, &scope, &first)
+    check_masked(stmt, kind, &facts, &scope, &first, subs)
 }
 
 fn check_masked(
@@ -528,15 +629,27 @@ fn check_masked(
     facts: &Facts,
     scope: &Scope<'_>,
     first: &str,
+    subs: &mut Substitutions,
 ) -> Verdict {
     let top = match stmt {
         Statement::Query(q) => match q.body.as_ref() {
             SetExpr::Select(s) => Some((q.as_ref(), s.as_ref())),
             _ => None,
         },
+        // Their results are not described by a RowDescription that in-flight masking
+        // could use, so every masked reference in them is computed masked in SQL.
         Statement::Insert(_)
         | Statement::Update(_)
         | Statement::Delete(_)
+        | Statement::Prepare { .. }
+        | Statement::Declare { .. }
+        | Statement::Explain { .. }
+        | Statement::CreateTable(_)
+        | Statement::CreateView(_)
+        | Statement::Copy {
+            source: sqlparser::ast::CopySource::Query(_),
+            ..
+        }
         | Statement::Copy { to: false, .. } => None,
         _ => {
             return refuse(
@@ -547,14 +660,6 @@ fn check_masked(
             )
         }
     };
-    if facts.select_into {
-        return refuse(
-            kind,
-            first,
-            "SELECT INTO would copy masked columns in clear",
-            None,
-        );
-    }
     if facts.natural_join {
         return refuse(kind, first, "NATURAL JOIN compares masked columns", None);
     }
@@ -586,7 +691,7 @@ fn check_masked(
     // SELECT list; `searchable` columns may also be compared in the outermost WHERE.
     let mut bare: HashSet<usize> = HashSet::new();
     let mut bare_aliases: HashSet<String> = HashSet::new();
-    let mut masked_output = false;
+    let mut wildcard_output = false;
     let mut searchable_zone: HashSet<usize> = HashSet::new();
     if let Some((query, select)) = top {
         for item in &select.projection {
@@ -594,7 +699,7 @@ fn check_masked(
                 SelectItem::UnnamedExpr(e) => (e, None),
                 SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
                 SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
-                    masked_output = true;
+                    wildcard_output = true;
                     if let Some(d) = deny_in_scope(scope) {
                         return refuse(
                             kind,
@@ -614,15 +719,26 @@ fn check_masked(
             };
             if let Use::Column(_) = classify(&parts, scope) {
                 bare.insert(expr as *const Expr as usize);
-                masked_output = true;
                 bare_aliases
                     .insert(alias.unwrap_or_else(|| parts.last().cloned().unwrap_or_default()));
             }
         }
-        if masked_output {
-            if let Some(v) = ordering_leak(query, select) {
-                return refuse(kind, first, v, None);
-            }
+        // Sorting, grouping or de-duplicating by a masked output column, or storing it
+        // (SELECT INTO), would use its clear value: such columns are masked in SQL instead.
+        let by_alias = facts.idents.iter().any(|(addr, parts, _)| {
+            parts.len() == 1 && bare_aliases.contains(&parts[0]) && !bare.contains(addr)
+        });
+        let leak = ordering_leak(query, select).is_some() || by_alias || facts.select_into;
+        if leak && (wildcard_output && scope_has_masks(scope)) {
+            return refuse(
+                kind,
+                first,
+                "`*` output cannot be masked in SQL for ORDER BY, GROUP BY, DISTINCT or INTO",
+                None,
+            );
+        }
+        if leak {
+            bare.clear();
         }
         if let Some(w) = &select.selection {
             let _ = visit_expressions(w, |e: &Expr| {
@@ -648,7 +764,7 @@ fn check_masked(
         );
     }
 
-    for (addr, parts) in &facts.idents {
+    for (addr, parts, sql) in &facts.idents {
         match classify(parts, scope) {
             Use::Column(m) if m.is_deny() => {
                 return refuse(
@@ -661,15 +777,23 @@ fn check_masked(
             Use::Column(_) if bare.contains(addr) => {}
             Use::Column(m) if m.searchable && searchable_zone.contains(addr) => {}
             Use::Column(m) => {
-                return refuse(
-                    kind,
-                    m.column.to_string(),
-                    format!(
-                        "masked column {} is used in an expression, predicate or subquery",
-                        m.column.column
-                    ),
-                    Some(&m.origin),
-                );
+                match sqlmask::mask_sql(&m.definition, sql, &m.type_name, m.class.is_text()) {
+                    Some(masked) => {
+                        let name = parts.last().cloned().unwrap_or_default();
+                        subs.insert(*addr, Substitution { sql: masked, name });
+                    }
+                    None => {
+                        return refuse(
+                        kind,
+                        m.column.to_string(),
+                        format!(
+                            "masked column {} ({} mask) can only be returned as is, not used in an expression, predicate or subquery",
+                            m.column.column, m.function
+                        ),
+                        Some(&m.origin),
+                    );
+                    }
+                }
             }
             Use::WholeRow(table) => {
                 return refuse(
@@ -679,19 +803,14 @@ fn check_masked(
                     None,
                 );
             }
-            Use::None => {
-                if parts.len() == 1 && bare_aliases.contains(&parts[0]) && !bare.contains(addr) {
-                    return refuse(
-                        kind,
-                        first,
-                        format!("{} names a masked output column", parts[0]),
-                        None,
-                    );
-                }
-            }
+            Use::None => {}
         }
     }
     Verdict::Masked
+}
+
+fn scope_has_masks(scope: &Scope<'_>) -> bool {
+    !scope.masked.is_empty()
 }
 
 fn deny_in_scope<'a>(scope: &Scope<'a>) -> Option<&'a Arc<ColumnMask>> {
@@ -753,6 +872,18 @@ fn ordering_leak(query: &Query, select: &Select) -> Option<&'static str> {
 fn created_table(stmt: &Statement) -> Option<String> {
     match stmt {
         Statement::CreateTable(ct) => name_parts(&ct.name).and_then(|p| p.last().cloned()),
+        Statement::Query(q) => match q.body.as_ref() {
+            SetExpr::Select(s) => s
+                .into
+                .as_ref()
+                .and_then(|i| i.targets.first())
+                .and_then(|t| match t {
+                    Expr::Identifier(i) => Some(fold(i)),
+                    Expr::CompoundIdentifier(p) => p.last().map(fold),
+                    _ => None,
+                }),
+            _ => None,
+        },
         _ => None,
     }
 }
