@@ -249,6 +249,7 @@ const REFUSED: &[&str] = &[
     "SELECT * FROM customers NATURAL JOIN customers",
     "SELECT x FROM customers AS c(a, b, x)",
     "COPY customers TO STDOUT",
+    "COPY customers (id, card_number) TO STDOUT",
     "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING *",
     "SELECT query_to_xml('select phone from customers', true, true, '')",
     "SELECT * FROM pg_stats WHERE tablename = 'customers'",
@@ -419,6 +420,20 @@ async fn copy_cursors_prepare_and_ctas_see_masked_values() {
         "{text:.80}"
     );
     assert_no_secret(&text, "COPY (SELECT ...) TO STDOUT");
+    // COPY of the table itself is expanded to its columns and masked the same way.
+    let stream = alice
+        .copy_out("COPY customers (id, phone, email, national_id, balance) TO STDOUT")
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    let text = String::from_utf8(chunks.concat()).unwrap();
+    assert_eq!(text.lines().count(), 200);
+    assert!(
+        text.lines()
+            .any(|l| l == "1\t139****7919\tu***@example.com\t****\t0"),
+        "{text:.120}"
+    );
+    assert_no_secret(&text, "COPY customers TO STDOUT");
     for (setup, read) in [
         (
             "PREPARE p AS SELECT phone, email FROM customers",

@@ -19,7 +19,7 @@ use sqlparser::ast::{
     Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
 };
 
-use sqlparser::ast::{Ident, VisitMut, VisitorMut};
+use sqlparser::ast::{CopySource, Ident, VisitMut, VisitorMut};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -150,6 +150,7 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     let mut created = Vec::new();
     let mut rewritten = false;
     for stmt in statements.iter_mut() {
+        let expanded = expand_copy_of_masked_table(stmt, ctx);
         let (v, subs) = check_statement(stmt, ctx);
         match v {
             Verdict::Refused(r) => return (Verdict::Refused(r), Vec::new()),
@@ -162,6 +163,7 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
             }
             rewritten = true;
         }
+        rewritten |= expanded;
         created.extend(created_table(stmt));
     }
     if rewritten {
@@ -169,6 +171,64 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
         return (Verdict::Rewritten(sql.join(";\n")), created);
     }
     (verdict, created)
+}
+
+/// `COPY t TO ...` of a masked table becomes `COPY (SELECT <its columns> FROM t) TO ...`,
+/// which the analysis then masks column by column (COPY output has no RowDescription for
+/// in-flight masking). Returns whether the statement changed.
+fn expand_copy_of_masked_table(stmt: &mut Statement, ctx: &Context<'_>) -> bool {
+    let Statement::Copy {
+        source: source @ CopySource::Table { .. },
+        to: true,
+        ..
+    } = stmt
+    else {
+        return false;
+    };
+    let CopySource::Table {
+        table_name,
+        columns,
+    } = &*source
+    else {
+        return false;
+    };
+    let Some(parts) = name_parts(table_name) else {
+        return false;
+    };
+    let rel = match parts.as_slice() {
+        [name] => ctx
+            .catalog
+            .named(name)
+            .find(|r| ctx.masks.of_table(r.oid).is_some())
+            .or_else(|| ctx.catalog.resolve(ctx.search_path, name)),
+        [schema, name] | [_, schema, name] => ctx.catalog.relation(schema, name),
+        _ => None,
+    };
+    let Some(rel) = rel.filter(|r| ctx.masks.of_table(r.oid).is_some()) else {
+        return false;
+    };
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let cols: Vec<String> = if columns.is_empty() {
+        rel.columns.iter().map(|c| quote(&c.name)).collect()
+    } else {
+        columns.iter().map(|c| quote(&fold(c))).collect()
+    };
+    let select = format!(
+        "SELECT {} FROM {}.{}",
+        cols.join(", "),
+        quote(&rel.schema),
+        quote(&rel.name)
+    );
+    match Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&select)
+        .and_then(|mut p| p.parse_query())
+    {
+        Ok(query) => {
+            *source = CopySource::Query(query);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// A masked column reference to replace by its SQL mask; `name` keeps the output column's
