@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 /// One multi-statement query, one round trip; each row starts with its kind.
 pub const CATALOG_QUERY: &str = "\
+SELECT 'search_path', pg_catalog.set_config('search_path', 'pg_catalog', true); \
 SELECT 'c', n.nspname::text, c.relname::text, c.oid::text, c.relkind::text, a.attname::text, \
  a.attnum::text, a.atttypid::text, t.typname::text \
  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -26,7 +27,10 @@ SELECT DISTINCT 'b', p.proname::text FROM pg_catalog.pg_proc p \
  WHERE p.pronamespace = 'pg_catalog'::regnamespace; \
 SELECT 's', n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
- WHERE n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'v')";
+ WHERE n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'v'); \
+SELECT 'w', c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c \
+ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+ WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {
@@ -47,6 +51,8 @@ pub struct Relation {
     /// For views and materialized views: every relation they read, directly or through
     /// other views.
     pub reads: Vec<u32>,
+    /// For views: the defining query, every name in it schema-qualified.
+    pub definition: Option<String>,
 }
 
 impl Relation {
@@ -122,6 +128,7 @@ impl Catalog {
 pub struct CatalogRows {
     relations: HashMap<u32, Relation>,
     depends: Vec<(u32, u32)>,
+    definitions: HashMap<u32, String>,
     functions: HashSet<String>,
     builtins: HashSet<String>,
     system: HashSet<String>,
@@ -146,6 +153,7 @@ impl CatalogRows {
                     kind: col(4).chars().next().unwrap_or('r'),
                     columns: Vec::new(),
                     reads: Vec::new(),
+                    definition: None,
                 });
                 rel.columns.push(Column {
                     name: col(5),
@@ -166,6 +174,13 @@ impl CatalogRows {
             "b" => {
                 self.builtins.insert(col(1));
             }
+            "w" => {
+                if let Ok(oid) = col(1).parse() {
+                    let def = col(2);
+                    self.definitions
+                        .insert(oid, def.trim().trim_end_matches(';').to_string());
+                }
+            }
             "s" => {
                 // Only pg_catalog is searched implicitly; information_schema needs its name.
                 if col(1) == "pg_catalog" {
@@ -177,7 +192,7 @@ impl CatalogRows {
         }
     }
 
-    pub fn finish(self) -> Catalog {
+    pub fn finish(mut self) -> Catalog {
         let mut direct: HashMap<u32, Vec<u32>> = HashMap::new();
         for (view, table) in &self.depends {
             direct.entry(*view).or_default().push(*table);
@@ -187,6 +202,7 @@ impl CatalogRows {
         for (oid, mut rel) in self.relations {
             rel.columns.sort_by_key(|c| c.attnum);
             rel.reads = transitive_reads(oid, &direct);
+            rel.definition = self.definitions.remove(&oid);
             let rel = Arc::new(rel);
             by_name.insert((rel.schema.clone(), rel.name.clone()), rel.clone());
             by_oid.insert(oid, rel);

@@ -68,6 +68,10 @@ fn cluster() -> &'static PgCluster {
              CREATE SCHEMA other; CREATE TABLE other.customers (id int, phone text); \
              INSERT INTO other.customers VALUES (1, 'not-secret'); \
              GRANT USAGE ON SCHEMA other TO crm_base; GRANT SELECT ON other.customers TO crm_base; \
+             CREATE VIEW customer_contact_view AS SELECT id, full_name, phone, email FROM customers; \
+             CREATE VIEW nested_view (cid, mail) AS SELECT id, email FROM customer_contact_view WHERE id < 10; \
+             CREATE MATERIALIZED VIEW customer_mv AS SELECT id, phone FROM customers; \
+             GRANT SELECT ON customer_contact_view, nested_view, customer_mv TO crm_base; \
              ANALYZE customers",
         );
     });
@@ -255,6 +259,7 @@ const REFUSED: &[&str] = &[
     "SELECT * FROM pg_stats WHERE tablename = 'customers'",
     "SELECT most_common_vals::text FROM pg_catalog.pg_stats",
     "SELECT * FROM customer_view",
+    "SELECT phone FROM customer_mv",
     "SELECT leak()",
     "SELECT * FROM leak()",
     "SELECT public.leak()",
@@ -401,6 +406,48 @@ async fn rewritten_forms_compute_on_masked_values() {
         .await
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "22P02", "{e:?}");
+}
+
+#[tokio::test]
+async fn views_over_masked_tables_are_inlined_and_masked() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let rows = simple_rows(&alice, "SELECT * FROM customer_contact_view WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(rows, "1|Customer 1|139****7919|u***@example.com|\n");
+    let rows = simple_rows(
+        &alice,
+        "SELECT v.phone FROM customer_contact_view v ORDER BY v.id LIMIT 1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "139****7919|\n");
+    let rows = simple_rows(&alice, "SELECT upper(mail) FROM nested_view WHERE cid = 1")
+        .await
+        .unwrap();
+    assert_eq!(rows, "U***@EXAMPLE.COM|\n");
+    let rows = simple_rows(
+        &alice,
+        "SELECT count(*) FROM customer_contact_view WHERE phone LIKE '1391%'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "0|\n");
+    let all = simple_rows(&alice, "SELECT * FROM public.customer_contact_view")
+        .await
+        .unwrap();
+    assert_eq!(all.lines().count(), 200);
+    assert_no_secret(&all, "view");
+    // The exempt role reads the view as it is.
+    let admin = p.connect("crm_admin", "admin_pw").await;
+    let rows = simple_rows(
+        &admin,
+        "SELECT phone FROM customer_contact_view WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "13910007919|\n");
 }
 
 #[tokio::test]

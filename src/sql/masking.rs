@@ -19,7 +19,7 @@ use sqlparser::ast::{
     Statement, TableFactor, TableWithJoins, Value, Visit, Visitor,
 };
 
-use sqlparser::ast::{CopySource, Ident, VisitMut, VisitorMut};
+use sqlparser::ast::{CopySource, Ident, TableAlias, VisitMut, VisitorMut};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -150,7 +150,7 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     let mut created = Vec::new();
     let mut rewritten = false;
     for stmt in statements.iter_mut() {
-        let expanded = expand_copy_of_masked_table(stmt, ctx);
+        let expanded = expand_copy_of_masked_table(stmt, ctx) | inline_masked_views(stmt, ctx);
         let (v, subs) = check_statement(stmt, ctx);
         match v {
             Verdict::Refused(r) => return (Verdict::Refused(r), Vec::new()),
@@ -229,6 +229,85 @@ fn expand_copy_of_masked_table(stmt: &mut Statement, ctx: &Context<'_>) -> bool 
         }
         Err(_) => false,
     }
+}
+
+/// Views that read a masked table are replaced by their definitions (as derived tables
+/// under the view's name), so that the masked columns inside are seen, and masked, like
+/// any other use. Returns whether the statement changed. Materialized views are left
+/// alone: their rows were computed in clear when refreshed, and stay refused.
+fn inline_masked_views(stmt: &mut Statement, ctx: &Context<'_>) -> bool {
+    struct Inline<'a, 'b> {
+        ctx: &'b Context<'a>,
+        changed: bool,
+    }
+    impl VisitorMut for Inline<'_, '_> {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+            let TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
+            } = tf
+            else {
+                return ControlFlow::Continue(());
+            };
+            let Some(parts) = name_parts(name) else {
+                return ControlFlow::Continue(());
+            };
+            let masked_view = |r: &&Arc<Relation>| {
+                r.kind == 'v' && self.ctx.masks.view_reads_masked(r.oid).is_some()
+            };
+            let rel = match parts.as_slice() {
+                [n] => self.ctx.catalog.named(n).find(masked_view).cloned(),
+                [schema, n] | [_, schema, n] => self
+                    .ctx
+                    .catalog
+                    .relation(schema, n)
+                    .filter(masked_view)
+                    .cloned(),
+                _ => None,
+            };
+            let Some((rel, def)) = rel.and_then(|r| r.definition.clone().map(|d| (r, d))) else {
+                return ControlFlow::Continue(());
+            };
+            let Ok(subquery) = Parser::new(&PostgreSqlDialect {})
+                .with_recursion_limit(64)
+                .try_with_sql(&def)
+                .and_then(|mut p| p.parse_query())
+            else {
+                return ControlFlow::Continue(());
+            };
+            let alias = alias.clone().unwrap_or_else(|| TableAlias {
+                explicit: true,
+                name: Ident::with_quote('"', rel.name.clone()),
+                columns: Vec::new(),
+                at: None,
+            });
+            *tf = TableFactor::Derived {
+                lateral: false,
+                subquery,
+                alias: Some(alias),
+                sample: None,
+            };
+            self.changed = true;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut changed = false;
+    // Views over views: a few rounds, each inlining one level.
+    for _ in 0..8 {
+        let mut inline = Inline {
+            ctx,
+            changed: false,
+        };
+        let _ = stmt.visit(&mut inline);
+        if !inline.changed {
+            break;
+        }
+        changed = true;
+    }
+    changed
 }
 
 /// A masked column reference to replace by its SQL mask; `name` keeps the output column's
