@@ -409,6 +409,32 @@ async fn rewritten_forms_compute_on_masked_values() {
 }
 
 #[tokio::test]
+async fn server_errors_do_not_carry_clear_rows() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    // A NOT NULL or CHECK violation makes the server print the whole failing row in
+    // DETAIL; a unique violation prints the key. None of it may reach a masked role.
+    for sql in [
+        "UPDATE customers SET full_name = NULL WHERE id = 1",
+        "UPDATE customers SET id = 2 WHERE id = 1",
+    ] {
+        let e = alice.simple_query(sql).await.expect_err(sql);
+        let db = e.as_db_error().expect("a server error");
+        assert!(db.detail().is_none(), "{sql}: DETAIL {:?}", db.detail());
+        assert_no_secret(&format!("{db:?}"), sql);
+        let e = alice.query(sql, &[]).await.expect_err(sql);
+        assert_no_secret(&format!("{:?}", e.as_db_error()), sql);
+    }
+    // Exempt roles keep the server's full error.
+    let admin = p.connect("crm_admin", "admin_pw").await;
+    let e = admin
+        .simple_query("UPDATE customers SET full_name = NULL WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert!(e.as_db_error().unwrap().detail().is_some());
+}
+
+#[tokio::test]
 async fn views_over_masked_tables_are_inlined_and_masked() {
     let (p, _d) = proxy().await;
     let alice = p.connect("alice", "alice_pw").await;

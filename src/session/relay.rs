@@ -260,6 +260,12 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
             if let Some(refusal) = own_refusal(&code, f) {
                 return Ok(Action::Replace(refusal));
             }
+            if st.policy.is_some() {
+                return Ok(without_data_fields(f).map_or(Action::Forward, Action::Replace));
+            }
+        }
+        b'N' if st.policy.is_some() => {
+            return Ok(without_data_fields(f).map_or(Action::Forward, Action::Replace));
         }
         b'C' => {
             if let Some(stale) = &st.catalog_stale {
@@ -277,6 +283,27 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
         }
     }
     Ok(Action::Forward)
+}
+
+/// For masked sessions: an error or notice without the fields in which the server quotes
+/// row data (DETAIL: "Failing row contains (...)", "Key (email)=(...)"; CONTEXT: COPY
+/// lines, PL/pgSQL variables). `None` when there is nothing to remove.
+fn without_data_fields(f: &Frame) -> Option<Frame> {
+    let fields = backend::error_fields(f).ok()?;
+    if !fields.iter().any(|(k, _)| *k == b'D' || *k == b'W') {
+        return None;
+    }
+    Some(write::frame(f.tag(), |b| {
+        for (k, v) in fields.iter().filter(|(k, _)| *k != b'D' && *k != b'W') {
+            b.extend_from_slice(&[*k]);
+            b.extend_from_slice(v.as_bytes());
+            b.extend_from_slice(&[0]);
+        }
+        if f.tag() == b'E' {
+            b.extend_from_slice(b"Hpgveil removed the error's detail, which may quote masked data\0");
+        }
+        b.extend_from_slice(&[0]);
+    }))
 }
 
 /// A refusal raised through `write::refusal_sql`, without the PL/pgSQL context and
