@@ -28,6 +28,7 @@ SELECT DISTINCT 'b', p.proname::text FROM pg_catalog.pg_proc p \
 SELECT 's', n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
  WHERE n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'v'); \
+SELECT 'i', inhrelid::text, inhparent::text FROM pg_catalog.pg_inherits; \
 SELECT 'w', c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c \
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
  WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
@@ -76,6 +77,8 @@ pub struct Catalog {
     builtin_functions: HashSet<String>,
     /// Tables and views of pg_catalog and information_schema, by bare and qualified name.
     system_relations: HashSet<String>,
+    /// Inheritance children and partitions, by parent.
+    children: HashMap<u32, Vec<u32>>,
 }
 
 impl Catalog {
@@ -118,6 +121,11 @@ impl Catalog {
         }
     }
 
+    /// Every table that inherits from `oid` (children, partitions, their descendants).
+    pub fn descendants(&self, oid: u32) -> Vec<u32> {
+        transitive_reads(oid, &self.children)
+    }
+
     pub fn relations(&self) -> impl Iterator<Item = &Arc<Relation>> {
         self.by_oid.values()
     }
@@ -129,6 +137,7 @@ pub struct CatalogRows {
     relations: HashMap<u32, Relation>,
     depends: Vec<(u32, u32)>,
     definitions: HashMap<u32, String>,
+    inherits: Vec<(u32, u32)>,
     functions: HashSet<String>,
     builtins: HashSet<String>,
     system: HashSet<String>,
@@ -174,6 +183,11 @@ impl CatalogRows {
             "b" => {
                 self.builtins.insert(col(1));
             }
+            "i" => {
+                if let (Ok(child), Ok(parent)) = (col(1).parse(), col(2).parse()) {
+                    self.inherits.push((child, parent));
+                }
+            }
             "w" => {
                 if let Ok(oid) = col(1).parse() {
                     let def = col(2);
@@ -207,7 +221,12 @@ impl CatalogRows {
             by_name.insert((rel.schema.clone(), rel.name.clone()), rel.clone());
             by_oid.insert(oid, rel);
         }
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (child, parent) in &self.inherits {
+            children.entry(*parent).or_default().push(*child);
+        }
         Catalog {
+            children,
             by_name,
             by_oid,
             user_functions: self.functions,

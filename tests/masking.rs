@@ -52,6 +52,13 @@ unmasked_for = ["crm_admin"]
 column = "contacts.value"
 function = "deny"
 unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "leads.phone"
+function = "partial"
+keep_first = 3
+keep_last = 4
+unmasked_for = ["crm_admin"]
 "#;
 
 /// The shared cluster plus objects an attacker might use: a view over the masked table
@@ -72,6 +79,12 @@ fn cluster() -> &'static PgCluster {
              CREATE VIEW nested_view (cid, mail) AS SELECT id, email FROM customer_contact_view WHERE id < 10; \
              CREATE MATERIALIZED VIEW customer_mv AS SELECT id, phone FROM customers; \
              GRANT SELECT ON customer_contact_view, nested_view, customer_mv TO crm_base; \
+             CREATE TABLE leads (id int, region text, phone text) PARTITION BY LIST (region); \
+             CREATE TABLE leads_eu PARTITION OF leads FOR VALUES IN ('eu'); \
+             CREATE TABLE leads_asia (phone text, region text, id int); \
+             ALTER TABLE leads ATTACH PARTITION leads_asia FOR VALUES IN ('asia'); \
+             INSERT INTO leads VALUES (1, 'eu', '13955556666'), (2, 'asia', '13977778888'); \
+             GRANT SELECT ON leads, leads_eu, leads_asia TO crm_base; \
              ANALYZE customers",
         );
     });
@@ -103,6 +116,12 @@ fn secrets() -> &'static Vec<String> {
         out.extend(
             cluster()
                 .psql_super("crm", "SELECT value FROM contacts")
+                .lines()
+                .map(str::to_string),
+        );
+        out.extend(
+            cluster()
+                .psql_super("crm", "SELECT substr(phone, 1, 7) FROM leads")
                 .lines()
                 .map(str::to_string),
         );
@@ -406,6 +425,33 @@ async fn rewritten_forms_compute_on_masked_values() {
         .await
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "22P02", "{e:?}");
+}
+
+#[tokio::test]
+async fn partitions_and_children_inherit_their_parents_masks() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for (sql, want) in [
+        (
+            "SELECT phone FROM leads ORDER BY id",
+            "139****6666|\n139****8888|\n",
+        ),
+        ("SELECT phone FROM leads_eu", "139****6666|\n"),
+        // A partition whose columns are in another order (other attribute numbers).
+        ("SELECT phone FROM leads_asia", "139****8888|\n"),
+        ("SELECT * FROM leads_asia", "139****8888|asia|2|\n"),
+        ("SELECT upper(phone) FROM leads_asia", "139****8888|\n"),
+    ] {
+        let rows = simple_rows(&alice, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(rows, want, "{sql}");
+    }
+    let row = alice
+        .query_one("SELECT phone FROM leads_asia", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "139****8888");
 }
 
 #[tokio::test]

@@ -97,7 +97,23 @@ impl SessionMasks {
                 .entry(rel.oid)
                 .or_default()
                 .insert(col.name.clone(), mask.clone());
-            masks.by_attr.insert((rel.oid, col.attnum), mask);
+            masks.by_attr.insert((rel.oid, col.attnum), mask.clone());
+            // Children and partitions hold the same data under other OIDs (and maybe other
+            // attribute numbers): the mask follows the column by name.
+            for child in catalog.descendants(rel.oid) {
+                let Some(child_col) = catalog.by_oid(child).and_then(|r| r.column(&col.name))
+                else {
+                    continue;
+                };
+                masks
+                    .by_table
+                    .entry(child)
+                    .or_default()
+                    .insert(col.name.clone(), mask.clone());
+                masks
+                    .by_attr
+                    .insert((child, child_col.attnum), mask.clone());
+            }
         }
         for rel in catalog.relations() {
             if let Some(t) = rel.reads.iter().find(|t| masks.by_table.contains_key(t)) {

@@ -300,7 +300,9 @@ fn without_data_fields(f: &Frame) -> Option<Frame> {
             b.extend_from_slice(&[0]);
         }
         if f.tag() == b'E' {
-            b.extend_from_slice(b"Hpgveil removed the error's detail, which may quote masked data\0");
+            b.extend_from_slice(
+                b"Hpgveil removed the error's detail, which may quote masked data\0",
+            );
         }
         b.extend_from_slice(&[0]);
     }))
