@@ -818,77 +818,41 @@ function = "null"
 fn explain_shows_masks_per_column_and_refusals() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
-    let rules = dir.path().to_str().unwrap();
-    let env = [("PGVEIL_TEST_TOKEN_KEY", "test-token-key")];
     let url = admin_url();
-    let out = pgveil_cli(
-        &[
+    let explain = |role: &str, sql: &str| {
+        let args = [
             "explain",
             "--rules",
-            rules,
+            dir.path().to_str().unwrap(),
             "--role",
-            "alice",
+            role,
             "--upstream-url",
             &url,
-            "SELECT id, phone FROM customers",
-        ],
-        &env,
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}");
+            sql,
+        ];
+        let out = pgveil_cli(&args, &[("PGVEIL_TEST_TOKEN_KEY", "test-token-key")]);
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = explain("alice", "SELECT id, phone FROM customers");
     assert!(text.contains("statement: select"), "{text}");
     assert!(text.contains("column 1 id: none"), "{text}");
     assert!(text.contains("column 2 phone: partial (rule"), "{text}");
-    let out = pgveil_cli(
-        &[
-            "explain",
-            "--rules",
-            rules,
-            "--role",
-            "alice",
-            "--upstream-url",
-            &url,
-            "SELECT upper(card_number) FROM customers",
-        ],
-        &env,
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = explain("alice", "SELECT upper(card_number) FROM customers");
     assert!(
         text.contains("decision: refused") && text.contains("rules.toml:19"),
         "{text}"
     );
-    let out = pgveil_cli(
-        &[
-            "explain",
-            "--rules",
-            rules,
-            "--role",
-            "alice",
-            "--upstream-url",
-            &url,
-            "SELECT upper(phone) FROM customers",
-        ],
-        &env,
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = explain("alice", "SELECT upper(phone) FROM customers");
     assert!(
         text.contains("decision: rewritten") && text.contains("pg_catalog.left"),
         "{text}"
     );
-    let out = pgveil_cli(
-        &[
-            "explain",
-            "--rules",
-            rules,
-            "--role",
-            "crm_admin",
-            "--upstream-url",
-            &url,
-            "SELECT phone FROM customers",
-        ],
-        &env,
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = explain("crm_admin", "SELECT phone FROM customers");
     assert!(text.contains("column 1 phone: none"), "{text}");
 }
 

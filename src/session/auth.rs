@@ -202,13 +202,16 @@ fn check_scram_relayable(answer: &Frame, tls_both_legs: bool) -> Result<(), Sess
     Ok(())
 }
 
-/// Runs [`IDENTITY_QUERY`] on the session's upstream connection and swallows its reply.
-async fn read_identity(
+/// Runs `sql` on the session's upstream connection before the client is ready, handing
+/// each row to `on_row`; none of the reply reaches the client. `what` names the query in
+/// errors: without its answer the session cannot be policed, so it does not start.
+async fn internal_query(
     legs: &mut Legs,
-    startup: &Startup<'_>,
-) -> Result<SessionIdentity, SessionError> {
-    send_upstream(&mut legs.upstream_w, write::query(IDENTITY_QUERY).raw()).await?;
-    let mut rows = IdentityRows::default();
+    sql: &str,
+    what: &str,
+    mut on_row: impl FnMut(&[Option<&[u8]>]),
+) -> Result<(), SessionError> {
+    send_upstream(&mut legs.upstream_w, write::query(sql).raw()).await?;
     let mut failed = None;
     loop {
         let frame = legs
@@ -217,22 +220,37 @@ async fn read_identity(
             .await
             .map_err(SessionError::upstream)?;
         match frame.tag() {
-            b'D' => {
-                let cols = backend::data_row(&frame).map_err(SessionError::upstream)?;
-                if let [Some(kind), Some(value)] = cols.as_slice() {
-                    rows.push(kind, value);
-                }
-            }
-            b'E' => failed = Some(backend::error_code_and_severity(&frame)),
+            b'D' => on_row(&backend::data_row(&frame).map_err(SessionError::upstream)?),
+            b'E' => failed = Some(backend::error_code_and_severity(&frame).0),
             b'Z' => break,
             _ => {}
         }
     }
-    if let Some((code, _)) = failed {
-        return Err(SessionError::Upstream(format!(
-            "reading the session's roles failed with SQLSTATE {code}"
-        )));
+    match failed {
+        Some(code) => Err(SessionError::Upstream(format!(
+            "{what} failed with SQLSTATE {code}"
+        ))),
+        None => Ok(()),
     }
+}
+
+/// Reads the session's identity with [`IDENTITY_QUERY`].
+async fn read_identity(
+    legs: &mut Legs,
+    startup: &Startup<'_>,
+) -> Result<SessionIdentity, SessionError> {
+    let mut rows = IdentityRows::default();
+    internal_query(
+        legs,
+        IDENTITY_QUERY,
+        "reading the session's roles",
+        |cols| {
+            if let [Some(kind), Some(value)] = cols {
+                rows.push(kind, value);
+            }
+        },
+    )
+    .await?;
     let app = startup
         .message
         .param("application_name")
@@ -287,31 +305,14 @@ async fn session_policy(
     Ok((policy, Some(cached.stale)))
 }
 
-/// Runs [`CATALOG_QUERY`] on the session's connection and swallows its reply.
+/// Reads the database's catalog with [`CATALOG_QUERY`].
 async fn read_catalog(legs: &mut Legs) -> Result<Catalog, SessionError> {
-    send_upstream(&mut legs.upstream_w, write::query(CATALOG_QUERY).raw()).await?;
     let mut rows = CatalogRows::default();
-    let mut failed = None;
-    loop {
-        let frame = legs
-            .upstream_r
-            .next()
-            .await
-            .map_err(SessionError::upstream)?;
-        match frame.tag() {
-            b'D' => rows.push(&backend::data_row(&frame).map_err(SessionError::upstream)?),
-            b'E' => failed = Some(backend::error_code_and_severity(&frame).0),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    match failed {
-        // Without the catalog no mask can be enforced: the session does not start.
-        Some(code) => Err(SessionError::Upstream(format!(
-            "reading the catalog failed with SQLSTATE {code}"
-        ))),
-        None => Ok(rows.finish()),
-    }
+    internal_query(legs, CATALOG_QUERY, "reading the catalog", |cols| {
+        rows.push(cols)
+    })
+    .await?;
+    Ok(rows.finish())
 }
 
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), SessionError> {
