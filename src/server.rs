@@ -61,6 +61,8 @@ pub struct Proxy {
     pub shutdown: Shutdown,
     /// Schema knowledge per database, loaded by the first session that needs it.
     pub catalogs: DashMap<String, CachedCatalog>,
+    /// Incremented by every successful rules reload.
+    rules_generation: AtomicU64,
     session_ids: AtomicU64,
     active_sessions: AtomicUsize,
 }
@@ -88,9 +90,14 @@ impl Proxy {
             sessions: DashMap::new(),
             shutdown: Shutdown::default(),
             catalogs: DashMap::new(),
+            rules_generation: AtomicU64::new(0),
             session_ids: AtomicU64::new(1),
             active_sessions: AtomicUsize::new(0),
         })
+    }
+
+    pub fn rules_generation(&self) -> u64 {
+        self.rules_generation.load(Ordering::SeqCst)
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -108,8 +115,8 @@ impl Proxy {
                     });
                 }
                 self.rules.store(Arc::new(rules));
-                // Masks may name other columns now: sessions rebuild from a fresh catalog.
-                self.catalogs.clear();
+                // Running sessions notice this at their next statement.
+                self.rules_generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(path = %self.config.rules_path.display(), "rules reloaded");
                 Ok(())
             }

@@ -455,6 +455,69 @@ async fn partitions_and_children_inherit_their_parents_masks() {
 }
 
 #[tokio::test]
+async fn rules_reload_reaches_running_sessions() {
+    let (p, dir) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let admin = p.connect("crm_admin", "admin_pw").await;
+    let q = "SELECT full_name FROM customers WHERE id = 1";
+    assert_eq!(simple_rows(&alice, q).await.unwrap(), "Customer 1|\n");
+    let extra = "\n[[mask]]\ncolumn = \"customers.full_name\"\nfunction = \"redact\"\nunmasked_for = [\"crm_admin\"]\n";
+    std::fs::write(dir.path().join("rules.toml"), format!("{RULES}{extra}")).unwrap();
+    p.proxy.reload_rules().unwrap();
+    // The same session, without reconnecting: the new mask applies at once ...
+    assert_eq!(simple_rows(&alice, q).await.unwrap(), "****|\n");
+    assert_eq!(
+        simple_rows(
+            &alice,
+            "SELECT upper(full_name) FROM customers WHERE id = 1"
+        )
+        .await
+        .unwrap(),
+        "****|\n"
+    );
+    // ... and exempt roles are unaffected.
+    assert_eq!(simple_rows(&admin, q).await.unwrap(), "Customer 1|\n");
+}
+
+#[tokio::test]
+async fn first_masks_end_sessions_that_cannot_apply_them() {
+    std::env::set_var("PGVEIL_TEST_TOKEN_KEY", "test-token-key");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    let path = dir.path().to_path_buf();
+    let p = TestProxy::start(cluster(), move |s| s.rules = Some(path)).await;
+    let (alice, conn) = tokio_postgres::connect(
+        &p.conn_str("alice", "alice_pw", "crm"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    assert!(
+        simple_rows(&alice, "SELECT phone FROM customers WHERE id = 1")
+            .await
+            .unwrap()
+            .starts_with("13910007919")
+    );
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    p.proxy.reload_rules().unwrap();
+    // No catalog was ever loaded for this session: it is closed rather than left unmasked.
+    let r = simple_rows(&alice, "SELECT phone FROM customers WHERE id = 1").await;
+    let e = r.expect_err("the session must not run unmasked");
+    assert!(format!("{e:?}").contains("rules changed"), "{e:?}");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), conn)
+        .await
+        .expect("the session ends");
+    let alice = p.connect("alice", "alice_pw").await;
+    assert_eq!(
+        simple_rows(&alice, "SELECT phone FROM customers WHERE id = 1")
+            .await
+            .unwrap(),
+        "139****7919|\n"
+    );
+}
+
+#[tokio::test]
 async fn server_errors_do_not_carry_clear_rows() {
     let (p, _d) = proxy().await;
     let alice = p.connect("alice", "alice_pw").await;

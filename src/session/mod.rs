@@ -146,6 +146,7 @@ async fn run_session(
         }
     };
     let tls_both_legs = client.is_tls() && upstream.is_tls();
+    let generation = proxy.rules_generation();
     let (client_r, client_w) = split(client, limits.max_message_bytes);
     let (upstream_r, upstream_w) = split(upstream, MAX_SERVER_MESSAGE);
     let mut legs = Legs {
@@ -187,6 +188,11 @@ async fn run_session(
     let mut session_state = state::SessionState::new(established.server_params);
     session_state.policy = established.policy;
     session_state.catalog_stale = established.catalog_stale;
+    session_state.refresh = Some(policy::PolicyRefresh::new(
+        proxy.clone(),
+        established.identity.clone(),
+        generation,
+    ));
     let state = Mutex::new(session_state);
     let shutdown = proxy.shutdown.watch(id);
     let result = relay::run(&mut legs, &state, limits.client_idle_timeout, &shutdown).await;

@@ -5,10 +5,80 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::catalog::Catalog;
+use super::identity::SessionIdentity;
+use crate::catalog::{search_path_schemas, Catalog};
 use crate::config::rules::Unanalysable;
 use crate::policy::SessionMasks;
+use crate::server::Proxy;
 use crate::sql::masking::{self, Verdict};
+
+/// Keeps a session's policy in step with rules reloads: checked before each batch of client
+/// messages (one atomic load when nothing changed).
+pub struct PolicyRefresh {
+    proxy: Arc<Proxy>,
+    identity: SessionIdentity,
+    generation: u64,
+}
+
+impl PolicyRefresh {
+    pub fn new(proxy: Arc<Proxy>, identity: SessionIdentity, generation: u64) -> PolicyRefresh {
+        PolicyRefresh {
+            proxy,
+            identity,
+            generation,
+        }
+    }
+
+    /// Rebuilds `policy` if the rules changed since it was built. `Err` when masks now
+    /// apply to this session but its database's catalog was never loaded: the session
+    /// must reconnect (failing closed beats running unmasked).
+    pub fn refresh(&mut self, policy: &mut Option<SessionPolicy>) -> Result<(), String> {
+        let generation = self.proxy.rules_generation();
+        if generation == self.generation {
+            return Ok(());
+        }
+        self.generation = generation;
+        let rules = self.proxy.rules.load_full();
+        let applies = rules
+            .masks
+            .iter()
+            .any(|r| crate::policy::masks::applies(r, &self.identity));
+        if !applies {
+            *policy = None;
+            return Ok(());
+        }
+        let catalog = policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
+            self.proxy
+                .catalogs
+                .get(&self.identity.database)
+                .map(|c| c.catalog.clone())
+        });
+        let Some(catalog) = catalog else {
+            return Err("pgveil: the masking rules changed; reconnect to continue".into());
+        };
+        let masks = SessionMasks::build(&rules, &self.identity, &catalog);
+        let created = policy.take().map(|p| p.created).unwrap_or_default();
+        if !masks.is_empty() {
+            let mut fresh = SessionPolicy::new(
+                Arc::new(masks),
+                catalog,
+                search_path_schemas(&self.identity.search_path, &self.identity.user),
+                rules.settings.unanalysable,
+                self.identity.user.clone(),
+            );
+            fresh.created = created;
+            *policy = Some(fresh);
+        }
+        tracing::info!("session masks rebuilt after a rules reload");
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for PolicyRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyRefresh(generation {})", self.generation)
+    }
+}
 
 /// Verdicts kept per session; past this the cache starts over.
 const VERDICT_CACHE: usize = 1024;

@@ -119,6 +119,15 @@ async fn client_to_server(
         let mut terminated = false;
         {
             let mut st = lock(state);
+            let SessionState {
+                refresh, policy, ..
+            } = &mut *st;
+            if let Some(r) = refresh.as_mut() {
+                r.refresh(policy).map_err(|message| SessionError::Refused {
+                    code: SqlState::ADMIN_SHUTDOWN,
+                    message,
+                })?;
+            }
             let mut frame = Some(first);
             while let Some(f) = frame {
                 let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;

@@ -125,6 +125,8 @@ pub struct SessionState {
     pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Values masked in flight so far.
     pub rows_masked: u64,
+    /// Rebuilds `policy` after a rules reload.
+    pub refresh: Option<super::policy::PolicyRefresh>,
 }
 
 impl SessionState {
