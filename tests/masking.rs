@@ -959,3 +959,59 @@ fn token_decode_reverses_tokenize() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn searchable_masks_compare_clear_values_but_return_masked_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[mask]]\ncolumn = \"customers.phone\"\nfunction = \"partial\"\nkeep_first = 3\nkeep_last = 4\nsearchable = true\nunmasked_for = [\"crm_admin\"]\n",
+    )
+    .unwrap();
+    let path = dir.path().to_path_buf();
+    let p = TestProxy::start(cluster(), move |s| s.rules = Some(path)).await;
+    let alice = p.connect("alice", "alice_pw").await;
+    // A support agent finds a customer by the full phone number they were given ...
+    let rows = simple_rows(
+        &alice,
+        "SELECT id, phone FROM customers WHERE phone = '13910007919'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "1|139****7919|\n");
+    let row = alice
+        .query_one(
+            "SELECT id, phone FROM customers WHERE phone = $1",
+            &[&"13910015838"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(1), "139****5838");
+    // ... but every other use still sees the masked value.
+    let rows = simple_rows(
+        &alice,
+        "SELECT upper(phone) FROM customers WHERE phone = '13910007919'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "139****7919|\n");
+    // Predicates anywhere in the outermost WHERE compare clear values (that is what
+    // `searchable` allows, and why `check` warns); elsewhere the column is masked.
+    let rows = simple_rows(
+        &alice,
+        "SELECT count(*) FROM customers WHERE id IN (SELECT id FROM customers WHERE phone LIKE '1391000%')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "1|\n");
+    let rows = simple_rows(
+        &alice,
+        "SELECT (SELECT count(*) FROM customers c2 WHERE c2.phone LIKE '1391000%')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows, "0|\n",
+        "outside the outermost WHERE a searchable column is masked"
+    );
+}
