@@ -1015,3 +1015,46 @@ async fn searchable_masks_compare_clear_values_but_return_masked_ones() {
         "outside the outermost WHERE a searchable column is masked"
     );
 }
+
+#[tokio::test]
+async fn whole_rows_of_keyless_masked_tables_are_masked_whole() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for (sql, want) in [
+        (
+            "SELECT l FROM leads l ORDER BY l.id",
+            "(1,eu,139****6666)|\n(2,asia,139****8888)|\n",
+        ),
+        (
+            "SELECT row_to_json(l) FROM leads l WHERE l.id = 1",
+            "{\"id\":1,\"region\":\"eu\",\"phone\":\"139****6666\"}|\n",
+        ),
+        (
+            "SELECT row_to_json(l.*)::text FROM leads_asia l",
+            "{\"phone\":\"139****8888\",\"region\":\"asia\",\"id\":2}|\n",
+        ),
+        (
+            "SELECT s FROM (SELECT * FROM leads WHERE id = 1) s",
+            "(1,eu,139****6666)|\n",
+        ),
+        (
+            "SELECT count(*) FROM leads a JOIN leads b USING (phone)",
+            "2|\n",
+        ),
+        (
+            "SELECT (l).phone FROM leads l WHERE id = 2",
+            "139****8888|\n",
+        ),
+    ] {
+        let rows = simple_rows(&alice, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(rows, want, "{sql}");
+        assert_no_secret(&rows, sql);
+        let got = alice
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_no_secret(&format!("{got:?}"), sql);
+    }
+}

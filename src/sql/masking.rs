@@ -317,12 +317,26 @@ struct Substitution {
     name: String,
 }
 
-type Substitutions = HashMap<usize, Substitution>;
+/// What to replace in one statement: column references by their SQL masks, and (for
+/// whole-row uses) masked tables by derived tables that mask every column.
+#[derive(Default)]
+struct Substitutions {
+    exprs: HashMap<usize, Substitution>,
+    /// TableFactor address → (the masking SELECT, the name the table is referred to by).
+    tables: HashMap<usize, (String, String)>,
+}
+
+impl Substitutions {
+    fn is_empty(&self) -> bool {
+        self.exprs.is_empty() && self.tables.is_empty()
+    }
+}
 
 /// Replaces the referenced expressions (by address, from the analysis of this very tree).
 fn substitute(stmt: &mut Statement, subs: Substitutions) -> Result<(), Refusal> {
     struct Apply {
-        subs: Substitutions,
+        subs: HashMap<usize, Substitution>,
+        tables: HashMap<usize, (String, String)>,
         failed: Option<String>,
     }
     impl Apply {
@@ -341,6 +355,36 @@ fn substitute(stmt: &mut Statement, subs: Substitutions) -> Result<(), Refusal> 
     }
     impl VisitorMut for Apply {
         type Break = ();
+        fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+            let addr = tf as *const TableFactor as usize;
+            let Some((sql, name)) = self.tables.remove(&addr) else {
+                return ControlFlow::Continue(());
+            };
+            let alias = match tf {
+                TableFactor::Table { alias: Some(a), .. } => a.clone(),
+                _ => TableAlias {
+                    explicit: true,
+                    name: Ident::with_quote('"', name),
+                    columns: Vec::new(),
+                    at: None,
+                },
+            };
+            match Parser::new(&PostgreSqlDialect {})
+                .try_with_sql(&sql)
+                .and_then(|mut p| p.parse_query())
+            {
+                Ok(subquery) => {
+                    *tf = TableFactor::Derived {
+                        lateral: false,
+                        subquery,
+                        alias: Some(alias),
+                        sample: None,
+                    }
+                }
+                Err(e) => self.failed = Some(e.to_string()),
+            }
+            ControlFlow::Continue(())
+        }
         fn pre_visit_select(&mut self, s: &mut Select) -> ControlFlow<()> {
             for item in s.projection.iter_mut() {
                 if let SelectItem::UnnamedExpr(e) = item {
@@ -367,9 +411,16 @@ fn substitute(stmt: &mut Statement, subs: Substitutions) -> Result<(), Refusal> 
             ControlFlow::Continue(())
         }
     }
-    let mut apply = Apply { subs, failed: None };
+    let mut apply = Apply {
+        subs: subs.exprs,
+        tables: subs.tables,
+        failed: None,
+    };
     let _ = stmt.visit(&mut apply);
-    match (apply.failed, apply.subs.is_empty()) {
+    match (
+        apply.failed,
+        apply.subs.is_empty() && apply.tables.is_empty(),
+    ) {
         (None, true) => Ok(()),
         // Every planned replacement must have happened, or the statement is not safe.
         (failed, _) => Err(Refusal {
@@ -399,6 +450,8 @@ fn unanalysable(ctx: &Context<'_>, reason: &str) -> Verdict {
 
 /// One table reference in FROM, UPDATE, DELETE or COPY.
 struct TableRef {
+    /// Address of the TableFactor, to replace it when the table must be masked whole.
+    addr: usize,
     parts: Vec<String>,
     alias: Option<String>,
     alias_columns: bool,
@@ -418,6 +471,8 @@ struct Facts {
     /// SELECTs (by address) that have `*` or `x.*` in their list.
     wildcard_selects: Vec<usize>,
     using_columns: Vec<String>,
+    /// Field names after a dot in `(x).field`: names, not column references.
+    field_names: HashSet<usize>,
     natural_join: bool,
     select_into: bool,
 }
@@ -458,6 +513,7 @@ impl Visitor for Facts {
         } = tf
         {
             self.tables.push(TableRef {
+                addr: tf as *const TableFactor as usize,
                 parts: name_parts(name).unwrap_or_default(),
                 alias: alias.as_ref().map(|a| fold(&a.name)),
                 alias_columns: alias.as_ref().is_some_and(|a| !a.columns.is_empty()),
@@ -475,7 +531,17 @@ impl Visitor for Facts {
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         let addr = e as *const Expr as usize;
+        if self.field_names.contains(&addr) {
+            return ControlFlow::Continue(());
+        }
         match e {
+            Expr::CompoundFieldAccess { access_chain, .. } => {
+                for a in access_chain {
+                    if let sqlparser::ast::AccessExpr::Dot(field) = a {
+                        self.field_names.insert(field as *const Expr as usize);
+                    }
+                }
+            }
             Expr::Identifier(i) => self.idents.push((addr, vec![fold(i)], e.to_string())),
             Expr::CompoundIdentifier(parts) => {
                 self.idents
@@ -539,6 +605,8 @@ struct Scope<'a> {
     /// Alias (or bare table name) → relation.
     by_alias: HashMap<String, Arc<Relation>>,
     masked: Vec<(Arc<Relation>, &'a TableMasks)>,
+    /// Each reference to a masked table: (TableFactor address, relation, alias).
+    masked_refs: Vec<(usize, Arc<Relation>, Option<String>)>,
 }
 
 impl<'a> Scope<'a> {
@@ -624,7 +692,7 @@ fn refuse(
 }
 
 fn check_statement(stmt: &Statement, ctx: &Context<'_>) -> (Verdict, Substitutions) {
-    let mut subs = Substitutions::new();
+    let mut subs = Substitutions::default();
     let verdict = judge_statement(stmt, ctx, &mut subs);
     (verdict, subs)
 }
@@ -639,6 +707,7 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
     } = stmt
     {
         facts.tables.push(TableRef {
+            addr: 0,
             parts: name_parts(table_name).unwrap_or_default(),
             alias: None,
             alias_columns: false,
@@ -673,6 +742,7 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
     let mut scope = Scope {
         by_alias: HashMap::new(),
         masked: Vec::new(),
+        masked_refs: Vec::new(),
     };
     for t in &facts.tables {
         if t.function {
@@ -749,6 +819,9 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
                 );
             }
             scope.masked.push((rel.clone(), cols));
+            scope
+                .masked_refs
+                .push((t.addr, rel.clone(), t.alias.clone()));
         }
         scope.by_alias.insert(
             t.alias.clone().unwrap_or_else(|| rel.name.clone()),
@@ -799,27 +872,49 @@ fn check_masked(
             )
         }
     };
+    // Whole-row uses (`SELECT c`, `row_to_json(c)`, `c.*` passed on, `*` in a subquery,
+    // NATURAL JOIN, JOIN USING) need the table itself masked: it is replaced by a derived
+    // table that masks every column, which is possible when every mask on it has a SQL
+    // form. Keyless masks are idempotent, so column substitutions on top do no harm.
+    let tables_maskable = scope.masked.iter().all(|(_, cols)| {
+        cols.values().all(|m| {
+            sqlmask::mask_sql(&m.definition, "x", &m.type_name, m.class.is_text()).is_some()
+        })
+    });
+    let mut mask_tables = false;
+    let mut whole = |reason: &str, table: String| -> Option<Verdict> {
+        if tables_maskable {
+            mask_tables = true;
+            None
+        } else {
+            Some(refuse(
+                kind,
+                table,
+                format!("{reason}, and a mask on the table exists only in flight"),
+                None,
+            ))
+        }
+    };
     if facts.natural_join {
-        return refuse(kind, first, "NATURAL JOIN compares masked columns", None);
+        if let Some(v) = whole("NATURAL JOIN compares masked columns", first.to_string()) {
+            return v;
+        }
     }
     for c in &facts.using_columns {
         if let Some(m) = scope.masked_column(c) {
-            return refuse(
-                kind,
-                m.column.to_string(),
-                "JOIN USING compares a masked column",
-                Some(&m.origin),
-            );
+            if let Some(v) = whole("JOIN USING compares a masked column", m.column.to_string()) {
+                return v;
+            }
         }
     }
     for r in &facts.row_args {
         if let Some(rel) = r.last().and_then(|n| scope.masked_relation(n)) {
-            return refuse(
-                kind,
-                rel.qualified(),
+            if let Some(v) = whole(
                 "a whole row of a masked table is passed to a function",
-                None,
-            );
+                rel.qualified(),
+            ) {
+                return v;
+            }
         }
     }
     if let Some(v) = returning_wildcard(stmt) {
@@ -887,20 +982,20 @@ fn check_masked(
         }
         let top_addr = select as *const Select as usize;
         if facts.wildcard_selects.iter().any(|&s| s != top_addr) {
-            return refuse(
-                kind,
-                first,
+            if let Some(v) = whole(
                 "`*` inside a subquery or CTE would pass masked columns on",
-                None,
-            );
+                first.to_string(),
+            ) {
+                return v;
+            }
         }
     } else if !facts.wildcard_selects.is_empty() {
-        return refuse(
-            kind,
-            first,
+        if let Some(v) = whole(
             "`*` over a masked table outside the outermost SELECT list",
-            None,
-        );
+            first.to_string(),
+        ) {
+            return v;
+        }
     }
 
     for (addr, parts, sql) in &facts.idents {
@@ -919,7 +1014,7 @@ fn check_masked(
                 match sqlmask::mask_sql(&m.definition, sql, &m.type_name, m.class.is_text()) {
                     Some(masked) => {
                         let name = parts.last().cloned().unwrap_or_default();
-                        subs.insert(*addr, Substitution { sql: masked, name });
+                        subs.exprs.insert(*addr, Substitution { sql: masked, name });
                     }
                     None => {
                         return refuse(
@@ -935,17 +1030,50 @@ fn check_masked(
                 }
             }
             Use::WholeRow(table) => {
-                return refuse(
-                    kind,
-                    table,
+                if let Some(v) = whole(
                     "a whole-row reference would carry masked columns in clear",
-                    None,
-                );
+                    table,
+                ) {
+                    return v;
+                }
             }
             Use::None => {}
         }
     }
+    if mask_tables {
+        for (addr, rel, alias) in scope.masked_refs.iter().filter(|(a, _, _)| *a != 0) {
+            let sql = masking_select(rel, scope.masks_of(rel));
+            subs.tables.insert(
+                *addr,
+                (sql, alias.clone().unwrap_or_else(|| rel.name.clone())),
+            );
+        }
+    }
     Verdict::Masked
+}
+
+/// `SELECT <every column, masked ones as their SQL masks> FROM schema.table`.
+fn masking_select(rel: &Relation, masks: Option<&TableMasks>) -> String {
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let cols: Vec<String> =
+        rel.columns
+            .iter()
+            .map(|c| {
+                let q = quote(&c.name);
+                match masks.and_then(|m| m.get(&c.name)).and_then(|m| {
+                    sqlmask::mask_sql(&m.definition, &q, &m.type_name, m.class.is_text())
+                }) {
+                    Some(masked) => format!("{masked} AS {q}"),
+                    None => q,
+                }
+            })
+            .collect();
+    format!(
+        "SELECT {} FROM {}.{}",
+        cols.join(", "),
+        quote(&rel.schema),
+        quote(&rel.name)
+    )
 }
 
 fn scope_has_masks(scope: &Scope<'_>) -> bool {
