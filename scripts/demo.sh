@@ -41,9 +41,13 @@ show crm_admin admin_pw "crm_admin: exempt from every mask, sees clear values"
 show alice alice_pw "crm_support: phone, email, national_id, balance masked; birth_date exempt for support"
 
 echo
-echo "== alice tries to get around the mask: SELECT upper(phone) FROM customers"
+echo "== alice tries to get around the mask with an expression: it runs on the masked value"
 PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
-  -c "SELECT upper(phone) FROM customers LIMIT 3" 2>&1 || true
+  -c "SELECT id, upper(phone) FROM customers ORDER BY id LIMIT 2" \
+  -c "SELECT count(*) AS found_by_clear_prefix FROM customers WHERE phone LIKE '1391%'" 2>&1 || true
+echo "== alice tries SQL hidden in a string: refused"
+PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
+  -c "SELECT query_to_xml('SELECT phone FROM customers', true, true, '')" 2>&1 || true
 
 echo "== alice tries: DELETE FROM customers WHERE id = 1"
 PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
