@@ -460,11 +460,23 @@ async fn rules_reload_reaches_running_sessions() {
     let alice = p.connect("alice", "alice_pw").await;
     let admin = p.connect("crm_admin", "admin_pw").await;
     let q = "SELECT full_name FROM customers WHERE id = 1";
+    // Prepared before the reload: it must not run unmasked after it.
+    let stmt = alice
+        .prepare("SELECT upper(full_name) FROM customers WHERE id = 1")
+        .await
+        .unwrap();
     assert_eq!(simple_rows(&alice, q).await.unwrap(), "Customer 1|\n");
     let extra = "\n[[mask]]\ncolumn = \"customers.full_name\"\nfunction = \"redact\"\nunmasked_for = [\"crm_admin\"]\n";
     std::fs::write(dir.path().join("rules.toml"), format!("{RULES}{extra}")).unwrap();
     p.proxy.reload_rules().unwrap();
-    // The same session, without reconnecting: the new mask applies at once ...
+    // The session whose masks changed is ended at its next statement ...
+    let e = alice
+        .query(&stmt, &[])
+        .await
+        .expect_err("old plans must not run");
+    assert!(format!("{e:?}").contains("rules changed"), "{e:?}");
+    // ... a new one gets the new mask, in flight and in SQL ...
+    let alice = p.connect("alice", "alice_pw").await;
     assert_eq!(simple_rows(&alice, q).await.unwrap(), "****|\n");
     assert_eq!(
         simple_rows(
@@ -475,7 +487,7 @@ async fn rules_reload_reaches_running_sessions() {
         .unwrap(),
         "****|\n"
     );
-    // ... and exempt roles are unaffected.
+    // ... and a session the reload does not concern goes on.
     assert_eq!(simple_rows(&admin, q).await.unwrap(), "Customer 1|\n");
 }
 

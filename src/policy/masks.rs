@@ -127,6 +127,20 @@ impl SessionMasks {
         self.by_table.is_empty()
     }
 
+    /// What the masks are, independent of build order: to tell whether a rules reload
+    /// changed anything for a session.
+    pub fn fingerprint(&self) -> Vec<(String, &'static str, bool)> {
+        let mut out: Vec<_> = self
+            .by_table
+            .values()
+            .flat_map(|cols| cols.values())
+            .map(|m| (m.column.to_string(), m.function, m.searchable))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The masked columns of a table, by name.
     pub fn of_table(&self, oid: u32) -> Option<&HashMap<String, Arc<ColumnMask>>> {
         self.by_table.get(&oid)

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::identity::SessionIdentity;
-use crate::catalog::{search_path_schemas, Catalog};
+use crate::catalog::Catalog;
 use crate::config::rules::Unanalysable;
 use crate::policy::SessionMasks;
 use crate::server::Proxy;
@@ -29,9 +29,10 @@ impl PolicyRefresh {
         }
     }
 
-    /// Rebuilds `policy` if the rules changed since it was built. `Err` when masks now
-    /// apply to this session but its database's catalog was never loaded: the session
-    /// must reconnect (failing closed beats running unmasked).
+    /// Checks, after a rules reload, whether this session's masks changed. Statements
+    /// prepared, cursors declared and verdicts cached under the old masks cannot be
+    /// re-checked, so a session whose masks changed is ended (`Err`) and reconnects under
+    /// the new rules; a session the reload does not concern goes on.
     pub fn refresh(&mut self, policy: &mut Option<SessionPolicy>) -> Result<(), String> {
         let generation = self.proxy.rules_generation();
         if generation == self.generation {
@@ -43,34 +44,30 @@ impl PolicyRefresh {
             .masks
             .iter()
             .any(|r| crate::policy::masks::applies(r, &self.identity));
-        if !applies {
-            *policy = None;
+        let before = policy
+            .as_ref()
+            .map(|p| p.masks.fingerprint())
+            .unwrap_or_default();
+        let after = if !applies {
+            Vec::new()
+        } else {
+            let catalog = policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
+                self.proxy
+                    .catalogs
+                    .get(&self.identity.database)
+                    .map(|c| c.catalog.clone())
+            });
+            match catalog {
+                Some(c) => SessionMasks::build(&rules, &self.identity, &c).fingerprint(),
+                // Masks apply but were never resolved for this session: they changed.
+                None => vec![(String::new(), "unresolved", false)],
+            }
+        };
+        if before == after {
             return Ok(());
         }
-        let catalog = policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
-            self.proxy
-                .catalogs
-                .get(&self.identity.database)
-                .map(|c| c.catalog.clone())
-        });
-        let Some(catalog) = catalog else {
-            return Err("pgveil: the masking rules changed; reconnect to continue".into());
-        };
-        let masks = SessionMasks::build(&rules, &self.identity, &catalog);
-        let created = policy.take().map(|p| p.created).unwrap_or_default();
-        if !masks.is_empty() {
-            let mut fresh = SessionPolicy::new(
-                Arc::new(masks),
-                catalog,
-                search_path_schemas(&self.identity.search_path, &self.identity.user),
-                rules.settings.unanalysable,
-                self.identity.user.clone(),
-            );
-            fresh.created = created;
-            *policy = Some(fresh);
-        }
-        tracing::info!("session masks rebuilt after a rules reload");
-        Ok(())
+        tracing::info!("masks changed by a rules reload; ending the session");
+        Err("pgveil: the masking rules changed; reconnect to continue".into())
     }
 }
 
