@@ -126,7 +126,11 @@ impl SessionPolicy {
             standard_conforming_strings,
         };
         let (verdict, created) = masking::check(sql, &ctx);
-        self.created.extend(created);
+        if !created.is_empty() {
+            // Verdicts cached before may have refused these names as unknown.
+            self.verdicts.clear();
+            self.created.extend(created);
+        }
         let message = screen_of(&verdict, &self.role);
         if standard_conforming_strings {
             if self.verdicts.len() >= VERDICT_CACHE {
