@@ -41,6 +41,8 @@ pub(super) struct Facts {
     /// Field names after a dot in `(x).field`: names, not column references.
     pub(super) field_names: HashSet<usize>,
     pub(super) natural_join: bool,
+    /// A bare `*` inside an expression: the whole row of every table in scope.
+    pub(super) expr_wildcard: bool,
     pub(super) select_into: bool,
 }
 
@@ -109,6 +111,15 @@ impl Visitor for Facts {
                     }
                 }
             }
+            // `(c.*)` and `(*)` inside an expression are whole rows, not expansions.
+            Expr::QualifiedWildcard(name, _) => {
+                // Classified by the relation it names, as a whole-row reference.
+                let relation = name_parts(name)
+                    .and_then(|p| p.last().cloned())
+                    .unwrap_or_else(|| "?".into());
+                self.idents.push((addr, vec![relation], e.to_string()));
+            }
+            Expr::Wildcard(_) => self.expr_wildcard = true,
             Expr::Identifier(i) => self.idents.push((addr, vec![fold(i)], e.to_string())),
             Expr::CompoundIdentifier(parts) => {
                 self.idents

@@ -11,6 +11,7 @@
 
 mod facts;
 mod rewrite;
+pub mod testing;
 
 use facts::{classify, Facts, Scope, TableRef, Use};
 use rewrite::{
@@ -26,7 +27,6 @@ use sqlparser::ast::{
     visit_expressions, Distinct, Expr, GroupByExpr, OrderByKind, Query, Select, SelectItem,
     SetExpr, Statement, Value, Visit,
 };
-
 
 use super::{fold, kind_of, name_parts};
 use crate::catalog::Catalog;
@@ -409,6 +409,11 @@ fn check_masked(
             ))
         }
     };
+    if facts.expr_wildcard {
+        if let Some(v) = whole("`*` inside an expression is a whole row", first.to_string()) {
+            return v;
+        }
+    }
     if facts.natural_join {
         if let Some(v) = whole("NATURAL JOIN compares masked columns", first.to_string()) {
             return v;
