@@ -357,13 +357,54 @@ fn check_masked(
     first: &str,
     subs: &mut Substitutions,
 ) -> Verdict {
-    let top = match stmt {
-        Statement::Query(q) => match q.body.as_ref() {
+    match judge_masked(stmt, kind, facts, scope, first, subs) {
+        Ok(()) => Verdict::Masked,
+        Err(refused) => refused,
+    }
+}
+
+/// The steps of [`check_masked`]; `Err` carries the refusal.
+fn judge_masked(
+    stmt: &Statement,
+    kind: &'static str,
+    facts: &Facts,
+    scope: &Scope<'_>,
+    first: &str,
+    subs: &mut Substitutions,
+) -> Result<(), Verdict> {
+    let top = outermost_select(stmt, kind, first)?;
+    let mut whole = WholeRows::new(scope, kind);
+    whole_row_forms(facts, scope, &mut whole, first)?;
+    if let Some(v) = returning_wildcard(stmt) {
+        return Err(refuse(kind, first, v, None));
+    }
+    let zones = in_flight_zones(top, facts, scope, &mut whole, kind, first)?;
+    for (addr, parts, sql) in &facts.idents {
+        judge_use(*addr, parts, sql, scope, &zones, &mut whole, kind, subs)?;
+    }
+    if whole.needed {
+        for (addr, rel, alias) in scope.masked_refs.iter().filter(|(a, _, _)| *a != 0) {
+            let sql = masking_select(rel, scope.masks_of(rel));
+            let name = alias.clone().unwrap_or_else(|| rel.name.clone());
+            subs.tables.insert(*addr, (sql, name));
+        }
+    }
+    Ok(())
+}
+
+/// The outermost SELECT, whose bare output columns in-flight masking can cover; `None`
+/// for statements whose results no RowDescription describes (every masked reference in
+/// them is computed masked in SQL). Other kinds may not read masked tables at all.
+fn outermost_select<'s>(
+    stmt: &'s Statement,
+    kind: &'static str,
+    first: &str,
+) -> Result<Option<(&'s Query, &'s Select)>, Verdict> {
+    match stmt {
+        Statement::Query(q) => Ok(match q.body.as_ref() {
             SetExpr::Select(s) => Some((q.as_ref(), s.as_ref())),
             _ => None,
-        },
-        // Their results are not described by a RowDescription that in-flight masking
-        // could use, so every masked reference in them is computed masked in SQL.
+        }),
         Statement::Insert(_)
         | Statement::Update(_)
         | Statement::Delete(_)
@@ -376,199 +417,206 @@ fn check_masked(
             source: sqlparser::ast::CopySource::Query(_),
             ..
         }
-        | Statement::Copy { to: false, .. } => None,
-        _ => {
-            return refuse(
-                kind,
-                first,
-                "statements of this kind may not read masked tables",
-                None,
-            )
-        }
-    };
-    // Whole-row uses (`SELECT c`, `row_to_json(c)`, `c.*` passed on, `*` in a subquery,
-    // NATURAL JOIN, JOIN USING) need the table itself masked: it is replaced by a derived
-    // table that masks every column, which is possible when every mask on it has a SQL
-    // form. Keyless masks are idempotent, so column substitutions on top do no harm.
-    let tables_maskable = scope.masked.iter().all(|(_, cols)| {
-        cols.values().all(|m| {
-            sqlmask::mask_sql(&m.definition, "x", &m.type_name, m.class.is_text()).is_some()
-        })
-    });
-    let mut mask_tables = false;
-    let mut whole = |reason: &str, table: String| -> Option<Verdict> {
-        if tables_maskable {
-            mask_tables = true;
-            None
-        } else {
-            Some(refuse(
-                kind,
-                table,
-                format!("{reason}, and a mask on the table exists only in flight"),
-                None,
-            ))
-        }
-    };
-    if facts.expr_wildcard {
-        if let Some(v) = whole("`*` inside an expression is a whole row", first.to_string()) {
-            return v;
+        | Statement::Copy { to: false, .. } => Ok(None),
+        _ => Err(refuse(
+            kind,
+            first,
+            "statements of this kind may not read masked tables",
+            None,
+        )),
+    }
+}
+
+/// Whole-row uses (`SELECT c`, `row_to_json(c)`, `c.*` passed on, `*` in a subquery,
+/// NATURAL JOIN, JOIN USING) need the table itself masked: it is replaced by a derived
+/// table that masks every column, which is possible when every mask on it has a SQL form.
+/// Keyless masks are idempotent, so column substitutions on top do no harm.
+struct WholeRows {
+    maskable: bool,
+    needed: bool,
+    kind: &'static str,
+}
+
+impl WholeRows {
+    fn new(scope: &Scope<'_>, kind: &'static str) -> WholeRows {
+        let maskable = scope.masked.iter().all(|(_, cols)| {
+            cols.values().all(|m| {
+                sqlmask::mask_sql(&m.definition, "x", &m.type_name, m.class.is_text()).is_some()
+            })
+        });
+        WholeRows {
+            maskable,
+            needed: false,
+            kind,
         }
     }
-    if facts.natural_join {
-        if let Some(v) = whole("NATURAL JOIN compares masked columns", first.to_string()) {
-            return v;
+
+    fn need(&mut self, reason: &str, table: impl Into<String>) -> Result<(), Verdict> {
+        if self.maskable {
+            self.needed = true;
+            Ok(())
+        } else {
+            let reason = format!("{reason}, and a mask on the table exists only in flight");
+            Err(refuse(self.kind, table, reason, None))
         }
+    }
+}
+
+fn whole_row_forms(
+    facts: &Facts,
+    scope: &Scope<'_>,
+    whole: &mut WholeRows,
+    first: &str,
+) -> Result<(), Verdict> {
+    if facts.expr_wildcard {
+        whole.need("`*` inside an expression is a whole row", first)?;
+    }
+    if facts.natural_join {
+        whole.need("NATURAL JOIN compares masked columns", first)?;
     }
     for c in &facts.using_columns {
         if let Some(m) = scope.masked_column(c) {
-            if let Some(v) = whole("JOIN USING compares a masked column", m.column.to_string()) {
-                return v;
-            }
+            whole.need("JOIN USING compares a masked column", m.column.to_string())?;
         }
     }
     for r in &facts.row_args {
         if let Some(rel) = r.last().and_then(|n| scope.masked_relation(n)) {
-            if let Some(v) = whole(
+            whole.need(
                 "a whole row of a masked table is passed to a function",
                 rel.qualified(),
-            ) {
-                return v;
-            }
+            )?;
         }
     }
-    if let Some(v) = returning_wildcard(stmt) {
-        return refuse(kind, first, v, None);
-    }
+    Ok(())
+}
 
-    // Where in-flight masking covers a masked column: bare references in the outermost
-    // SELECT list; `searchable` columns may also be compared in the outermost WHERE.
-    let mut bare: HashSet<usize> = HashSet::new();
+/// Where masked columns may appear unchanged: bare references in the outermost SELECT
+/// list (masked in flight) and, for `searchable` masks, the outermost WHERE.
+#[derive(Default)]
+struct Zones {
+    bare: HashSet<usize>,
+    searchable: HashSet<usize>,
+}
+
+fn in_flight_zones(
+    top: Option<(&Query, &Select)>,
+    facts: &Facts,
+    scope: &Scope<'_>,
+    whole: &mut WholeRows,
+    kind: &'static str,
+    first: &str,
+) -> Result<Zones, Verdict> {
+    let mut zones = Zones::default();
+    let Some((query, select)) = top else {
+        if !facts.wildcard_selects.is_empty() {
+            whole.need(
+                "`*` over a masked table outside the outermost SELECT list",
+                first,
+            )?;
+        }
+        return Ok(zones);
+    };
     let mut bare_aliases: HashSet<String> = HashSet::new();
     let mut wildcard_output = false;
-    let mut searchable_zone: HashSet<usize> = HashSet::new();
-    if let Some((query, select)) = top {
-        for item in &select.projection {
-            let (expr, alias) = match item {
-                SelectItem::UnnamedExpr(e) => (e, None),
-                SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
-                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
-                    wildcard_output = true;
-                    if let Some(d) = deny_in_scope(scope) {
-                        return refuse(
-                            kind,
-                            d.column.to_string(),
-                            "the column's mask is deny",
-                            Some(&d.origin),
-                        );
-                    }
-                    continue;
-                }
-                _ => continue,
-            };
-            let parts = match expr {
-                Expr::Identifier(i) => vec![fold(i)],
-                Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
-                _ => continue,
-            };
-            if let Use::Column(_) = classify(&parts, scope) {
-                bare.insert(expr as *const Expr as usize);
-                bare_aliases
-                    .insert(alias.unwrap_or_else(|| parts.last().cloned().unwrap_or_default()));
-            }
-        }
-        // Sorting, grouping or de-duplicating by a masked output column, or storing it
-        // (SELECT INTO), would use its clear value: such columns are masked in SQL instead.
-        let by_alias = facts.idents.iter().any(|(addr, parts, _)| {
-            parts.len() == 1 && bare_aliases.contains(&parts[0]) && !bare.contains(addr)
-        });
-        let leak = ordering_leak(query, select).is_some() || by_alias || facts.select_into;
-        if leak && (wildcard_output && scope_has_masks(scope)) {
-            return refuse(
-                kind,
-                first,
-                "`*` output cannot be masked in SQL for ORDER BY, GROUP BY, DISTINCT or INTO",
-                None,
-            );
-        }
-        if leak {
-            bare.clear();
-        }
-        if let Some(w) = &select.selection {
-            let _ = visit_expressions(w, |e: &Expr| {
-                searchable_zone.insert(e as *const Expr as usize);
-                ControlFlow::<()>::Continue(())
-            });
-        }
-        let top_addr = select as *const Select as usize;
-        if facts.wildcard_selects.iter().any(|&s| s != top_addr) {
-            if let Some(v) = whole(
-                "`*` inside a subquery or CTE would pass masked columns on",
-                first.to_string(),
-            ) {
-                return v;
-            }
-        }
-    } else if !facts.wildcard_selects.is_empty() {
-        if let Some(v) = whole(
-            "`*` over a masked table outside the outermost SELECT list",
-            first.to_string(),
-        ) {
-            return v;
-        }
-    }
-
-    for (addr, parts, sql) in &facts.idents {
-        match classify(parts, scope) {
-            Use::Column(m) if m.is_deny() => {
-                return refuse(
-                    kind,
-                    m.column.to_string(),
-                    "the column's mask is deny",
-                    Some(&m.origin),
-                );
-            }
-            Use::Column(_) if bare.contains(addr) => {}
-            Use::Column(m) if m.searchable && searchable_zone.contains(addr) => {}
-            Use::Column(m) => {
-                match sqlmask::mask_sql(&m.definition, sql, &m.type_name, m.class.is_text()) {
-                    Some(masked) => {
-                        let name = parts.last().cloned().unwrap_or_default();
-                        subs.exprs.insert(*addr, Substitution { sql: masked, name });
-                    }
-                    None => {
-                        return refuse(
+    for item in &select.projection {
+        let (expr, alias) = match item {
+            SelectItem::UnnamedExpr(e) => (e, None),
+            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                wildcard_output = true;
+                if let Some(d) = deny_in_scope(scope) {
+                    let table = d.column.to_string();
+                    return Err(refuse(
                         kind,
-                        m.column.to_string(),
-                        format!(
-                            "masked column {} ({} mask) can only be returned as is, not used in an expression, predicate or subquery",
-                            m.column.column, m.function
-                        ),
-                        Some(&m.origin),
-                    );
-                    }
+                        table,
+                        "the column's mask is deny",
+                        Some(&d.origin),
+                    ));
                 }
+                continue;
             }
-            Use::WholeRow(table) => {
-                if let Some(v) = whole(
-                    "a whole-row reference would carry masked columns in clear",
-                    table,
-                ) {
-                    return v;
-                }
-            }
-            Use::None => {}
+            _ => continue,
+        };
+        let parts = match expr {
+            Expr::Identifier(i) => vec![fold(i)],
+            Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
+            _ => continue,
+        };
+        if let Use::Column(_) = classify(&parts, scope) {
+            zones.bare.insert(expr as *const Expr as usize);
+            bare_aliases.insert(alias.unwrap_or_else(|| parts.last().cloned().unwrap_or_default()));
         }
     }
-    if mask_tables {
-        for (addr, rel, alias) in scope.masked_refs.iter().filter(|(a, _, _)| *a != 0) {
-            let sql = masking_select(rel, scope.masks_of(rel));
-            subs.tables.insert(
-                *addr,
-                (sql, alias.clone().unwrap_or_else(|| rel.name.clone())),
-            );
-        }
+    // Sorting, grouping or de-duplicating by a masked output column, or storing it
+    // (SELECT INTO), would use its clear value: such columns are masked in SQL instead.
+    let by_alias = facts.idents.iter().any(|(addr, parts, _)| {
+        parts.len() == 1 && bare_aliases.contains(&parts[0]) && !zones.bare.contains(addr)
+    });
+    let leak = ordering_leak(query, select).is_some() || by_alias || facts.select_into;
+    if leak && wildcard_output && scope_has_masks(scope) {
+        let reason = "`*` output cannot be masked in SQL for ORDER BY, GROUP BY, DISTINCT or INTO";
+        return Err(refuse(kind, first, reason, None));
     }
-    Verdict::Masked
+    if leak {
+        zones.bare.clear();
+    }
+    if let Some(w) = &select.selection {
+        let _ = visit_expressions(w, |e: &Expr| {
+            zones.searchable.insert(e as *const Expr as usize);
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    let top_addr = select as *const Select as usize;
+    if facts.wildcard_selects.iter().any(|&s| s != top_addr) {
+        whole.need(
+            "`*` inside a subquery or CTE would pass masked columns on",
+            first,
+        )?;
+    }
+    Ok(zones)
+}
+
+/// One column-like reference: left alone (in flight, or searchable), replaced by its SQL
+/// mask, served by masking its whole table, or refused.
+#[allow(clippy::too_many_arguments)]
+fn judge_use(
+    addr: usize,
+    parts: &[String],
+    sql: &str,
+    scope: &Scope<'_>,
+    zones: &Zones,
+    whole: &mut WholeRows,
+    kind: &'static str,
+    subs: &mut Substitutions,
+) -> Result<(), Verdict> {
+    match classify(parts, scope) {
+        Use::Column(m) if m.is_deny() => Err(refuse(
+            kind,
+            m.column.to_string(),
+            "the column's mask is deny",
+            Some(&m.origin),
+        )),
+        Use::Column(_) if zones.bare.contains(&addr) => Ok(()),
+        Use::Column(m) if m.searchable && zones.searchable.contains(&addr) => Ok(()),
+        Use::Column(m) => match sqlmask::mask_sql(&m.definition, sql, &m.type_name, m.class.is_text()) {
+            Some(masked) => {
+                let name = parts.last().cloned().unwrap_or_default();
+                subs.exprs.insert(addr, Substitution { sql: masked, name });
+                Ok(())
+            }
+            None => Err(refuse(
+                kind,
+                m.column.to_string(),
+                format!(
+                    "masked column {} ({} mask) can only be returned as is, not used in an expression, predicate or subquery",
+                    m.column.column, m.function
+                ),
+                Some(&m.origin),
+            )),
+        },
+        Use::WholeRow(table) => whole.need("a whole-row reference would carry masked columns in clear", table),
+        Use::None => Ok(()),
+    }
 }
 
 fn scope_has_masks(scope: &Scope<'_>) -> bool {
