@@ -228,53 +228,67 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
             function: false,
         });
     }
+    let scope =
+        match check_functions(&facts, ctx, kind).and_then(|()| resolve_tables(&facts, ctx, kind)) {
+            Ok(scope) => scope,
+            Err(refused) => return refused,
+        };
+    if scope.masked.is_empty() {
+        return Verdict::Pass;
+    }
+    let first = scope.masked[0].0.qualified();
+    check_masked(stmt, kind, &facts, &scope, &first, subs)
+}
 
-    for f in &facts.functions {
+/// Only built-in functions that neither run SQL nor read data behind the analysis may
+/// run for a masked role (a user-defined function could read any masked table).
+fn check_functions(facts: &Facts, ctx: &Context<'_>, kind: &'static str) -> Result<(), Verdict> {
+    let calls = facts.functions.iter().map(|f| (f.as_slice(), false));
+    let in_from = facts
+        .tables
+        .iter()
+        .filter(|t| t.function)
+        .map(|t| (t.parts.as_slice(), true));
+    for (f, from) in calls.chain(in_from) {
         let name = f.last().map(String::as_str).unwrap_or("?");
-        let qualified_builtin = f.len() == 1 || (f.len() == 2 && f[0] == "pg_catalog");
+        let qualified_builtin = f.len() == 1 || (f.len() == 2 && f[0] == "pg_catalog") || from;
+        let function = format!("function {}", f.join("."));
         if is_dangerous(name) {
-            return refuse(
+            return Err(refuse(
                 kind,
-                format!("function {}", f.join(".")),
+                function,
                 "it runs SQL or reads data pgveil cannot see",
                 None,
-            );
+            ));
         }
         let builtin = qualified_builtin
-            && (ctx.catalog.is_builtin_function(name) || is_grammar_function(name))
+            && (ctx.catalog.is_builtin_function(name) || (!from && is_grammar_function(name)))
             && !ctx.catalog.is_user_function(name);
         if !builtin {
-            return refuse(
+            return Err(refuse(
                 kind,
-                format!("function {}", f.join(".")),
+                function,
                 "only built-in functions may run for masked roles",
                 None,
-            );
+            ));
         }
     }
+    Ok(())
+}
 
+/// Resolves every table reference as the server could (see `named` below) and collects
+/// the masked ones; refuses what the catalog cannot place or what exposes values.
+fn resolve_tables<'a>(
+    facts: &Facts,
+    ctx: &Context<'a>,
+    kind: &'static str,
+) -> Result<Scope<'a>, Verdict> {
     let mut scope = Scope {
         by_alias: HashMap::new(),
         masked: Vec::new(),
         masked_refs: Vec::new(),
     };
-    for t in &facts.tables {
-        if t.function {
-            let name = t.parts.join(".");
-            let last = t.parts.last().map(String::as_str).unwrap_or("");
-            if is_dangerous(last)
-                || ctx.catalog.is_user_function(last)
-                || !ctx.catalog.is_builtin_function(last)
-            {
-                return refuse(
-                    kind,
-                    format!("function {name}"),
-                    "only built-in functions may run for masked roles",
-                    None,
-                );
-            }
-            continue;
-        }
+    for t in facts.tables.iter().filter(|t| !t.function) {
         let rel = match t.parts.as_slice() {
             [name] if facts.ctes.contains(name) || ctx.temp_tables.contains(name) => continue,
             // The session may change search_path in ways the analysis cannot follow: a
@@ -291,24 +305,15 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
             _ => None,
         };
         let Some(rel) = rel else {
-            let name = t.parts.join(".");
             if ctx.catalog.is_system_relation(&t.parts) {
                 continue;
             }
-            return refuse(
-                kind,
-                name,
-                "the relation is unknown to pgveil's catalog",
-                None,
-            );
+            let reason = "the relation is unknown to pgveil's catalog";
+            return Err(refuse(kind, t.parts.join("."), reason, None));
         };
         if rel.schema == "pg_catalog" && STATS_VIEWS.contains(&rel.name.as_str()) {
-            return refuse(
-                kind,
-                rel.qualified(),
-                "catalog statistics expose column values",
-                None,
-            );
+            let reason = "catalog statistics expose column values";
+            return Err(refuse(kind, rel.qualified(), reason, None));
         }
         if let Some(table) = ctx.masks.view_reads_masked(rel.oid) {
             let table = ctx
@@ -316,37 +321,23 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
                 .by_oid(table)
                 .map(|t| t.qualified())
                 .unwrap_or_default();
-            return refuse(
-                kind,
-                rel.qualified(),
-                format!("the view reads masked table {table}"),
-                None,
-            );
+            let reason = format!("the view reads masked table {table}");
+            return Err(refuse(kind, rel.qualified(), reason, None));
         }
         if let Some(cols) = ctx.masks.of_table(rel.oid) {
             if t.alias_columns {
-                return refuse(
-                    kind,
-                    rel.qualified(),
-                    "column aliases on a masked table are not supported",
-                    None,
-                );
+                let reason = "column aliases on a masked table are not supported";
+                return Err(refuse(kind, rel.qualified(), reason, None));
             }
             scope.masked.push((rel.clone(), cols));
             scope
                 .masked_refs
                 .push((t.addr, rel.clone(), t.alias.clone()));
         }
-        scope.by_alias.insert(
-            t.alias.clone().unwrap_or_else(|| rel.name.clone()),
-            rel.clone(),
-        );
+        let name = t.alias.clone().unwrap_or_else(|| rel.name.clone());
+        scope.by_alias.insert(name, rel.clone());
     }
-    if scope.masked.is_empty() {
-        return Verdict::Pass;
-    }
-    let first = scope.masked[0].0.qualified();
-    check_masked(stmt, kind, &facts, &scope, &first, subs)
+    Ok(scope)
 }
 
 fn check_masked(
