@@ -1,0 +1,346 @@
+//! Judging each use of a masked column in one statement: left for in-flight masking,
+//! replaced by its SQL mask, served by masking the whole table, or refused.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    visit_expressions, Distinct, Expr, GroupByExpr, OrderByKind, Query, Select, SelectItem,
+    SetExpr, Statement, Value,
+};
+
+use super::facts::{classify, Facts, Scope, Use};
+use super::rewrite::{masking_select, Substitution, Substitutions};
+use super::{refuse, Verdict};
+use crate::policy::{sqlmask, ColumnMask};
+use crate::sql::fold;
+use std::sync::Arc;
+
+pub(super) fn check_masked(
+    stmt: &Statement,
+    kind: &'static str,
+    facts: &Facts,
+    scope: &Scope<'_>,
+    first: &str,
+    subs: &mut Substitutions,
+) -> Verdict {
+    match judge_masked(stmt, kind, facts, scope, first, subs) {
+        Ok(()) => Verdict::Masked,
+        Err(refused) => refused,
+    }
+}
+
+/// The steps of [`check_masked`]; `Err` carries the refusal.
+fn judge_masked(
+    stmt: &Statement,
+    kind: &'static str,
+    facts: &Facts,
+    scope: &Scope<'_>,
+    first: &str,
+    subs: &mut Substitutions,
+) -> Result<(), Verdict> {
+    let top = outermost_select(stmt, kind, first)?;
+    let mut whole = WholeRows::new(scope, kind);
+    whole_row_forms(facts, scope, &mut whole, first)?;
+    if let Some(v) = returning_wildcard(stmt) {
+        return Err(refuse(kind, first, v, None));
+    }
+    let zones = in_flight_zones(top, facts, scope, &mut whole, kind, first)?;
+    for (addr, parts, sql) in &facts.idents {
+        judge_use(*addr, parts, sql, scope, &zones, &mut whole, kind, subs)?;
+    }
+    if whole.needed {
+        for (addr, rel, alias) in scope.masked_refs.iter().filter(|(a, _, _)| *a != 0) {
+            let sql = masking_select(rel, scope.masks_of(rel));
+            let name = alias.clone().unwrap_or_else(|| rel.name.clone());
+            subs.tables.insert(*addr, (sql, name));
+        }
+    }
+    Ok(())
+}
+
+/// The outermost SELECT, whose bare output columns in-flight masking can cover; `None`
+/// for statements whose results no RowDescription describes (every masked reference in
+/// them is computed masked in SQL). Other kinds may not read masked tables at all.
+fn outermost_select<'s>(
+    stmt: &'s Statement,
+    kind: &'static str,
+    first: &str,
+) -> Result<Option<(&'s Query, &'s Select)>, Verdict> {
+    match stmt {
+        Statement::Query(q) => Ok(match q.body.as_ref() {
+            SetExpr::Select(s) => Some((q.as_ref(), s.as_ref())),
+            _ => None,
+        }),
+        Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_)
+        | Statement::Prepare { .. }
+        | Statement::Declare { .. }
+        | Statement::Explain { .. }
+        | Statement::CreateTable(_)
+        | Statement::CreateView(_)
+        | Statement::Copy {
+            source: sqlparser::ast::CopySource::Query(_),
+            ..
+        }
+        | Statement::Copy { to: false, .. } => Ok(None),
+        _ => Err(refuse(
+            kind,
+            first,
+            "statements of this kind may not read masked tables",
+            None,
+        )),
+    }
+}
+
+/// Whole-row uses (`SELECT c`, `row_to_json(c)`, `c.*` passed on, `*` in a subquery,
+/// NATURAL JOIN, JOIN USING) need the table itself masked: it is replaced by a derived
+/// table that masks every column, which is possible when every mask on it has a SQL form.
+/// Keyless masks are idempotent, so column substitutions on top do no harm.
+struct WholeRows {
+    maskable: bool,
+    needed: bool,
+    kind: &'static str,
+}
+
+impl WholeRows {
+    fn new(scope: &Scope<'_>, kind: &'static str) -> WholeRows {
+        let maskable = scope.masked.iter().all(|(_, cols)| {
+            cols.values().all(|m| {
+                sqlmask::mask_sql(&m.definition, "x", &m.type_name, m.class.is_text()).is_some()
+            })
+        });
+        WholeRows {
+            maskable,
+            needed: false,
+            kind,
+        }
+    }
+
+    fn need(&mut self, reason: &str, table: impl Into<String>) -> Result<(), Verdict> {
+        if self.maskable {
+            self.needed = true;
+            Ok(())
+        } else {
+            let reason = format!("{reason}, and a mask on the table exists only in flight");
+            Err(refuse(self.kind, table, reason, None))
+        }
+    }
+}
+
+fn whole_row_forms(
+    facts: &Facts,
+    scope: &Scope<'_>,
+    whole: &mut WholeRows,
+    first: &str,
+) -> Result<(), Verdict> {
+    if facts.expr_wildcard {
+        whole.need("`*` inside an expression is a whole row", first)?;
+    }
+    if facts.natural_join {
+        whole.need("NATURAL JOIN compares masked columns", first)?;
+    }
+    for c in &facts.using_columns {
+        if let Some(m) = scope.masked_column(c) {
+            whole.need("JOIN USING compares a masked column", m.column.to_string())?;
+        }
+    }
+    for r in &facts.row_args {
+        if let Some(rel) = r.last().and_then(|n| scope.masked_relation(n)) {
+            whole.need(
+                "a whole row of a masked table is passed to a function",
+                rel.qualified(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Where masked columns may appear unchanged: bare references in the outermost SELECT
+/// list (masked in flight) and, for `searchable` masks, the outermost WHERE.
+#[derive(Default)]
+struct Zones {
+    bare: HashSet<usize>,
+    searchable: HashSet<usize>,
+}
+
+fn in_flight_zones(
+    top: Option<(&Query, &Select)>,
+    facts: &Facts,
+    scope: &Scope<'_>,
+    whole: &mut WholeRows,
+    kind: &'static str,
+    first: &str,
+) -> Result<Zones, Verdict> {
+    let mut zones = Zones::default();
+    let Some((query, select)) = top else {
+        if !facts.wildcard_selects.is_empty() {
+            whole.need(
+                "`*` over a masked table outside the outermost SELECT list",
+                first,
+            )?;
+        }
+        return Ok(zones);
+    };
+    let mut bare_aliases: HashSet<String> = HashSet::new();
+    let mut wildcard_output = false;
+    for item in &select.projection {
+        let (expr, alias) = match item {
+            SelectItem::UnnamedExpr(e) => (e, None),
+            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                wildcard_output = true;
+                if let Some(d) = deny_in_scope(scope) {
+                    let table = d.column.to_string();
+                    return Err(refuse(
+                        kind,
+                        table,
+                        "the column's mask is deny",
+                        Some(&d.origin),
+                    ));
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let parts = match expr {
+            Expr::Identifier(i) => vec![fold(i)],
+            Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
+            _ => continue,
+        };
+        if let Use::Column(_) = classify(&parts, scope) {
+            zones.bare.insert(expr as *const Expr as usize);
+            bare_aliases.insert(alias.unwrap_or_else(|| parts.last().cloned().unwrap_or_default()));
+        }
+    }
+    // Sorting, grouping or de-duplicating by a masked output column, or storing it
+    // (SELECT INTO), would use its clear value: such columns are masked in SQL instead.
+    let by_alias = facts.idents.iter().any(|(addr, parts, _)| {
+        parts.len() == 1 && bare_aliases.contains(&parts[0]) && !zones.bare.contains(addr)
+    });
+    let leak = ordering_leak(query, select).is_some() || by_alias || facts.select_into;
+    if leak && wildcard_output && scope_has_masks(scope) {
+        let reason = "`*` output cannot be masked in SQL for ORDER BY, GROUP BY, DISTINCT or INTO";
+        return Err(refuse(kind, first, reason, None));
+    }
+    if leak {
+        zones.bare.clear();
+    }
+    if let Some(w) = &select.selection {
+        let _ = visit_expressions(w, |e: &Expr| {
+            zones.searchable.insert(e as *const Expr as usize);
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    let top_addr = select as *const Select as usize;
+    if facts.wildcard_selects.iter().any(|&s| s != top_addr) {
+        whole.need(
+            "`*` inside a subquery or CTE would pass masked columns on",
+            first,
+        )?;
+    }
+    Ok(zones)
+}
+
+/// One column-like reference: left alone (in flight, or searchable), replaced by its SQL
+/// mask, served by masking its whole table, or refused.
+#[allow(clippy::too_many_arguments)]
+fn judge_use(
+    addr: usize,
+    parts: &[String],
+    sql: &str,
+    scope: &Scope<'_>,
+    zones: &Zones,
+    whole: &mut WholeRows,
+    kind: &'static str,
+    subs: &mut Substitutions,
+) -> Result<(), Verdict> {
+    match classify(parts, scope) {
+        Use::Column(m) if m.is_deny() => Err(refuse(
+            kind,
+            m.column.to_string(),
+            "the column's mask is deny",
+            Some(&m.origin),
+        )),
+        Use::Column(_) if zones.bare.contains(&addr) => Ok(()),
+        Use::Column(m) if m.searchable && zones.searchable.contains(&addr) => Ok(()),
+        Use::Column(m) => match sqlmask::mask_sql(&m.definition, sql, &m.type_name, m.class.is_text()) {
+            Some(masked) => {
+                let name = parts.last().cloned().unwrap_or_default();
+                subs.exprs.insert(addr, Substitution { sql: masked, name });
+                Ok(())
+            }
+            None => Err(refuse(
+                kind,
+                m.column.to_string(),
+                format!(
+                    "masked column {} ({} mask) can only be returned as is, not used in an expression, predicate or subquery",
+                    m.column.column, m.function
+                ),
+                Some(&m.origin),
+            )),
+        },
+        Use::WholeRow(table) => whole.need("a whole-row reference would carry masked columns in clear", table),
+        Use::None => Ok(()),
+    }
+}
+
+fn scope_has_masks(scope: &Scope<'_>) -> bool {
+    !scope.masked.is_empty()
+}
+
+fn deny_in_scope<'a>(scope: &Scope<'a>) -> Option<&'a Arc<ColumnMask>> {
+    scope
+        .masked
+        .iter()
+        .flat_map(|(_, cols)| cols.values())
+        .find(|m| m.is_deny())
+}
+
+fn returning_wildcard(stmt: &Statement) -> Option<&'static str> {
+    let returning = match stmt {
+        Statement::Insert(i) => i.returning.as_ref(),
+        Statement::Update(u) => u.returning.as_ref(),
+        Statement::Delete(d) => d.returning.as_ref(),
+        _ => None,
+    }?;
+    returning
+        .iter()
+        .any(|i| {
+            matches!(
+                i,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        })
+        .then_some("RETURNING * would return masked columns in clear")
+}
+
+/// DISTINCT, or ORDER BY / GROUP BY by position, would compute on clear values of the
+/// masked output columns.
+fn ordering_leak(query: &Query, select: &Select) -> Option<&'static str> {
+    if matches!(
+        select.distinct,
+        Some(Distinct::Distinct) | Some(Distinct::On(_))
+    ) {
+        return Some("DISTINCT would compare masked columns in clear");
+    }
+    let positional = |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Number(..)));
+    if let Some(ob) = &query.order_by {
+        match &ob.kind {
+            OrderByKind::All(_) => return Some("ORDER BY ALL would sort by masked columns"),
+            OrderByKind::Expressions(exprs) => {
+                if exprs.iter().any(|o| positional(&o.expr)) {
+                    return Some("ORDER BY position would sort by clear values");
+                }
+            }
+        }
+    }
+    match &select.group_by {
+        GroupByExpr::All(_) => Some("GROUP BY ALL would group by masked columns"),
+        GroupByExpr::Expressions(exprs, _) if exprs.iter().any(positional) => {
+            Some("GROUP BY position would group by clear values")
+        }
+        _ => None,
+    }
+}
