@@ -196,8 +196,10 @@ impl Masker {
                     <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
                 mac.update(value);
                 let digest = mac.finalize().into_bytes();
+                const HEX: &[u8; 16] = b"0123456789abcdef";
                 for b in &digest[..16] {
-                    out.extend_from_slice(format!("{b:02x}").as_bytes());
+                    out.push(HEX[(b >> 4) as usize]);
+                    out.push(HEX[(b & 0xf) as usize]);
                 }
                 true
             }
