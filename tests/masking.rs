@@ -1074,3 +1074,37 @@ async fn whole_rows_of_keyless_masked_tables_are_masked_whole() {
         assert_no_secret(&format!("{got:?}"), sql);
     }
 }
+
+#[tokio::test]
+async fn refused_parse_answered_on_flush_without_sync() {
+    use tokio::io::AsyncWriteExt;
+    let (p, _d) = proxy().await;
+    cluster().psql_super("crm", "GRANT crm_base TO trust_user");
+    let mut s = common::raw_session(&p.addr_string(), "trust_user", "crm").await;
+    // Parse + Describe + Flush, then wait: drivers that describe before binding do this.
+    let sql = "SELECT upper(card_number) FROM customers";
+    let mut parse = vec![b'P'];
+    let body = [&b"s1\0"[..], sql.as_bytes(), b"\0", &0i16.to_be_bytes()].concat();
+    parse.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    parse.extend_from_slice(&body);
+    parse.extend_from_slice(b"D\0\0\0\x08Ss1\0");
+    parse.extend_from_slice(b"H\0\0\0\x04");
+    s.write_all(&parse).await.unwrap();
+    let body = common::expect_error(&mut s)
+        .await
+        .expect("the refusal, before any Sync");
+    assert_eq!(common::sqlstate_of(&body), "42501");
+    // Sync then ends the failed batch, as after a server error, and the session goes on.
+    s.write_all(b"S\0\0\0\x04").await.unwrap();
+    loop {
+        let (tag, body) = common::read_message(&mut s).await.expect("ReadyForQuery");
+        if tag == b'Z' {
+            assert_eq!(body, b"I");
+            break;
+        }
+        assert_ne!(tag, b'E', "only one error for one refusal");
+    }
+    s.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
+    let (tag, _) = common::read_message(&mut s).await.unwrap();
+    assert_eq!(tag, b'T');
+}

@@ -13,7 +13,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::error::{already_reported, SessionError};
 use super::policy::Screen;
 use super::rows::MaskPlan;
-use super::state::{Pending, Reply, SessionState};
+use super::state::{Discarding, Pending, Reply, SessionState};
 use super::{BoxRead, Legs};
 use crate::protocol::backend::{self, TransactionStatus};
 use crate::protocol::frontend::FrontendMessage;
@@ -317,6 +317,18 @@ fn without_data_fields(f: &Frame) -> Option<Frame> {
     }))
 }
 
+/// Has the server raise `message` within an extended-protocol batch: an unnamed
+/// statement that raises it, bound and executed. Its ParseComplete and BindComplete are
+/// pgveil's and are swallowed; its error is the client's.
+fn raise_refusal(st: &mut SessionState, message: &str, out: &mut BytesMut) {
+    out.extend_from_slice(write::parse("", &write::refusal_sql(message)).raw());
+    out.extend_from_slice(write::bind("", "").raw());
+    out.extend_from_slice(write::execute("").raw());
+    st.push_internal(Pending::Internal);
+    st.push_internal(Pending::Internal);
+    st.push_internal(Pending::Execute { portal: "".into() });
+}
+
 /// A refusal raised through `write::refusal_sql`, without the PL/pgSQL context and
 /// source location the server attaches: the client sees what pgveil means to say.
 fn own_refusal(code: &str, f: &Frame) -> Option<Frame> {
@@ -352,19 +364,22 @@ fn changes_schema(tag: &str) -> bool {
 /// For a masked session: forwards a client message, or replaces a refused one by a
 /// statement that makes the server raise the refusal (see `write::refusal_sql`).
 fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &mut BytesMut) {
-    if let Some(message) = st.discarding.clone() {
-        // After a refused Parse, as after a server error: skip to Sync. At Sync the server
-        // raises the refusal itself, unless an earlier error already has it skipping.
-        if *msg == FrontendMessage::Sync {
-            st.discarding = None;
-            out.extend_from_slice(write::parse("", &write::refusal_sql(&message)).raw());
-            out.extend_from_slice(write::bind("", "").raw());
-            out.extend_from_slice(write::execute("").raw());
-            st.push_internal(Pending::Internal);
-            st.push_internal(Pending::Internal);
-            st.push_internal(Pending::Execute { portal: "".into() });
-            st.on_client(msg);
-            out.extend_from_slice(raw.raw());
+    if st.discarding.is_some() {
+        // After a refused Parse, as after a server error: skip to Sync. The server raises
+        // the refusal itself (unless an earlier error already has it skipping) at the
+        // first Flush or Sync, so a client that flushes and waits gets its answer.
+        match msg {
+            FrontendMessage::Flush | FrontendMessage::Sync => {
+                if let Some(message) = st.discarding.as_mut().and_then(|d| d.take_unraised()) {
+                    raise_refusal(st, &message, out);
+                }
+                if *msg == FrontendMessage::Sync {
+                    st.discarding = None;
+                }
+                st.on_client(msg);
+                out.extend_from_slice(raw.raw());
+            }
+            _ => {}
         }
         return;
     }
@@ -390,7 +405,9 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
             st.on_client(msg);
             out.extend_from_slice(raw.raw());
         }
-        (Screen::Refuse(message), FrontendMessage::Parse { .. }) => st.discarding = Some(message),
+        (Screen::Refuse(message), FrontendMessage::Parse { .. }) => {
+            st.discarding = Some(Discarding::new(message))
+        }
         (Screen::Refuse(message), _) => {
             let sql = write::refusal_sql(&message);
             st.on_client(&FrontendMessage::Query { sql: &sql });

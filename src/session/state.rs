@@ -89,6 +89,26 @@ impl Pending {
     }
 }
 
+/// After a refused Parse: client messages are dropped until Sync, and the refusal is
+/// raised by the server once, at the first Flush or Sync.
+#[derive(Debug)]
+pub struct Discarding {
+    unraised: Option<String>,
+}
+
+impl Discarding {
+    pub fn new(message: String) -> Discarding {
+        Discarding {
+            unraised: Some(message),
+        }
+    }
+
+    /// The refusal, the first time it is asked for.
+    pub fn take_unraised(&mut self) -> Option<String> {
+        self.unraised.take()
+    }
+}
+
 /// Rows arrived for which no RowDescription is known.
 #[derive(Debug, PartialEq, Eq)]
 pub struct UnknownRows;
@@ -120,7 +140,7 @@ pub struct SessionState {
     /// The in-flight mask plan of the rows now streaming: `None` until computed.
     plan: Option<Option<Arc<MaskPlan>>>,
     /// A refused extended-protocol message: client messages are dropped until Sync.
-    pub discarding: Option<String>,
+    pub discarding: Option<Discarding>,
     /// Set when a statement may have changed the schema the cached catalog describes.
     pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Values masked in flight so far.
