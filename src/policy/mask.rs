@@ -207,12 +207,16 @@ impl Masker {
                 let mut cipher = Aes256Siv::new(key.as_slice().into());
                 match cipher.encrypt([b"pgveil"], value) {
                     Ok(ct) => {
+                        // Encoded straight into the output, without a String per value.
                         out.extend_from_slice(TOKEN_PREFIX.as_bytes());
-                        out.extend_from_slice(
-                            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                                .encode(ct)
-                                .as_bytes(),
-                        );
+                        let start = out.len();
+                        let len = base64::encoded_len(ct.len(), false).unwrap_or(0);
+                        out.resize(start + len, 0);
+                        let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                        match engine.encode_slice(&ct, &mut out[start..]) {
+                            Ok(n) => out.truncate(start + n),
+                            Err(_) => return false,
+                        }
                         true
                     }
                     Err(_) => false,
