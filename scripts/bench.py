@@ -105,6 +105,18 @@ pidfile = {d}/pgbouncer.pid
     return port, pid
 
 
+def start_pgveil(work, pg_port, rules, extra_args=""):
+    """Starts the release pgveil in front of pg_port; returns (process, port) once it answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{port}",
+         "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
+         "--audit-log", os.path.join(work, "audit.jsonl")] + extra_args.split(),
+        env=dict(os.environ, PGVEIL_LOG="warn"))
+    wait_ready(port)
+    return proc, port
+
+
 def pgbench(port, args, duration, clients):
     out = run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                "-c", str(clients), "-j", "2", "-T", str(duration)] + args + ["bench"],
@@ -153,14 +165,8 @@ def main():
 
         rules = os.path.join(work, "rules")
         os.makedirs(rules)
-        veil_port = free_port()
-        veil = subprocess.Popen(
-            [os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{veil_port}",
-             "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
-             "--audit-log", os.path.join(work, "audit.jsonl")] + a.pgveil_args.split(),
-            env=dict(os.environ, PGVEIL_LOG="warn"))
+        veil, veil_port = start_pgveil(work, pg_port, rules, a.pgveil_args)
         procs.append(veil)
-        wait_ready(veil_port)
         targets = [("direct", pg_port, None), ("pgveil", veil_port, veil.pid)]
         bouncer_pid = None
         if not a.no_pgbouncer:

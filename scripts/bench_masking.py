@@ -114,13 +114,7 @@ def main():
         os.makedirs(rules)
         with open(os.path.join(rules, "bench.toml"), "w") as f:
             f.write(RULES)
-        veil_port = bench.free_port()
-        veil = subprocess.Popen(
-            [os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{veil_port}",
-             "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
-             "--audit-log", os.path.join(work, "audit.jsonl")] + a.pgveil_args.split(),
-            env=dict(os.environ, PGVEIL_LOG="warn"))
-        bench.wait_ready(veil_port)
+        veil, veil_port = bench.start_pgveil(work, pg_port, rules, a.pgveil_args)
         # Sanity: the masked role really gets masked values.
         sample = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(veil_port), "-U", "masked_user",
                                  "-d", "bench", "-c", "SELECT phone, email FROM people WHERE id = 1"],

@@ -228,23 +228,27 @@ impl PgCluster {
         std::fs::write(self.data().join("pg_hba.conf"), hba).unwrap();
     }
 
+    /// `pg_ctl start` on `port`; whether the server came up.
+    fn pg_ctl_start(&self, port: u16) -> bool {
+        self.pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!("-p {port}"))
+            .arg("start")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
     /// Starts the server on a free port (retrying if another process takes it first).
     fn start_server(&self) -> u16 {
         for _ in 0..5 {
             let port = free_port();
-            let status = self
-                .pg_command("pg_ctl")
-                .arg("-D")
-                .arg(self.data())
-                .arg("-l")
-                .arg(self.dir.join("server.log"))
-                .args(["-w", "-t", "60", "-o"])
-                .arg(format!("-p {port}"))
-                .arg("start")
-                .stdout(Stdio::null())
-                .status()
-                .unwrap();
-            if status.success() {
+            if self.pg_ctl_start(port) {
                 return port;
             }
         }
@@ -268,19 +272,7 @@ impl PgCluster {
 
     /// Starts the server again on its old port.
     pub fn restart(&self) {
-        let status = self
-            .pg_command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.join("server.log"))
-            .args(["-w", "-t", "60", "-o"])
-            .arg(format!("-p {}", self.port))
-            .arg("start")
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "restart failed");
+        assert!(self.pg_ctl_start(self.port), "restart failed");
     }
 
     pub fn addr(&self) -> String {

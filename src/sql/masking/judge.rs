@@ -16,22 +16,9 @@ use crate::policy::{sqlmask, ColumnMask};
 use crate::sql::fold;
 use std::sync::Arc;
 
+/// Judges every use of a masked column in `stmt`, filling `subs` with the rewrites it
+/// needs; `Err` carries the refusal.
 pub(super) fn check_masked(
-    stmt: &Statement,
-    kind: &'static str,
-    facts: &Facts,
-    scope: &Scope<'_>,
-    first: &str,
-    subs: &mut Substitutions,
-) -> Verdict {
-    match judge_masked(stmt, kind, facts, scope, first, subs) {
-        Ok(()) => Verdict::Masked,
-        Err(refused) => refused,
-    }
-}
-
-/// The steps of [`check_masked`]; `Err` carries the refusal.
-fn judge_masked(
     stmt: &Statement,
     kind: &'static str,
     facts: &Facts,

@@ -230,7 +230,10 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
         return Verdict::Pass;
     }
     let first = scope.masked[0].0.qualified();
-    check_masked(stmt, kind, &facts, &scope, &first, subs)
+    match check_masked(stmt, kind, &facts, &scope, &first, subs) {
+        Ok(()) => Verdict::Masked,
+        Err(refused) => refused,
+    }
 }
 
 /// Only built-in functions that neither run SQL nor read data behind the analysis may
