@@ -2,6 +2,8 @@
 //! format. Every output is a valid value of the column's type (or NULL); NULL input stays
 //! NULL and is never passed here. Keys for `hash` and `tokenize` come from the environment.
 
+use std::io::Write;
+
 use aes_siv::siv::Aes256Siv;
 use aes_siv::KeyInit;
 use base64::Engine;
@@ -44,7 +46,11 @@ pub enum Masker {
         binary: Option<Vec<u8>>,
     },
     DateTrunc(TruncUnit),
-    Round(f64),
+    /// The step, and its number of decimals (the output's scale), computed once.
+    Round {
+        step: f64,
+        decimals: usize,
+    },
 }
 
 impl std::fmt::Debug for Masker {
@@ -59,7 +65,7 @@ impl std::fmt::Debug for Masker {
             Masker::Null => "null",
             Masker::Constant { .. } => "constant",
             Masker::DateTrunc(_) => "date_trunc",
-            Masker::Round(_) => "round",
+            Masker::Round { .. } => "round",
         };
         write!(f, "Masker({name})")
     }
@@ -157,7 +163,10 @@ impl Masker {
                 }
             }
             MaskFunction::DateTrunc { unit } => Masker::DateTrunc(*unit),
-            MaskFunction::Round { step } => Masker::Round(*step),
+            MaskFunction::Round { step } => Masker::Round {
+                step: *step,
+                decimals: decimals_of(*step),
+            },
             MaskFunction::Deny => return Ok(None),
         }))
     }
@@ -223,7 +232,7 @@ impl Masker {
                 }
             }
             Masker::DateTrunc(unit) => date_trunc(class, binary, value, *unit, out),
-            Masker::Round(step) => round(class, binary, value, *step, out),
+            Masker::Round { step, decimals } => round(class, binary, value, *step, *decimals, out),
         }
     }
 }
@@ -350,7 +359,7 @@ fn date_trunc(
             return false;
         };
         let (y, m, d) = trunc(y, m);
-        out.extend_from_slice(format!("{y:04}-{m:02}-{d:02}").as_bytes());
+        let _ = write!(out, "{y:04}-{m:02}-{d:02}");
         if class != TypeClass::Date {
             out.extend_from_slice(b" 00:00:00");
             if class == TypeClass::TimestampTz {
@@ -373,7 +382,14 @@ fn decimals_of(step: f64) -> usize {
     s.split_once('.').map(|(_, f)| f.len()).unwrap_or(0)
 }
 
-fn round(class: TypeClass, binary: bool, value: &[u8], step: f64, out: &mut Vec<u8>) -> bool {
+fn round(
+    class: TypeClass,
+    binary: bool,
+    value: &[u8],
+    step: f64,
+    decimals: usize,
+    out: &mut Vec<u8>,
+) -> bool {
     let int_step = step.round().max(1.0);
     match (class, binary) {
         (TypeClass::Int2 | TypeClass::Int4 | TypeClass::Int8, true) => {
@@ -407,9 +423,7 @@ fn round(class: TypeClass, binary: bool, value: &[u8], step: f64, out: &mut Vec<
                 TypeClass::Int4 => (i32::MIN as f64, i32::MAX as f64),
                 _ => (i64::MIN as f64, i64::MAX as f64),
             };
-            out.extend_from_slice(
-                format!("{}", round_to(v as f64, int_step).clamp(lo, hi) as i64).as_bytes(),
-            );
+            let _ = write!(out, "{}", round_to(v as f64, int_step).clamp(lo, hi) as i64);
             true
         }
         (TypeClass::Float4, true) => {
@@ -434,18 +448,20 @@ fn round(class: TypeClass, binary: bool, value: &[u8], step: f64, out: &mut Vec<
             else {
                 return false;
             };
-            out.extend_from_slice(format!("{}", finite_round(v, step)).as_bytes());
+            let _ = write!(out, "{}", finite_round(v, step));
             true
         }
         (TypeClass::Numeric, _) => {
+            let decoded;
             let text = if binary {
-                match pgtypes::numeric_from_binary(value) {
+                decoded = match pgtypes::numeric_from_binary(value) {
                     Some(t) => t,
                     None => return false,
-                }
+                };
+                decoded.as_str()
             } else {
                 match std::str::from_utf8(value) {
-                    Ok(t) => t.to_string(),
+                    Ok(t) => t,
                     Err(_) => return false,
                 }
             };
@@ -457,21 +473,22 @@ fn round(class: TypeClass, binary: bool, value: &[u8], step: f64, out: &mut Vec<
                 out.extend_from_slice(value);
                 return true;
             }
-            let rounded = format!("{:.*}", decimals_of(step), round_to(v, step));
-            let rounded = if rounded.starts_with('-')
-                && rounded.trim_start_matches(['-', '0', '.']).is_empty()
-            {
-                rounded[1..].to_string()
-            } else {
-                rounded
-            };
+            let rounded = round_to(v, step);
+            // -0.4 rounds to "-0": print zero without its sign.
+            let rounded = if rounded == 0.0 { 0.0 } else { rounded };
+            let start = out.len();
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "{:.*}", decimals, rounded);
             if binary {
-                match pgtypes::numeric_to_binary(&rounded) {
-                    Some(b) => out.extend_from_slice(&b),
-                    None => return false,
-                }
-            } else {
-                out.extend_from_slice(rounded.as_bytes());
+                let Some(encoded) = std::str::from_utf8(&out[start..])
+                    .ok()
+                    .and_then(pgtypes::numeric_to_binary)
+                else {
+                    out.truncate(start);
+                    return false;
+                };
+                out.truncate(start);
+                out.extend_from_slice(&encoded);
             }
             true
         }
