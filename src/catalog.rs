@@ -31,7 +31,10 @@ SELECT 's', n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
 SELECT 'i', inhrelid::text, inhparent::text FROM pg_catalog.pg_inherits; \
 SELECT 'w', c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c \
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
- WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+ WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema'); \
+SELECT DISTINCT 'k', conrelid::text, confrelid::text FROM pg_catalog.pg_constraint WHERE contype = 'f'; \
+SELECT 't', tgrelid::text, tgname::text FROM pg_catalog.pg_trigger \
+ WHERE tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate') AND tgenabled <> 'D'";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {
@@ -79,6 +82,10 @@ pub struct Catalog {
     system_relations: HashSet<String>,
     /// Inheritance children and partitions, by parent.
     children: HashMap<u32, Vec<u32>>,
+    /// Tables with a foreign key to a table, by the referenced table.
+    referencing: HashMap<u32, Vec<u32>>,
+    /// Enabled recycle-bin triggers: (table, trigger name).
+    trash_triggers: HashSet<(u32, String)>,
 }
 
 impl Catalog {
@@ -129,6 +136,18 @@ impl Catalog {
     pub fn relations(&self) -> impl Iterator<Item = &Arc<Relation>> {
         self.by_oid.values()
     }
+
+    /// Every table a `TRUNCATE ... CASCADE` of `oid` also empties (foreign keys to it,
+    /// transitively).
+    pub fn referencing(&self, oid: u32) -> Vec<u32> {
+        transitive_reads(oid, &self.referencing)
+    }
+
+    /// Whether `pgveil trash init` installed the recycle-bin trigger `name` on `oid` and it
+    /// is enabled.
+    pub fn has_trash_trigger(&self, oid: u32, name: &str) -> bool {
+        self.trash_triggers.contains(&(oid, name.to_string()))
+    }
 }
 
 /// Builds a [`Catalog`] from the text rows of [`CATALOG_QUERY`].
@@ -141,6 +160,8 @@ pub struct CatalogRows {
     functions: HashSet<String>,
     builtins: HashSet<String>,
     system: HashSet<String>,
+    references: Vec<(u32, u32)>,
+    trash_triggers: HashSet<(u32, String)>,
 }
 
 impl CatalogRows {
@@ -195,6 +216,16 @@ impl CatalogRows {
                         .insert(oid, def.trim().trim_end_matches(';').to_string());
                 }
             }
+            "k" => {
+                if let (Ok(from), Ok(to)) = (col(1).parse(), col(2).parse()) {
+                    self.references.push((from, to));
+                }
+            }
+            "t" => {
+                if let Ok(oid) = col(1).parse() {
+                    self.trash_triggers.insert((oid, col(2)));
+                }
+            }
             "s" => {
                 // Only pg_catalog is searched implicitly; information_schema needs its name.
                 if col(1) == "pg_catalog" {
@@ -225,8 +256,16 @@ impl CatalogRows {
         for (child, parent) in &self.inherits {
             children.entry(*parent).or_default().push(*child);
         }
+        let mut referencing: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (from, to) in &self.references {
+            if from != to {
+                referencing.entry(*to).or_default().push(*from);
+            }
+        }
         Catalog {
             children,
+            referencing,
+            trash_triggers: self.trash_triggers,
             by_name,
             by_oid,
             user_functions: self.functions,

@@ -153,15 +153,8 @@ pub async fn explain(
     }
     let mut roles: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     roles.sort();
-    let identity = SessionIdentity {
-        session_id: 0,
-        user: role.to_string(),
-        roles: roles.clone(),
-        database: String::new(),
-        client_addr: "127.0.0.1:0".parse().expect("literal address"),
-        application_name: "pgveil explain".into(),
-        search_path: "\"$user\", public".into(),
-    };
+    let role_refs: Vec<&str> = roles.iter().map(String::as_str).collect();
+    let identity = SessionIdentity::offline(role, &role_refs, "pgveil explain");
     out.push_str(&format!("roles: {}\n", roles.join(", ")));
     let masks = SessionMasks::build(rules, &identity, &catalog);
     let ctx = masking::Context {

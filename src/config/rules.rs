@@ -39,6 +39,31 @@ pub enum StatementKind {
     Other,
 }
 
+impl StatementKind {
+    /// The name rules and messages use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Insert => "insert",
+            StatementKind::Update => "update",
+            StatementKind::Delete => "delete",
+            StatementKind::Merge => "merge",
+            StatementKind::Truncate => "truncate",
+            StatementKind::Drop => "drop",
+            StatementKind::Alter => "alter",
+            StatementKind::Create => "create",
+            StatementKind::Grant => "grant",
+            StatementKind::Revoke => "revoke",
+            StatementKind::CopyFrom => "copy_from",
+            StatementKind::CopyTo => "copy_to",
+            StatementKind::Call => "call",
+            StatementKind::Do => "do",
+            StatementKind::Set => "set",
+            StatementKind::Other => "other",
+        }
+    }
+}
+
 /// What to do with a statement pgveil cannot analyse.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,6 +166,8 @@ pub struct AlertRule {
 pub struct Settings {
     pub unanalysable: Unanalysable,
     pub protected: Vec<StatementKind>,
+    /// Where `[settings]` was written; `None` when the defaults hold.
+    pub origin: Option<Origin>,
 }
 
 impl Default for Settings {
@@ -152,6 +179,7 @@ impl Default for Settings {
                 StatementKind::Truncate,
                 StatementKind::Drop,
             ],
+            origin: None,
         }
     }
 }
@@ -329,6 +357,7 @@ impl FileCtx<'_> {
                 let msg = format!("[settings] already given in {}", prev.display());
                 self.problem(&origin, msg);
             } else if let Some(settings) = self.entry::<RawSettings>(s, "settings") {
+                rules.settings.origin = Some(settings.0.clone());
                 rules.settings.unanalysable = settings.1.unanalysable.unwrap_or_default();
                 if let Some(p) = settings.1.protected {
                     rules.settings.protected = p;

@@ -11,10 +11,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
+use super::guard::SessionGuard;
 use super::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
 use super::policy::SessionPolicy;
 use super::Legs;
 use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
+use crate::config::rules::Rules;
+use crate::policy::guard::GuardPolicy;
 use crate::policy::SessionMasks;
 use crate::protocol::backend::{self, auth};
 use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
@@ -31,6 +34,8 @@ pub struct Established {
     pub cancel: Option<CancelRegistration>,
     /// Masking for this session, if any mask applies to it.
     pub policy: Option<SessionPolicy>,
+    /// The statement guard, if anything can be refused to this session.
+    pub guard: Option<SessionGuard>,
     /// Set after schema changes, when any mask is configured at all.
     pub catalog_stale: Option<Arc<AtomicBool>>,
 }
@@ -78,7 +83,8 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
             }
             b'Z' => {
                 let identity = read_identity(legs, &startup).await?;
-                let (policy, catalog_stale) = session_policy(legs, &startup, &identity).await?;
+                let (policy, guard, catalog_stale) =
+                    session_policy(legs, &startup, &identity).await?;
                 out.extend_from_slice(frame.raw());
                 send(&mut legs.client_w, &out).await?;
                 return Ok(Established {
@@ -86,6 +92,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
                     server_params: params,
                     cancel,
                     policy,
+                    guard,
                     catalog_stale,
                 });
             }
@@ -260,23 +267,34 @@ async fn read_identity(
         .ok_or_else(|| SessionError::Upstream("the server did not report the session user".into()))
 }
 
-/// The session's masking policy: the masks of rules that apply to its roles, resolved
-/// against the database's catalog (read on this connection if not cached).
+/// The session's masking policy (the masks of rules that apply to its roles, resolved
+/// against the database's catalog) and its statement guard. The catalog is read on the
+/// session's own connection when no fresh copy is cached for the database.
 async fn session_policy(
     legs: &mut Legs,
     startup: &Startup<'_>,
     identity: &SessionIdentity,
-) -> Result<(Option<SessionPolicy>, Option<Arc<AtomicBool>>), SessionError> {
+) -> Result<
+    (
+        Option<SessionPolicy>,
+        Option<SessionGuard>,
+        Option<Arc<AtomicBool>>,
+    ),
+    SessionError,
+> {
     let rules = startup.proxy.rules.load_full();
-    if rules.masks.is_empty() {
-        return Ok((None, None));
+    let guard = GuardPolicy::for_session(&rules, identity);
+    if rules.masks.is_empty() && guard.is_none() {
+        return Ok((None, None, None));
     }
     let cached = startup
         .proxy
         .catalogs
         .get(&identity.database)
         .map(|c| c.clone())
-        .filter(|c| !c.stale.load(Ordering::Relaxed));
+        .filter(|c| !c.stale.load(Ordering::Relaxed))
+        // Until `pgveil trash init` has run, look again at every connection.
+        .filter(|c| trash_ready(&rules, &c.catalog));
     let cached = match cached {
         Some(c) => c,
         None => {
@@ -292,17 +310,37 @@ async fn session_policy(
             entry
         }
     };
+    let search_path = search_path_schemas(&identity.search_path, &identity.user);
     let masks = SessionMasks::build(&rules, identity, &cached.catalog);
     let policy = (!masks.is_empty()).then(|| {
         SessionPolicy::new(
             Arc::new(masks),
             cached.catalog.clone(),
-            search_path_schemas(&identity.search_path, &identity.user),
+            search_path.clone(),
             rules.settings.unanalysable,
             identity.user.clone(),
         )
     });
-    Ok((policy, Some(cached.stale)))
+    let ready = trash_ready(&rules, &cached.catalog);
+    let guard = guard.filter(|g| !(g.allows_everything() && ready)).map(|g| {
+        SessionGuard::new(
+            g,
+            cached.catalog.clone(),
+            identity.user.clone(),
+            search_path,
+        )
+    });
+    Ok((policy, guard, Some(cached.stale)))
+}
+
+/// Whether every `[[recycle]]` table has its recycle-bin triggers in this catalog.
+fn trash_ready(rules: &Rules, catalog: &Catalog) -> bool {
+    rules.recycles.iter().all(|r| {
+        catalog.relation(&r.schema, &r.table).is_some_and(|rel| {
+            catalog.has_trash_trigger(rel.oid, "pgveil_trash_delete")
+                && catalog.has_trash_trigger(rel.oid, "pgveil_trash_truncate")
+        })
+    })
 }
 
 /// Reads the database's catalog with [`CATALOG_QUERY`].

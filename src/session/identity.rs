@@ -19,6 +19,24 @@ pub struct SessionIdentity {
 }
 
 impl SessionIdentity {
+    /// An identity that did not come from a session (`explain`, tests): `user` with
+    /// `roles` (the user itself is added), default search_path.
+    pub fn offline(user: &str, roles: &[&str], application_name: &str) -> SessionIdentity {
+        let mut all: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        all.push(user.to_string());
+        all.sort();
+        all.dedup();
+        SessionIdentity {
+            session_id: 0,
+            user: user.to_string(),
+            roles: all,
+            database: String::new(),
+            client_addr: "127.0.0.1:0".parse().expect("literal address"),
+            application_name: application_name.to_string(),
+            search_path: "\"$user\", public".into(),
+        }
+    }
+
     /// Whether any of the session's roles is in `names` (`"*"` matches every role).
     pub fn has_any_role(&self, names: &[String]) -> bool {
         names

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod identity;
 pub mod policy;
 pub mod relay;
@@ -187,6 +188,7 @@ async fn run_session(
     proxy.sessions.insert(id, established.identity.clone());
     let mut session_state = state::SessionState::new(established.server_params);
     session_state.policy = established.policy;
+    session_state.guard = established.guard;
     session_state.catalog_stale = established.catalog_stale;
     session_state.refresh = Some(policy::PolicyRefresh::new(
         proxy.clone(),

@@ -119,11 +119,8 @@ async fn client_to_server(
         let mut terminated = false;
         {
             let mut st = lock(state);
-            let SessionState {
-                refresh, policy, ..
-            } = &mut *st;
-            if let Some(r) = refresh.as_mut() {
-                r.refresh(policy).map_err(|message| SessionError::Refused {
+            if st.refresh.as_ref().is_some_and(|r| r.changed()) {
+                st.apply_reload().map_err(|message| SessionError::Refused {
                     code: SqlState::ADMIN_SHUTDOWN,
                     message,
                 })?;
@@ -136,7 +133,7 @@ async fn client_to_server(
                     out.extend_from_slice(f.raw());
                     break;
                 }
-                if st.policy.is_some() {
+                if st.policy.is_some() || st.guard.is_some() {
                     screen(&mut st, &msg, &f, &mut out);
                 } else {
                     st.on_client(&msg);
@@ -388,16 +385,27 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
         .get("standard_conforming_strings")
         .is_none_or(|v| v == "on");
     let screened = match msg {
-        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => st
-            .policy
-            .as_mut()
-            .map(|p| p.screen(sql, scs))
-            .unwrap_or(Screen::Forward),
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
+            let guarded = st.guard.as_mut().map_or(Ok(()), |g| g.screen(sql, scs));
+            match guarded {
+                Err(message) => Screen::Refuse(message),
+                Ok(()) => st
+                    .policy
+                    .as_mut()
+                    .map_or(Screen::Forward, |p| p.screen(sql, scs)),
+            }
+        }
         // Fast-path calls name functions by OID, beyond the analysis.
-        FrontendMessage::FunctionCall => Screen::Refuse(format!(
-            "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
-            st.policy.as_ref().map(|p| p.role.as_str()).unwrap_or("")
-        )),
+        FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
+            (Some(p), _) => Screen::Refuse(format!(
+                "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
+                p.role
+            )),
+            (None, Some(g)) => g
+                .screen_unanalysable("a fast-path call names its function by OID")
+                .map_or_else(Screen::Refuse, |()| Screen::Forward),
+            (None, None) => Screen::Forward,
+        },
         _ => Screen::Forward,
     };
     match (screened, msg) {

@@ -137,6 +137,8 @@ pub struct SessionState {
     pub unmatched: u64,
     /// Masking for this session; `None` when no mask applies to it.
     pub policy: Option<SessionPolicy>,
+    /// The statement guard; `None` when nothing can be refused to this session.
+    pub guard: Option<super::guard::SessionGuard>,
     /// The in-flight mask plan of the rows now streaming: `None` until computed.
     plan: Option<Option<Arc<MaskPlan>>>,
     /// A refused extended-protocol message: client messages are dropped until Sync.
@@ -161,6 +163,21 @@ impl SessionState {
     /// No request is waiting for the server.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// Applies a rules reload (see `PolicyRefresh::refresh`).
+    pub fn apply_reload(&mut self) -> Result<(), String> {
+        let Some(mut refresh) = self.refresh.take() else {
+            return Ok(());
+        };
+        let result = refresh.refresh(self);
+        self.refresh = Some(refresh);
+        result
+    }
+
+    /// The SQL of every statement prepared through the extended protocol.
+    pub fn prepared_sql(&self) -> Vec<Arc<str>> {
+        self.statements.values().map(|s| s.sql.clone()).collect()
     }
 
     pub fn statement(&self, name: &str) -> Option<&PreparedStatement> {

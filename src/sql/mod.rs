@@ -2,7 +2,9 @@
 //! recursion limit, identifier folding as PostgreSQL does it, statement kinds, and the
 //! masking checker. A parse failure or an unknown construct means "cannot prove safe".
 
+pub mod guard;
 pub mod masking;
+pub mod shape;
 
 use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Statement};
 use sqlparser::dialect::PostgreSqlDialect;
@@ -69,6 +71,51 @@ pub fn kind_of(stmt: &Statement) -> &'static str {
         }
         _ => "other",
     }
+}
+
+/// Built-ins that run SQL given as text, read files or large objects, or change settings
+/// behind the analysis's back.
+pub(crate) fn is_dangerous(name: &str) -> bool {
+    name.contains("_to_xml")
+        || name.starts_with("dblink")
+        || name.starts_with("lo_")
+        || matches!(
+            name,
+            "ts_stat"
+                | "loread"
+                | "pg_read_file"
+                | "pg_read_binary_file"
+                | "pg_ls_dir"
+                | "pg_stat_file"
+                | "set_config"
+                | "query_to_xmlschema"
+        )
+}
+
+/// Functions that are SQL grammar rather than pg_proc entries.
+pub(crate) fn is_grammar_function(name: &str) -> bool {
+    matches!(
+        name,
+        "coalesce"
+            | "nullif"
+            | "greatest"
+            | "least"
+            | "current_date"
+            | "current_time"
+            | "current_timestamp"
+            | "localtime"
+            | "localtimestamp"
+            | "current_user"
+            | "session_user"
+            | "user"
+            | "current_role"
+            | "current_catalog"
+            | "current_schema"
+            | "grouping"
+            | "xmlconcat"
+            | "xmlforest"
+            | "xmlelement"
+    )
 }
 
 #[cfg(test)]

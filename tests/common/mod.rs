@@ -159,14 +159,7 @@ impl PgCluster {
         spawn_watchdog(&cluster);
         let mut cluster = cluster;
         cluster.port = cluster.start_server();
-        cluster.psql_super("postgres", "CREATE DATABASE crm");
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crm.sql");
-        let out = cluster.psql_super_file("crm", &fixture);
-        assert!(
-            out.status.success(),
-            "loading the CRM fixture failed: {}",
-            stderr(&out)
-        );
+        cluster.create_crm_db("crm");
         cluster.psql_super(
             "postgres",
             "SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN PASSWORD 'md5_pw' IN ROLE crm_support; \
@@ -293,6 +286,18 @@ impl PgCluster {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Creates database `name` with the CRM fixture (roles are shared by the cluster).
+    pub fn create_crm_db(&self, name: &str) {
+        self.psql_super("postgres", &format!("CREATE DATABASE {name}"));
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crm.sql");
+        let out = self.psql_super_file(name, &fixture);
+        assert!(
+            out.status.success(),
+            "loading the CRM fixture failed: {}",
+            stderr(&out)
+        );
+    }
+
     fn psql_super_file(&self, db: &str, file: &Path) -> Output {
         psql_cmd(&self.addr(), "postgres", SUPERUSER_PASSWORD, db)
             .arg("-f")
@@ -397,7 +402,12 @@ impl TestProxy {
         tweak: impl FnOnce(&mut ServeSettings),
     ) -> TestProxy {
         let rules = tempfile::tempdir().unwrap();
-        std::fs::write(rules.path().join("empty.toml"), "").unwrap();
+        // No guard: these tests are about the relay; guard tests write their own rules.
+        std::fs::write(
+            rules.path().join("relay.toml"),
+            "[settings]\nprotected = []\n",
+        )
+        .unwrap();
         let mut settings = ServeSettings {
             upstream: Some(upstream.to_string()),
             rules: Some(rules.path().to_path_buf()),

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlparser::ast::{Expr, SetExpr, Statement, Visit};
 
-use super::{fold, kind_of, name_parts};
+use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts};
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Unanalysable};
 use crate::policy::SessionMasks;
@@ -71,51 +71,6 @@ impl Refusal {
             self.reason
         )
     }
-}
-
-/// Built-ins that run SQL given as text, read files or large objects, or change settings
-/// behind the analysis's back.
-fn is_dangerous(name: &str) -> bool {
-    name.contains("_to_xml")
-        || name.starts_with("dblink")
-        || name.starts_with("lo_")
-        || matches!(
-            name,
-            "ts_stat"
-                | "loread"
-                | "pg_read_file"
-                | "pg_read_binary_file"
-                | "pg_ls_dir"
-                | "pg_stat_file"
-                | "set_config"
-                | "query_to_xmlschema"
-        )
-}
-
-/// Functions that are SQL grammar rather than pg_proc entries.
-fn is_grammar_function(name: &str) -> bool {
-    matches!(
-        name,
-        "coalesce"
-            | "nullif"
-            | "greatest"
-            | "least"
-            | "current_date"
-            | "current_time"
-            | "current_timestamp"
-            | "localtime"
-            | "localtimestamp"
-            | "current_user"
-            | "session_user"
-            | "user"
-            | "current_role"
-            | "current_catalog"
-            | "current_schema"
-            | "grouping"
-            | "xmlconcat"
-            | "xmlforest"
-            | "xmlelement"
-    )
 }
 
 const STATS_VIEWS: [&str; 4] = [

@@ -64,6 +64,7 @@ pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
         "string_agg",
         "row_to_json",
         "concat",
+        "now",
     ] {
         rows.push(&[Some(b"b".as_slice()), Some(b.as_bytes())]);
     }
@@ -102,15 +103,7 @@ pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
         ],
         ..Default::default()
     };
-    let identity = SessionIdentity {
-        session_id: 1,
-        user: "alice".into(),
-        roles: vec!["alice".into()],
-        database: "crm".into(),
-        client_addr: "127.0.0.1:1".parse().expect("literal address"),
-        application_name: String::new(),
-        search_path: "public".into(),
-    };
+    let identity = SessionIdentity::offline("alice", &[], "");
     let masks = SessionMasks::build(&rules, &identity, &catalog);
     let search_path = vec!["pg_catalog".to_string(), "public".to_string()];
     let temp = HashSet::new();

@@ -1,0 +1,489 @@
+//! The statement guard's decision (spec section 4), a pure function that denies by
+//! default: a statement runs only if, for every access of a protected kind, some
+//! `[[allow]]` rule of the session's roles covers that kind and every table the access may
+//! touch. Names are resolved the way the server could resolve them: an unqualified name
+//! counts as every relation of that name in any schema the session's search_path has
+//! named, so a search_path change cannot slip a table past a rule.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::catalog::Catalog;
+use crate::config::rules::{AllowRule, Origin, RecycleRule, Rules, StatementKind, Unanalysable};
+use crate::session::identity::SessionIdentity;
+use crate::sql::guard::{Access, StatementFacts, Target};
+
+/// Proof that a statement may run.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Permit;
+
+/// Why a statement may not run; [`Denied::message`] is what the client sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    /// The statement kind, as rules name it (`delete`), or `statement` when unanalysable.
+    pub kind: &'static str,
+    pub table: String,
+    pub reason: String,
+    pub rule: Option<Origin>,
+}
+
+impl Denied {
+    pub fn message(&self, role: &str) -> String {
+        let rule = match &self.rule {
+            Some(o) => format!(" (rule {o})"),
+            None => String::new(),
+        };
+        format!(
+            "pgveil: {} on {} is not allowed for role \"{role}\": {}{rule}",
+            self.kind.to_uppercase(),
+            self.table,
+            self.reason
+        )
+    }
+}
+
+/// What names mean in this session when a statement arrives.
+pub struct Names<'a> {
+    pub catalog: &'a Catalog,
+    /// Every schema the session's search_path has held (a union: it only grows, so a
+    /// rolled-back `SET` cannot leave the guard behind the server).
+    pub search_path: &'a [String],
+    /// Tables the session created, unknown to the cached catalog.
+    pub created: &'a HashSet<String>,
+}
+
+/// The guard of one session: the rules that concern its roles.
+#[derive(Debug, Clone)]
+pub struct GuardPolicy {
+    protected: Vec<StatementKind>,
+    protected_by: Option<Origin>,
+    allows: Vec<AllowRule>,
+    recycles: Vec<RecycleRule>,
+    unanalysable: Unanalysable,
+    /// Every protected kind is allowed on every table without conditions: only the
+    /// recycle-bin check can refuse anything.
+    allows_everything: bool,
+}
+
+impl GuardPolicy {
+    /// The guard for a session with these roles; `None` when nothing can be refused to it
+    /// (every protected kind allowed on every table without conditions, and no recycle
+    /// rule to enforce), so its statements need no analysis.
+    pub fn for_session(rules: &Rules, identity: &SessionIdentity) -> Option<GuardPolicy> {
+        let allows: Vec<AllowRule> = rules
+            .allows
+            .iter()
+            .filter(|a| identity.has_any_role(&a.roles))
+            .cloned()
+            .collect();
+        let unconditional = |k: &StatementKind| {
+            allows.iter().any(|a| {
+                a.statements.contains(k) && !a.require_where && a.tables.iter().any(|t| t == "*")
+            })
+        };
+        let allows_everything = rules.settings.protected.iter().all(unconditional);
+        if allows_everything && rules.recycles.is_empty() {
+            return None;
+        }
+        Some(GuardPolicy {
+            protected: rules.settings.protected.clone(),
+            protected_by: rules.settings.origin.clone(),
+            allows,
+            recycles: rules.recycles.clone(),
+            unanalysable: rules.settings.unanalysable,
+            allows_everything,
+        })
+    }
+
+    /// Whether only the recycle-bin check can refuse anything to this session (so with
+    /// the recycle bin in place, it needs no guard at all).
+    pub fn allows_everything(&self) -> bool {
+        self.allows_everything
+    }
+
+    /// A fingerprint of what this guard decides, to tell whether a rules reload changed it.
+    pub fn fingerprint(guard: Option<&GuardPolicy>) -> String {
+        match guard {
+            None => String::new(),
+            Some(g) => format!(
+                "{:?}|{:?}|{:?}|{:?}",
+                g.protected,
+                g.allows
+                    .iter()
+                    .map(|a| (&a.statements, &a.tables, a.require_where))
+                    .collect::<Vec<_>>(),
+                g.recycles
+                    .iter()
+                    .map(|r| (&r.schema, &r.table))
+                    .collect::<Vec<_>>(),
+                g.unanalysable
+            ),
+        }
+    }
+
+    /// Decides whether the statement with these facts may run. `executed` holds what
+    /// SQL-level `EXECUTE`s in it run (looked up by the session).
+    pub fn authorize(
+        &self,
+        facts: &StatementFacts,
+        executed: &[Access],
+        names: &Names<'_>,
+    ) -> Result<Permit, Denied> {
+        for access in facts.accesses.iter().chain(executed) {
+            self.check(access, names)?;
+        }
+        if let Some(reason) = &facts.unanalysable {
+            let applies = !self.protected.is_empty() || !self.recycles.is_empty();
+            if applies && self.unanalysable == Unanalysable::Deny {
+                return Err(Denied {
+                    kind: "statement",
+                    table: "(unknown)".into(),
+                    reason: format!(
+                        "pgveil cannot analyse it ({reason}), so it counts as touching every table; settings.unanalysable is \"deny\""
+                    ),
+                    rule: self.protected_by.clone(),
+                });
+            }
+        }
+        Ok(Permit)
+    }
+
+    fn check(&self, access: &Access, names: &Names<'_>) -> Result<(), Denied> {
+        let recycling = matches!(access.kind, StatementKind::Delete | StatementKind::Truncate)
+            && !self.recycles.is_empty();
+        let protected = self.protected.contains(&access.kind);
+        if !protected && !recycling {
+            return Ok(());
+        }
+        let kind = access.kind.as_str();
+        for table in resolve(&access.target, access.kind, names) {
+            if recycling {
+                self.check_recycle(kind, &table, names)?;
+            }
+            if !protected {
+                continue;
+            }
+            let covering: Vec<&AllowRule> = self
+                .allows
+                .iter()
+                .filter(|a| a.statements.contains(&access.kind))
+                .filter(|a| a.tables.iter().any(|p| glob_matches(p, &table)))
+                .collect();
+            if covering
+                .iter()
+                .any(|a| !a.require_where || access.has_where)
+            {
+                continue;
+            }
+            return Err(match covering.first() {
+                Some(rule) => Denied {
+                    kind,
+                    table,
+                    reason: "the rule that allows it requires a WHERE clause that names a column"
+                        .into(),
+                    rule: Some(rule.origin.clone()),
+                },
+                None => Denied {
+                    kind,
+                    table,
+                    reason: format!(
+                        "{kind} is protected and no [[allow]] rule for the role covers this table{}",
+                        if self.protected_by.is_none() {
+                            " (protected by default)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    rule: self.protected_by.clone(),
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// A DELETE or TRUNCATE of a recycled table runs only while its recycle-bin trigger is
+    /// in place: without it, the rows would be gone for good.
+    fn check_recycle(
+        &self,
+        kind: &'static str,
+        table: &str,
+        names: &Names<'_>,
+    ) -> Result<(), Denied> {
+        let trigger = if kind == "delete" {
+            "pgveil_trash_delete"
+        } else {
+            "pgveil_trash_truncate"
+        };
+        let concerned = self
+            .recycles
+            .iter()
+            .filter(|r| table == "*" || format!("{}.{}", r.schema, r.table) == table);
+        for rule in concerned {
+            let installed = names
+                .catalog
+                .relation(&rule.schema, &rule.table)
+                .is_some_and(|r| names.catalog.has_trash_trigger(r.oid, trigger));
+            if !installed {
+                return Err(Denied {
+                    kind,
+                    table: format!("{}.{}", rule.schema, rule.table),
+                    reason: "the recycle bin is not set up for this table (run `pgveil trash init`), so deleted rows could not be kept".into(),
+                    rule: Some(rule.origin.clone()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every `schema.name` an access may touch; `*` for everything.
+fn resolve(target: &Target, kind: StatementKind, names: &Names<'_>) -> Vec<String> {
+    let catalog = names.catalog;
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |s: String| {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    };
+    match target {
+        Target::Everything => push("*".into()),
+        Target::Schema(schema) => {
+            push(format!("{schema}.*"));
+            for r in catalog.relations().filter(|r| &r.schema == schema) {
+                push(r.qualified());
+            }
+        }
+        Target::Object(name) if name.contains('.') => push(name.clone()),
+        Target::Object(name) => {
+            for s in names.search_path {
+                push(format!("{s}.{name}"));
+            }
+        }
+        Target::Relation { parts, cascade } => {
+            let (schemas, name): (Vec<&str>, &str) = match parts.as_slice() {
+                [name] => (names.search_path.iter().map(String::as_str).collect(), name),
+                [schema, name] | [_, schema, name] => (vec![schema.as_str()], name),
+                _ => {
+                    push("*".into());
+                    return out;
+                }
+            };
+            let found: Vec<_> = schemas
+                .iter()
+                .filter_map(|s| catalog.relation(s, name))
+                .collect();
+            if parts.len() == 1 && names.created.contains(name) {
+                push(format!("pg_temp.{name}"));
+            }
+            if found.is_empty() {
+                // Unknown to the cached catalog: every place it could be.
+                for s in &schemas {
+                    push(format!("{s}.{name}"));
+                }
+            }
+            let modifies = matches!(
+                kind,
+                StatementKind::Delete
+                    | StatementKind::Update
+                    | StatementKind::Insert
+                    | StatementKind::Merge
+                    | StatementKind::Truncate
+            );
+            for rel in found {
+                push(rel.qualified());
+                // Writing through a view writes its tables.
+                if modifies && rel.kind == 'v' {
+                    for oid in &rel.reads {
+                        if let Some(t) = catalog.by_oid(*oid) {
+                            push(t.qualified());
+                        }
+                    }
+                }
+                if *cascade && kind == StatementKind::Truncate {
+                    for oid in catalog.referencing(rel.oid) {
+                        if let Some(t) = catalog.by_oid(oid) {
+                            push(t.qualified());
+                        }
+                    }
+                }
+                if *cascade && kind == StatementKind::Drop {
+                    for view in catalog.relations().filter(|v| v.reads.contains(&rel.oid)) {
+                        push(view.qualified());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a rule's table glob matches `schema.table`. A glob without a schema means the
+/// `public` schema, as in mask rules; `*` alone matches everything.
+pub fn glob_matches(pattern: &str, table: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if table == "*" {
+        return false;
+    }
+    let qualified;
+    let pattern = if pattern.contains('.') {
+        pattern
+    } else {
+        qualified = format!("public.{pattern}");
+        &qualified
+    };
+    wildcard(pattern.as_bytes(), table.as_bytes())
+}
+
+/// `*` matches any run of bytes, `?` one byte; everything else itself.
+fn wildcard(p: &[u8], t: &[u8]) -> bool {
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// SQL-level prepared statements of a session and what each does.
+pub type Prepared = HashMap<String, Vec<Access>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::rules::Rules;
+    use crate::sql::guard::analyse;
+    use crate::sql::masking::testing::crm_context;
+
+    fn rules(toml: &str) -> Rules {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r.toml"), toml).unwrap();
+        Rules::load(dir.path()).unwrap()
+    }
+
+    fn identity(roles: &[&str]) -> SessionIdentity {
+        SessionIdentity::offline("alice", roles, "")
+    }
+
+    fn decide(toml: &str, roles: &[&str], sql: &str) -> Result<Permit, Denied> {
+        let rules = rules(toml);
+        let Some(guard) = GuardPolicy::for_session(&rules, &identity(roles)) else {
+            return Ok(Permit);
+        };
+        crm_context(|ctx| {
+            let facts = analyse(sql, ctx.catalog, true);
+            let names = Names {
+                catalog: ctx.catalog,
+                search_path: &["alice".to_string(), "public".to_string()],
+                created: &HashSet::new(),
+            };
+            guard.authorize(&facts, &[], &names)
+        })
+    }
+
+    const SUPPORT: &str = r#"
+[[allow]]
+roles = ["crm_support"]
+statements = ["delete"]
+tables = ["public.deals"]
+require_where = true
+"#;
+
+    #[test]
+    fn protected_by_default() {
+        let denied = decide("", &["alice"], "DELETE FROM customers WHERE id = 1").unwrap_err();
+        assert_eq!(denied.kind, "delete");
+        assert_eq!(denied.table, "public.customers");
+        assert!(denied
+            .message("alice")
+            .starts_with("pgveil: DELETE on public.customers is not allowed for role \"alice\""));
+        assert!(decide("", &["alice"], "TRUNCATE deals").is_err());
+        assert!(decide("", &["alice"], "DROP TABLE deals").is_err());
+        assert!(decide("", &["alice"], "UPDATE deals SET amount = 0").is_ok());
+        assert!(decide(
+            "[settings]\nprotected = []\n",
+            &["alice"],
+            "DELETE FROM deals"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn allow_rules_with_roles_tables_and_where() {
+        let support = ["alice", "crm_support"];
+        assert!(decide(SUPPORT, &support, "DELETE FROM deals WHERE id = 1").is_ok());
+        assert!(decide(
+            SUPPORT,
+            &support,
+            "DELETE FROM public.\"deals\" WHERE id = 1"
+        )
+        .is_ok());
+        let no_where = decide(SUPPORT, &support, "DELETE FROM deals").unwrap_err();
+        assert!(no_where.reason.contains("WHERE"), "{no_where:?}");
+        assert!(no_where.rule.is_some());
+        assert!(decide(SUPPORT, &support, "DELETE FROM deals WHERE true").is_err());
+        assert!(decide(SUPPORT, &support, "DELETE FROM customers WHERE id = 1").is_err());
+        assert!(decide(SUPPORT, &["alice"], "DELETE FROM deals WHERE id = 1").is_err());
+        assert!(decide(SUPPORT, &support, "TRUNCATE deals").is_err());
+        // One refused part refuses the whole string.
+        assert!(decide(
+            SUPPORT,
+            &support,
+            "DELETE FROM deals WHERE id = 1; DELETE FROM customers WHERE id = 1"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn unanalysable_statements_touch_everything() {
+        let support = ["alice", "crm_support"];
+        assert!(decide(SUPPORT, &support, "SELECT cleanup()").is_err());
+        assert!(decide(SUPPORT, &support, "DO $$ BEGIN END $$").is_err());
+        let allow = format!("[settings]\nunanalysable = \"allow\"\n{SUPPORT}");
+        assert!(decide(&allow, &support, "SELECT cleanup()").is_ok());
+        let admin = "[[allow]]\nroles = [\"crm_admin\"]\nstatements = [\"delete\", \"truncate\", \"drop\"]\ntables = [\"*\"]\n";
+        assert!(decide(admin, &["bob", "crm_admin"], "SELECT cleanup()").is_ok());
+        assert!(decide(admin, &["bob", "crm_admin"], "DROP DATABASE crm").is_ok());
+        assert!(decide(admin, &["alice"], "SELECT cleanup()").is_err());
+    }
+
+    #[test]
+    fn unqualified_names_count_in_every_schema_of_the_path() {
+        let sandbox =
+            "[[allow]]\nroles = [\"*\"]\nstatements = [\"delete\"]\ntables = [\"alice.*\"]\n";
+        // `customers` exists in public: a rule for alice.* does not cover it.
+        assert!(decide(sandbox, &["alice"], "DELETE FROM customers").is_err());
+        assert!(decide(sandbox, &["alice"], "DELETE FROM alice.customers").is_ok());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_matches("*", "s.t"));
+        assert!(glob_matches("*", "*"));
+        assert!(!glob_matches("public.*", "*"));
+        assert!(glob_matches("public.*", "public.tasks"));
+        assert!(glob_matches("tasks", "public.tasks"));
+        assert!(!glob_matches("tasks", "crm.tasks"));
+        assert!(glob_matches("public.task?", "public.tasks"));
+        assert!(glob_matches("*.tasks", "crm.tasks"));
+        assert!(!glob_matches("public.t*s", "public.tasks_x"));
+        assert!(glob_matches("public.pgbench_*", "public.pgbench_accounts"));
+    }
+}

@@ -1,0 +1,151 @@
+//! The statement guard of one session: what its names mean (search_path, tables it
+//! created, SQL-level prepared statements) and a cache of decisions by statement shape, so
+//! that an application sending the same statements with different literals pays for one
+//! analysis per statement, not one per call.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::policy::guard::{Denied, GuardPolicy, Names, Prepared};
+use crate::sql::guard::{analyse, Effect, StatementFacts};
+use crate::sql::shape::shape;
+
+/// Decisions kept per session; past this the cache starts over.
+const CACHE: usize = 1024;
+
+#[derive(Debug)]
+pub struct SessionGuard {
+    policy: GuardPolicy,
+    pub catalog: Arc<Catalog>,
+    /// The login user, as refusals name it.
+    role: String,
+    /// Every schema the session's search_path has held (see `policy::guard::Names`).
+    search_path: Vec<String>,
+    created: HashSet<String>,
+    prepared: Prepared,
+    /// Decision by shape: `None` permitted, `Some(message)` refused.
+    decisions: HashMap<Box<str>, Option<String>>,
+    scratch: String,
+}
+
+impl SessionGuard {
+    pub fn new(
+        policy: GuardPolicy,
+        catalog: Arc<Catalog>,
+        role: String,
+        search_path: Vec<String>,
+    ) -> SessionGuard {
+        SessionGuard {
+            policy,
+            catalog,
+            role,
+            search_path,
+            created: HashSet::new(),
+            prepared: HashMap::new(),
+            decisions: HashMap::new(),
+            scratch: String::new(),
+        }
+    }
+
+    pub fn policy(&self) -> &GuardPolicy {
+        &self.policy
+    }
+
+    /// Puts new rules in force (after a reload); what the session defined stays known.
+    pub fn replace_policy(&mut self, policy: GuardPolicy) {
+        self.policy = policy;
+        self.decisions.clear();
+    }
+
+    /// Whether `sql` may be forwarded; `Err` holds the client-facing refusal.
+    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Result<(), String> {
+        let shaped = standard_conforming_strings && shape(sql, &mut self.scratch);
+        if shaped {
+            if let Some(decision) = self.decisions.get(self.scratch.as_str()) {
+                return decision.clone().map_or(Ok(()), Err);
+            }
+        }
+        let facts = analyse(sql, &self.catalog, standard_conforming_strings);
+        let decision = self.decide(&facts);
+        if decision.is_ok() {
+            self.apply(&facts);
+        }
+        if shaped && facts.shape_independent() {
+            if self.decisions.len() >= CACHE {
+                self.decisions.clear();
+            }
+            let key = Box::from(self.scratch.as_str());
+            self.decisions.insert(key, decision.clone().err());
+        }
+        decision
+    }
+
+    /// A message that cannot be analysed at all (a fast-path function call).
+    pub fn screen_unanalysable(&self, reason: &str) -> Result<(), String> {
+        let facts = StatementFacts {
+            kinds: vec!["function call"],
+            unanalysable: Some(reason.to_string()),
+            ..Default::default()
+        };
+        self.decide(&facts)
+    }
+
+    fn decide(&self, facts: &StatementFacts) -> Result<(), String> {
+        // EXECUTE runs what PREPARE defined, possibly earlier in the same string.
+        let mut local: Prepared = HashMap::new();
+        let mut executed = Vec::new();
+        let mut facts = std::borrow::Cow::Borrowed(facts);
+        for effect in facts.effects.clone() {
+            match effect {
+                Effect::Prepare(name, accesses) => {
+                    local.insert(name, accesses);
+                }
+                Effect::Execute(name) => {
+                    match local.get(&name).or_else(|| self.prepared.get(&name)) {
+                        Some(accesses) => executed.extend(accesses.iter().cloned()),
+                        None => {
+                            let f = facts.to_mut();
+                            f.unanalysable.get_or_insert_with(|| {
+                                format!("EXECUTE of {name}, which pgveil did not see prepared")
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let names = Names {
+            catalog: &self.catalog,
+            search_path: &self.search_path,
+            created: &self.created,
+        };
+        self.policy
+            .authorize(&facts, &executed, &names)
+            .map(|_permit| ())
+            .map_err(|d: Denied| d.message(&self.role))
+    }
+
+    fn apply(&mut self, facts: &StatementFacts) {
+        for effect in &facts.effects {
+            match effect {
+                Effect::SearchPath(Some(schemas)) => {
+                    for s in schemas {
+                        let s = if s == "$user" { &self.role } else { s };
+                        if !self.search_path.contains(s) {
+                            self.search_path.push(s.clone());
+                        }
+                    }
+                }
+                Effect::SearchPath(None) => {}
+                Effect::Prepare(name, accesses) => {
+                    self.prepared.insert(name.clone(), accesses.clone());
+                }
+                Effect::Created(name) => {
+                    self.created.insert(name.clone());
+                }
+                Effect::Execute(_) => {}
+            }
+        }
+    }
+}

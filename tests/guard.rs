@@ -1,0 +1,413 @@
+//! The statement guard (spec sections 4 and 5), attacked: `mallory` owns every CRM table,
+//! so the server would let it delete, truncate and drop anything; only pgveil stands in the
+//! way. Each form a DELETE, TRUNCATE or DROP can take is sent through pgveil, and a direct
+//! superuser connection then proves that no row and no object went away. Positive
+//! controls show that allowed statements do run, and transaction tests show that client
+//! and server agree on the transaction's fate after a refusal.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{PgCluster, TestProxy};
+
+const RULES: &str = r#"
+[settings]
+protected = ["delete", "truncate", "drop"]
+
+[[allow]]
+roles = ["crm_support"]
+statements = ["delete"]
+tables = ["public.tasks"]
+require_where = true
+
+[[allow]]
+roles = ["crm_admin"]
+statements = ["delete", "truncate", "drop"]
+tables = ["*"]
+
+[[allow]]
+roles = ["mallory"]
+statements = ["delete"]
+tables = ["sandbox.*"]
+"#;
+
+fn cluster() -> &'static PgCluster {
+    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let pg = PgCluster::start(Default::default());
+        pg.psql_super(
+            "postgres",
+            "CREATE ROLE mallory LOGIN PASSWORD 'mallory_pw' IN ROLE crm_base",
+        );
+        pg
+    })
+}
+
+/// A fresh CRM database owned, table by table, by mallory, with a few objects to attack
+/// through: a function and a procedure that delete, a sandbox schema mallory may clean.
+fn database(name: &str) -> &'static PgCluster {
+    let pg = cluster();
+    pg.create_crm_db(name);
+    pg.psql_super(
+        name,
+        "ALTER TABLE customers OWNER TO mallory; ALTER TABLE contacts OWNER TO mallory; \
+         ALTER TABLE deals OWNER TO mallory; ALTER TABLE tasks OWNER TO mallory; \
+         GRANT CREATE ON SCHEMA public TO mallory; \
+         CREATE FUNCTION wipe() RETURNS void LANGUAGE sql AS 'DELETE FROM public.customers'; \
+         CREATE PROCEDURE wipe_proc() LANGUAGE sql AS 'DELETE FROM public.customers'; \
+         CREATE SCHEMA sandbox AUTHORIZATION mallory; \
+         CREATE TABLE sandbox.notes (id int); INSERT INTO sandbox.notes VALUES (1), (2); \
+         ALTER TABLE sandbox.notes OWNER TO mallory; \
+         CREATE VIEW public.customer_names AS SELECT id, full_name FROM customers; \
+         ALTER VIEW public.customer_names OWNER TO mallory",
+    );
+    pg
+}
+
+async fn proxy(pg: &PgCluster, rules: &str) -> (TestProxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    let path = dir.path().to_path_buf();
+    let p = TestProxy::start(pg, move |s| s.rules = Some(path)).await;
+    (p, dir)
+}
+
+async fn client(p: &TestProxy, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
+    common::connect(&p.conn_str(user, password, db)).await
+}
+
+/// The state an attack must not change: row counts and the objects that exist.
+fn inventory(pg: &PgCluster, db: &str) -> String {
+    pg.psql_super(
+        db,
+        "SELECT (SELECT count(*) FROM customers) || ' ' || (SELECT count(*) FROM contacts) || ' ' || \
+         (SELECT count(*) FROM deals) || ' ' || (SELECT count(*) FROM tasks) || ' ' || \
+         (SELECT count(*) FROM sandbox.notes) || ' ' || \
+         (SELECT string_agg(table_name || '.' || column_name, ',' ORDER BY table_name, column_name) \
+          FROM information_schema.columns WHERE table_schema IN ('public', 'sandbox'))",
+    )
+}
+
+/// Asserts that `sql` was refused by pgveil (not by the server) with 42501.
+async fn assert_refused(c: &tokio_postgres::Client, sql: &str, kind: &str) {
+    let err = match c.simple_query(sql).await {
+        Ok(_) => panic!("not refused: {sql}"),
+        Err(e) => e,
+    };
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: {err:?}"));
+    assert_eq!(db.code().code(), "42501", "{sql}: {}", db.message());
+    assert!(
+        db.message().starts_with(&format!("pgveil: {kind} on ")),
+        "{sql}: {}",
+        db.message()
+    );
+    assert!(
+        db.message().contains("role \"mallory\""),
+        "{}",
+        db.message()
+    );
+    // The session stays usable.
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn no_form_of_delete_truncate_or_drop_gets_through() {
+    let pg = database("guard_forms");
+    let before = inventory(pg, "guard_forms");
+    let (p, _rules) = proxy(pg, RULES).await;
+    let c = client(&p, "mallory", "mallory_pw", "guard_forms").await;
+    for (sql, kind) in [
+        ("DELETE FROM customers", "DELETE"),
+        ("delete from CUSTOMERS where id > 0", "DELETE"),
+        ("DELETE FROM public.customers WHERE id = 1", "DELETE"),
+        ("DELETE FROM \"public\".\"customers\" WHERE id = 1", "DELETE"),
+        ("DELETE FROM guard_forms.public.customers", "DELETE"),
+        ("DELETE FROM ONLY customers", "DELETE"),
+        ("/* hello */ DELETE -- there\n FROM tasks", "DELETE"),
+        ("WITH d AS (DELETE FROM customers RETURNING *) SELECT count(*) FROM d", "DELETE"),
+        ("WITH d AS (DELETE FROM deals RETURNING *) INSERT INTO tasks (owner) SELECT 'm' FROM d", "DELETE"),
+        ("EXPLAIN ANALYZE DELETE FROM customers", "DELETE"),
+        ("EXPLAIN (ANALYZE, FORMAT JSON) DELETE FROM deals", "DELETE"),
+        ("PREPARE p AS DELETE FROM customers; EXECUTE p", "DELETE"),
+        ("PREPARE p2 AS DELETE FROM deals WHERE id = $1", "DELETE"),
+        ("COPY (DELETE FROM customers RETURNING id) TO STDOUT", "DELETE"),
+        ("MERGE INTO customers c USING (SELECT 1 AS id) s ON c.id = s.id WHEN MATCHED THEN DELETE", "DELETE"),
+        ("DELETE FROM customers USING deals WHERE deals.customer_id = customers.id", "DELETE"),
+        ("DELETE FROM customer_names WHERE id = 3", "DELETE"),
+        ("SELECT 1; DELETE FROM tasks", "DELETE"),
+        ("INSERT INTO tasks (owner) VALUES ('m'); DELETE FROM tasks WHERE id = 1", "DELETE"),
+        ("TRUNCATE customers CASCADE", "TRUNCATE"),
+        ("TRUNCATE tasks, deals", "TRUNCATE"),
+        ("TRUNCATE TABLE ONLY contacts RESTART IDENTITY", "TRUNCATE"),
+        ("DROP TABLE tasks", "DROP"),
+        ("DROP TABLE IF EXISTS sandbox.notes, tasks CASCADE", "DROP"),
+        ("DROP VIEW customer_names", "DROP"),
+        ("DROP SCHEMA sandbox CASCADE", "DROP"),
+        ("DROP SCHEMA public CASCADE", "DROP"),
+        ("ALTER TABLE customers DROP COLUMN phone", "DROP"),
+        ("ALTER TABLE customers DISABLE TRIGGER ALL", "DROP"),
+        // Statements pgveil cannot see into count as touching everything.
+        ("DO $$ BEGIN DELETE FROM customers; END $$", "STATEMENT"),
+        ("SELECT wipe()", "STATEMENT"),
+        ("SELECT public.wipe()", "STATEMENT"),
+        ("SELECT * FROM wipe()", "STATEMENT"),
+        ("CALL wipe_proc()", "STATEMENT"),
+        ("SELECT query_to_xml('DELETE FROM customers RETURNING id', true, false, '')", "STATEMENT"),
+        ("SELECT set_config('search_path', 'sandbox', false)", "STATEMENT"),
+        ("CREATE FUNCTION wipe2() RETURNS void LANGUAGE sql AS 'DELETE FROM customers'", "STATEMENT"),
+        ("CREATE RULE r AS ON INSERT TO tasks DO ALSO DELETE FROM customers", "STATEMENT"),
+        ("CREATE TRIGGER t AFTER INSERT ON tasks EXECUTE FUNCTION wipe()", "STATEMENT"),
+        ("DELETE FROM U&\"customers\"", "STATEMENT"),
+        ("DELETE FROM customers WHERE CURRENT OF c", "STATEMENT"),
+    ] {
+        assert_refused(&c, sql, kind).await;
+    }
+    // search_path games: a rule for sandbox.* does not cover public.customers, whatever
+    // the path says when the DELETE runs.
+    c.simple_query("SET search_path TO sandbox, public")
+        .await
+        .unwrap();
+    assert_refused(&c, "DELETE FROM customers", "DELETE").await;
+    c.simple_query("RESET search_path").await.unwrap();
+    assert_refused(&c, "DELETE FROM customers", "DELETE").await;
+    // With standard_conforming_strings off the server reads `\'` as a quote and sqlparser
+    // does not: nothing can be analysed any more.
+    c.simple_query("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    assert_refused(&c, "SELECT 'a\\'; DELETE FROM customers; --'", "STATEMENT").await;
+    c.simple_query("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+    // Extended protocol: the refusal comes at Parse; nothing runs.
+    for sql in [
+        "DELETE FROM customers WHERE id = $1",
+        "WITH d AS (DELETE FROM deals WHERE id = $1 RETURNING 1) SELECT * FROM d",
+    ] {
+        let err = c.execute(sql, &[&1i64]).await.unwrap_err();
+        let db = err.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "42501");
+        assert!(
+            db.message().starts_with("pgveil: DELETE on public."),
+            "{}",
+            db.message()
+        );
+    }
+    assert!(c.prepare("TRUNCATE customers").await.is_err());
+    // The one thing mallory may do.
+    let done = c
+        .simple_query("DELETE FROM sandbox.notes WHERE id = 1")
+        .await;
+    assert!(done.is_ok(), "{done:?}");
+    pg.psql_super("guard_forms", "INSERT INTO sandbox.notes VALUES (1)");
+    assert_eq!(inventory(pg, "guard_forms"), before);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn allowed_roles_and_require_where() {
+    let pg = database("guard_allow");
+    let (p, _rules) = proxy(pg, RULES).await;
+    // alice (crm_support) may delete tasks, with a WHERE clause that names a column.
+    let alice = client(&p, "alice", "alice_pw", "guard_allow").await;
+    let n = alice
+        .execute("DELETE FROM tasks WHERE id = $1", &[&1i64])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    alice
+        .simple_query("DELETE FROM public.tasks WHERE id = 2")
+        .await
+        .unwrap();
+    for sql in [
+        "DELETE FROM tasks",
+        "DELETE FROM tasks WHERE true",
+        "DELETE FROM tasks WHERE 1 = 1",
+    ] {
+        let err = alice.simple_query(sql).await.unwrap_err();
+        let message = err.as_db_error().unwrap().message().to_string();
+        assert!(
+            message.contains("requires a WHERE clause"),
+            "{sql}: {message}"
+        );
+        assert!(message.contains("rules.toml:"), "{message}");
+    }
+    // Not protected: runs.
+    alice
+        .simple_query("UPDATE tasks SET note = 'x' WHERE id = 3")
+        .await
+        .unwrap();
+    // crm_admin may do anything; its statements are not even analysed.
+    let admin = client(&p, "crm_admin", "admin_pw", "guard_allow").await;
+    admin
+        .simple_query("DELETE FROM deals WHERE id = 5")
+        .await
+        .unwrap();
+    admin
+        .simple_query("SELECT wipe_proc_does_not_exist()")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        pg.psql_super("guard_allow", "SELECT count(*) FROM tasks"),
+        "98"
+    );
+    assert_eq!(
+        pg.psql_super("guard_allow", "SELECT count(*) FROM deals"),
+        "399"
+    );
+    p.shutdown().await;
+
+    // A DBA may protect more kinds.
+    let strict = "[settings]\nprotected = [\"delete\", \"update\"]\n";
+    let (p, _rules) = proxy(pg, strict).await;
+    let alice = client(&p, "alice", "alice_pw", "guard_allow").await;
+    let err = alice
+        .simple_query("UPDATE tasks SET note = 'y' WHERE id = 3")
+        .await
+        .unwrap_err();
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .starts_with("pgveil: UPDATE on public.tasks"));
+    // ... and with `protected = []` the guard is off.
+    p.shutdown().await;
+    let (p, _rules) = proxy(pg, "[settings]\nprotected = []\n").await;
+    let alice = client(&p, "alice", "alice_pw", "guard_allow").await;
+    alice
+        .simple_query("DELETE FROM tasks WHERE id = 4")
+        .await
+        .unwrap();
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn fresh_pgveil_refuses_deletes_by_default() {
+    let pg = database("guard_default");
+    let (p, _rules) = proxy(pg, "").await;
+    let alice = client(&p, "alice", "alice_pw", "guard_default").await;
+    let err = alice
+        .simple_query("DELETE FROM tasks WHERE id = 1")
+        .await
+        .unwrap_err();
+    let message = err.as_db_error().unwrap().message().to_string();
+    assert_eq!(
+        message,
+        "pgveil: DELETE on public.tasks is not allowed for role \"alice\": delete is protected and no [[allow]] rule for the role covers this table (protected by default)"
+    );
+    assert_eq!(
+        pg.psql_super("guard_default", "SELECT count(*) FROM tasks"),
+        "100"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refusal_aborts_the_transaction_as_a_server_error_would() {
+    let pg = database("guard_tx");
+    let (p, _rules) = proxy(pg, RULES).await;
+    let c = client(&p, "mallory", "mallory_pw", "guard_tx").await;
+    // Simple protocol: BEGIN; INSERT; refused DELETE; COMMIT → rolled back.
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("INSERT INTO tasks (owner, note) VALUES ('m', 'tx-simple')")
+        .await
+        .unwrap();
+    assert!(c.simple_query("DELETE FROM customers").await.is_err());
+    // The server agrees the transaction failed: further statements are refused by it.
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "25P02");
+    let commit = c.simple_query("COMMIT").await.unwrap();
+    let tag = commit.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert!(tag.is_some());
+    // Extended protocol, inside a transaction object.
+    let mut c2 = client(&p, "mallory", "mallory_pw", "guard_tx").await;
+    let tx = c2.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO tasks (owner, note) VALUES ('m', 'tx-extended')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(tx
+        .execute("DELETE FROM deals WHERE id = $1", &[&1i64])
+        .await
+        .is_err());
+    // As after a server error, COMMIT of the aborted transaction rolls it back.
+    tx.commit().await.unwrap();
+    assert_eq!(
+        pg.psql_super(
+            "guard_tx",
+            "SELECT count(*) FROM tasks WHERE note LIKE 'tx-%'"
+        ),
+        "0"
+    );
+    // Refused multi-statement string inside a block: nothing of it runs either.
+    c.simple_query("BEGIN").await.unwrap();
+    assert!(c
+        .simple_query("INSERT INTO tasks (owner, note) VALUES ('m', 'tx-multi'); TRUNCATE deals")
+        .await
+        .is_err());
+    c.simple_query("ROLLBACK").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        pg.psql_super(
+            "guard_tx",
+            "SELECT count(*) FROM tasks WHERE note LIKE 'tx-%'"
+        ),
+        "0"
+    );
+    assert_eq!(
+        pg.psql_super("guard_tx", "SELECT count(*) FROM deals"),
+        "400"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_revokes_an_allow_rule_takes_effect_at_once() {
+    let pg = database("guard_reload");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.toml");
+    std::fs::write(&file, RULES).unwrap();
+    let path = dir.path().to_path_buf();
+    let p = TestProxy::start(pg, move |s| s.rules = Some(path)).await;
+    let alice = client(&p, "alice", "alice_pw", "guard_reload").await;
+    let bob = client(&p, "alice", "alice_pw", "guard_reload").await;
+    // alice prepares an allowed DELETE (extended protocol); bob's session prepares nothing.
+    let stmt = alice
+        .prepare("DELETE FROM tasks WHERE id = $1")
+        .await
+        .unwrap();
+    alice.execute(&stmt, &[&1i64]).await.unwrap();
+    bob.simple_query("SELECT 1").await.unwrap();
+    std::fs::write(&file, "[settings]\nprotected = [\"delete\"]\n").unwrap();
+    p.proxy.reload_rules().unwrap();
+    // The prepared DELETE is now refused: its session ends rather than run it.
+    let err = alice.execute(&stmt, &[&2i64]).await.unwrap_err();
+    let message = err
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("rules changed"), "{err:?}");
+    // The other session goes on under the new rules.
+    let err = bob
+        .simple_query("DELETE FROM tasks WHERE id = 2")
+        .await
+        .unwrap_err();
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .starts_with("pgveil: DELETE on public.tasks"));
+    assert_eq!(
+        pg.psql_super("guard_reload", "SELECT count(*) FROM tasks"),
+        "99"
+    );
+    p.shutdown().await;
+}
