@@ -17,3 +17,4 @@ pub mod server;
 pub mod session;
 pub mod sql;
 pub mod tls;
+pub mod trash;

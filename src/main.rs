@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         } => cli::explain(&rules, &role, upstream_url.as_deref(), &sql),
         Command::Audit(AuditCommand::Verify { .. }) => cli::not_yet("audit verify"),
         Command::Audit(AuditCommand::Search { .. }) => cli::not_yet("audit search"),
-        Command::Trash { action, .. } => cli::not_yet(&format!("trash {action}")),
+        Command::Trash(command) => cli::trash::run(command),
         Command::Token(TokenCommand::Decode { key_env, tokens }) => {
             cli::inspect::token_decode(&key_env, &tokens)
         }

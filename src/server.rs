@@ -61,6 +61,8 @@ pub struct Proxy {
     pub shutdown: Shutdown,
     /// Schema knowledge per database, loaded by the first session that needs it.
     pub catalogs: DashMap<String, CachedCatalog>,
+    /// When the recycle bin of each database was last purged (see `session::auth`).
+    pub trash_purged: DashMap<String, std::time::Instant>,
     /// Incremented by every successful rules reload.
     rules_generation: AtomicU64,
     session_ids: AtomicU64,
@@ -90,6 +92,7 @@ impl Proxy {
             sessions: DashMap::new(),
             shutdown: Shutdown::default(),
             catalogs: DashMap::new(),
+            trash_purged: DashMap::new(),
             rules_generation: AtomicU64::new(0),
             session_ids: AtomicU64::new(1),
             active_sessions: AtomicUsize::new(0),

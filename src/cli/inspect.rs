@@ -14,7 +14,7 @@ use crate::policy::SessionMasks;
 use crate::session::identity::SessionIdentity;
 use crate::sql::masking::{self, Verdict};
 
-async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("connecting to {}: {e}", redact_url(url)))?;

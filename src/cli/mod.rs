@@ -2,6 +2,7 @@
 //! section 1. Flag names are part of the contract.
 
 pub mod inspect;
+pub mod trash;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,15 +48,9 @@ pub enum Command {
     /// Review the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// The recycle bin of deleted rows.
-    Trash {
-        #[arg(value_parser = ["list", "restore", "purge"])]
-        action: String,
-        #[arg(long)]
-        upstream_url: String,
-        #[arg(trailing_var_arg = true)]
-        rest: Vec<String>,
-    },
+    /// The recycle bin of deleted rows (schema pgveil_trash).
+    #[command(subcommand)]
+    Trash(TrashCommand),
     /// Tokens of the `tokenize` mask.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -80,6 +75,74 @@ pub enum AuditCommand {
         until: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// Which kept rows a trash command is about.
+#[derive(Debug, Args)]
+pub struct TrashSelection {
+    /// Only rows deleted from this [schema.]table (schema defaults to public).
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Only rows deleted at or after this time (e.g. 2026-11-23T10:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only rows deleted at or before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only these kept rows, by the id `trash list` shows (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrashCommand {
+    /// Install the recycle bin and the capture triggers of every [[recycle]] table (run it
+    /// as the tables' owner or a superuser, again after changing [[recycle]] rules).
+    #[command(
+        after_help = "Example:\n  pgveil trash init --rules rules/ --upstream-url postgres://postgres@db/crm"
+    )]
+    Init {
+        #[arg(long)]
+        upstream_url: String,
+        #[arg(long, default_value = "rules/")]
+        rules: PathBuf,
+    },
+    /// Show kept rows, oldest first.
+    #[command(
+        after_help = "Example:\n  pgveil trash list --upstream-url postgres://postgres@db/crm --table customers --since 2026-11-01"
+    )]
+    List {
+        #[arg(long)]
+        upstream_url: String,
+        #[command(flatten)]
+        selection: TrashSelection,
+        /// Print JSON Lines (one kept row per line) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Most rows to show.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+    /// Put kept rows back into their tables (all or nothing unless --skip-conflicts).
+    #[command(
+        after_help = "Examples:\n  pgveil trash restore --upstream-url URL --id 42 --id 43\n  pgveil trash restore --upstream-url URL --table customers --since 2026-11-23T09:00:00Z --until 2026-11-23T09:05:00Z"
+    )]
+    Restore {
+        #[arg(long)]
+        upstream_url: String,
+        #[command(flatten)]
+        selection: TrashSelection,
+        /// Restore what can be restored and report rows whose key exists again.
+        #[arg(long)]
+        skip_conflicts: bool,
+    },
+    /// Remove kept rows older than their table's retention (or --older-than-days).
+    Purge {
+        #[arg(long)]
+        upstream_url: String,
+        #[arg(long)]
+        older_than_days: Option<u32>,
     },
 }
 

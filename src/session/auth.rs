@@ -310,6 +310,7 @@ async fn session_policy(
             entry
         }
     };
+    purge_trash_if_due(legs, startup, identity, &rules, &cached.catalog).await?;
     let search_path = search_path_schemas(&identity.search_path, &identity.user);
     let masks = SessionMasks::build(&rules, identity, &cached.catalog);
     let policy = (!masks.is_empty()).then(|| {
@@ -322,15 +323,76 @@ async fn session_policy(
         )
     });
     let ready = trash_ready(&rules, &cached.catalog);
-    let guard = guard.filter(|g| !(g.allows_everything() && ready)).map(|g| {
-        SessionGuard::new(
-            g,
-            cached.catalog.clone(),
-            identity.user.clone(),
-            search_path,
-        )
-    });
+    let guard = guard
+        .filter(|g| !(g.allows_everything() && ready))
+        .map(|g| {
+            SessionGuard::new(
+                g,
+                cached.catalog.clone(),
+                identity.user.clone(),
+                search_path,
+            )
+        });
     Ok((policy, guard, Some(cached.stale)))
+}
+
+/// How often `serve` purges each database's recycle bin.
+const TRASH_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Purges the database's recycle bin of rows past their retention, at most once a day,
+/// on the connection of the first session that arrives when it is due: pgveil holds no
+/// credentials of its own, and `pgveil_trash.purge()` may be called by any role because
+/// it removes nothing else. A failure is logged; the session goes on.
+async fn purge_trash_if_due(
+    legs: &mut Legs,
+    startup: &Startup<'_>,
+    identity: &SessionIdentity,
+    rules: &Rules,
+    catalog: &Catalog,
+) -> Result<(), SessionError> {
+    if rules.recycles.is_empty() || !catalog.is_user_function("pgveil_trash.purge") {
+        return Ok(());
+    }
+    let now = std::time::Instant::now();
+    let due = match startup.proxy.trash_purged.entry(identity.database.clone()) {
+        dashmap::mapref::entry::Entry::Occupied(mut e) => {
+            if now.duration_since(*e.get()) < TRASH_PURGE_EVERY {
+                false
+            } else {
+                e.insert(now);
+                true
+            }
+        }
+        dashmap::mapref::entry::Entry::Vacant(e) => {
+            e.insert(now);
+            true
+        }
+    };
+    if !due {
+        return Ok(());
+    }
+    let mut purged = String::new();
+    let result = internal_query(
+        legs,
+        crate::trash::PURGE_SQL,
+        "purging the recycle bin",
+        |cols| {
+            if let Some(Some(n)) = cols.first() {
+                purged = String::from_utf8_lossy(n).into_owned();
+            }
+        },
+    )
+    .await;
+    match result {
+        Ok(()) => {
+            tracing::info!(database = %identity.database, rows = %purged, "recycle bin purged")
+        }
+        Err(SessionError::Upstream(e)) => {
+            tracing::warn!(database = %identity.database, "purging the recycle bin: {e}")
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// Whether every `[[recycle]]` table has its recycle-bin triggers in this catalog.

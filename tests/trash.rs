@@ -1,0 +1,308 @@
+//! The recycle bin (spec section 4): rows removed by allowed DELETEs and TRUNCATEs of
+//! recycled tables, cascades included, are kept with who removed them, listed, restored
+//! (parents before children, never over an existing key) and purged; the guard refuses to
+//! delete from a recycled table whose capture triggers are missing.
+
+mod common;
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{stderr, stdout, PgCluster, TestProxy, SUPERUSER_PASSWORD};
+
+const RULES: &str = r#"
+[[allow]]
+roles = ["crm_admin"]
+statements = ["delete", "truncate", "drop"]
+tables = ["*"]
+
+[[allow]]
+roles = ["crm_support"]
+statements = ["delete"]
+tables = ["public.tasks"]
+require_where = true
+
+[[recycle]]
+table = "public.customers"
+
+[[recycle]]
+table = "contacts"
+retention_days = 7
+
+[[recycle]]
+table = "public.deals"
+
+[[recycle]]
+table = "public.tasks"
+"#;
+
+fn cluster() -> &'static PgCluster {
+    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| PgCluster::start(Default::default()))
+}
+
+struct Bin {
+    db: String,
+    rules: tempfile::TempDir,
+}
+
+impl Bin {
+    fn new(db: &str) -> Bin {
+        cluster().create_crm_db(db);
+        let rules = tempfile::tempdir().unwrap();
+        std::fs::write(rules.path().join("rules.toml"), RULES).unwrap();
+        Bin {
+            db: db.to_string(),
+            rules,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/{}",
+            cluster().port,
+            self.db
+        )
+    }
+
+    fn pgveil(&self, args: &[&str]) -> std::process::Output {
+        let url = self.url();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgveil"));
+        cmd.args(args).args(["--upstream-url", &url]);
+        cmd.output().unwrap()
+    }
+
+    fn init(&self) {
+        let rules = self.rules.path().to_str().unwrap().to_string();
+        let out = self.pgveil(&["trash", "init", "--rules", &rules]);
+        assert!(out.status.success(), "trash init: {}", stderr(&out));
+        assert!(stdout(&out).contains("recycling public.customers (retention 30 days)"));
+        assert!(stdout(&out).contains("recycling public.contacts (retention 7 days)"));
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        cluster().psql_super(&self.db, sql)
+    }
+
+    async fn proxy(&self) -> TestProxy {
+        let path = self.rules.path().to_path_buf();
+        TestProxy::start(cluster(), move |s| s.rules = Some(path)).await
+    }
+
+    async fn client(&self, p: &TestProxy, user: &str, password: &str) -> tokio_postgres::Client {
+        common::connect(&p.conn_str(user, password, &self.db)).await
+    }
+}
+
+#[tokio::test]
+async fn deleted_rows_and_their_cascades_are_kept_and_restored() {
+    let bin = Bin::new("trash_roundtrip");
+    bin.init();
+    let before = bin.sql("SELECT (SELECT count(*) FROM customers) || ' ' || (SELECT count(*) FROM contacts) || ' ' || (SELECT count(*) FROM deals)");
+    let snapshot = bin.sql("SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM customers c");
+    let since =
+        bin.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    // The client sees the server's own answer: DELETE n and RETURNING rows.
+    let rows = admin
+        .query(
+            "DELETE FROM customers WHERE id IN (1, 2) RETURNING id, full_name",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![1, 2]);
+    assert_eq!(rows[0].get::<_, String>(1), "Customer 1");
+    let n = admin
+        .execute("DELETE FROM customers WHERE id = 3", &[])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // Kept: the customers, and the contacts and deals the foreign keys cascaded to.
+    assert_eq!(
+        bin.sql(
+            "SELECT string_agg(table_name || ':' || n, ' ' ORDER BY table_name) FROM \
+                 (SELECT table_name, count(*) n FROM pgveil_trash.rows GROUP BY 1) x"
+        ),
+        "contacts:3 customers:3 deals:6"
+    );
+    assert_eq!(
+        bin.sql("SELECT DISTINCT deleted_by || ' ' || operation FROM pgveil_trash.rows"),
+        "crm_admin delete"
+    );
+    assert_eq!(
+        bin.sql("SELECT row_data->>'email' FROM pgveil_trash.rows WHERE table_name = 'customers' AND (row_data->>'id')::int = 2"),
+        "user2@example.com"
+    );
+    // trash list, as a table and as JSON.
+    let out = bin.pgveil(&["trash", "list", "--table", "customers"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("public.customers")
+            && text.contains("crm_admin")
+            && text.contains("(3 rows)"),
+        "{text}"
+    );
+    let out = bin.pgveil(&["trash", "list", "--json", "--table", "public.deals"]);
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[0]["table"], "public.deals");
+    assert!(lines[0]["statement"]
+        .as_str()
+        .unwrap()
+        .contains("DELETE FROM customers"));
+    // Restore by time range: children went into the bin before their parents; the restore
+    // puts parents back first.
+    let out = bin.pgveil(&["trash", "restore", "--since", &since]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("restored 12 rows"),
+        "{}",
+        stdout(&out)
+    );
+    p.shutdown().await;
+    assert_eq!(bin.sql("SELECT (SELECT count(*) FROM customers) || ' ' || (SELECT count(*) FROM contacts) || ' ' || (SELECT count(*) FROM deals)"), before);
+    assert_eq!(
+        bin.sql("SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM customers c"),
+        snapshot
+    );
+    assert_eq!(bin.sql("SELECT count(*) FROM pgveil_trash.rows"), "0");
+}
+
+#[tokio::test]
+async fn restore_never_overwrites_an_existing_key() {
+    let bin = Bin::new("trash_conflict");
+    bin.init();
+    let p = bin.proxy().await;
+    let alice = bin.client(&p, "alice", "alice_pw").await;
+    alice
+        .simple_query("DELETE FROM tasks WHERE id IN (5, 6)")
+        .await
+        .unwrap();
+    p.shutdown().await;
+    // Someone reuses id 5 meanwhile.
+    bin.sql("INSERT INTO tasks (id, owner, note) VALUES (5, 'carol', 'new task')");
+    let ids: Vec<String> = bin
+        .sql("SELECT string_agg(id::text, ' ' ORDER BY id) FROM pgveil_trash.rows")
+        .split(' ')
+        .map(String::from)
+        .collect();
+    let out = bin.pgveil(&["trash", "restore", "--table", "tasks"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("kept row {} of public.tasks", ids[0])),
+        "{err}"
+    );
+    assert!(err.contains("Key (id)=(5) already exists"), "{err}");
+    assert!(err.contains("nothing was restored"), "{err}");
+    assert_eq!(bin.sql("SELECT count(*) FROM tasks WHERE id = 6"), "0");
+    assert_eq!(bin.sql("SELECT note FROM tasks WHERE id = 5"), "new task");
+    // --skip-conflicts restores the other row and keeps the conflicting one in the bin.
+    let out = bin.pgveil(&[
+        "trash",
+        "restore",
+        "--id",
+        &ids[0],
+        "--id",
+        &ids[1],
+        "--skip-conflicts",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 1 rows"), "{}", stdout(&out));
+    assert_eq!(bin.sql("SELECT count(*) FROM tasks WHERE id = 6"), "1");
+    assert_eq!(bin.sql("SELECT note FROM tasks WHERE id = 5"), "new task");
+    assert_eq!(bin.sql("SELECT count(*) FROM pgveil_trash.rows"), "1");
+    // A restore must name its rows.
+    let out = bin.pgveil(&["trash", "restore"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn truncate_is_kept_too_and_purge_honours_retention() {
+    let bin = Bin::new("trash_purge");
+    bin.init();
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin.simple_query("TRUNCATE tasks").await.unwrap();
+    assert_eq!(
+        bin.sql("SELECT count(*) || ' ' || min(operation) FROM pgveil_trash.rows WHERE table_name = 'tasks'"),
+        "100 truncate"
+    );
+    admin
+        .simple_query("DELETE FROM contacts WHERE id <= 10")
+        .await
+        .unwrap();
+    p.shutdown().await;
+    // Age the kept rows: contacts keep 7 days, tasks 30.
+    bin.sql("UPDATE pgveil_trash.rows SET deleted_at = now() - interval '10 days'");
+    let out = bin.pgveil(&["trash", "purge"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "purged 10 kept rows");
+    assert_eq!(bin.sql("SELECT count(*) FROM pgveil_trash.rows"), "100");
+    // serve purges on its own: a fresh pgveil does so at the first connection.
+    bin.sql("UPDATE pgveil_trash.rows SET deleted_at = now() - interval '31 days' WHERE id IN (SELECT id FROM pgveil_trash.rows LIMIT 40)");
+    let p = bin.proxy().await;
+    let alice = bin.client(&p, "alice", "alice_pw").await;
+    alice.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(bin.sql("SELECT count(*) FROM pgveil_trash.rows"), "60");
+    // The bin itself is not readable by ordinary roles.
+    let err = alice
+        .simple_query("SELECT * FROM pgveil_trash.rows")
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+    p.shutdown().await;
+    let out = bin.pgveil(&["trash", "purge", "--older-than-days", "0"]);
+    assert_eq!(stdout(&out).trim(), "purged 60 kept rows");
+}
+
+#[tokio::test]
+async fn no_delete_of_a_recycled_table_without_its_triggers() {
+    let bin = Bin::new("trash_missing");
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    let err = admin
+        .simple_query("DELETE FROM customers WHERE id = 1")
+        .await
+        .unwrap_err();
+    let message = err.as_db_error().unwrap().message().to_string();
+    assert!(
+        message.starts_with("pgveil: DELETE on public.customers"),
+        "{message}"
+    );
+    assert!(message.contains("pgveil trash init"), "{message}");
+    assert!(admin.simple_query("TRUNCATE tasks").await.is_err());
+    // Deleting from a table without a recycle rule is unaffected.
+    bin.sql("CREATE TABLE scratch (id int); GRANT ALL ON scratch TO crm_admin; INSERT INTO scratch VALUES (1)");
+    p.proxy.catalogs.clear();
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin.simple_query("DELETE FROM scratch").await.unwrap();
+    // After `trash init`, new sessions see the triggers and may delete.
+    bin.init();
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin
+        .simple_query("DELETE FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        bin.sql("SELECT count(*) FROM pgveil_trash.rows WHERE table_name = 'customers'"),
+        "1"
+    );
+    // A disabled trigger counts as missing.
+    bin.sql("ALTER TABLE customers DISABLE TRIGGER pgveil_trash_delete");
+    p.proxy.catalogs.clear();
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    assert!(admin
+        .simple_query("DELETE FROM customers WHERE id = 2")
+        .await
+        .is_err());
+    assert_eq!(bin.sql("SELECT count(*) FROM customers WHERE id = 2"), "1");
+    p.shutdown().await;
+}
