@@ -411,3 +411,41 @@ async fn a_reload_that_revokes_an_allow_rule_takes_effect_at_once() {
     );
     p.shutdown().await;
 }
+
+#[test]
+fn explain_names_what_a_statement_touches_and_the_rule() {
+    let pg = database("guard_explain");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/guard_explain",
+        common::SUPERUSER_PASSWORD,
+        pg.port
+    );
+    let explain = |role: &str, sql: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(["explain", "--rules", dir.path().to_str().unwrap()])
+            .args(["--role", role, "--upstream-url", &url, sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        common::stdout(&out)
+    };
+    let text = explain(
+        "mallory",
+        "WITH d AS (DELETE FROM customers RETURNING *) SELECT * FROM d",
+    );
+    assert!(text.contains("touches: delete customers"), "{text}");
+    assert!(text.contains("decision: refused"), "{text}");
+    assert!(
+        text.contains("error: 42501 pgveil: DELETE on public.customers"),
+        "{text}"
+    );
+    assert!(text.contains("rules.toml:2"), "{text}");
+    let text = explain("alice", "DELETE FROM tasks WHERE id = 1");
+    assert!(text.contains("guard: allowed"), "{text}");
+    let text = explain("alice", "DELETE FROM tasks");
+    assert!(text.contains("requires a WHERE clause"), "{text}");
+    let text = explain("crm_admin", "DROP TABLE deals");
+    assert!(text.contains("guard: none applies"), "{text}");
+}

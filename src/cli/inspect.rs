@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
 use crate::config::rules::{MaskFunction, Rules, Unanalysable};
+use crate::policy::guard::GuardPolicy;
 use crate::policy::mask::{self, decode_token};
 use crate::policy::pgtypes::TypeClass;
 use crate::policy::SessionMasks;
+use crate::session::guard::SessionGuard;
 use crate::session::identity::SessionIdentity;
 use crate::sql::masking::{self, Verdict};
 
@@ -105,13 +107,34 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
         for r in a.roles.iter().filter(|r| !known_role(r)) {
             out.push(format!("{}: role {r:?} does not exist", a.origin));
         }
+        for t in &a.tables {
+            let matched = catalog
+                .relations()
+                .any(|rel| crate::policy::guard::glob_matches(t, &rel.qualified()));
+            if !matched {
+                out.push(format!(
+                    "{}: warning: tables pattern {t:?} matches no table or view",
+                    a.origin
+                ));
+            }
+        }
     }
     for r in &rules.recycles {
-        if catalog.relation(&r.schema, &r.table).is_none() {
-            out.push(format!(
+        match catalog.relation(&r.schema, &r.table) {
+            None => out.push(format!(
                 "{}: table {}.{} does not exist",
                 r.origin, r.schema, r.table
-            ));
+            )),
+            Some(rel)
+                if !catalog.has_trash_trigger(rel.oid, "pgveil_trash_delete")
+                    || !catalog.has_trash_trigger(rel.oid, "pgveil_trash_truncate") =>
+            {
+                out.push(format!(
+                    "{}: warning: the recycle bin is not set up for {}.{}: run `pgveil trash init`; until then pgveil refuses DELETE and TRUNCATE on it",
+                    r.origin, r.schema, r.table
+                ))
+            }
+            Some(_) => {}
         }
     }
     Ok(out)
@@ -156,6 +179,10 @@ pub async fn explain(
     let role_refs: Vec<&str> = roles.iter().map(String::as_str).collect();
     let identity = SessionIdentity::offline(role, &role_refs, "pgveil explain");
     out.push_str(&format!("roles: {}\n", roles.join(", ")));
+    explain_guard(rules, &identity, &catalog, sql, &mut out);
+    if out.contains("\ndecision: refused") {
+        return Ok(out);
+    }
     let masks = SessionMasks::build(rules, &identity, &catalog);
     let ctx = masking::Context {
         catalog: &catalog,
@@ -214,6 +241,43 @@ pub async fn explain(
         );
     }
     Ok(out)
+}
+
+/// The guard's part of `explain`: what the statement touches, and the guard's decision.
+fn explain_guard(
+    rules: &Rules,
+    identity: &SessionIdentity,
+    catalog: &Arc<Catalog>,
+    sql: &str,
+    out: &mut String,
+) {
+    let facts = crate::sql::guard::analyse(sql, catalog, true);
+    for a in facts
+        .accesses
+        .iter()
+        .filter(|a| a.kind != crate::config::rules::StatementKind::Select)
+    {
+        let target = match &a.target {
+            crate::sql::guard::Target::Relation { parts, .. } => parts.join("."),
+            crate::sql::guard::Target::Schema(s) => format!("schema {s}"),
+            crate::sql::guard::Target::Object(o) => o.clone(),
+            crate::sql::guard::Target::Everything => "everything".into(),
+        };
+        out.push_str(&format!("touches: {} {target}\n", a.kind.as_str()));
+    }
+    if let Some(reason) = &facts.unanalysable {
+        out.push_str(&format!("analysis: impossible ({reason})\n"));
+    }
+    let Some(policy) = GuardPolicy::for_session(rules, identity) else {
+        out.push_str("guard: none applies (every protected kind is allowed on every table)\n");
+        return;
+    };
+    let search_path = search_path_schemas(&identity.search_path, &identity.user);
+    let mut guard = SessionGuard::new(policy, catalog.clone(), identity.user.clone(), search_path);
+    match guard.screen(sql, true) {
+        Ok(()) => out.push_str("guard: allowed\n"),
+        Err(message) => out.push_str(&format!("decision: refused\nerror: 42501 {message}\n")),
+    }
 }
 
 /// `pgveil token decode`: one clear value per line, in the order of the tokens.
