@@ -165,6 +165,8 @@ def main():
 
         rules = os.path.join(work, "rules")
         os.makedirs(rules)
+        with open(os.path.join(rules, "relay.toml"), "w") as f:
+            f.write("[settings]\nprotected = []\n")  # the relay alone: no guard
         veil, veil_port = start_pgveil(work, pg_port, rules, a.pgveil_args)
         procs.append(veil)
         targets = [("direct", pg_port, None), ("pgveil", veil_port, veil.pid)]

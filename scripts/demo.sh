@@ -20,6 +20,9 @@ pg_port="$(scripts/cluster.sh start "$work/pg" postgres)"
 export PGPASSWORD=postgres PGCONNECT_TIMEOUT=10
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE crm"
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d crm -v ON_ERROR_STOP=1 -f tests/fixtures/crm.sql
+admin_url="postgres://postgres:postgres@127.0.0.1:$pg_port/crm"
+echo "== installing the recycle bin for the [[recycle]] tables of rules/"
+./target/release/pgveil trash init --rules rules/ --upstream-url "$admin_url"
 
 proxy_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 echo "== pgveil on 127.0.0.1:$proxy_port -> PostgreSQL on 127.0.0.1:$pg_port, rules from rules/"
@@ -49,10 +52,24 @@ echo "== alice tries SQL hidden in a string: refused"
 PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
   -c "SELECT query_to_xml('SELECT phone FROM customers', true, true, '')" 2>&1 || true
 
-echo "== alice tries: DELETE FROM customers WHERE id = 1"
+echo
+echo "== alice (crm_support) tries to delete a customer, directly and hidden in a CTE: refused by pgveil"
 PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
-  -c "DELETE FROM customers WHERE id = 1" 2>&1 || true
-echo "(today the server's own privileges refuse this; pgveil's guard lands with the guard issue)"
+  -c "DELETE FROM customers WHERE id = 1" \
+  -c "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING id) SELECT * FROM d" 2>&1 || true
+echo "== alice may delete tasks, but only with a WHERE clause:"
+PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
+  -c "DELETE FROM tasks WHERE id = 1" -c "DELETE FROM tasks" 2>&1 || true
+
+echo
+echo "== crm_admin deletes customer 2 (allowed); the row and its cascaded contacts and deals go to the recycle bin"
+PGPASSWORD=admin_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U crm_admin -d crm \
+  -c "DELETE FROM customers WHERE id = 2 RETURNING id, full_name"
+./target/release/pgveil trash list --upstream-url "$admin_url" --table customers
+echo "== restoring it from the recycle bin (parents first, children after)"
+./target/release/pgveil trash restore --upstream-url "$admin_url" --since "$(date -u -d '-10 minutes' +%Y-%m-%dT%H:%M:%SZ)"
+PGPASSWORD=admin_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U crm_admin -d crm \
+  -c "SELECT c.id, c.full_name, (SELECT count(*) FROM deals d WHERE d.customer_id = c.id) AS deals FROM customers c WHERE id = 2"
 
 echo
 echo "== the rules pgveil loaded:"

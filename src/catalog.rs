@@ -70,7 +70,7 @@ impl Relation {
 }
 
 /// A database's schema as pgveil needs it.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Catalog {
     by_name: HashMap<(String, String), Arc<Relation>>,
     by_oid: HashMap<u32, Arc<Relation>>,

@@ -1,12 +1,13 @@
 //! The recycle bin (spec section 4): rows removed by DELETE (and TRUNCATE) from a table
-//! with a `[[recycle]]` rule are kept in `pgveil_trash.rows` with who removed them, when,
-//! from which table and by which statement, until the table's retention has passed.
+//! with a `[[recycle]]` rule are kept in schema `pgveil_trash` (one typed bin table per
+//! recycled table) with who removed them, when and by which statement, until the table's
+//! retention has passed.
 //!
 //! Capture happens in the database, in statement-level triggers that `pgveil trash init`
 //! installs, not in a rewrite of the client's statement: a trigger also sees rows removed
 //! by `ON DELETE CASCADE`, by functions and by clients that bypass pgveil, it keeps
 //! `DELETE n` and `RETURNING` exactly as the server produces them, and a transition table
-//! copies a 100,000-row DELETE in one set-based INSERT. pgveil's guard refuses a DELETE or
+//! copies a 100,000-row DELETE in one set-based INSERT of the rows as they are. pgveil's guard refuses a DELETE or
 //! TRUNCATE of a recycled table while the triggers are missing or disabled.
 
 use std::collections::BTreeMap;
@@ -37,44 +38,74 @@ impl From<tokio_postgres::Error> for TrashError {
     }
 }
 
-/// The schema, the bin, and the capture and purge functions. Idempotent.
+/// The schema, the registry of recycled tables, the deletion log, and the capture and
+/// purge functions. Idempotent.
+///
+/// Each recycled table has its own bin table `pgveil_trash.t_<oid>` with the table's
+/// columns (typed, copied as they are: no per-row conversion, which is what keeps a large
+/// DELETE cheap) plus `pgveil_id` (the kept row's id) and `pgveil_deletion` (the
+/// deletion event in `pgveil_trash.deletions`: when, by whom, which statement). A column
+/// added to the table later is added to its bin at the next capture; the bin never loses
+/// one.
 const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS pgveil_trash;
 REVOKE ALL ON SCHEMA pgveil_trash FROM PUBLIC;
 GRANT USAGE ON SCHEMA pgveil_trash TO PUBLIC;
+CREATE SEQUENCE IF NOT EXISTS pgveil_trash.ids;
 CREATE TABLE IF NOT EXISTS pgveil_trash.tables (
     table_schema text NOT NULL,
     table_name text NOT NULL,
+    bin text NOT NULL UNIQUE,
     retention_days integer NOT NULL CHECK (retention_days > 0),
     PRIMARY KEY (table_schema, table_name)
 );
-CREATE TABLE IF NOT EXISTS pgveil_trash.rows (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS pgveil_trash.deletions (
+    id bigint PRIMARY KEY,
     table_schema text NOT NULL,
     table_name text NOT NULL,
     operation text NOT NULL,
     deleted_at timestamptz NOT NULL DEFAULT now(),
     deleted_by text NOT NULL DEFAULT session_user,
     txid bigint NOT NULL DEFAULT txid_current(),
-    statement text,
-    row_data jsonb NOT NULL
+    statement text
 );
-CREATE INDEX IF NOT EXISTS rows_by_table_and_time
-    ON pgveil_trash.rows (table_schema, table_name, deleted_at);
+CREATE INDEX IF NOT EXISTS deletions_by_time ON pgveil_trash.deletions (deleted_at);
 REVOKE ALL ON ALL TABLES IN SCHEMA pgveil_trash FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pgveil_trash.ids FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION pgveil_trash.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    bin text;
+    deletion bigint;
+    cols text;
+    missing record;
 BEGIN
+    SELECT t.bin INTO bin FROM pgveil_trash.tables t
+    WHERE t.table_schema = TG_TABLE_SCHEMA AND t.table_name = TG_TABLE_NAME;
+    IF bin IS NULL THEN
+        RAISE EXCEPTION 'pgveil: %.% has no recycle bin; run pgveil trash init', TG_TABLE_SCHEMA, TG_TABLE_NAME;
+    END IF;
+    FOR missing IN
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS typ FROM pg_attribute a
+        WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
+        AND NOT EXISTS (SELECT 1 FROM pg_attribute b
+            WHERE b.attrelid = format('pgveil_trash.%I', bin)::regclass
+            AND b.attname = a.attname AND NOT b.attisdropped)
+    LOOP
+        EXECUTE format('ALTER TABLE pgveil_trash.%I ADD COLUMN %I %s', bin, missing.attname, missing.typ);
+    END LOOP;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols FROM pg_attribute a
+    WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
+    deletion := nextval('pgveil_trash.ids');
+    INSERT INTO pgveil_trash.deletions (id, table_schema, table_name, operation, statement)
+    VALUES (deletion, TG_TABLE_SCHEMA, TG_TABLE_NAME, lower(TG_OP), current_query());
     IF TG_OP = 'DELETE' THEN
-        INSERT INTO pgveil_trash.rows (table_schema, table_name, operation, statement, row_data)
-        SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', current_query(), to_jsonb(o)
-        FROM pgveil_trash_old o;
+        EXECUTE format('INSERT INTO pgveil_trash.%I (pgveil_deletion, %s) SELECT $1, %s FROM pgveil_trash_old',
+                       bin, cols, cols) USING deletion;
     ELSE
-        EXECUTE format(
-            'INSERT INTO pgveil_trash.rows (table_schema, table_name, operation, statement, row_data) '
-            'SELECT %L, %L, %L, current_query(), to_jsonb(t) FROM ONLY %I.%I t',
-            TG_TABLE_SCHEMA, TG_TABLE_NAME, 'truncate', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+        EXECUTE format('INSERT INTO pgveil_trash.%I (pgveil_deletion, %s) SELECT $1, %s FROM ONLY %I.%I',
+                       bin, cols, cols, TG_TABLE_SCHEMA, TG_TABLE_NAME) USING deletion;
     END IF;
     RETURN NULL;
 END
@@ -82,14 +113,24 @@ $fn$;
 REVOKE ALL ON FUNCTION pgveil_trash.capture() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION pgveil_trash.purge() RETURNS bigint
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    WITH gone AS (
-        DELETE FROM pgveil_trash.rows r
-        WHERE r.deleted_at < now() - make_interval(days => coalesce(
-            (SELECT t.retention_days FROM pgveil_trash.tables t
-             WHERE t.table_schema = r.table_schema AND t.table_name = r.table_name), 30))
-        RETURNING 1)
-    SELECT count(*) FROM gone
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    rec record;
+    n bigint;
+    total bigint := 0;
+BEGIN
+    FOR rec IN SELECT bin, retention_days FROM pgveil_trash.tables LOOP
+        EXECUTE format('DELETE FROM pgveil_trash.%I b USING pgveil_trash.deletions d '
+                       'WHERE b.pgveil_deletion = d.id AND d.deleted_at < now() - make_interval(days => %s)',
+                       rec.bin, rec.retention_days);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+    END LOOP;
+    DELETE FROM pgveil_trash.deletions d WHERE d.deleted_at < now() - make_interval(days => coalesce(
+        (SELECT t.retention_days FROM pgveil_trash.tables t
+         WHERE t.table_schema = d.table_schema AND t.table_name = d.table_name), 30));
+    RETURN total;
+END
 $fn$;
 GRANT EXECUTE ON FUNCTION pgveil_trash.purge() TO PUBLIC;
 "#;
@@ -137,11 +178,23 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
             }
         }
         let table = qualified(&r.schema, &r.table);
-        tx.execute(
-            "INSERT INTO pgveil_trash.tables VALUES ($1, $2, $3) ON CONFLICT (table_schema, table_name) \
-             DO UPDATE SET retention_days = EXCLUDED.retention_days",
-            &[&r.schema, &r.table, &(r.retention_days as i32)],
-        )
+        let bin: String = tx
+            .query_one(
+                "INSERT INTO pgveil_trash.tables VALUES ($1, $2, 't_' || $4::text::regclass::oid, $3) \
+                 ON CONFLICT (table_schema, table_name) \
+                 DO UPDATE SET retention_days = EXCLUDED.retention_days RETURNING bin",
+                &[&r.schema, &r.table, &(r.retention_days as i32), &table],
+            )
+            .await?
+            .get(0);
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS pgveil_trash.{} (\
+             pgveil_id bigint NOT NULL DEFAULT nextval('pgveil_trash.ids'), \
+             pgveil_deletion bigint NOT NULL, LIKE {table}); \
+             REVOKE ALL ON pgveil_trash.{} FROM PUBLIC",
+            quote_ident(&bin),
+            quote_ident(&bin)
+        ))
         .await?;
         tx.batch_execute(&format!(
             "CREATE OR REPLACE TRIGGER pgveil_trash_delete AFTER DELETE ON {table} \
@@ -183,11 +236,7 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
              DROP TRIGGER IF EXISTS pgveil_trash_truncate ON {name}"
         ))
         .await?;
-        tx.execute(
-            "DELETE FROM pgveil_trash.tables WHERE table_schema = $1 AND table_name = $2",
-            &[&schema, &table],
-        )
-        .await?;
+
         let _ = writeln!(
             report,
             "no longer recycling {schema}.{table} (its kept rows stay until purged)"
@@ -212,7 +261,7 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// A WHERE clause over `pgveil_trash.rows` with its text parameters.
+    /// A WHERE clause over a bin `b` joined to its deletions `d`, with its text parameters.
     fn filter(&self) -> (String, Vec<String>) {
         let mut conds = vec!["true".to_string()];
         let mut params = Vec::new();
@@ -227,20 +276,20 @@ impl Selection {
             };
             let s = param(schema, &mut params);
             let t = param(table, &mut params);
-            conds.push(format!("table_schema = {s} AND table_name = {t}"));
+            conds.push(format!("d.table_schema = {s} AND d.table_name = {t}"));
         }
         if let Some(since) = &self.since {
             let p = param(since.clone(), &mut params);
-            conds.push(format!("deleted_at >= {p}::text::timestamptz"));
+            conds.push(format!("d.deleted_at >= {p}::text::timestamptz"));
         }
         if let Some(until) = &self.until {
             let p = param(until.clone(), &mut params);
-            conds.push(format!("deleted_at <= {p}::text::timestamptz"));
+            conds.push(format!("d.deleted_at <= {p}::text::timestamptz"));
         }
         if !self.ids.is_empty() {
             let list: Vec<String> = self.ids.iter().map(i64::to_string).collect();
             let p = param(format!("{{{}}}", list.join(",")), &mut params);
-            conds.push(format!("id = ANY ({p}::text::bigint[])"));
+            conds.push(format!("b.pgveil_id = ANY ({p}::text::bigint[])"));
         }
         (conds.join(" AND "), params)
     }
@@ -258,31 +307,55 @@ pub struct Kept {
     pub row: serde_json::Value,
 }
 
-/// `pgveil trash list`.
-pub async fn list(client: &Client, sel: &Selection, limit: i64) -> Result<Vec<Kept>, TrashError> {
-    let (filter, params) = sel.filter();
-    let sql = format!(
-        "SELECT id, table_schema || '.' || table_name, operation, \
-         to_char(deleted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), deleted_by, \
-         statement, row_data::text FROM pgveil_trash.rows WHERE {filter} ORDER BY id LIMIT {limit}"
-    );
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let rows = client.query(&sql, &refs).await?;
+/// The bins: (schema, table, bin table), in table order.
+async fn bins(client: &Client) -> Result<Vec<(String, String, String)>, TrashError> {
+    let rows = client
+        .query(
+            "SELECT table_schema, table_name, bin FROM pgveil_trash.tables ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
     Ok(rows
         .iter()
-        .map(|r| Kept {
-            id: r.get(0),
-            table: r.get(1),
-            operation: r.get(2),
-            deleted_at: r.get(3),
-            deleted_by: r.get(4),
-            statement: r.get(5),
-            row: serde_json::from_str(r.get::<_, &str>(6)).unwrap_or(serde_json::Value::Null),
-        })
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
+}
+
+fn params_of(params: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// `pgveil trash list`: kept rows, oldest first.
+pub async fn list(client: &Client, sel: &Selection, limit: i64) -> Result<Vec<Kept>, TrashError> {
+    let (filter, params) = sel.filter();
+    let mut out = Vec::new();
+    for (_, _, bin) in bins(client).await? {
+        let sql = format!(
+            "SELECT b.pgveil_id, d.table_schema || '.' || d.table_name, d.operation, \
+             to_char(d.deleted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), d.deleted_by, \
+             d.statement, (to_jsonb(b) - 'pgveil_id' - 'pgveil_deletion')::text \
+             FROM pgveil_trash.{} b JOIN pgveil_trash.deletions d ON d.id = b.pgveil_deletion \
+             WHERE {filter} ORDER BY b.pgveil_id LIMIT {limit}",
+            quote_ident(&bin)
+        );
+        for r in client.query(&sql, &params_of(&params)).await? {
+            out.push(Kept {
+                id: r.get(0),
+                table: r.get(1),
+                operation: r.get(2),
+                deleted_at: r.get(3),
+                deleted_by: r.get(4),
+                statement: r.get(5),
+                row: serde_json::from_str(r.get::<_, &str>(6)).unwrap_or(serde_json::Value::Null),
+            });
+        }
+    }
+    out.sort_by_key(|k| k.id);
+    out.truncate(usize::try_from(limit).unwrap_or(0));
+    Ok(out)
 }
 
 /// `pgveil trash purge`: removes kept rows past their table's retention, or older than
@@ -291,14 +364,26 @@ pub async fn purge(client: &Client, older_than_days: Option<u32>) -> Result<i64,
     let row = match older_than_days {
         None => client.query_one(PURGE_SQL, &[]).await?,
         Some(days) => {
+            let mut total = 0i64;
+            for (_, _, bin) in bins(client).await? {
+                total += client
+                    .execute(
+                        &format!(
+                            "DELETE FROM pgveil_trash.{} b USING pgveil_trash.deletions d \
+                             WHERE b.pgveil_deletion = d.id AND d.deleted_at < now() - make_interval(days => $1)",
+                            quote_ident(&bin)
+                        ),
+                        &[&(days as i32)],
+                    )
+                    .await? as i64;
+            }
             client
-                .query_one(
-                    "WITH gone AS (DELETE FROM pgveil_trash.rows \
-                     WHERE deleted_at < now() - make_interval(days => $1) RETURNING 1) \
-                     SELECT count(*) FROM gone",
+                .execute(
+                    "DELETE FROM pgveil_trash.deletions WHERE deleted_at < now() - make_interval(days => $1)",
                     &[&(days as i32)],
                 )
-                .await?
+                .await?;
+            return Ok(total);
         }
     };
     Ok(row.get(0))
@@ -327,34 +412,35 @@ pub async fn restore(
             "name the rows to restore: --table, --id, --since or --until".into(),
         ));
     }
+    let all_bins = bins(client).await?;
     let tx = client.transaction().await?;
     let (filter, params) = sel.filter();
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT id, table_schema, table_name, row_data::text FROM pgveil_trash.rows \
-                 WHERE {filter} ORDER BY id FOR UPDATE"
-            ),
-            &refs,
-        )
-        .await?;
-    if rows.is_empty() {
+    // Pending rows by table: (kept row id, its bin).
+    let mut pending: BTreeMap<(String, String), Vec<(i64, String)>> = BTreeMap::new();
+    for (schema, table, bin) in all_bins {
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT b.pgveil_id FROM pgveil_trash.{} b \
+                     JOIN pgveil_trash.deletions d ON d.id = b.pgveil_deletion \
+                     WHERE {filter} ORDER BY b.pgveil_id FOR UPDATE OF b",
+                    quote_ident(&bin)
+                ),
+                &params_of(&params),
+            )
+            .await?;
+        for r in rows {
+            pending
+                .entry((schema.clone(), table.clone()))
+                .or_default()
+                .push((r.get(0), bin.clone()));
+        }
+    }
+    if pending.is_empty() {
         return Err(TrashError::Refused("no kept rows match".into()));
     }
-    // Pending rows by table: (trash id, row JSON).
-    let mut pending: BTreeMap<(String, String), Vec<(i64, String)>> = BTreeMap::new();
-    for r in &rows {
-        pending
-            .entry((r.get(1), r.get(2)))
-            .or_default()
-            .push((r.get(0), r.get(3)));
-    }
     let mut restored = Restored::default();
-    let mut done_ids: Vec<i64> = Vec::new();
+    let mut done_ids: Vec<(i64, String)> = Vec::new();
     let mut conflicts: Vec<String> = Vec::new();
     let mut waiting_reason: BTreeMap<i64, String> = BTreeMap::new();
     // Each pass restores what it can; rows whose parent is still in the bin wait for a
@@ -367,7 +453,7 @@ pub async fn restore(
             if batch.is_empty() {
                 continue;
             }
-            let columns = insertable_columns(&tx, &key.0, &key.1).await?;
+            let columns = insertable_columns(&tx, &key.0, &key.1, &batch[0].1).await?;
             match insert_rows(&tx, &key, &columns, &batch).await? {
                 Outcome::Inserted => {
                     progress = true;
@@ -375,7 +461,7 @@ pub async fn restore(
                         .by_table
                         .entry(format!("{}.{}", key.0, key.1))
                         .or_default() += batch.len();
-                    done_ids.extend(batch.iter().map(|(id, _)| *id));
+                    done_ids.extend(batch.iter().cloned());
                 }
                 Outcome::Failed(_) => {
                     // Row by row: find which conflict and which wait for a parent.
@@ -388,7 +474,7 @@ pub async fn restore(
                                     .by_table
                                     .entry(format!("{}.{}", key.0, key.1))
                                     .or_default() += 1;
-                                done_ids.push(row.0);
+                                done_ids.push(row.clone());
                             }
                             Outcome::Failed(Failure::Conflict(detail)) => conflicts.push(format!(
                                 "kept row {} of {}.{}: {detail} Not restored: pgveil does not overwrite an existing row.",
@@ -426,12 +512,20 @@ pub async fn restore(
         )));
     }
     restored.skipped = conflicts;
-    let ids: Vec<String> = done_ids.iter().map(i64::to_string).collect();
-    tx.execute(
-        "DELETE FROM pgveil_trash.rows WHERE id = ANY ($1::text::bigint[])",
-        &[&format!("{{{}}}", ids.join(","))],
-    )
-    .await?;
+    let mut by_bin: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (id, bin) in &done_ids {
+        by_bin.entry(bin.clone()).or_default().push(id.to_string());
+    }
+    for (bin, ids) in by_bin {
+        tx.execute(
+            &format!(
+                "DELETE FROM pgveil_trash.{} WHERE pgveil_id = ANY ($1::text::bigint[])",
+                quote_ident(&bin)
+            ),
+            &[&format!("{{{}}}", ids.join(","))],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(restored)
 }
@@ -448,11 +542,12 @@ enum Failure {
     Waiting(String),
 }
 
-/// Columns a restore writes: not dropped, not generated.
+/// Columns a restore writes: in the table now (not dropped, not generated) and in its bin.
 async fn insertable_columns(
     tx: &Transaction<'_>,
     schema: &str,
     table: &str,
+    bin: &str,
 ) -> Result<Vec<String>, TrashError> {
     let rows = tx
         .query(
@@ -460,8 +555,12 @@ async fn insertable_columns(
              JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 \
-             AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
-            &[&schema, &table],
+             AND NOT a.attisdropped AND a.attgenerated = '' \
+             AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute b \
+                 WHERE b.attrelid = format('pgveil_trash.%I', $3::text)::regclass \
+                 AND b.attname = a.attname AND NOT b.attisdropped) \
+             ORDER BY a.attnum",
+            &[&schema, &table, &bin],
         )
         .await?;
     if rows.is_empty() {
@@ -475,7 +574,7 @@ async fn insertable_columns(
         .collect())
 }
 
-/// Inserts `rows` into their table inside a savepoint; key and foreign-key violations
+/// Inserts kept `rows` (id, bin) into their table inside a savepoint; key and foreign-key violations
 /// roll back to it and are reported, other errors end the restore.
 async fn insert_rows(
     tx: &Transaction<'_>,
@@ -483,21 +582,23 @@ async fn insert_rows(
     columns: &[String],
     rows: &[(i64, String)],
 ) -> Result<Outcome, TrashError> {
-    let json = format!(
-        "[{}]",
+    let ids = format!(
+        "{{{}}}",
         rows.iter()
-            .map(|(_, r)| r.as_str())
+            .map(|(id, _)| id.to_string())
             .collect::<Vec<_>>()
             .join(",")
     );
+    let bin = rows.first().map(|(_, b)| b.as_str()).unwrap_or_default();
     let cols = columns.join(", ");
     let target = qualified(schema, table);
     tx.batch_execute("SAVEPOINT pgveil_restore").await?;
     let sql = format!(
         "INSERT INTO {target} ({cols}) OVERRIDING SYSTEM VALUE \
-         SELECT {cols} FROM jsonb_populate_recordset(NULL::{target}, $1::text::jsonb)"
+         SELECT {cols} FROM pgveil_trash.{} WHERE pgveil_id = ANY ($1::text::bigint[]) ORDER BY pgveil_id",
+        quote_ident(bin)
     );
-    match tx.execute(&sql, &[&json]).await {
+    match tx.execute(&sql, &[&ids]).await {
         Ok(_) => {
             tx.batch_execute("RELEASE SAVEPOINT pgveil_restore").await?;
             Ok(Outcome::Inserted)

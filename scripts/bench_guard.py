@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Guard and recycle-bin benchmark, interleaved in one run on a scratch cluster:
+
+1. pgbench's default TPC-B mix (simple and prepared protocol), 8 clients, through a pgveil
+   with no rules (`protected = []`) and through a pgveil whose guard protects every kind
+   TPC-B uses (insert, update, delete, truncate, drop) with an allow rule for the bench
+   role on public.pgbench_*: every statement is analysed and judged. Direct and PgBouncer
+   runs in the same rounds give the context.
+2. A DELETE of 100,000 rows through pgveil from a table with a [[recycle]] rule (rows
+   copied into pgveil_trash by the capture trigger) against the same DELETE from an
+   identical table without one; the tables are rebuilt before every repetition.
+
+    scripts/bench_guard.py [--duration 10] [--rounds 3] [--delete-reps 5]
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (shared helpers: cluster, psql, pgbench)
+
+ROOT = bench.ROOT
+GUARD_RULES = """
+[settings]
+protected = ["insert", "update", "delete", "truncate", "drop"]
+
+[[allow]]
+roles = ["postgres"]
+statements = ["insert", "update", "delete", "truncate", "drop"]
+tables = ["public.pgbench_*", "public.del_*"]
+
+[[recycle]]
+table = "public.del_recycled"
+"""
+
+
+def timed_delete(port, table):
+    """Server-side time of one DELETE of the whole table, through psql's \\timing."""
+    out = subprocess.run(["psql", "-X", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "bench",
+                          "-c", "\\timing on", "-c", f"DELETE FROM {table}"],
+                         check=True, capture_output=True, text=True, env=bench.env()).stdout
+    assert "DELETE 100000" in out, out
+    return float(re.search(r"Time: ([\d.]+) ms", out).group(1)) / 1000
+
+
+def refill(pg_port, table):
+    """The same 100,000 rows in `table` again (directly, the bin emptied, its capture of
+    the refill's TRUNCATE switched off), vacuumed and checkpointed."""
+    bench.psql(pg_port, "bench",
+               "DO $$DECLARE b text; BEGIN FOR b IN SELECT bin FROM pgveil_trash.tables LOOP "
+               "EXECUTE format('TRUNCATE pgveil_trash.%I', b); END LOOP; END$$; TRUNCATE pgveil_trash.deletions; "
+               f"ALTER TABLE {table} DISABLE TRIGGER ALL; TRUNCATE {table}; ALTER TABLE {table} ENABLE TRIGGER ALL; "
+               f"INSERT INTO {table} SELECT g, 'customer ' || g, g * 1.5, now() FROM generate_series(1, 100000) g")
+    bench.psql(pg_port, "bench", f"VACUUM ANALYZE {table}")
+    bench.psql(pg_port, "bench", "CHECKPOINT")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--delete-reps", type=int, default=5)
+    ap.add_argument("--no-pgbouncer", action="store_true")
+    ap.add_argument("--delete-only", action="store_true", help="skip the pgbench part")
+    a = ap.parse_args()
+
+    subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
+    print("building pgveil (release) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="pgveil-bench-guard.")
+    os.chmod(work, 0o755)
+    procs = []
+    try:
+        pg_port = int(bench.run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
+                                 bench.PASSWORD]).stdout.strip())
+        bench.psql(pg_port, "postgres", "CREATE DATABASE bench")
+        bench.run(["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres",
+                   "bench"], env=bench.env())
+        for t in ("del_plain", "del_recycled"):
+            bench.psql(pg_port, "bench", f"CREATE TABLE {t} (id int PRIMARY KEY, name text, amount numeric, "
+                                         "at timestamptz)")
+
+        dirs = {}
+        for name, text in (("none", "[settings]\nprotected = []\n"), ("guard", GUARD_RULES)):
+            d = os.path.join(work, "rules-" + name)
+            os.makedirs(d)
+            with open(os.path.join(d, "rules.toml"), "w") as f:
+                f.write(text)
+            dirs[name] = d
+        url = f"postgres://postgres:{bench.PASSWORD}@127.0.0.1:{pg_port}/bench"
+        subprocess.run([os.path.join(ROOT, "target/release/pgveil"), "trash", "init", "--rules", dirs["guard"],
+                        "--upstream-url", url], check=True)
+        plain, plain_port = bench.start_pgveil(work, pg_port, dirs["none"])
+        procs.append(plain)
+        guarded, guarded_port = bench.start_pgveil(work, pg_port, dirs["guard"])
+        procs.append(guarded)
+        targets = [("direct", pg_port, None), ("pgveil no rules", plain_port, plain.pid),
+                   ("pgveil guards", guarded_port, guarded.pid)]
+        if not a.no_pgbouncer:
+            bouncer_port, bouncer_pid = bench.start_pgbouncer(work, pg_port)
+            targets.append(("pgbouncer", bouncer_port, bouncer_pid))
+
+        workloads = [] if a.delete_only else [("tpc-b simple", ["-M", "simple"]),
+                                              ("tpc-b prepared", ["-M", "prepared"])]
+        results = {}
+        for r in range(a.rounds):
+            for wname, args in workloads:
+                for tname, port, pid in targets:
+                    before = bench.cpu_ticks(pid) if pid else 0
+                    tps, _, txns = bench.pgbench(port, args, a.duration, a.clients)
+                    cpu = (bench.cpu_ticks(pid) - before) * 1e6 / bench.TICK / txns if pid else None
+                    results.setdefault((wname, tname), []).append((tps, cpu))
+                    print(f"  round {r + 1} {wname:15} {tname:16} {tps:9.0f} tps", flush=True)
+
+        if workloads:
+            print(f"\npgbench TPC-B, {a.clients} clients, {a.duration}s x {a.rounds} interleaved rounds, medians")
+            print(f"{'workload':15} {'target':16} {'tps':>9} {'vs direct':>10} {'vs no rules':>12} {'cpu us/txn':>11}")
+        for wname, _ in workloads:
+            direct = statistics.median(t for t, _ in results[(wname, "direct")])
+            none = statistics.median(t for t, _ in results[(wname, "pgveil no rules")])
+            for tname, _, pid in targets:
+                rows = results[(wname, tname)]
+                tps = statistics.median(t for t, _ in rows)
+                cpu = f"{statistics.median(c for _, c in rows):.1f}" if pid else "-"
+                print(f"{wname:15} {tname:16} {tps:9.0f} {tps / direct:10.2f} {tps / none:12.2f} {cpu:>11}")
+
+        print(f"\nDELETE of 100,000 rows through pgveil (guards), {a.delete_reps} interleaved reps, median seconds")
+        times = {"del_plain": [], "del_recycled": []}
+        for _ in range(a.delete_reps):
+            for t in times:
+                refill(pg_port, t)
+                times[t].append(timed_delete(guarded_port, t))
+        plain_s = statistics.median(times["del_plain"])
+        recycled_s = statistics.median(times["del_recycled"])
+        kept = bench.psql(pg_port, "bench", "SELECT count(*) FROM pgveil_trash.t_{}".format(
+            bench.psql(pg_port, "bench", "SELECT 'del_recycled'::regclass::oid")))
+        print(f"without recycle rule {plain_s:8.3f} s")
+        print(f"with recycle rule    {recycled_s:8.3f} s  ratio {recycled_s / plain_s:5.2f}  (rows kept: {kept})")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        pidfile = os.path.join(work, "pgbouncer", "pgbouncer.pid")
+        if os.path.exists(pidfile):
+            with open(pidfile) as f:
+                try:
+                    os.kill(int(f.read().strip()), signal.SIGTERM)
+                except (ValueError, ProcessLookupError):
+                    pass
+        subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "stop", os.path.join(work, "pg")])
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
