@@ -37,6 +37,9 @@ tables = ["public.pgbench_*", "public.del_*"]
 
 [[recycle]]
 table = "public.del_recycled"
+
+[[recycle]]
+table = "public.del_crm_recycled"
 """
 
 
@@ -52,6 +55,17 @@ def timed_delete(port, table):
 def refill(pg_port, table):
     """The same 100,000 rows in `table` again (directly, the bin emptied, its capture of
     the refill's TRUNCATE switched off), vacuumed and checkpointed."""
+    if table.startswith("del_crm"):
+        bench.psql(pg_port, "bench",
+                   f"ALTER TABLE {table} DISABLE TRIGGER USER; TRUNCATE {table} CASCADE; "
+                   f"ALTER TABLE {table} ENABLE TRIGGER USER; "
+                   f"INSERT INTO {table} SELECT g, 'Customer ' || g, 'user' || g || '@example.com', "
+                   f"'139' || lpad(g::text, 8, '0') FROM generate_series(1, 100000) g; "
+                   f"INSERT INTO {table}_deals SELECT g, g, g * 1.5 FROM generate_series(1, 100000) g")
+        for t in (table, table + "_deals"):
+            bench.psql(pg_port, "bench", f"VACUUM ANALYZE {t}")
+        bench.psql(pg_port, "bench", "CHECKPOINT")
+        return
     bench.psql(pg_port, "bench",
                "DO $$DECLARE b text; BEGIN FOR b IN SELECT bin FROM pgveil_trash.tables LOOP "
                "EXECUTE format('TRUNCATE pgveil_trash.%I', b); END LOOP; END$$; TRUNCATE pgveil_trash.deletions; "
@@ -86,6 +100,13 @@ def main():
         for t in ("del_plain", "del_recycled"):
             bench.psql(pg_port, "bench", f"CREATE TABLE {t} (id int PRIMARY KEY, name text, amount numeric, "
                                          "at timestamptz)")
+        # CRM-shaped: customers with a deals table that references them ON DELETE CASCADE.
+        for t in ("del_crm_plain", "del_crm_recycled"):
+            bench.psql(pg_port, "bench",
+                       f"CREATE TABLE {t} (id int PRIMARY KEY, full_name text, email text, phone text, "
+                       f"created_at timestamptz DEFAULT now()); CREATE TABLE {t}_deals (id int PRIMARY KEY, "
+                       f"customer_id int REFERENCES {t} ON DELETE CASCADE, amount numeric); "
+                       f"CREATE INDEX ON {t}_deals (customer_id)")
 
         dirs = {}
         for name, text in (("none", "[settings]\nprotected = []\n"), ("guard", GUARD_RULES)):
@@ -132,17 +153,21 @@ def main():
                 print(f"{wname:15} {tname:16} {tps:9.0f} {tps / direct:10.2f} {tps / none:12.2f} {cpu:>11}")
 
         print(f"\nDELETE of 100,000 rows through pgveil (guards), {a.delete_reps} interleaved reps, median seconds")
-        times = {"del_plain": [], "del_recycled": []}
+        times = {t: [] for t in ("del_plain", "del_recycled", "del_crm_plain", "del_crm_recycled")}
         for _ in range(a.delete_reps):
             for t in times:
                 refill(pg_port, t)
                 times[t].append(timed_delete(guarded_port, t))
-        plain_s = statistics.median(times["del_plain"])
-        recycled_s = statistics.median(times["del_recycled"])
-        kept = bench.psql(pg_port, "bench", "SELECT count(*) FROM pgveil_trash.t_{}".format(
-            bench.psql(pg_port, "bench", "SELECT 'del_recycled'::regclass::oid")))
-        print(f"without recycle rule {plain_s:8.3f} s")
-        print(f"with recycle rule    {recycled_s:8.3f} s  ratio {recycled_s / plain_s:5.2f}  (rows kept: {kept})")
+        for shape, plain, recycled in (("bare table (4 columns, primary key)", "del_plain", "del_recycled"),
+                                       ("customers-like table, a deals table cascading from it",
+                                        "del_crm_plain", "del_crm_recycled")):
+            plain_s = statistics.median(times[plain])
+            recycled_s = statistics.median(times[recycled])
+            kept = bench.psql(pg_port, "bench", "SELECT count(*) FROM pgveil_trash.t_{}".format(
+                bench.psql(pg_port, "bench", f"SELECT '{recycled}'::regclass::oid")))
+            print(f"{shape}:")
+            print(f"  without recycle rule {plain_s:8.3f} s")
+            print(f"  with recycle rule    {recycled_s:8.3f} s  ratio {recycled_s / plain_s:5.2f}  (rows kept: {kept})")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
