@@ -449,3 +449,31 @@ fn explain_names_what_a_statement_touches_and_the_rule() {
     let text = explain("crm_admin", "DROP TABLE deals");
     assert!(text.contains("guard: none applies"), "{text}");
 }
+
+/// A decision cached for a statement's shape must not outlive the names it was made on:
+/// once `SET search_path` brings `public` in, the same DELETE means public.customers.
+#[tokio::test]
+async fn a_search_path_change_invalidates_cached_decisions() {
+    let pg = database("guard_path");
+    pg.psql_super(
+        "guard_path",
+        "CREATE TABLE sandbox.customers (id int); INSERT INTO sandbox.customers VALUES (1), (2); \
+         ALTER TABLE sandbox.customers OWNER TO mallory; \
+         ALTER ROLE mallory IN DATABASE guard_path SET search_path = sandbox",
+    );
+    let (p, _rules) = proxy(pg, RULES).await;
+    let c = client(&p, "mallory", "mallory_pw", "guard_path").await;
+    // sandbox.customers: allowed, and the decision is cached for this shape.
+    c.simple_query("DELETE FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    c.simple_query("SET search_path = public, sandbox")
+        .await
+        .unwrap();
+    assert_refused(&c, "DELETE FROM customers WHERE id = 2", "DELETE").await;
+    assert_eq!(
+        pg.psql_super("guard_path", "SELECT count(*) FROM public.customers"),
+        "200"
+    );
+    p.shutdown().await;
+}

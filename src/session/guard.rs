@@ -127,6 +127,9 @@ impl SessionGuard {
     }
 
     fn apply(&mut self, facts: &StatementFacts) {
+        // Cached decisions were made on the names as they were: when what a name can mean
+        // changes, they go.
+        let mut names_changed = false;
         for effect in &facts.effects {
             match effect {
                 Effect::SearchPath(Some(schemas)) => {
@@ -134,6 +137,7 @@ impl SessionGuard {
                         let s = if s == "$user" { &self.role } else { s };
                         if !self.search_path.contains(s) {
                             self.search_path.push(s.clone());
+                            names_changed = true;
                         }
                     }
                 }
@@ -141,11 +145,12 @@ impl SessionGuard {
                 Effect::Prepare(name, accesses) => {
                     self.prepared.insert(name.clone(), accesses.clone());
                 }
-                Effect::Created(name) => {
-                    self.created.insert(name.clone());
-                }
+                Effect::Created(name) => names_changed |= self.created.insert(name.clone()),
                 Effect::Execute(_) => {}
             }
+        }
+        if names_changed {
+            self.decisions.clear();
         }
     }
 }
