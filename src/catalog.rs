@@ -148,6 +148,14 @@ impl Catalog {
     pub fn has_trash_trigger(&self, oid: u32, name: &str) -> bool {
         self.trash_triggers.contains(&(oid, name.to_string()))
     }
+
+    /// Whether table `schema.name` exists with both recycle-bin triggers enabled.
+    pub fn recycle_bin_ready(&self, schema: &str, name: &str) -> bool {
+        self.relation(schema, name).is_some_and(|rel| {
+            self.has_trash_trigger(rel.oid, crate::trash::DELETE_TRIGGER)
+                && self.has_trash_trigger(rel.oid, crate::trash::TRUNCATE_TRIGGER)
+        })
+    }
 }
 
 /// Builds a [`Catalog`] from the text rows of [`CATALOG_QUERY`].

@@ -135,6 +135,10 @@ $fn$;
 GRANT EXECUTE ON FUNCTION pgveil_trash.purge() TO PUBLIC;
 "#;
 
+/// The capture triggers `trash init` installs on each recycled table.
+pub const DELETE_TRIGGER: &str = "pgveil_trash_delete";
+pub const TRUNCATE_TRIGGER: &str = "pgveil_trash_truncate";
+
 /// What `serve` runs once a day per database (any session may call it: it only removes
 /// rows past their retention).
 pub const PURGE_SQL: &str = "SELECT pgveil_trash.purge()";
@@ -197,13 +201,13 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
         ))
         .await?;
         tx.batch_execute(&format!(
-            "CREATE OR REPLACE TRIGGER pgveil_trash_delete AFTER DELETE ON {table} \
+            "CREATE OR REPLACE TRIGGER {DELETE_TRIGGER} AFTER DELETE ON {table} \
              REFERENCING OLD TABLE AS pgveil_trash_old FOR EACH STATEMENT \
              EXECUTE FUNCTION pgveil_trash.capture(); \
-             CREATE OR REPLACE TRIGGER pgveil_trash_truncate BEFORE TRUNCATE ON {table} \
+             CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} BEFORE TRUNCATE ON {table} \
              FOR EACH STATEMENT EXECUTE FUNCTION pgveil_trash.capture(); \
-             ALTER TABLE {table} ENABLE TRIGGER pgveil_trash_delete; \
-             ALTER TABLE {table} ENABLE TRIGGER pgveil_trash_truncate"
+             ALTER TABLE {table} ENABLE TRIGGER {DELETE_TRIGGER}; \
+             ALTER TABLE {table} ENABLE TRIGGER {TRUNCATE_TRIGGER}"
         ))
         .await?;
         let _ = writeln!(
@@ -217,8 +221,8 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
             "SELECT DISTINCT n.nspname::text, c.relname::text FROM pg_catalog.pg_trigger t \
              JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE t.tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate')",
-            &[],
+             WHERE t.tgname IN ($1, $2)",
+            &[&DELETE_TRIGGER, &TRUNCATE_TRIGGER],
         )
         .await?;
     for row in installed {
@@ -232,8 +236,8 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
         }
         let name = qualified(&schema, &table);
         tx.batch_execute(&format!(
-            "DROP TRIGGER IF EXISTS pgveil_trash_delete ON {name}; \
-             DROP TRIGGER IF EXISTS pgveil_trash_truncate ON {name}"
+            "DROP TRIGGER IF EXISTS {DELETE_TRIGGER} ON {name}; \
+             DROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {name}"
         ))
         .await?;
 

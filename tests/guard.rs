@@ -378,14 +378,14 @@ async fn a_reload_that_revokes_an_allow_rule_takes_effect_at_once() {
     let path = dir.path().to_path_buf();
     let p = TestProxy::start(pg, move |s| s.rules = Some(path)).await;
     let alice = client(&p, "alice", "alice_pw", "guard_reload").await;
-    let bob = client(&p, "alice", "alice_pw", "guard_reload").await;
-    // alice prepares an allowed DELETE (extended protocol); bob's session prepares nothing.
+    let other = client(&p, "alice", "alice_pw", "guard_reload").await;
+    // alice prepares an allowed DELETE (extended protocol); her other session prepares nothing.
     let stmt = alice
         .prepare("DELETE FROM tasks WHERE id = $1")
         .await
         .unwrap();
     alice.execute(&stmt, &[&1i64]).await.unwrap();
-    bob.simple_query("SELECT 1").await.unwrap();
+    other.simple_query("SELECT 1").await.unwrap();
     std::fs::write(&file, "[settings]\nprotected = [\"delete\"]\n").unwrap();
     p.proxy.reload_rules().unwrap();
     // The prepared DELETE is now refused: its session ends rather than run it.
@@ -396,7 +396,7 @@ async fn a_reload_that_revokes_an_allow_rule_takes_effect_at_once() {
         .unwrap_or_default();
     assert!(message.contains("rules changed"), "{err:?}");
     // The other session goes on under the new rules.
-    let err = bob
+    let err = other
         .simple_query("DELETE FROM tasks WHERE id = 2")
         .await
         .unwrap_err();

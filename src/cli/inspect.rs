@@ -120,21 +120,16 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
         }
     }
     for r in &rules.recycles {
-        match catalog.relation(&r.schema, &r.table) {
-            None => out.push(format!(
+        if catalog.relation(&r.schema, &r.table).is_none() {
+            out.push(format!(
                 "{}: table {}.{} does not exist",
                 r.origin, r.schema, r.table
-            )),
-            Some(rel)
-                if !catalog.has_trash_trigger(rel.oid, "pgveil_trash_delete")
-                    || !catalog.has_trash_trigger(rel.oid, "pgveil_trash_truncate") =>
-            {
-                out.push(format!(
-                    "{}: warning: the recycle bin is not set up for {}.{}: run `pgveil trash init`; until then pgveil refuses DELETE and TRUNCATE on it",
-                    r.origin, r.schema, r.table
-                ))
-            }
-            Some(_) => {}
+            ));
+        } else if !catalog.recycle_bin_ready(&r.schema, &r.table) {
+            out.push(format!(
+                "{}: warning: the recycle bin is not set up for {}.{}: run `pgveil trash init`; until then pgveil refuses DELETE and TRUNCATE on it",
+                r.origin, r.schema, r.table
+            ));
         }
     }
     Ok(out)
@@ -257,13 +252,7 @@ fn explain_guard(
         .iter()
         .filter(|a| a.kind != crate::config::rules::StatementKind::Select)
     {
-        let target = match &a.target {
-            crate::sql::guard::Target::Relation { parts, .. } => parts.join("."),
-            crate::sql::guard::Target::Schema(s) => format!("schema {s}"),
-            crate::sql::guard::Target::Object(o) => o.clone(),
-            crate::sql::guard::Target::Everything => "everything".into(),
-        };
-        out.push_str(&format!("touches: {} {target}\n", a.kind.as_str()));
+        out.push_str(&format!("touches: {} {}\n", a.kind.as_str(), a.target));
     }
     if let Some(reason) = &facts.unanalysable {
         out.push_str(&format!("analysis: impossible ({reason})\n"));

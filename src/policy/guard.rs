@@ -7,39 +7,15 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::Refusal;
 use crate::catalog::Catalog;
 use crate::config::rules::{AllowRule, Origin, RecycleRule, Rules, StatementKind, Unanalysable};
 use crate::session::identity::SessionIdentity;
 use crate::sql::guard::{Access, StatementFacts, Target};
 
-/// Proof that a statement may run.
+/// Proof that a statement may run (the alternative is a [`Refusal`]).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Permit;
-
-/// Why a statement may not run; [`Denied::message`] is what the client sees.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Denied {
-    /// The statement kind, as rules name it (`delete`), or `statement` when unanalysable.
-    pub kind: &'static str,
-    pub table: String,
-    pub reason: String,
-    pub rule: Option<Origin>,
-}
-
-impl Denied {
-    pub fn message(&self, role: &str) -> String {
-        let rule = match &self.rule {
-            Some(o) => format!(" (rule {o})"),
-            None => String::new(),
-        };
-        format!(
-            "pgveil: {} on {} is not allowed for role \"{role}\": {}{rule}",
-            self.kind.to_uppercase(),
-            self.table,
-            self.reason
-        )
-    }
-}
 
 /// What names mean in this session when a statement arrives.
 pub struct Names<'a> {
@@ -127,14 +103,14 @@ impl GuardPolicy {
         facts: &StatementFacts,
         executed: &[Access],
         names: &Names<'_>,
-    ) -> Result<Permit, Denied> {
+    ) -> Result<Permit, Refusal> {
         for access in facts.accesses.iter().chain(executed) {
             self.check(access, names)?;
         }
         if let Some(reason) = &facts.unanalysable {
             let applies = !self.protected.is_empty() || !self.recycles.is_empty();
             if applies && self.unanalysable == Unanalysable::Deny {
-                return Err(Denied {
+                return Err(Refusal {
                     kind: "statement",
                     table: "(unknown)".into(),
                     reason: format!(
@@ -147,7 +123,7 @@ impl GuardPolicy {
         Ok(Permit)
     }
 
-    fn check(&self, access: &Access, names: &Names<'_>) -> Result<(), Denied> {
+    fn check(&self, access: &Access, names: &Names<'_>) -> Result<(), Refusal> {
         let recycling = matches!(access.kind, StatementKind::Delete | StatementKind::Truncate)
             && !self.recycles.is_empty();
         let protected = self.protected.contains(&access.kind);
@@ -175,14 +151,14 @@ impl GuardPolicy {
                 continue;
             }
             return Err(match covering.first() {
-                Some(rule) => Denied {
+                Some(rule) => Refusal {
                     kind,
                     table,
                     reason: "the rule that allows it requires a WHERE clause that names a column"
                         .into(),
                     rule: Some(rule.origin.clone()),
                 },
-                None => Denied {
+                None => Refusal {
                     kind,
                     table,
                     reason: format!(
@@ -207,11 +183,11 @@ impl GuardPolicy {
         kind: &'static str,
         table: &str,
         names: &Names<'_>,
-    ) -> Result<(), Denied> {
+    ) -> Result<(), Refusal> {
         let trigger = if kind == "delete" {
-            "pgveil_trash_delete"
+            crate::trash::DELETE_TRIGGER
         } else {
-            "pgveil_trash_truncate"
+            crate::trash::TRUNCATE_TRIGGER
         };
         let concerned = self
             .recycles
@@ -223,7 +199,7 @@ impl GuardPolicy {
                 .relation(&rule.schema, &rule.table)
                 .is_some_and(|r| names.catalog.has_trash_trigger(r.oid, trigger));
             if !installed {
-                return Err(Denied {
+                return Err(Refusal {
                     kind,
                     table: format!("{}.{}", rule.schema, rule.table),
                     reason: "the recycle bin is not set up for this table (run `pgveil trash init`), so deleted rows could not be kept".into(),
@@ -382,7 +358,7 @@ mod tests {
         SessionIdentity::offline("alice", roles, "")
     }
 
-    fn decide(toml: &str, roles: &[&str], sql: &str) -> Result<Permit, Denied> {
+    fn decide(toml: &str, roles: &[&str], sql: &str) -> Result<Permit, Refusal> {
         let rules = rules(toml);
         let Some(guard) = GuardPolicy::for_session(&rules, &identity(roles)) else {
             return Ok(Permit);

@@ -397,12 +397,10 @@ async fn purge_trash_if_due(
 
 /// Whether every `[[recycle]]` table has its recycle-bin triggers in this catalog.
 fn trash_ready(rules: &Rules, catalog: &Catalog) -> bool {
-    rules.recycles.iter().all(|r| {
-        catalog.relation(&r.schema, &r.table).is_some_and(|rel| {
-            catalog.has_trash_trigger(rel.oid, "pgveil_trash_delete")
-                && catalog.has_trash_trigger(rel.oid, "pgveil_trash_truncate")
-        })
-    })
+    rules
+        .recycles
+        .iter()
+        .all(|r| catalog.recycle_bin_ready(&r.schema, &r.table))
 }
 
 /// Reads the database's catalog with [`CATALOG_QUERY`].

@@ -7,8 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::catalog::Catalog;
-use crate::policy::guard::{Denied, GuardPolicy, Names, Prepared};
-use crate::sql::guard::{analyse, Effect, StatementFacts};
+use crate::policy::guard::{GuardPolicy, Names, Prepared};
+use crate::policy::Refusal;
+use crate::sql::guard::{analyse, Access, Effect, StatementFacts};
 use crate::sql::shape::shape;
 
 /// Decisions kept per session; past this the cache starts over.
@@ -93,27 +94,32 @@ impl SessionGuard {
 
     fn decide(&self, facts: &StatementFacts) -> Result<(), String> {
         // EXECUTE runs what PREPARE defined, possibly earlier in the same string.
-        let mut local: Prepared = HashMap::new();
+        let mut local: HashMap<&str, &[Access]> = HashMap::new();
         let mut executed = Vec::new();
-        let mut facts = std::borrow::Cow::Borrowed(facts);
-        for effect in facts.effects.clone() {
+        let mut unknown = None;
+        for effect in &facts.effects {
             match effect {
                 Effect::Prepare(name, accesses) => {
                     local.insert(name, accesses);
                 }
                 Effect::Execute(name) => {
-                    match local.get(&name).or_else(|| self.prepared.get(&name)) {
-                        Some(accesses) => executed.extend(accesses.iter().cloned()),
-                        None => {
-                            let f = facts.to_mut();
-                            f.unanalysable.get_or_insert_with(|| {
-                                format!("EXECUTE of {name}, which pgveil did not see prepared")
-                            });
-                        }
+                    let prepared = local
+                        .get(name.as_str())
+                        .copied()
+                        .or_else(|| self.prepared.get(name).map(Vec::as_slice));
+                    match prepared {
+                        Some(accesses) => executed.extend_from_slice(accesses),
+                        None => unknown = Some(name),
                     }
                 }
                 _ => {}
             }
+        }
+        let mut facts = std::borrow::Cow::Borrowed(facts);
+        if let Some(name) = unknown {
+            facts.to_mut().unanalysable.get_or_insert_with(|| {
+                format!("EXECUTE of {name}, which pgveil did not see prepared")
+            });
         }
         let names = Names {
             catalog: &self.catalog,
@@ -123,7 +129,7 @@ impl SessionGuard {
         self.policy
             .authorize(&facts, &executed, &names)
             .map(|_permit| ())
-            .map_err(|d: Denied| d.message(&self.role))
+            .map_err(|d: Refusal| d.message(&self.role))
     }
 
     fn apply(&mut self, facts: &StatementFacts) {

@@ -80,10 +80,7 @@ impl PolicyRefresh {
                 SessionGuard::new(new, catalog, self.identity.user.clone(), search_path)
             }
         };
-        let scs = st
-            .server_params
-            .get("standard_conforming_strings")
-            .is_none_or(|v| v == "on");
+        let scs = st.standard_conforming_strings();
         for sql in st.prepared_sql() {
             if guard.screen(&sql, scs).is_err() {
                 tracing::info!(

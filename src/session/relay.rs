@@ -380,10 +380,7 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
         }
         return;
     }
-    let scs = st
-        .server_params
-        .get("standard_conforming_strings")
-        .is_none_or(|v| v == "on");
+    let scs = st.standard_conforming_strings();
     let screened = match msg {
         FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
             let guarded = st.guard.as_mut().map_or(Ok(()), |g| g.screen(sql, scs));

@@ -165,6 +165,14 @@ impl SessionState {
         self.pending.is_empty()
     }
 
+    /// Whether the server reads `\'` inside '...' as two characters (the setting the
+    /// analysis needs on; the server reports every change in ParameterStatus).
+    pub fn standard_conforming_strings(&self) -> bool {
+        self.server_params
+            .get("standard_conforming_strings")
+            .is_none_or(|v| v == "on")
+    }
+
     /// Applies a rules reload (see `PolicyRefresh::refresh`).
     pub fn apply_reload(&mut self) -> Result<(), String> {
         let Some(mut refresh) = self.refresh.take() else {

@@ -44,6 +44,17 @@ pub enum Target {
     Everything,
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Relation { parts, .. } => f.write_str(&parts.join(".")),
+            Target::Schema(s) => write!(f, "{s}.*"),
+            Target::Object(o) => f.write_str(o),
+            Target::Everything => f.write_str("*"),
+        }
+    }
+}
+
 /// A change to what the session knows, applied when the statement is forwarded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
@@ -500,15 +511,7 @@ mod tests {
             .accesses
             .into_iter()
             .filter(|a| a.kind != StatementKind::Select)
-            .map(|a| {
-                let t = match a.target {
-                    Target::Relation { parts, .. } => parts.join("."),
-                    Target::Schema(s) => format!("{s}.*"),
-                    Target::Object(o) => o,
-                    Target::Everything => "*".into(),
-                };
-                (a.kind, t)
-            })
+            .map(|a| (a.kind, a.target.to_string()))
             .collect()
     }
 

@@ -25,6 +25,7 @@ use sqlparser::ast::{Expr, SetExpr, Statement, Visit};
 use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts};
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Unanalysable};
+pub use crate::policy::Refusal;
 use crate::policy::SessionMasks;
 
 /// What the session knows when a statement arrives.
@@ -47,30 +48,6 @@ pub enum Verdict {
     /// their masks computed in SQL.
     Rewritten(String),
     Refused(Refusal),
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Refusal {
-    pub kind: &'static str,
-    pub table: String,
-    pub reason: String,
-    pub rule: Option<Origin>,
-}
-
-impl Refusal {
-    /// The client-facing message of spec section 5.
-    pub fn message(&self, role: &str) -> String {
-        let rule = match &self.rule {
-            Some(o) => format!(" (rule {o})"),
-            None => String::new(),
-        };
-        format!(
-            "pgveil: {} on {} is not allowed for role \"{role}\": {}{rule}",
-            self.kind.to_uppercase(),
-            self.table,
-            self.reason
-        )
-    }
 }
 
 const STATS_VIEWS: [&str; 4] = [
