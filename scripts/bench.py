@@ -135,6 +135,35 @@ def timed_fetch(port):
     return time.perf_counter() - start
 
 
+def prepare(prefix):
+    """Installs what the benchmarks need, builds the release pgveil, returns a work dir."""
+    subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
+    print("building pgveil (release) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(work, 0o755)
+    return work
+
+
+def stop_all(work, procs):
+    """Stops the pgveil processes, a PgBouncer started in work, the cluster; removes work."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    pidfile = os.path.join(work, "pgbouncer", "pgbouncer.pid")
+    if os.path.exists(pidfile):
+        with open(pidfile) as f:
+            try:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+            except (ValueError, ProcessLookupError):
+                pass
+    subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "stop", os.path.join(work, "pg")])
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
@@ -146,11 +175,7 @@ def main():
     ap.add_argument("--pgveil-args", default="", help="extra flags for pgveil serve")
     a = ap.parse_args()
 
-    subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
-    print("building pgveil (release) ...", flush=True)
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    work = tempfile.mkdtemp(prefix="pgveil-bench.")
-    os.chmod(work, 0o755)
+    work = prepare("pgveil-bench.")
     procs = []
     try:
         pg_port = int(run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
@@ -210,21 +235,7 @@ def main():
             m = statistics.median(fetch[tname])
             print(f"{tname:10} {m:8.3f} s  ratio {m / base:5.2f}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        pidfile = os.path.join(work, "pgbouncer", "pgbouncer.pid")
-        if os.path.exists(pidfile):
-            with open(pidfile) as f:
-                try:
-                    os.kill(int(f.read().strip()), signal.SIGTERM)
-                except (ValueError, ProcessLookupError):
-                    pass
-        subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "stop", os.path.join(work, "pg")])
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(work, procs)
 
 
 if __name__ == "__main__":

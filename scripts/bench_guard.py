@@ -15,12 +15,9 @@
 import argparse
 import os
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (shared helpers: cluster, psql, pgbench)
@@ -85,11 +82,7 @@ def main():
     ap.add_argument("--delete-only", action="store_true", help="skip the pgbench part")
     a = ap.parse_args()
 
-    subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
-    print("building pgveil (release) ...", flush=True)
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    work = tempfile.mkdtemp(prefix="pgveil-bench-guard.")
-    os.chmod(work, 0o755)
+    work = bench.prepare("pgveil-bench-guard.")
     procs = []
     try:
         pg_port = int(bench.run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
@@ -169,21 +162,7 @@ def main():
             print(f"  without recycle rule {plain_s:8.3f} s")
             print(f"  with recycle rule    {recycled_s:8.3f} s  ratio {recycled_s / plain_s:5.2f}  (rows kept: {kept})")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        pidfile = os.path.join(work, "pgbouncer", "pgbouncer.pid")
-        if os.path.exists(pidfile):
-            with open(pidfile) as f:
-                try:
-                    os.kill(int(f.read().strip()), signal.SIGTERM)
-                except (ValueError, ProcessLookupError):
-                    pass
-        subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "stop", os.path.join(work, "pg")])
-        shutil.rmtree(work, ignore_errors=True)
+        bench.stop_all(work, procs)
 
 
 if __name__ == "__main__":

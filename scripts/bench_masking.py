@@ -12,12 +12,9 @@
 """
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -97,10 +94,7 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--pgveil-args", default="")
     a = ap.parse_args()
-    subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    work = tempfile.mkdtemp(prefix="pgveil-bench-masking.")
-    os.chmod(work, 0o755)
+    work = bench.prepare("pgveil-bench-masking.")
     veil = None
     try:
         pg_port = int(bench.run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
@@ -148,14 +142,7 @@ def main():
         print(f"exempt role                     {exempt:9.0f} tps")
         print(f"ratio masked/exempt             {masked / exempt:9.2f}")
     finally:
-        if veil:
-            veil.send_signal(signal.SIGTERM)
-            try:
-                veil.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                veil.kill()
-        subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "stop", os.path.join(work, "pg")])
-        shutil.rmtree(work, ignore_errors=True)
+        bench.stop_all(work, [veil] if veil else [])
 
 
 if __name__ == "__main__":

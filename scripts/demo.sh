@@ -34,41 +34,47 @@ for _ in $(seq 50); do
   sleep 0.2
 done
 
+via_pgveil() { # user password psql-args...: psql through pgveil, errors shown, not fatal
+  local user="$1" password="$2"
+  shift 2
+  PGPASSWORD="$password" psql -X -h 127.0.0.1 -p "$proxy_port" -U "$user" -d crm "$@" 2>&1 || true
+}
+
 query="SELECT id, full_name, phone, email, national_id, birth_date, balance FROM customers ORDER BY id LIMIT 3"
 show() { # user password title
   echo
   echo "== as $1 ($3), through pgveil:"
-  PGPASSWORD="$2" psql -X -h 127.0.0.1 -p "$proxy_port" -U "$1" -d crm -c "$query"
+  via_pgveil "$1" "$2" -c "$query"
 }
 show crm_admin admin_pw "crm_admin: exempt from every mask, sees clear values"
 show alice alice_pw "crm_support: phone, email, national_id, balance masked; birth_date exempt for support"
 
 echo
 echo "== alice tries to get around the mask with an expression: it runs on the masked value"
-PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
+via_pgveil alice alice_pw \
   -c "SELECT id, upper(phone) FROM customers ORDER BY id LIMIT 2" \
-  -c "SELECT count(*) AS found_by_clear_prefix FROM customers WHERE phone LIKE '1391%'" 2>&1 || true
+  -c "SELECT count(*) AS found_by_clear_prefix FROM customers WHERE phone LIKE '1391%'"
 echo "== alice tries SQL hidden in a string: refused"
-PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
-  -c "SELECT query_to_xml('SELECT phone FROM customers', true, true, '')" 2>&1 || true
+via_pgveil alice alice_pw \
+  -c "SELECT query_to_xml('SELECT phone FROM customers', true, true, '')"
 
 echo
 echo "== alice (crm_support) tries to delete a customer, directly and hidden in a CTE: refused by pgveil"
-PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
+via_pgveil alice alice_pw \
   -c "DELETE FROM customers WHERE id = 1" \
-  -c "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING id) SELECT * FROM d" 2>&1 || true
+  -c "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING id) SELECT * FROM d"
 echo "== alice may delete tasks, but only with a WHERE clause:"
-PGPASSWORD=alice_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U alice -d crm \
-  -c "DELETE FROM tasks WHERE id = 1" -c "DELETE FROM tasks" 2>&1 || true
+via_pgveil alice alice_pw \
+  -c "DELETE FROM tasks WHERE id = 1" -c "DELETE FROM tasks"
 
 echo
 echo "== crm_admin deletes customer 2 (allowed); the row and its cascaded contacts and deals go to the recycle bin"
-PGPASSWORD=admin_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U crm_admin -d crm \
+via_pgveil crm_admin admin_pw \
   -c "DELETE FROM customers WHERE id = 2 RETURNING id, full_name"
 ./target/release/pgveil trash list --upstream-url "$admin_url" --table customers
 echo "== restoring it from the recycle bin (parents first, children after)"
 ./target/release/pgveil trash restore --upstream-url "$admin_url" --since "$(date -u -d '-10 minutes' +%Y-%m-%dT%H:%M:%SZ)"
-PGPASSWORD=admin_pw psql -X -h 127.0.0.1 -p "$proxy_port" -U crm_admin -d crm \
+via_pgveil crm_admin admin_pw \
   -c "SELECT c.id, c.full_name, (SELECT count(*) FROM deals d WHERE d.customer_id = c.id) AS deals FROM customers c WHERE id = 2"
 
 echo
