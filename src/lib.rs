@@ -8,9 +8,11 @@
 //! into that relay. `config` turns flags, config files and rules into validated types.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod server;
@@ -18,3 +20,4 @@ pub mod session;
 pub mod sql;
 pub mod tls;
 pub mod trash;
+pub mod watch;

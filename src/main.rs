@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use pgveil::cli::{self, AuditCommand, Cli, Command, TokenCommand};
+use pgveil::cli::{self, Cli, Command, TokenCommand};
 use pgveil::config::Config;
 use pgveil::server::{self, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
@@ -38,8 +38,7 @@ fn main() -> ExitCode {
             upstream_url,
             sql,
         } => cli::explain(&rules, &role, upstream_url.as_deref(), &sql),
-        Command::Audit(AuditCommand::Verify { .. }) => cli::not_yet("audit verify"),
-        Command::Audit(AuditCommand::Search { .. }) => cli::not_yet("audit search"),
+        Command::Audit(command) => cli::audit(command),
         Command::Trash(command) => cli::trash::run(command),
         Command::Token(TokenCommand::Decode { key_env, tokens }) => {
             cli::inspect::token_decode(&key_env, &tokens)
@@ -70,8 +69,12 @@ fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             upstream = %proxy.config.upstream,
             "pgveil ready"
         );
-        if proxy.config.metrics.is_some() {
-            tracing::warn!("--metrics is not implemented yet in this version; ignored");
+        if let Some(addr) = proxy.config.metrics {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            tracing::info!(metrics = %metrics.local_addr()?, "metrics at /metrics");
+            tokio::spawn(server::serve_metrics(metrics, proxy.clone()));
         }
         let mut hangup = signal(SignalKind::hangup())?;
         let reloader = proxy.clone();

@@ -17,11 +17,14 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
 use crate::catalog::Catalog;
 use crate::config::{Config, Rules, RulesError};
+use crate::metrics::Metrics;
 use crate::protocol::startup::CancelKey;
 use crate::session::identity::SessionIdentity;
 use crate::tls::{self, TlsError, UpstreamConnector};
+use crate::watch::{Alerts, AuthThrottle};
 
 /// Keys of `hash` and `tokenize` masks must be in the environment before any session
 /// starts: a missing key would otherwise mean a column nobody can read or, worse, a
@@ -45,6 +48,8 @@ pub enum ServerError {
     Rules(#[from] RulesError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Everything sessions share.
@@ -63,6 +68,13 @@ pub struct Proxy {
     pub catalogs: DashMap<String, CachedCatalog>,
     /// When the recycle bin of each database was last purged (see `session::auth`).
     pub trash_purged: DashMap<String, std::time::Instant>,
+    /// The audit log writer; `None` with `--no-audit`.
+    pub audit: Option<Arc<AuditLog>>,
+    pub metrics: Arc<Metrics>,
+    /// `[[alert]]` windows of every user.
+    pub alerts: Arc<Alerts>,
+    /// Failed logins per client address.
+    pub auth_throttle: AuthThrottle,
     /// Incremented by every successful rules reload.
     rules_generation: AtomicU64,
     session_ids: AtomicU64,
@@ -83,7 +95,16 @@ impl Proxy {
             config.upstream_ca.as_deref(),
             &config.upstream_host,
         )?;
+        let audit = match &config.audit {
+            Some(a) => Some(Arc::new(AuditLog::open(a.writer.clone())?)),
+            None => None,
+        };
+        let auth_throttle = AuthThrottle::new(config.auth_throttle);
         Ok(Proxy {
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            alerts: Arc::new(Alerts::default()),
+            auth_throttle,
             config: Arc::new(config),
             rules: ArcSwap::from_pointee(rules),
             client_tls,
@@ -155,6 +176,17 @@ impl Proxy {
 
     pub fn metrics_session_started(&self) {
         self.active_sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connection_opened();
+    }
+
+    /// Writes a session event record and waits for it; a log that cannot be written is
+    /// logged (the event's session is ending or refused anyway).
+    pub async fn audit_event(&self, record: Vec<u8>) {
+        let Some(log) = &self.audit else { return };
+        self.metrics.audit_records(1);
+        if let Err(e) = log.write(vec![record]).await {
+            tracing::error!("audit event not written: {e}");
+        }
     }
 
     pub fn metrics_session_ended(&self) {
@@ -274,6 +306,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
     let sessions = Arc::new(Semaphore::new(proxy.config.limits.max_client_conn));
     let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
     tokio::pin!(shutdown);
+    let mut accepted_count: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -287,6 +320,10 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
                 }
             },
         };
+        if accepted_count % 1024 == 0 {
+            proxy.auth_throttle.prune();
+        }
+        accepted_count = accepted_count.wrapping_add(1);
         let permit = sessions.clone().try_acquire_owned().ok();
         let refusal = if permit.is_none() {
             match refusals.clone().try_acquire_owned() {
@@ -319,4 +356,13 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         proxy.shutdown.raise(shutdown_level::STOP);
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
+    if let Some(log) = &proxy.audit {
+        log.close().await;
+    }
+}
+
+/// Serves `/metrics` on `listener` for as long as the task runs.
+pub async fn serve_metrics(listener: TcpListener, proxy: Arc<Proxy>) {
+    let render = Arc::new(move || proxy.metrics.render(proxy.active_sessions()));
+    crate::metrics::serve(listener, render).await;
 }

@@ -104,10 +104,10 @@ fn every_subcommand_has_help() {
 }
 
 #[test]
-fn unfinished_subcommands_say_so() {
-    let out = pgveil(&["audit", "verify", "x.jsonl"]);
+fn audit_verify_of_a_missing_file_is_an_error_not_a_verdict() {
+    let out = pgveil(&["audit", "verify", "/nonexistent/x.jsonl"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("not implemented yet"));
+    assert!(text(&out).contains("No such file"));
 }
 
 #[test]

@@ -265,7 +265,10 @@ fn explain_guard(
     let mut guard = SessionGuard::new(policy, catalog.clone(), identity.user.clone(), search_path);
     match guard.screen(sql, true) {
         Ok(()) => out.push_str("guard: allowed\n"),
-        Err(message) => out.push_str(&format!("decision: refused\nerror: 42501 {message}\n")),
+        Err(denied) => out.push_str(&format!(
+            "decision: refused\nerror: 42501 {}\n",
+            denied.message
+        )),
     }
 }
 

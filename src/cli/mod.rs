@@ -58,21 +58,50 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify the hash chain of audit files.
-    Verify { files: Vec<PathBuf> },
-    /// Filter audit records.
-    Search {
+    /// Verify the hash chain of audit files, given oldest first (rotated files, then the
+    /// current one). Exit 0 intact, 1 with the first broken line named (or a torn last
+    /// line, reported as such), 2 when a file cannot be read.
+    ///
+    /// Example: pgveil audit verify audit.*.jsonl audit.jsonl
+    Verify {
+        #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The hash the chain must end with (kept elsewhere, e.g. from pgveil's log at
+        /// shutdown): without it, removing the last lines of the newest file goes unseen.
+        #[arg(long)]
+        last_hash: Option<String>,
+    },
+    /// Filter audit records: a table for people, or the records as JSON lines (--json).
+    ///
+    /// Example: pgveil audit search audit.jsonl --table customers --decision blocked --since 2026-11-23
+    Search {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Login user.
         #[arg(long)]
         user: Option<String>,
+        /// schema.table, or a bare table name in any schema.
         #[arg(long)]
         table: Option<String>,
+        /// allowed, masked, blocked or error.
         #[arg(long)]
         decision: Option<String>,
+        /// select, insert, update, delete, copy, ddl, truncate, transaction, ...
+        #[arg(long)]
+        kind: Option<String>,
+        /// statement, connect, auth_failed, connection_refused, disconnect, alert, recovered.
+        #[arg(long)]
+        event: Option<String>,
+        /// Session id.
+        #[arg(long)]
+        session: Option<u64>,
+        /// From this time on (RFC 3339, or YYYY-MM-DD for midnight UTC).
         #[arg(long)]
         since: Option<String>,
+        /// Before this time (RFC 3339, or YYYY-MM-DD).
         #[arg(long)]
         until: Option<String>,
+        /// Print the matching records as JSON lines (for jq).
         #[arg(long)]
         json: bool,
     },
@@ -174,6 +203,34 @@ pub struct ServeArgs {
     /// JSON Lines audit log; - for stdout [default: audit.jsonl]
     #[arg(long)]
     pub audit_log: Option<String>,
+    /// Record nothing (for benchmarks): no audit log at all.
+    #[arg(long)]
+    pub no_audit: bool,
+    /// When records are forced to disk: always (fdatasync before a statement's result is
+    /// released) or interval (written before release, synced every --audit-flush-interval-ms)
+    /// [default: interval]
+    #[arg(long, value_enum)]
+    pub audit_flush: Option<crate::config::AuditFlush>,
+    /// Milliseconds between syncs with --audit-flush interval [default: 1000]
+    #[arg(long)]
+    pub audit_flush_interval_ms: Option<u64>,
+    /// Rotate the audit log past this many bytes; the chain continues in the new file;
+    /// 0 = never [default: 104857600]
+    #[arg(long)]
+    pub audit_max_bytes: Option<u64>,
+    /// Write statements with their literals ('...', numbers) replaced by ?.
+    #[arg(long)]
+    pub audit_redact: bool,
+    /// Failed logins from one client address before it is turned away; 0 = no limit
+    /// [default: 10]
+    #[arg(long)]
+    pub auth_max_failures: Option<u32>,
+    /// Seconds over which failed logins are counted [default: 60]
+    #[arg(long)]
+    pub auth_failure_window_secs: Option<u64>,
+    /// Seconds an address is turned away once over the limit [default: 300]
+    #[arg(long)]
+    pub auth_ban_secs: Option<u64>,
     /// PEM certificate chain for client TLS.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -227,6 +284,14 @@ impl ServeArgs {
             upstream: self.upstream.clone(),
             rules: self.rules.clone(),
             audit_log: self.audit_log.clone(),
+            audit: self.no_audit.then_some(false),
+            audit_flush: self.audit_flush,
+            audit_flush_interval_ms: self.audit_flush_interval_ms,
+            audit_max_bytes: self.audit_max_bytes,
+            audit_redact: self.audit_redact.then_some(true),
+            auth_max_failures: self.auth_max_failures,
+            auth_failure_window_secs: self.auth_failure_window_secs,
+            auth_ban_secs: self.auth_ban_secs,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             require_tls: self.require_tls.then_some(true),
@@ -323,7 +388,85 @@ pub fn explain(
 }
 
 /// The answer of a subcommand the contract names but this version does not provide yet.
-pub fn not_yet(what: &str) -> ExitCode {
-    eprintln!("pgveil {what}: not implemented yet in this version");
-    ExitCode::from(2)
+/// `pgveil audit verify` and `pgveil audit search`.
+pub fn audit(command: AuditCommand) -> ExitCode {
+    use crate::audit::{search, verify};
+    match command {
+        AuditCommand::Verify { files, last_hash } => {
+            let report = match verify::verify(&files) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("pgveil audit verify: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(prev) = &report.continues_from {
+                println!("note: the chain starts mid-way (prev_hash {prev}); give the earlier files first to check the link");
+            }
+            match report.outcome {
+                verify::Outcome::Intact => {}
+                verify::Outcome::Broken { file, line, reason } => {
+                    println!("{}:{line}: broken: {reason}", file.display());
+                    println!("{} records verified before it", report.records);
+                    return ExitCode::from(1);
+                }
+                verify::Outcome::Torn { file, line } => {
+                    println!("{}:{line}: torn last line: a write was cut short (pgveil stopped while writing it); every line before it verifies", file.display());
+                    println!("{} records verified", report.records);
+                    return ExitCode::from(1);
+                }
+            }
+            if let Some(want) = last_hash.filter(|h| *h != report.last_hash) {
+                println!("broken: the chain ends with {} but {want} was expected (records were removed from the end)", report.last_hash);
+                return ExitCode::from(1);
+            }
+            println!(
+                "intact: {} records in {} files, last hash {}",
+                report.records,
+                files.len(),
+                report.last_hash
+            );
+            ExitCode::SUCCESS
+        }
+        AuditCommand::Search {
+            files,
+            user,
+            table,
+            decision,
+            kind,
+            event,
+            session,
+            since,
+            until,
+            json,
+        } => {
+            let time = |t: Option<String>| t.map(|t| search::parse_time(&t)).transpose();
+            let (since, until) = match (time(since), time(until)) {
+                (Ok(s), Ok(u)) => (s, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("pgveil audit search: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let filter = search::Filter {
+                user,
+                table,
+                decision,
+                kind,
+                event,
+                session,
+                since,
+                until,
+            };
+            let mut out = std::io::stdout().lock();
+            match search::search(&files, &filter, json, &mut out) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgveil audit search: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
 }

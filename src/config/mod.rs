@@ -34,6 +34,24 @@ pub enum UpstreamTls {
     VerifyFull,
 }
 
+/// When audit records are forced to disk (see `audit::writer` for the guarantees).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditFlush {
+    /// fdatasync before any statement whose record is in the batch is answered.
+    Always,
+    /// fdatasync at most --audit-flush-interval-ms after a write.
+    Interval,
+}
+
+/// The audit log as `serve` runs it.
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    pub writer: crate::audit::WriterConfig,
+    /// Literals in `statement` become `?`.
+    pub redact: bool,
+}
+
 /// Every setting of `pgveil serve`, as read from a config file; all optional so that
 /// command-line flags can be layered on top.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -43,6 +61,15 @@ pub struct ServeSettings {
     pub upstream: Option<String>,
     pub rules: Option<PathBuf>,
     pub audit_log: Option<String>,
+    /// `false` turns the audit log off (benchmarks; nothing is recorded).
+    pub audit: Option<bool>,
+    pub audit_flush: Option<AuditFlush>,
+    pub audit_flush_interval_ms: Option<u64>,
+    pub audit_max_bytes: Option<u64>,
+    pub audit_redact: Option<bool>,
+    pub auth_max_failures: Option<u32>,
+    pub auth_failure_window_secs: Option<u64>,
+    pub auth_ban_secs: Option<u64>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub require_tls: Option<bool>,
@@ -78,6 +105,18 @@ impl ServeSettings {
             upstream: self.upstream.or(base.upstream),
             rules: self.rules.or(base.rules),
             audit_log: self.audit_log.or(base.audit_log),
+            audit: self.audit.or(base.audit),
+            audit_flush: self.audit_flush.or(base.audit_flush),
+            audit_flush_interval_ms: self
+                .audit_flush_interval_ms
+                .or(base.audit_flush_interval_ms),
+            audit_max_bytes: self.audit_max_bytes.or(base.audit_max_bytes),
+            audit_redact: self.audit_redact.or(base.audit_redact),
+            auth_max_failures: self.auth_max_failures.or(base.auth_max_failures),
+            auth_failure_window_secs: self
+                .auth_failure_window_secs
+                .or(base.auth_failure_window_secs),
+            auth_ban_secs: self.auth_ban_secs.or(base.auth_ban_secs),
             tls_cert: self.tls_cert.or(base.tls_cert),
             tls_key: self.tls_key.or(base.tls_key),
             require_tls: self.require_tls.or(base.require_tls),
@@ -107,6 +146,9 @@ pub struct Config {
     pub upstream_host: String,
     pub rules_path: PathBuf,
     pub audit_log: String,
+    /// `None` when the audit log is off.
+    pub audit: Option<AuditConfig>,
+    pub auth_throttle: crate::watch::AuthThrottleConfig,
     pub client_tls: Option<(PathBuf, PathBuf)>,
     pub require_tls: bool,
     pub upstream_tls: UpstreamTls,
@@ -183,12 +225,41 @@ impl Config {
             })?),
         };
         let secs = |v: Option<u64>, dflt: Duration| v.map(Duration::from_secs).unwrap_or(dflt);
+        let audit_log = s.audit_log.unwrap_or_else(|| "audit.jsonl".into());
+        if audit_log.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "audit_log",
+                message: "an empty path; use --no-audit to turn the audit log off".into(),
+            });
+        }
+        let flush = match s.audit_flush.unwrap_or(AuditFlush::Interval) {
+            AuditFlush::Always => crate::audit::FlushPolicy::Always,
+            AuditFlush::Interval => crate::audit::FlushPolicy::Interval(Duration::from_millis(
+                s.audit_flush_interval_ms.unwrap_or(1000).max(1),
+            )),
+        };
+        let audit = s.audit.unwrap_or(true).then(|| AuditConfig {
+            writer: crate::audit::WriterConfig {
+                path: audit_log.clone(),
+                flush,
+                max_bytes: s.audit_max_bytes.unwrap_or(100 * 1024 * 1024),
+                queue: 4096,
+            },
+            redact: s.audit_redact.unwrap_or(false),
+        });
+        let auth_throttle = crate::watch::AuthThrottleConfig {
+            max_failures: s.auth_max_failures.unwrap_or(10),
+            window: secs(s.auth_failure_window_secs, Duration::from_secs(60)),
+            ban: secs(s.auth_ban_secs, Duration::from_secs(300)),
+        };
         Ok(Config {
             listen: s.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
             upstream,
             upstream_host,
             rules_path: s.rules.unwrap_or_else(|| PathBuf::from("rules/")),
-            audit_log: s.audit_log.unwrap_or_else(|| "audit.jsonl".into()),
+            audit_log,
+            audit,
+            auth_throttle,
             client_tls,
             require_tls,
             upstream_tls,

@@ -21,7 +21,33 @@ pub struct Refusal {
     pub rule: Option<Origin>,
 }
 
+/// A refusal as a session reports it: the client's message, and the rule behind it for
+/// the audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub message: String,
+    /// `file:line` of the rule, when one is behind the refusal.
+    pub rule: Option<String>,
+}
+
+impl Denied {
+    /// A refusal no rule file line stands behind.
+    pub fn without_rule(message: String) -> Denied {
+        Denied {
+            message,
+            rule: None,
+        }
+    }
+}
+
 impl Refusal {
+    pub fn denied(&self, role: &str) -> Denied {
+        Denied {
+            message: self.message(role),
+            rule: self.rule.as_ref().map(|o| o.to_string()),
+        }
+    }
+
     pub fn message(&self, role: &str) -> String {
         let rule = match &self.rule {
             Some(o) => format!(" (rule {o})"),

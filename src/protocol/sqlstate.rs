@@ -23,6 +23,8 @@ impl SqlState {
     pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     /// 0A000: something PostgreSQL supports but pgveil does not relay.
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    /// 58030: the audit log cannot be written, so no result may be released.
+    pub const IO_ERROR: SqlState = SqlState("58030");
     /// XX000: an internal fault; details go to pgveil's log only.
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 

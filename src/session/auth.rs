@@ -38,6 +38,8 @@ pub struct Established {
     pub guard: Option<SessionGuard>,
     /// Set after schema changes, when any mask is configured at all.
     pub catalog_stale: Option<Arc<AtomicBool>>,
+    /// The database's catalog, when anything needs it (masks, guard, audit, alerts).
+    pub catalog: Option<Arc<Catalog>>,
 }
 
 /// Context of the startup the relay needs.
@@ -83,7 +85,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
             }
             b'Z' => {
                 let identity = read_identity(legs, &startup).await?;
-                let (policy, guard, catalog_stale) =
+                let (policy, guard, catalog_stale, catalog) =
                     session_policy(legs, &startup, &identity).await?;
                 out.extend_from_slice(frame.raw());
                 send(&mut legs.client_w, &out).await?;
@@ -94,6 +96,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
                     policy,
                     guard,
                     catalog_stale,
+                    catalog,
                 });
             }
             tag => {
@@ -142,6 +145,8 @@ async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), Sess
             b'E' => {
                 // The server's verdict (28P01, 3D000, ...) reaches the client unchanged.
                 send(&mut legs.client_w, frame.raw()).await?;
+                let (code, _) = backend::error_code_and_severity(&frame);
+                auth_failed(startup, &code).await;
                 return Err(SessionError::Reported(already_reported()));
             }
             tag => {
@@ -152,6 +157,31 @@ async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), Sess
             }
         }
     }
+}
+
+/// A refused login: counted against the client's address (the brute-force guard) when
+/// the server rejected the credentials, and audited either way.
+async fn auth_failed(startup: &Startup<'_>, sqlstate: &str) {
+    let proxy = startup.proxy;
+    let ip = startup.client_addr.ip();
+    // 28P01 invalid_password, 28000 invalid_authorization_specification (no pg_hba entry,
+    // unknown role under some methods).
+    let credentials = sqlstate.starts_with("28");
+    let banned = credentials && proxy.auth_throttle.failed(ip);
+    proxy.metrics.auth_failure();
+    let message = if banned {
+        format!("authentication failed ({sqlstate}); {ip} reached the failed-login limit and is turned away for a while")
+    } else {
+        format!("authentication failed ({sqlstate})")
+    };
+    if banned {
+        tracing::warn!(client = %ip, "too many failed logins; turning the address away");
+    }
+    let who =
+        super::audit::Who::before_auth(startup.session_id, startup.message, startup.client_addr);
+    proxy
+        .audit_event(who.event(crate::audit::Event::AuthFailed, Some(&message), None))
+        .await;
 }
 
 async fn client_auth_response(legs: &mut Legs) -> Result<Frame, SessionError> {
@@ -279,13 +309,15 @@ async fn session_policy(
         Option<SessionPolicy>,
         Option<SessionGuard>,
         Option<Arc<AtomicBool>>,
+        Option<Arc<Catalog>>,
     ),
     SessionError,
 > {
     let rules = startup.proxy.rules.load_full();
     let guard = GuardPolicy::for_session(&rules, identity);
-    if rules.masks.is_empty() && guard.is_none() {
-        return Ok((None, None, None));
+    let audited = startup.proxy.audit.is_some() || !rules.alerts.is_empty();
+    if rules.masks.is_empty() && guard.is_none() && !audited {
+        return Ok((None, None, None, None));
     }
     let cached = startup
         .proxy
@@ -333,7 +365,12 @@ async fn session_policy(
                 search_path,
             )
         });
-    Ok((policy, guard, Some(cached.stale)))
+    Ok((
+        policy,
+        guard,
+        Some(cached.stale),
+        Some(cached.catalog.clone()),
+    ))
 }
 
 /// How often `serve` purges each database's recycle bin.

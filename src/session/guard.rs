@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::policy::guard::{GuardPolicy, Names, Prepared};
-use crate::policy::Refusal;
+use crate::policy::{Denied, Refusal};
 use crate::sql::guard::{analyse, Access, Effect, StatementFacts};
 use crate::sql::shape::shape;
 
@@ -25,8 +25,8 @@ pub struct SessionGuard {
     search_path: Vec<String>,
     created: HashSet<String>,
     prepared: Prepared,
-    /// Decision by shape: `None` permitted, `Some(message)` refused.
-    decisions: HashMap<Box<str>, Option<String>>,
+    /// Decision by shape: `None` permitted, `Some(refusal)` refused.
+    decisions: HashMap<Box<str>, Option<Denied>>,
     scratch: String,
 }
 
@@ -60,7 +60,7 @@ impl SessionGuard {
     }
 
     /// Whether `sql` may be forwarded; `Err` holds the client-facing refusal.
-    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Result<(), String> {
+    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Result<(), Denied> {
         let shaped = standard_conforming_strings && shape(sql, &mut self.scratch);
         if shaped {
             if let Some(decision) = self.decisions.get(self.scratch.as_str()) {
@@ -83,7 +83,7 @@ impl SessionGuard {
     }
 
     /// A message that cannot be analysed at all (a fast-path function call).
-    pub fn screen_unanalysable(&self, reason: &str) -> Result<(), String> {
+    pub fn screen_unanalysable(&self, reason: &str) -> Result<(), Denied> {
         let facts = StatementFacts {
             kinds: vec!["function call"],
             unanalysable: Some(reason.to_string()),
@@ -92,7 +92,7 @@ impl SessionGuard {
         self.decide(&facts)
     }
 
-    fn decide(&self, facts: &StatementFacts) -> Result<(), String> {
+    fn decide(&self, facts: &StatementFacts) -> Result<(), Denied> {
         // EXECUTE runs what PREPARE defined, possibly earlier in the same string.
         let mut local: HashMap<&str, &[Access]> = HashMap::new();
         let mut executed = Vec::new();
@@ -129,7 +129,7 @@ impl SessionGuard {
         self.policy
             .authorize(&facts, &executed, &names)
             .map(|_permit| ())
-            .map_err(|d: Refusal| d.message(&self.role))
+            .map_err(|d: Refusal| d.denied(&self.role))
     }
 
     fn apply(&mut self, facts: &StatementFacts) {

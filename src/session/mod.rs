@@ -3,6 +3,7 @@
 //! Auth (relayed, then identity, `auth.rs`) → Ready (the relay, `relay.rs`, over the state
 //! in `state.rs`) → Closed. A CancelRequest takes a short path to the upstream.
 
+pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod guard;
@@ -86,6 +87,26 @@ pub async fn serve(
             }
         };
         if let Err(e) = admit(&proxy, &message, &stream, permit.is_some()) {
+            report(&mut stream, &e).await;
+            return;
+        }
+        if let Some(left) = proxy.auth_throttle.banned(peer.ip()) {
+            proxy.metrics.connection_refused("failed_logins");
+            let who = audit::Who::before_auth(id, &message, peer);
+            let note = format!(
+                "turned away: too many failed logins from {}; {}s left",
+                peer.ip(),
+                left.as_secs()
+            );
+            proxy
+                .audit_event(who.event(crate::audit::Event::ConnectionRefused, Some(&note), None))
+                .await;
+            let e = SessionError::Refused {
+                code: SqlState::INVALID_AUTHORIZATION,
+                message:
+                    "pgveil: too many failed login attempts from this address; try again later"
+                        .into(),
+            };
             report(&mut stream, &e).await;
             return;
         }
@@ -186,7 +207,9 @@ async fn run_session(
         "session established"
     );
     proxy.sessions.insert(id, established.identity.clone());
+    let session_audit = session_audit(proxy, &established);
     let mut session_state = state::SessionState::new(established.server_params);
+    session_state.audit = session_audit;
     session_state.policy = established.policy;
     session_state.guard = established.guard;
     session_state.catalog_stale = established.catalog_stale;
@@ -195,10 +218,31 @@ async fn run_session(
         established.identity.clone(),
         generation,
     ));
+    if let Some(a) = &session_state.audit {
+        proxy
+            .audit_event(a.who.event(crate::audit::Event::Connect, None, None))
+            .await;
+    }
     let state = Mutex::new(session_state);
     let shutdown = proxy.shutdown.watch(id);
     let result = relay::run(&mut legs, &state, limits.client_idle_timeout, &shutdown).await;
     drop(shutdown);
+    let audit = state
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .audit
+        .take();
+    if let Some(mut a) = audit {
+        a.abandon();
+        let mut records = a.take_completed();
+        records.push(a.who.event(crate::audit::Event::Disconnect, None, None));
+        if let Some(log) = a.log() {
+            proxy.metrics.audit_records(records.len() as u64);
+            if let Err(e) = log.write(records).await {
+                tracing::error!("audit records of a closing session not written: {e}");
+            }
+        }
+    }
     proxy.sessions.remove(&id);
     drop(established.cancel);
     if !matches!(result, Ok(relay::RelayEnd::Terminated)) {
@@ -213,6 +257,30 @@ async fn run_session(
             Err(e)
         }
     }
+}
+
+/// The session's audit and alert accounting, unless neither is on.
+fn session_audit(
+    proxy: &Arc<Proxy>,
+    established: &auth::Established,
+) -> Option<audit::SessionAudit> {
+    let rules = proxy.rules.load_full();
+    let identity = &established.identity;
+    let alerts = crate::watch::AlertWatch::for_session(&proxy.alerts, &rules.alerts, identity);
+    if proxy.audit.is_none() && alerts.is_none() {
+        return None;
+    }
+    let catalog = established.catalog.clone();
+    let setup = audit::AuditSetup {
+        log: proxy.audit.clone(),
+        metrics: proxy.metrics.clone(),
+        redact: proxy.config.audit.as_ref().is_some_and(|a| a.redact),
+        sensitive: audit::Sensitive::build(&rules, identity, catalog.as_deref()),
+        catalog,
+        search_path: crate::catalog::search_path_schemas(&identity.search_path, &identity.user),
+        alerts,
+    };
+    Some(audit::SessionAudit::new(audit::Who::of(identity), setup))
 }
 
 async fn forward_cancel(proxy: &Proxy, key: crate::protocol::startup::CancelKey) {

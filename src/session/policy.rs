@@ -12,7 +12,7 @@ use crate::catalog::search_path_schemas;
 use crate::catalog::Catalog;
 use crate::config::rules::Unanalysable;
 use crate::policy::guard::GuardPolicy;
-use crate::policy::SessionMasks;
+use crate::policy::{Denied, SessionMasks};
 use crate::server::Proxy;
 use crate::sql::masking::{self, Verdict};
 
@@ -47,6 +47,15 @@ impl PolicyRefresh {
     pub fn refresh(&mut self, st: &mut SessionState) -> Result<(), String> {
         self.generation = self.proxy.rules_generation();
         let rules = self.proxy.rules.load_full();
+        if let Some(a) = st.audit.as_mut() {
+            let sensitive = super::audit::Sensitive::build(&rules, &self.identity, a.catalog());
+            let alerts = crate::watch::AlertWatch::for_session(
+                &self.proxy.alerts,
+                &rules.alerts,
+                &self.identity,
+            );
+            a.replace_rules(sensitive, alerts);
+        }
         self.refresh_masks(&rules, &st.policy)?;
         let new = GuardPolicy::for_session(&rules, &self.identity);
         let old = st.guard.as_ref().map(|g| g.policy());
@@ -209,13 +218,13 @@ pub enum Screen {
     Forward,
     /// Forward this SQL instead (masked columns computed masked by the server).
     Rewrite(String),
-    /// Refuse with this message.
-    Refuse(String),
+    /// Refuse, with this message and rule.
+    Refuse(Denied),
 }
 
 fn screen_of(v: &Verdict, role: &str) -> Screen {
     match v {
-        Verdict::Refused(r) => Screen::Refuse(r.message(role)),
+        Verdict::Refused(r) => Screen::Refuse(r.denied(role)),
         Verdict::Rewritten(sql) => Screen::Rewrite(sql.clone()),
         Verdict::Pass | Verdict::Masked => Screen::Forward,
     }

@@ -15,6 +15,7 @@ use super::policy::Screen;
 use super::rows::MaskPlan;
 use super::state::{Discarding, Pending, Reply, SessionState};
 use super::{BoxRead, Legs};
+use crate::policy::Denied;
 use crate::protocol::backend::{self, TransactionStatus};
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{write, Frame, FrameReader, SqlState};
@@ -133,11 +134,13 @@ async fn client_to_server(
                     out.extend_from_slice(f.raw());
                     break;
                 }
-                if st.policy.is_some() || st.guard.is_some() {
+                if st.policy.is_some()
+                    || st.guard.is_some()
+                    || st.audit.as_ref().is_some_and(|a| a.may_block())
+                {
                     screen(&mut st, &msg, &f, &mut out);
                 } else {
-                    st.on_client(&msg);
-                    out.extend_from_slice(f.raw());
+                    forward(&mut st, &msg, f.raw(), &mut out);
                 }
                 frame = client.buffered().map_err(SessionError::Client)?;
             }
@@ -198,6 +201,22 @@ async fn server_to_client(
                 frame = upstream.buffered().map_err(SessionError::upstream)?;
             }
         }
+        let records = {
+            let mut st = lock(state);
+            st.audit
+                .as_mut()
+                .filter(|a| a.has_completed())
+                .map(|a| (a.take_completed(), a.log().cloned()))
+        };
+        if let Some((records, Some(log))) = records {
+            // The reply that completed these statements waits until they are written.
+            log.write(records)
+                .await
+                .map_err(|e| SessionError::Refused {
+                    code: SqlState::IO_ERROR,
+                    message: format!("pgveil: {e}"),
+                })?;
+        }
         client_dirty.store(true, Ordering::Release);
         client
             .write_all(&out)
@@ -232,6 +251,9 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
     match f.tag() {
         // DataRow: the hot path. Sessions without masks forward it untouched.
         b'D' => {
+            if let Some(a) = st.audit.as_mut() {
+                a.on_data_row();
+            }
             if st.policy.is_none() {
                 return Ok(Action::Forward);
             }
@@ -250,6 +272,9 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
         }
         b'Z' => {
             let status = backend::ready_for_query(f).map_err(SessionError::upstream)?;
+            if let Some(a) = st.audit.as_mut() {
+                a.on_ready();
+            }
             st.on_server(b'Z', None);
             st.on_ready(status);
         }
@@ -260,6 +285,9 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
         b'E' => {
             st.on_server(b'E', None);
             let (code, severity) = backend::error_code_and_severity(f);
+            if let Some(a) = st.audit.as_mut() {
+                a.on_error(&code);
+            }
             if severity == "FATAL" || severity == "PANIC" {
                 return Ok(Action::Fatal);
             }
@@ -274,13 +302,24 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
             return Ok(without_data_fields(f).map_or(Action::Forward, Action::Replace));
         }
         b'C' => {
+            let tag = backend::command_tag(f).unwrap_or_default();
             if let Some(stale) = &st.catalog_stale {
-                let tag = backend::command_tag(f).unwrap_or_default();
                 if changes_schema(tag) {
                     stale.store(true, Ordering::Relaxed);
                 }
             }
+            if let Some(a) = st.audit.as_mut() {
+                a.on_complete(Some(tag));
+            }
             st.on_server(b'C', None);
+        }
+        b'I' | b's' | b'V' => {
+            if let Some(a) = st.audit.as_mut() {
+                a.on_complete(None);
+            }
+            if st.on_server(f.tag(), None) == Reply::Swallow {
+                return Ok(Action::Swallow);
+            }
         }
         tag => {
             if st.on_server(tag, None) == Reply::Swallow {
@@ -318,6 +357,9 @@ fn without_data_fields(f: &Frame) -> Option<Frame> {
 /// statement that raises it, bound and executed. Its ParseComplete and BindComplete are
 /// pgveil's and are swallowed; its error is the client's.
 fn raise_refusal(st: &mut SessionState, message: &str, out: &mut BytesMut) {
+    if let Some(a) = st.audit.as_mut() {
+        a.on_refusal_raised();
+    }
     out.extend_from_slice(write::parse("", &write::refusal_sql(message)).raw());
     out.extend_from_slice(write::bind("", "").raw());
     out.extend_from_slice(write::execute("").raw());
@@ -373,48 +415,30 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
                 if *msg == FrontendMessage::Sync {
                     st.discarding = None;
                 }
-                st.on_client(msg);
-                out.extend_from_slice(raw.raw());
+                forward(st, msg, raw.raw(), out);
             }
             _ => {}
         }
         return;
     }
-    let scs = st.standard_conforming_strings();
-    let screened = match msg {
-        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
-            let guarded = st.guard.as_mut().map_or(Ok(()), |g| g.screen(sql, scs));
-            match guarded {
-                Err(message) => Screen::Refuse(message),
-                Ok(()) => st
-                    .policy
-                    .as_mut()
-                    .map_or(Screen::Forward, |p| p.screen(sql, scs)),
-            }
-        }
-        // Fast-path calls name functions by OID, beyond the analysis.
-        FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
-            (Some(p), _) => Screen::Refuse(format!(
-                "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
-                p.role
-            )),
-            (None, Some(g)) => g
-                .screen_unanalysable("a fast-path call names its function by OID")
-                .map_or_else(Screen::Refuse, |()| Screen::Forward),
-            (None, None) => Screen::Forward,
-        },
-        _ => Screen::Forward,
-    };
+    let screened = screen_message(st, msg);
+    if let Some(a) = st.audit.as_mut() {
+        let refusal = match &screened {
+            Screen::Refuse(denied) => Some(denied),
+            _ => None,
+        };
+        a.on_client(msg, refusal);
+    }
     match (screened, msg) {
         (Screen::Forward, _) => {
             st.on_client(msg);
             out.extend_from_slice(raw.raw());
         }
-        (Screen::Refuse(message), FrontendMessage::Parse { .. }) => {
-            st.discarding = Some(Discarding::new(message))
+        (Screen::Refuse(denied), FrontendMessage::Parse { .. }) => {
+            st.discarding = Some(Discarding::new(denied.message))
         }
-        (Screen::Refuse(message), _) => {
-            let sql = write::refusal_sql(&message);
+        (Screen::Refuse(denied), _) => {
+            let sql = write::refusal_sql(&denied.message);
             st.on_client(&FrontendMessage::Query { sql: &sql });
             out.extend_from_slice(write::query(&sql).raw());
         }
@@ -439,4 +463,49 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
             out.extend_from_slice(write::query(&sql).raw());
         }
     }
+}
+
+/// The treatment of one client message: the guard first, then masking, then `block`
+/// alerts.
+fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
+    let scs = st.standard_conforming_strings();
+    match msg {
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
+            if let Some(Err(denied)) = st.guard.as_mut().map(|g| g.screen(sql, scs)) {
+                return Screen::Refuse(denied);
+            }
+            let masked = st
+                .policy
+                .as_mut()
+                .map_or(Screen::Forward, |p| p.screen(sql, scs));
+            if matches!(masked, Screen::Refuse(_)) {
+                return masked;
+            }
+            match st.audit.as_mut().and_then(|a| a.alert_block(sql)) {
+                Some(denied) => Screen::Refuse(denied),
+                None => masked,
+            }
+        }
+        // Fast-path calls name functions by OID, beyond the analysis.
+        FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
+            (Some(p), _) => Screen::Refuse(Denied::without_rule(format!(
+                "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
+                p.role
+            ))),
+            (None, Some(g)) => g
+                .screen_unanalysable("a fast-path call names its function by OID")
+                .map_or_else(Screen::Refuse, |()| Screen::Forward),
+            (None, None) => Screen::Forward,
+        },
+        _ => Screen::Forward,
+    }
+}
+
+/// Forwards a client message unchanged.
+fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
+    st.on_client(msg);
+    if let Some(a) = st.audit.as_mut() {
+        a.on_client(msg, None);
+    }
+    out.extend_from_slice(raw);
 }

@@ -149,6 +149,8 @@ pub struct SessionState {
     pub rows_masked: u64,
     /// Rebuilds `policy` after a rules reload.
     pub refresh: Option<super::policy::PolicyRefresh>,
+    /// Audit records and alert accounting; `None` when neither is on.
+    pub audit: Option<super::audit::SessionAudit>,
 }
 
 impl SessionState {

@@ -2,6 +2,7 @@
 //! recursion limit, identifier folding as PostgreSQL does it, statement kinds, and the
 //! masking checker. A parse failure or an unknown construct means "cannot prove safe".
 
+pub mod audit;
 pub mod guard;
 pub mod masking;
 pub mod shape;

@@ -411,6 +411,7 @@ impl TestProxy {
         let mut settings = ServeSettings {
             upstream: Some(upstream.to_string()),
             rules: Some(rules.path().to_path_buf()),
+            audit_log: Some(rules.path().join("audit.jsonl").display().to_string()),
             upstream_tls: Some(UpstreamTls::Prefer),
             ..Default::default()
         };
@@ -430,6 +431,20 @@ impl TestProxy {
             task: Some(task),
             _rules: rules,
         }
+    }
+
+    /// The audit log this proxy writes (in its scratch directory unless a test set one).
+    pub fn audit_path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(&self.proxy.config.audit_log)
+    }
+
+    /// The audit records written so far, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every audit line is JSON"))
+            .collect()
     }
 
     pub fn addr_string(&self) -> String {

@@ -1,0 +1,12 @@
+//! The audit log (spec section 6): records and their hash chain (`record`), the writer
+//! task that never drops a record (`writer`), and the reviewers' tools, `audit verify`
+//! (`verify`) and `audit search` (`search`). Sessions build records in
+//! `session::audit`; statement facts come from `sql::audit`.
+
+pub mod record;
+pub mod search;
+pub mod verify;
+pub mod writer;
+
+pub use record::{Decision, Event, Record};
+pub use writer::{AuditError, AuditLog, FlushPolicy, WriterConfig};

@@ -1,0 +1,220 @@
+//! One audit record and the hash chain that links records (spec section 6).
+//!
+//! A record's canonical form is its JSON object without `hash` and `prev_hash`, keys in
+//! byte order, no whitespace: exactly what `serde_json` writes for a `Value` map, and what
+//! [`Record`] writes because its fields are declared in that order. `hash` is the SHA-256
+//! hex of `prev_hash` (64 hex characters) followed by the canonical form. The writer
+//! appends both to the canonical form to make the line; `audit verify` takes a line apart
+//! again and recomputes.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// `prev_hash` of the very first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What a record is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A statement (simple query part, Execute, COPY, refused statement).
+    Statement,
+    /// A session passed authentication.
+    Connect,
+    /// The server refused the client's credentials.
+    AuthFailed,
+    /// pgveil turned a connection away before authentication (brute-force guard).
+    ConnectionRefused,
+    Disconnect,
+    /// An `[[alert]]` threshold was crossed.
+    Alert,
+    /// pgveil started and found the end of the log torn by a crash (see `writer`).
+    Recovered,
+}
+
+/// The outcome of a statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Ran; no masked column was read by a masked session.
+    Allowed,
+    /// Ran; its results had masked columns.
+    Masked,
+    /// Refused by pgveil; `rule` names the rule when one is behind it.
+    Blocked,
+    /// Forwarded; the server reported an error (`sqlstate`), or it did not run because
+    /// an earlier statement of the same batch failed.
+    Error,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Masked => "masked",
+            Decision::Blocked => "blocked",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// One audit record. Fields are in byte order of their names (the canonical order);
+/// a test keeps it so. Statement fields are `None` on session events.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Record<'a> {
+    pub application_name: &'a str,
+    pub client_addr: &'a str,
+    pub database: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+    pub event: Option<Event>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked_columns: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'a str>,
+    /// `simple`, `extended` or `fast_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
+    pub session: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqlstate: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tables: Option<&'a [String]>,
+    pub ts: String,
+    /// Set when the statement could not be analysed and `unanalysable = "allow"` let it
+    /// through (or no policy applied to the session).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unanalysed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmasked_columns: Option<&'a [String]>,
+    pub user: &'a str,
+}
+
+impl Record<'_> {
+    /// The canonical form (see the module comment).
+    pub fn canonical(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a record always serializes")
+    }
+}
+
+/// RFC 3339 with microseconds, UTC: `2026-11-23T05:57:31.123456Z`.
+pub fn timestamp(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let micros = at.microsecond();
+    let at = at.replace_nanosecond(micros * 1000).unwrap_or(at);
+    let mut s = at.format(&Rfc3339).unwrap_or_default();
+    // Rfc3339 drops trailing zeros of the fraction; records keep a fixed width.
+    if let Some(dot) = s.find('.') {
+        let frac_end = s.len() - 1;
+        let digits = frac_end - dot - 1;
+        if digits < 6 {
+            s.insert_str(frac_end, &"0".repeat(6 - digits));
+        }
+    } else {
+        s.insert_str(s.len() - 1, ".000000");
+    }
+    s
+}
+
+/// `hash` of a record whose canonical form is `canonical`.
+pub fn chain_hash(prev_hash: &str, canonical: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(canonical);
+    hex(&h.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// The line for a record: its canonical form with `hash` and `prev_hash` appended.
+pub fn line(canonical: &[u8], prev_hash: &str, hash: &str, out: &mut Vec<u8>) {
+    debug_assert!(canonical.ends_with(b"}"));
+    out.extend_from_slice(&canonical[..canonical.len() - 1]);
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\",\"prev_hash\":\"");
+    out.extend_from_slice(prev_hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> Record<'static> {
+        static COLS: [String; 0] = [];
+        Record {
+            application_name: "app \"x\"",
+            client_addr: "127.0.0.1:5000",
+            database: "crm",
+            decision: Some(Decision::Masked),
+            duration_us: Some(12),
+            event: Some(Event::Statement),
+            kind: Some("select"),
+            masked_columns: Some(&COLS),
+            message: Some("m"),
+            protocol: Some("simple"),
+            rows: Some(3),
+            rule: Some("rules/crm.toml:4"),
+            session: 7,
+            sqlstate: Some("42501"),
+            statement: Some("SELECT 'é\n'"),
+            tables: Some(&COLS),
+            ts: timestamp(OffsetDateTime::UNIX_EPOCH),
+            unanalysed: true,
+            unmasked_columns: Some(&COLS),
+            user: "alice",
+        }
+    }
+
+    #[test]
+    fn record_serializes_in_canonical_order() {
+        for r in [full(), Record::default()] {
+            let bytes = r.canonical();
+            let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(serde_json::to_vec(&value).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn timestamps_have_microseconds() {
+        assert_eq!(
+            timestamp(OffsetDateTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let t = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(1_500_000_123);
+        assert_eq!(timestamp(t), "1970-01-01T00:00:01.500000Z");
+    }
+
+    #[test]
+    fn line_hash_covers_prev_hash_and_fields() {
+        let c = full().canonical();
+        let h = chain_hash(GENESIS, &c);
+        assert_ne!(h, chain_hash(&h, &c));
+        let mut out = Vec::new();
+        line(&c, GENESIS, &h, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["hash"], h.as_str());
+        assert_eq!(v["prev_hash"], GENESIS);
+    }
+}

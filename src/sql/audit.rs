@@ -1,0 +1,325 @@
+//! What an audit record says about a statement: its kind for reviewers, the relations it
+//! names, and the column names it mentions (to tell which sensitive columns it read).
+//! Unlike the masking and guard analyses this one decides nothing; a statement it cannot
+//! parse is still recorded, as kind `other` and `unanalysed`.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    CopySource, Expr, ObjectName, Query, SelectItem, SetExpr, Statement, TableFactor, Visit,
+    Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
+
+use super::{fold, name_parts};
+
+/// The audit view of one statement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartFacts {
+    pub kind: &'static str,
+    /// Relations named (folded parts), CTE names left out.
+    pub relations: BTreeSet<Vec<String>>,
+    /// Column names mentioned anywhere (folded; the last part of a qualified name).
+    pub columns: BTreeSet<String>,
+    /// Every column of the named relations may be read: `*`, `t.*`, a whole-row
+    /// reference, `COPY t` without a column list.
+    pub all_columns: bool,
+    pub unanalysed: bool,
+    /// The cursor (DECLARE) or SQL prepared statement (PREPARE) this statement defines.
+    pub defines: Option<String>,
+    /// The cursor (FETCH, MOVE) or prepared statement (EXECUTE) it runs.
+    pub uses: Option<String>,
+}
+
+/// The statements of a query string, as the client wrote them (trimmed, empty ones
+/// dropped). Splits at top-level semicolons as the server's lexer finds them.
+pub fn split(sql: &str) -> Vec<&str> {
+    if !sql.contains(';') {
+        let s = sql.trim();
+        return if s.is_empty() { vec![] } else { vec![s] };
+    }
+    let dialect = PostgreSqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
+        return vec![sql.trim()];
+    };
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(sql.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
+    let offset = |line: u64, column: u64| -> Option<usize> {
+        let start = *line_starts.get((line as usize).checked_sub(1)?)?;
+        let (i, _) = sql[start..]
+            .char_indices()
+            .nth((column as usize).checked_sub(1)?)?;
+        Some(start + i)
+    };
+    let mut parts = Vec::new();
+    let mut from = 0;
+    for t in tokens.iter().filter(|t| t.token == Token::SemiColon) {
+        let Some(at) = offset(t.span.start.line, t.span.start.column) else {
+            return vec![sql.trim()];
+        };
+        parts.push(&sql[from..at]);
+        from = at + 1;
+    }
+    parts.push(&sql[from..]);
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Analyses one statement (a part from [`split`]).
+pub fn analyse(sql: &str) -> PartFacts {
+    let stmts = match super::parse(sql) {
+        Ok(s) if s.len() == 1 => s,
+        _ => {
+            return PartFacts {
+                kind: "other",
+                unanalysed: true,
+                ..Default::default()
+            }
+        }
+    };
+    let stmt = &stmts[0];
+    let mut v = Collector::default();
+    let _ = stmt.visit(&mut v);
+    let mut facts = PartFacts {
+        kind: kind(stmt),
+        columns: v.columns,
+        all_columns: v.all_columns,
+        ..Default::default()
+    };
+    // A bare identifier naming a table or alias is a whole-row reference.
+    if facts.columns.iter().any(|c| v.aliases.contains(c)) {
+        facts.all_columns = true;
+    }
+    facts.relations = v
+        .relations
+        .into_iter()
+        .filter(|r| !(r.len() == 1 && v.ctes.contains(&r[0])))
+        .collect();
+    match stmt {
+        Statement::Copy {
+            source: CopySource::Table { columns, .. },
+            ..
+        } if columns.is_empty() => facts.all_columns = true,
+        Statement::Declare { stmts } => {
+            facts.defines = stmts.first().and_then(|d| d.names.first()).map(fold)
+        }
+        Statement::Fetch { name, .. } => facts.uses = Some(fold(name)),
+        Statement::Prepare { name, .. } => facts.defines = Some(fold(name)),
+        Statement::Execute { name: Some(n), .. } => facts.uses = name_parts(n).map(|p| p.join(".")),
+        Statement::Insert(i) => facts.all_columns |= has_wildcard(i.returning.as_deref()),
+        Statement::Update(u) => facts.all_columns |= has_wildcard(u.returning.as_deref()),
+        Statement::Delete(d) => facts.all_columns |= has_wildcard(d.returning.as_deref()),
+        _ => {}
+    }
+    facts
+}
+
+fn has_wildcard(items: Option<&[SelectItem]>) -> bool {
+    items.is_some_and(|items| {
+        items.iter().any(|i| {
+            matches!(
+                i,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        })
+    })
+}
+
+/// The statement kind for audit records and metrics: DML by name, `copy`, `ddl` for
+/// CREATE/ALTER/DROP/COMMENT, `transaction` for BEGIN/COMMIT/ROLLBACK/SAVEPOINT.
+pub fn kind(stmt: &Statement) -> &'static str {
+    match stmt {
+        Statement::Copy { .. } => "copy",
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => "transaction",
+        Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => "show",
+        Statement::Comment { .. } => "ddl",
+        Statement::Close { .. } => "close",
+        Statement::Discard { .. } => "discard",
+        Statement::Deallocate { .. } => "deallocate",
+        other => match super::kind_of(other) {
+            "create" | "alter" | "drop" => "ddl",
+            "copy_to" | "copy_from" => "copy",
+            k => k,
+        },
+    }
+}
+
+#[derive(Default)]
+struct Collector {
+    relations: BTreeSet<Vec<String>>,
+    columns: BTreeSet<String>,
+    /// Table names and aliases in FROM clauses.
+    aliases: BTreeSet<String>,
+    ctes: BTreeSet<String>,
+    all_columns: bool,
+}
+
+impl Visitor for Collector {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                self.ctes.insert(fold(&cte.alias.name));
+            }
+        }
+        self.note_wildcards(&q.body);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
+        if let Some(parts) = name_parts(r) {
+            self.relations.insert(parts);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, alias, .. } = t {
+            if let Some(last) = name_parts(name).and_then(|mut p| p.pop()) {
+                self.aliases.insert(last);
+            }
+            if let Some(a) = alias {
+                self.aliases.insert(fold(&a.name));
+            }
+        } else if let TableFactor::Derived { alias: Some(a), .. } = t {
+            self.aliases.insert(fold(&a.name));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        match e {
+            Expr::Identifier(i) => {
+                self.columns.insert(fold(i));
+            }
+            Expr::CompoundIdentifier(parts) => {
+                if let Some(last) = parts.last() {
+                    self.columns.insert(fold(last));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Collector {
+    fn note_wildcards(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Select(s) => self.all_columns |= has_wildcard(Some(&s.projection)),
+            SetExpr::SetOperation { left, right, .. } => {
+                self.note_wildcards(left);
+                self.note_wildcards(right);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `statement` with its literals (strings of every kind, numbers) replaced by `?` and its
+/// comments by a space: what the `redact` option writes, since people type customer data
+/// into WHERE clauses. A string the lexer cannot read is replaced whole.
+pub fn redact(sql: &str) -> String {
+    let dialect = PostgreSqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize() else {
+        return "? (pgveil could not read this statement to redact its literals)".into();
+    };
+    let mut out = String::with_capacity(sql.len());
+    for t in &tokens {
+        match t {
+            Token::Number(..)
+            | Token::SingleQuotedString(_)
+            | Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedByteStringLiteral(_)
+            | Token::TripleDoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_)
+            | Token::TripleSingleQuotedRawStringLiteral(_)
+            | Token::TripleDoubleQuotedRawStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::QuoteDelimitedStringLiteral(_)
+            | Token::NationalQuoteDelimitedStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_) => out.push('?'),
+            Token::Whitespace(Whitespace::SingleLineComment { .. })
+            | Token::Whitespace(Whitespace::MultiLineComment(_)) => out.push(' '),
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_where_the_server_does() {
+        assert_eq!(split("SELECT 1"), vec!["SELECT 1"]);
+        assert_eq!(
+            split("SELECT ';'; SELECT $$a;b$$ ;\n-- x;\nSELECT \"a;\" ;;"),
+            vec!["SELECT ';'", "SELECT $$a;b$$", "-- x;\nSELECT \"a;\""]
+        );
+        assert_eq!(split("  ; "), Vec::<&str>::new());
+        assert_eq!(
+            split("SELECT 'é'; SELECT 2"),
+            vec!["SELECT 'é'", "SELECT 2"]
+        );
+    }
+
+    #[test]
+    fn relations_and_columns() {
+        let f = analyse(
+            "WITH x AS (SELECT id, phone FROM public.customers) SELECT c.email FROM x JOIN contacts c ON true",
+        );
+        assert_eq!(f.kind, "select");
+        let rels: Vec<String> = f.relations.iter().map(|r| r.join(".")).collect();
+        assert_eq!(rels, vec!["contacts", "public.customers"]);
+        assert!(f.columns.contains("phone") && f.columns.contains("email"));
+        assert!(!f.all_columns);
+        assert!(analyse("SELECT c FROM customers c").all_columns);
+        assert!(analyse("SELECT * FROM customers").all_columns);
+        assert!(analyse("COPY customers TO STDOUT").all_columns);
+        assert!(!analyse("COPY customers (id) TO STDOUT").all_columns);
+        assert!(analyse("DELETE FROM customers RETURNING *").all_columns);
+        assert_eq!(analyse("COPY customers TO STDOUT").kind, "copy");
+        assert_eq!(analyse("create table t (a int)").kind, "ddl");
+        assert_eq!(analyse("BEGIN").kind, "transaction");
+        let bad = analyse("SELEC 1");
+        assert!(bad.unanalysed && bad.kind == "other");
+        assert_eq!(
+            analyse("DECLARE c CURSOR FOR SELECT 1").defines.as_deref(),
+            Some("c")
+        );
+        assert_eq!(analyse("FETCH 10 FROM c").uses.as_deref(), Some("c"));
+        assert_eq!(analyse("EXECUTE p(1)").uses.as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn redacts_literals_and_comments() {
+        assert_eq!(
+            redact("SELECT * FROM customers WHERE phone = '13912345678' AND id > 42 /* Alice */"),
+            "SELECT * FROM customers WHERE phone = ? AND id > ?  "
+        );
+        assert_eq!(
+            redact("SELECT E'a\\'b', $$x$$, \"Name\" FROM t WHERE x = $1"),
+            "SELECT ?, ?, \"Name\" FROM t WHERE x = $1"
+        );
+    }
+}
