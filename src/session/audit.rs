@@ -327,6 +327,22 @@ impl SessionAudit {
         }
     }
 
+    /// CopyInResponse: the server ignores the `ignored` Syncs sent after the COPY (see
+    /// `SessionState::on_copy_in`), so their ends go.
+    pub fn on_copy_in(&mut self, ignored: usize) {
+        for _ in 0..ignored {
+            let Some(i) = self
+                .slots
+                .iter()
+                .skip(1)
+                .position(|s| matches!(s, Slot::End))
+            else {
+                break;
+            };
+            self.slots.remove(i + 1);
+        }
+    }
+
     /// pgveil is having the server raise the refusal of the Parse refused last.
     pub fn on_refusal_raised(&mut self) {
         if let Some(f) = self.refused_parse.take() {
@@ -405,6 +421,7 @@ impl SessionAudit {
     /// Records completed since the last call, to be written before the reply that
     /// completed them reaches the client.
     pub fn take_completed(&mut self) -> Vec<Vec<u8>> {
+        self.metrics.audit_records(self.completed.len() as u64);
         std::mem::take(&mut self.completed)
     }
 

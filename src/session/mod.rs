@@ -237,7 +237,7 @@ async fn run_session(
         let mut records = a.take_completed();
         records.push(a.who.event(crate::audit::Event::Disconnect, None, None));
         if let Some(log) = a.log() {
-            proxy.metrics.audit_records(records.len() as u64);
+            proxy.metrics.audit_records(1);
             if let Err(e) = log.write(records).await {
                 tracing::error!("audit records of a closing session not written: {e}");
             }

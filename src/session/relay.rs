@@ -313,6 +313,12 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
             }
             st.on_server(b'C', None);
         }
+        b'G' => {
+            let ignored = st.on_copy_in();
+            if let Some(a) = st.audit.as_mut() {
+                a.on_copy_in(ignored);
+            }
+        }
         b'I' | b's' | b'V' => {
             if let Some(a) = st.audit.as_mut() {
                 a.on_complete(None);
@@ -422,7 +428,8 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
         return;
     }
     let screened = screen_message(st, msg);
-    if let Some(a) = st.audit.as_mut() {
+    let ignored = st.ignored_by_server(msg);
+    if let Some(a) = st.audit.as_mut().filter(|_| !ignored) {
         let refusal = match &screened {
             Screen::Refuse(denied) => Some(denied),
             _ => None,
@@ -503,9 +510,11 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
 
 /// Forwards a client message unchanged.
 fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
-    st.on_client(msg);
-    if let Some(a) = st.audit.as_mut() {
-        a.on_client(msg, None);
+    if !st.ignored_by_server(msg) {
+        if let Some(a) = st.audit.as_mut() {
+            a.on_client(msg, None);
+        }
     }
+    st.on_client(msg);
     out.extend_from_slice(raw);
 }

@@ -78,13 +78,16 @@ pub enum Pending {
     FunctionCall,
     /// A message pgveil injected; its ParseComplete/BindComplete is not the client's.
     Internal,
+    /// The client's CopyDone or CopyFail, sent before the server's CopyInResponse
+    /// arrived: the end of the Syncs the server will ignore (see `on_copy_in`).
+    CopyEnd,
 }
 
 impl Pending {
     fn is_extended(&self) -> bool {
         !matches!(
             self,
-            Pending::Query { .. } | Pending::Sync | Pending::FunctionCall
+            Pending::Query { .. } | Pending::Sync | Pending::FunctionCall | Pending::CopyEnd
         )
     }
 }
@@ -149,6 +152,8 @@ pub struct SessionState {
     pub rows_masked: u64,
     /// Rebuilds `policy` after a rules reload.
     pub refresh: Option<super::policy::PolicyRefresh>,
+    /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
+    copy_in: bool,
     /// Audit records and alert accounting; `None` when neither is on.
     pub audit: Option<super::audit::SessionAudit>,
 }
@@ -202,9 +207,23 @@ impl SessionState {
         self.pending.iter()
     }
 
+    /// Whether the server will ignore this client message: a Sync during copy-in
+    /// ("for the convenience of client libraries", PostgreSQL's CopyGetData).
+    pub fn ignored_by_server(&self, msg: &FrontendMessage<'_>) -> bool {
+        self.copy_in && *msg == FrontendMessage::Sync
+    }
+
     /// Records a client request that the server will answer.
     pub fn on_client(&mut self, msg: &FrontendMessage<'_>) {
         let pending = match msg {
+            FrontendMessage::CopyDone | FrontendMessage::CopyFail => {
+                if self.copy_in {
+                    self.copy_in = false;
+                    return;
+                }
+                Pending::CopyEnd
+            }
+            FrontendMessage::Sync if self.copy_in => return,
             FrontendMessage::Query { sql } => Pending::Query {
                 sql: Arc::from(*sql),
             },
@@ -247,8 +266,44 @@ impl SessionState {
         self.pending.push_back(pending);
     }
 
+    /// CopyInResponse: the server now ignores Syncs until the client's CopyDone or
+    /// CopyFail. Syncs the client already sent after the COPY are dropped from the queue
+    /// (up to a CopyEnd, if the copy's end was sent too); returns how many.
+    pub fn on_copy_in(&mut self) -> usize {
+        let end = self
+            .pending
+            .iter()
+            .skip(1)
+            .position(|p| *p == Pending::CopyEnd)
+            .map(|i| i + 1);
+        let limit = end.unwrap_or(self.pending.len());
+        let mut removed = 0;
+        let mut i = 1;
+        let mut stop = limit;
+        while i < stop {
+            if self.pending[i] == Pending::Sync {
+                self.pending.remove(i);
+                removed += 1;
+                stop -= 1;
+            } else {
+                i += 1;
+            }
+        }
+        match end {
+            Some(_) => {
+                self.pending.remove(stop);
+            }
+            None => self.copy_in = true,
+        }
+        removed
+    }
+
     /// Applies one server reply (by tag; `rows` is the decoded RowDescription for `T`).
     pub fn on_server(&mut self, tag: u8, rows: Option<Vec<FieldDescription>>) -> Reply {
+        // A CopyEnd left over from a copy the server ended with an error answers nothing.
+        while self.pending.front() == Some(&Pending::CopyEnd) {
+            self.pending.pop_front();
+        }
         match tag {
             b'1' | b'2' if matches!(self.pending.front(), Some(Pending::Internal)) => {
                 self.pending.pop_front();
@@ -290,7 +345,10 @@ impl SessionState {
                     self.pending.pop_front();
                 }
             }
-            b'E' => self.on_error(),
+            b'E' => {
+                self.copy_in = false;
+                self.on_error()
+            }
             b'Z' => {
                 self.current_rows = None;
                 self.plan = None;
@@ -545,6 +603,37 @@ mod tests {
         s.on_server(b'Z', None);
         assert!(s.is_idle());
         assert_eq!(s.unmatched, 0);
+    }
+
+    #[test]
+    fn syncs_sent_into_copy_in_are_ignored_like_the_server_does() {
+        // tokio-postgres: Bind, Execute, Sync; then data, CopyDone, Sync.
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&bind("", "s", vec![]));
+        s.on_client(&FrontendMessage::Execute {
+            portal: "",
+            max_rows: 0,
+        });
+        s.on_client(&FrontendMessage::Sync);
+        s.on_server(b'2', None);
+        assert_eq!(s.on_copy_in(), 1);
+        s.on_client(&FrontendMessage::CopyData);
+        s.on_client(&FrontendMessage::CopyDone);
+        s.on_client(&FrontendMessage::Sync);
+        s.on_server(b'C', None);
+        s.on_server(b'Z', None);
+        assert!(s.is_idle(), "{:?}", s.pending().collect::<Vec<_>>());
+        assert_eq!(s.unmatched, 0);
+        // CopyDone already sent when CopyInResponse arrives.
+        s.on_client(&FrontendMessage::Query {
+            sql: "COPY t FROM STDIN",
+        });
+        s.on_client(&FrontendMessage::CopyData);
+        s.on_client(&FrontendMessage::CopyDone);
+        assert_eq!(s.on_copy_in(), 0);
+        s.on_server(b'C', None);
+        s.on_server(b'Z', None);
+        assert!(s.is_idle(), "{:?}", s.pending().collect::<Vec<_>>());
     }
 
     #[test]
