@@ -618,6 +618,11 @@ async fn alerts_log_and_block_mass_reads_of_masked_tables() {
     let alert_line = rules.lines().position(|l| l == "[[alert]]").unwrap() + 1;
     let alert_rule = format!("rules.toml:{alert_line}");
     let alice = p.connect("alice", "alice_pw").await;
+    // Prepared while under the limit, executed after it: refused all the same.
+    let prepared = alice
+        .prepare("SELECT phone FROM customers WHERE id = $1")
+        .await
+        .unwrap();
     // Under the limit: fine. Unmasked tables do not count.
     alice
         .simple_query("SELECT id, phone FROM customers WHERE id <= 40")
@@ -663,6 +668,8 @@ async fn alerts_log_and_block_mass_reads_of_masked_tables() {
         .simple_query("SELECT count(*) FROM deals")
         .await
         .unwrap();
+    let e = alice.query(&prepared, &[&1i64]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42501");
     // Another user of the same role has a window of their own: carol is crm_sales, not
     // under the rule; bob is under a log-only rule.
     let bob = p.connect("bob", "bob_pw").await;
@@ -680,7 +687,7 @@ async fn alerts_log_and_block_mass_reads_of_masked_tables() {
         .iter()
         .filter(|r| r["decision"] == "blocked" && r["user"] == "alice")
         .collect();
-    assert_eq!(blocked.len(), 2);
+    assert_eq!(blocked.len(), 3);
     assert!(blocked[0]["rule"].as_str().unwrap().ends_with(&alert_rule));
 }
 

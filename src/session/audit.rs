@@ -191,7 +191,7 @@ pub struct SessionAudit {
     statements: HashMap<Name, Prepared>,
     portals: HashMap<Name, Prepared>,
     slots: VecDeque<Slot>,
-    /// The refused Parse whose refusal the server has yet to raise.
+    /// The refused Parse or Execute whose refusal the server has yet to raise.
     refused_parse: Option<InFlight>,
     completed: Vec<Vec<u8>>,
 }
@@ -303,8 +303,12 @@ impl SessionAudit {
                             ..Default::default()
                         }),
                     });
-                let f = self.in_flight(p.text, p.facts, "extended", None);
-                self.slots.push_back(Slot::Statement(f));
+                let f = self.in_flight(p.text, p.facts, "extended", refusal.cloned());
+                if refusal.is_some() {
+                    self.refused_parse = Some(f);
+                } else {
+                    self.slots.push_back(Slot::Statement(f));
+                }
             }
             FrontendMessage::Close { target, name } => {
                 match target {
@@ -353,9 +357,24 @@ impl SessionAudit {
     /// For `block` alerts: the refusal of a statement that reads a masked table while the
     /// user's window is over its limit.
     pub fn alert_block(&mut self, sql: &str) -> Option<Denied> {
-        let (rule, limit) = self.alerts.as_ref()?.blocked()?;
+        self.alerts.as_ref()?;
         let parts = self.parts(sql);
         let (_, facts) = parts.iter().find(|(_, f)| f.sensitive_table)?;
+        self.alert_refusal(facts)
+    }
+
+    /// [`Self::alert_block`] for the Execute of a portal.
+    pub fn alert_block_portal(&mut self, portal: &str) -> Option<Denied> {
+        self.alerts.as_ref()?;
+        let facts = self.portals.get(portal)?.facts.clone();
+        if !facts.sensitive_table {
+            return None;
+        }
+        self.alert_refusal(&facts)
+    }
+
+    fn alert_refusal(&self, facts: &Facts) -> Option<Denied> {
+        let (rule, limit) = self.alerts.as_ref()?.blocked()?;
         let table = facts
             .tables
             .iter()

@@ -441,9 +441,10 @@ fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &m
             st.on_client(msg);
             out.extend_from_slice(raw.raw());
         }
-        (Screen::Refuse(denied), FrontendMessage::Parse { .. }) => {
-            st.discarding = Some(Discarding::new(denied.message))
-        }
+        (
+            Screen::Refuse(denied),
+            FrontendMessage::Parse { .. } | FrontendMessage::Execute { .. },
+        ) => st.discarding = Some(Discarding::new(denied.message)),
         (Screen::Refuse(denied), _) => {
             let sql = write::refusal_sql(&denied.message);
             st.on_client(&FrontendMessage::Query { sql: &sql });
@@ -493,6 +494,12 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
                 None => masked,
             }
         }
+        // A statement prepared before the user's window filled up runs no more.
+        FrontendMessage::Execute { portal, .. } => st
+            .audit
+            .as_mut()
+            .and_then(|a| a.alert_block_portal(portal))
+            .map_or(Screen::Forward, Screen::Refuse),
         // Fast-path calls name functions by OID, beyond the analysis.
         FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
             (Some(p), _) => Screen::Refuse(Denied::without_rule(format!(
