@@ -302,6 +302,9 @@ const MAX_PENDING_REFUSALS: usize = 64;
 /// Accepts clients on `listener` until `shutdown` completes; then idle sessions close,
 /// running statements get the grace period to finish, and the rest are cancelled.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+    if let Some(log) = &proxy.audit {
+        log.start();
+    }
     let tracker = TaskTracker::new();
     let sessions = Arc::new(Semaphore::new(proxy.config.limits.max_client_conn));
     let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
