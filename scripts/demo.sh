@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a built-in default: a scratch PostgreSQL with the sample CRM, pgveil in
-# front of it with rules/, and a few queries as two roles through the proxy.
+# front of it with rules/, and a few queries as two roles through the proxy; at the end,
+# the audit records of those sessions and a check of their hash chain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -80,3 +81,14 @@ via_pgveil crm_admin admin_pw \
 echo
 echo "== the rules pgveil loaded:"
 ./target/release/pgveil check --rules rules/
+
+echo
+echo "== the audit log: what alice did (a table; --json gives the records for jq)"
+sleep 0.3 # the disconnect records of the last sessions
+./target/release/pgveil audit search "$work/audit.jsonl" --user alice
+echo "== refusals, by anyone"
+./target/release/pgveil audit search "$work/audit.jsonl" --decision blocked
+echo "== one record in full"
+./target/release/pgveil audit search "$work/audit.jsonl" --user alice --decision masked --json | head -n 1
+echo "== verifying the hash chain"
+./target/release/pgveil audit verify "$work/audit.jsonl"

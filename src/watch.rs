@@ -108,7 +108,10 @@ impl AlertWatch {
 
     /// Counts rows of masked tables the user read; returns the thresholds this crossed.
     pub fn read_rows(&self, rows: u64) -> Vec<Fired> {
-        let second = self.alerts.second();
+        self.read_rows_at(rows, self.alerts.second())
+    }
+
+    fn read_rows_at(&self, rows: u64, second: u64) -> Vec<Fired> {
         let mut fired = Vec::new();
         for (origin, rule) in &self.rules {
             let mut w = self
@@ -135,7 +138,10 @@ impl AlertWatch {
 
     /// A `block` rule whose window is still over its limit: (rule origin, limit).
     pub fn blocked(&self) -> Option<(String, u64)> {
-        let second = self.alerts.second();
+        self.blocked_at(self.alerts.second())
+    }
+
+    fn blocked_at(&self, second: u64) -> Option<(String, u64)> {
         self.rules
             .iter()
             .filter(|(_, r)| r.action == AlertAction::Block)
@@ -253,6 +259,11 @@ mod tests {
         assert_eq!(fired[0].rows, 120);
         assert!(w.read_rows(10).is_empty(), "fires once per crossing");
         assert_eq!(w.blocked(), Some(("r.toml:3".into(), 100)));
+        // Once the rows leave the window, the block lifts and a new crossing fires again.
+        let now = alerts.second();
+        assert!(w.blocked_at(now + 61).is_none());
+        assert!(w.read_rows_at(10, now + 61).is_empty());
+        assert_eq!(w.read_rows_at(200, now + 62).len(), 1);
         // Another user has a window of their own.
         let other = SessionIdentity::offline("bob", &[], "");
         let b = AlertWatch::for_session(&alerts, &[rule(100, AlertAction::Block)], &other).unwrap();
