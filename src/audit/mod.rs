@@ -5,6 +5,7 @@
 
 pub mod record;
 pub mod search;
+mod sink;
 pub mod verify;
 pub mod writer;
 

@@ -20,9 +20,6 @@
 //! `prev_hash` is the old file's last `hash`, so `audit verify old... current` checks the
 //! chain across files.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +27,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use super::record::{chain_hash, hex, line, timestamp, Event, Record, GENESIS};
+use super::record::{chain_hash, line};
+use super::sink::Sink;
 
 #[derive(Debug, Error)]
 pub enum AuditError {
@@ -305,175 +303,4 @@ impl Writer {
             syncing.store(false, Ordering::Release);
         });
     }
-}
-
-enum Sink {
-    Stdout,
-    File {
-        path: PathBuf,
-        file: File,
-        size: u64,
-    },
-}
-
-impl Sink {
-    /// The sink, the hash to continue from, and a `recovered` record if the file ended
-    /// in a torn line.
-    fn open(config: &WriterConfig) -> Result<(Sink, String, Option<Vec<u8>>), AuditError> {
-        if config.path == "-" {
-            return Ok((Sink::Stdout, GENESIS.to_string(), None));
-        }
-        let path = PathBuf::from(&config.path);
-        let io = |source| AuditError::Io {
-            path: config.path.clone(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io)?;
-        let (last_line, torn) = tail(&mut file).map_err(io)?;
-        let mut recovered = None;
-        if !torn.is_empty() {
-            let keep = file.metadata().map_err(io)?.len() - torn.len() as u64;
-            file.set_len(keep).map_err(io)?;
-            let message =
-                format!(
-                "a torn last line ({} bytes, sha256 {}) left by an interrupted write was removed",
-                torn.len(),
-                hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&torn)))
-            );
-            tracing::warn!(path = %config.path, "{message}");
-            let record = Record {
-                event: Some(Event::Recovered),
-                message: Some(&message),
-                ts: timestamp(time::OffsetDateTime::now_utc()),
-                ..Default::default()
-            };
-            recovered = Some(record.canonical());
-        }
-        let prev = match last_line {
-            None => GENESIS.to_string(),
-            Some(l) => last_hash(&l).ok_or_else(|| AuditError::NotALog {
-                path: config.path.clone(),
-            })?,
-        };
-        let size = file.metadata().map_err(io)?.len();
-        Ok((Sink::File { path, file, size }, prev, recovered))
-    }
-
-    fn size(&self) -> u64 {
-        match self {
-            Sink::Stdout => 0,
-            Sink::File { size, .. } => *size,
-        }
-    }
-
-    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Sink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(bytes)?;
-                out.flush()
-            }
-            Sink::File { file, size, .. } => match file.write_all(bytes) {
-                Ok(()) => {
-                    *size += bytes.len() as u64;
-                    Ok(())
-                }
-                Err(e) => {
-                    // Leave no partial line for the next write to follow.
-                    let _ = file.set_len(*size);
-                    Err(e)
-                }
-            },
-        }
-    }
-
-    /// A second handle on the file, for syncing off the writer task.
-    fn handle(&self) -> Option<File> {
-        match self {
-            Sink::Stdout => None,
-            Sink::File { file, .. } => file.try_clone().ok(),
-        }
-    }
-
-    fn rotate(&mut self) -> std::io::Result<()> {
-        let Sink::File { path, file, size } = self else {
-            return Ok(());
-        };
-        file.sync_data()?;
-        let rotated = rotated_name(path);
-        std::fs::rename(&*path, &rotated)?;
-        *file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&*path)?;
-        *size = 0;
-        tracing::info!(rotated = %rotated.display(), "audit log rotated");
-        Ok(())
-    }
-}
-
-/// `audit.jsonl` → `audit.20261123T055731123456Z.jsonl`, unused.
-fn rotated_name(path: &Path) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "audit".into());
-    let ext = path
-        .extension()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "jsonl".into());
-    let now = timestamp(time::OffsetDateTime::now_utc()).replace(['-', ':', '.'], "");
-    let mut n = 0;
-    loop {
-        let suffix = if n == 0 {
-            String::new()
-        } else {
-            format!("-{n}")
-        };
-        let candidate = path.with_file_name(format!("{stem}.{now}{suffix}.{ext}"));
-        if !candidate.exists() {
-            return candidate;
-        }
-        n += 1;
-    }
-}
-
-/// The last complete line of a file and whatever follows it (a torn line, normally
-/// empty). Reads backwards from the end, in growing chunks.
-fn tail(file: &mut File) -> std::io::Result<(Option<Vec<u8>>, Vec<u8>)> {
-    let len = file.metadata()?.len();
-    let mut window = 64 * 1024u64;
-    loop {
-        let start = len.saturating_sub(window);
-        file.seek(SeekFrom::Start(start))?;
-        let mut bytes = Vec::with_capacity((len - start) as usize);
-        file.read_to_end(&mut bytes)?;
-        let last_nl = bytes.iter().rposition(|&b| b == b'\n');
-        let torn = match last_nl {
-            Some(i) => bytes[i + 1..].to_vec(),
-            None if start == 0 => return Ok((None, bytes)),
-            None => {
-                window *= 4;
-                continue;
-            }
-        };
-        let end = last_nl.expect("matched above");
-        match bytes[..end].iter().rposition(|&b| b == b'\n') {
-            Some(i) => return Ok((Some(bytes[i + 1..end].to_vec()), torn)),
-            None if start == 0 => return Ok((Some(bytes[..end].to_vec()), torn)),
-            None => window *= 4,
-        }
-    }
-}
-
-fn last_hash(line: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
-    let h = v.get("hash")?.as_str()?;
-    (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
 }

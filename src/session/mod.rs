@@ -1,7 +1,8 @@
 //! One client connection, as an explicit sequence of phases:
 //! Startup (SSL/GSS negotiation, `startup.rs`) → Connect (upstream link, `upstream.rs`) →
-//! Auth (relayed, then identity, `auth.rs`) → Ready (the relay, `relay.rs`, over the state
-//! in `state.rs`) → Closed. A CancelRequest takes a short path to the upstream.
+//! Auth (relayed, then identity, `auth.rs`) → Ready (the relay, `relay.rs`, client messages
+//! screened in `screen.rs`, over the state in `state.rs`, recorded by `audit`) → Closed.
+//! A CancelRequest takes a short path to the upstream.
 
 pub mod audit;
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod identity;
 pub mod policy;
 pub mod relay;
 pub mod rows;
+pub mod screen;
 pub mod startup;
 pub mod state;
 pub mod upstream;

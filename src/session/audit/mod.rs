@@ -5,150 +5,28 @@
 //! reply that completed them (see `relay::server_to_client`), so no client sees a result
 //! whose record could still be lost. Rows of masked tables also feed `[[alert]]` windows.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+mod facts;
+mod who;
+
+pub use facts::Sensitive;
+pub use who::Who;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use time::OffsetDateTime;
 
-use super::identity::SessionIdentity;
 use super::state::Name;
 use crate::audit::record::timestamp;
 use crate::audit::{AuditLog, Decision, Event, Record};
 use crate::catalog::Catalog;
-use crate::config::rules::{AlertAction, Rules};
+use crate::config::rules::AlertAction;
 use crate::metrics::Metrics;
 use crate::policy::Denied;
 use crate::protocol::frontend::{FrontendMessage, Target};
-use crate::sql::audit::{analyse, redact, split, PartFacts};
-use crate::sql::shape::shape;
 use crate::watch::{AlertWatch, Fired};
-
-/// Facts kept per session; past this the cache starts over.
-const CACHE: usize = 1024;
-
-/// Who the records are about (fixed for the session).
-#[derive(Debug, Clone)]
-pub struct Who {
-    pub session: u64,
-    pub user: String,
-    pub database: String,
-    pub client_addr: String,
-    pub application_name: String,
-}
-
-impl Who {
-    pub fn of(identity: &SessionIdentity) -> Who {
-        Who {
-            session: identity.session_id,
-            user: identity.user.clone(),
-            database: identity.database.clone(),
-            client_addr: identity.client_addr.to_string(),
-            application_name: identity.application_name.clone(),
-        }
-    }
-
-    /// Before authentication: what the StartupMessage claims.
-    pub fn before_auth(
-        session: u64,
-        message: &crate::protocol::startup::StartupMessage,
-        client_addr: std::net::SocketAddr,
-    ) -> Who {
-        let param = |k: &str| message.param(k).unwrap_or_default().to_string();
-        let user = param("user");
-        let database = match message.param("database") {
-            Some(d) if !d.is_empty() => d.to_string(),
-            _ => user.clone(),
-        };
-        Who {
-            session,
-            user,
-            database,
-            client_addr: client_addr.to_string(),
-            application_name: param("application_name"),
-        }
-    }
-
-    /// A session event record (connect, disconnect, auth failure, alert ...).
-    pub fn event(&self, event: Event, message: Option<&str>, rule: Option<&str>) -> Vec<u8> {
-        Record {
-            application_name: &self.application_name,
-            client_addr: &self.client_addr,
-            database: &self.database,
-            event: Some(event),
-            message,
-            rule,
-            session: self.session,
-            ts: timestamp(OffsetDateTime::now_utc()),
-            user: &self.user,
-            ..Default::default()
-        }
-        .canonical()
-    }
-}
-
-/// Sensitive columns (those any mask rule names), by `schema.table`, with whether this
-/// session reads each in clear.
-#[derive(Debug, Default)]
-pub struct Sensitive {
-    by_table: HashMap<String, Vec<(String, String, bool)>>,
-    /// Views, by `schema.table`, and the tables they read.
-    views: HashMap<String, Vec<String>>,
-}
-
-impl Sensitive {
-    pub fn build(
-        rules: &Rules,
-        identity: &SessionIdentity,
-        catalog: Option<&Catalog>,
-    ) -> Sensitive {
-        let mut s = Sensitive::default();
-        for rule in &rules.masks {
-            let c = &rule.column;
-            let table = format!("{}.{}", c.schema, c.table);
-            let clear = !crate::policy::masks::applies(rule, identity);
-            let cols = s.by_table.entry(table.clone()).or_default();
-            match cols.iter_mut().find(|(name, _, _)| *name == c.column) {
-                // Masked if any rule masks it for this session.
-                Some(existing) => existing.2 &= clear,
-                None => cols.push((c.column.clone(), format!("{table}.{}", c.column), clear)),
-            }
-        }
-        if let Some(catalog) = catalog {
-            for rel in catalog.relations().filter(|r| !r.reads.is_empty()) {
-                let reads: Vec<String> = rel
-                    .reads
-                    .iter()
-                    .filter_map(|oid| catalog.by_oid(*oid))
-                    .map(|r| r.qualified())
-                    .filter(|q| s.by_table.contains_key(q))
-                    .collect();
-                if !reads.is_empty() {
-                    s.views.insert(rel.qualified(), reads);
-                }
-            }
-        }
-        s
-    }
-
-    fn is_empty(&self) -> bool {
-        self.by_table.is_empty()
-    }
-}
-
-/// A statement's facts as this session's records state them.
-#[derive(Debug, Default)]
-struct Facts {
-    kind: &'static str,
-    tables: Vec<String>,
-    masked: Vec<String>,
-    clear: Vec<String>,
-    /// Reads a table with sensitive columns (counts toward alerts).
-    sensitive_table: bool,
-    unanalysed: bool,
-    defines: Option<String>,
-    uses: Option<String>,
-}
+use facts::{Facts, FactsCache};
 
 /// A statement waiting for its outcome.
 #[derive(Debug)]
@@ -179,15 +57,8 @@ pub struct SessionAudit {
     log: Option<Arc<AuditLog>>,
     metrics: Arc<Metrics>,
     pub who: Who,
-    redact: bool,
-    catalog: Option<Arc<Catalog>>,
-    search_path: Vec<String>,
-    sensitive: Sensitive,
+    facts: FactsCache,
     alerts: Option<AlertWatch>,
-    cache: HashMap<Box<str>, Arc<Facts>>,
-    scratch: String,
-    /// Cursors and SQL prepared statements, by name.
-    named: HashMap<String, Arc<Facts>>,
     statements: HashMap<Name, Prepared>,
     portals: HashMap<Name, Prepared>,
     slots: VecDeque<Slot>,
@@ -213,14 +84,13 @@ impl SessionAudit {
             log: setup.log,
             metrics: setup.metrics,
             who,
-            redact: setup.redact,
-            catalog: setup.catalog,
-            search_path: setup.search_path,
-            sensitive: setup.sensitive,
+            facts: FactsCache::new(
+                setup.redact,
+                setup.catalog,
+                setup.search_path,
+                setup.sensitive,
+            ),
             alerts: setup.alerts,
-            cache: HashMap::new(),
-            scratch: String::new(),
-            named: HashMap::new(),
             statements: HashMap::new(),
             portals: HashMap::new(),
             slots: VecDeque::new(),
@@ -230,7 +100,7 @@ impl SessionAudit {
     }
 
     pub fn catalog(&self) -> Option<&Catalog> {
-        self.catalog.as_deref()
+        self.facts.catalog()
     }
 
     /// The session is ending: statements still waiting for the server did not finish.
@@ -253,9 +123,8 @@ impl SessionAudit {
 
     /// After a rules reload: new sensitive columns and alert rules.
     pub fn replace_rules(&mut self, sensitive: Sensitive, alerts: Option<AlertWatch>) {
-        self.sensitive = sensitive;
+        self.facts.replace_sensitive(sensitive);
         self.alerts = alerts;
-        self.cache.clear();
     }
 
     /// Whether an alert rule may refuse this session's statements.
@@ -267,14 +136,14 @@ impl SessionAudit {
     pub fn on_client(&mut self, msg: &FrontendMessage<'_>, refusal: Option<&Denied>) {
         match msg {
             FrontendMessage::Query { sql } => {
-                for (text, facts) in self.parts(sql) {
+                for (text, facts) in self.facts.parts(sql) {
                     let f = self.in_flight(text, facts, "simple", refusal.cloned());
                     self.slots.push_back(Slot::Statement(f));
                 }
                 self.slots.push_back(Slot::End);
             }
             FrontendMessage::Parse { statement, sql, .. } => {
-                let (text, facts) = self.whole(sql);
+                let (text, facts) = self.facts.whole(sql);
                 if refusal.is_some() {
                     self.refused_parse =
                         Some(self.in_flight(text, facts, "extended", refusal.cloned()));
@@ -297,11 +166,7 @@ impl SessionAudit {
                     .cloned()
                     .unwrap_or_else(|| Prepared {
                         text: Arc::from(""),
-                        facts: Arc::new(Facts {
-                            kind: "other",
-                            unanalysed: true,
-                            ..Default::default()
-                        }),
+                        facts: Arc::new(Facts::opaque("other")),
                     });
                 let f = self.in_flight(p.text, p.facts, "extended", refusal.cloned());
                 if refusal.is_some() {
@@ -318,11 +183,7 @@ impl SessionAudit {
             }
             FrontendMessage::Sync => self.slots.push_back(Slot::End),
             FrontendMessage::FunctionCall => {
-                let facts = Arc::new(Facts {
-                    kind: "function_call",
-                    unanalysed: true,
-                    ..Default::default()
-                });
+                let facts = Arc::new(Facts::opaque("function_call"));
                 let f = self.in_flight(Arc::from(""), facts, "fast_path", refusal.cloned());
                 self.slots.push_back(Slot::Statement(f));
                 self.slots.push_back(Slot::End);
@@ -358,7 +219,7 @@ impl SessionAudit {
     /// user's window is over its limit.
     pub fn alert_block(&mut self, sql: &str) -> Option<Denied> {
         self.alerts.as_ref()?;
-        let parts = self.parts(sql);
+        let parts = self.facts.parts(sql);
         let (_, facts) = parts.iter().find(|(_, f)| f.sensitive_table)?;
         self.alert_refusal(facts)
     }
@@ -378,9 +239,7 @@ impl SessionAudit {
         let table = facts
             .tables
             .iter()
-            .find(|t| {
-                self.sensitive.by_table.contains_key(*t) || self.sensitive.views.contains_key(*t)
-            })
+            .find(|t| self.facts.is_sensitive(t))
             .cloned()
             .unwrap_or_default();
         Some(Denied {
@@ -556,127 +415,6 @@ impl SessionAudit {
             started: Instant::now(),
             blocked,
             rows: 0,
-        }
-    }
-
-    /// A Parse's statement text and facts (the whole string: the server refuses a
-    /// prepared statement with more than one command).
-    fn whole(&mut self, sql: &str) -> (Arc<str>, Arc<Facts>) {
-        let facts = self.facts_of(sql.trim());
-        (self.text_of(sql.trim()), facts)
-    }
-
-    /// The statements of a query string, each with its text and facts.
-    fn parts(&mut self, sql: &str) -> Vec<(Arc<str>, Arc<Facts>)> {
-        split(sql)
-            .into_iter()
-            .map(|part| {
-                let facts = self.facts_of(part);
-                (self.text_of(part), facts)
-            })
-            .collect()
-    }
-
-    fn text_of(&self, sql: &str) -> Arc<str> {
-        if self.redact {
-            Arc::from(redact(sql))
-        } else {
-            Arc::from(sql)
-        }
-    }
-
-    fn facts_of(&mut self, part: &str) -> Arc<Facts> {
-        let shaped = shape(part, &mut self.scratch);
-        let facts = match self.cache.get(self.scratch.as_str()).filter(|_| shaped) {
-            Some(f) => f.clone(),
-            None => {
-                let f = Arc::new(self.resolve(analyse(part)));
-                if shaped {
-                    if self.cache.len() >= CACHE {
-                        self.cache.clear();
-                    }
-                    self.cache
-                        .insert(Box::from(self.scratch.as_str()), f.clone());
-                }
-                f
-            }
-        };
-        // Cursors and SQL prepared statements carry their query's facts to FETCH/EXECUTE.
-        if let Some(name) = &facts.defines {
-            self.named.insert(name.clone(), facts.clone());
-        }
-        if let Some(used) = facts.uses.as_ref().and_then(|n| self.named.get(n)) {
-            let mut inherited = Facts {
-                kind: facts.kind,
-                tables: used.tables.clone(),
-                masked: used.masked.clone(),
-                clear: used.clear.clone(),
-                sensitive_table: used.sensitive_table,
-                unanalysed: used.unanalysed,
-                defines: None,
-                uses: None,
-            };
-            inherited.unanalysed |= facts.unanalysed;
-            return Arc::new(inherited);
-        }
-        facts
-    }
-
-    /// Names resolved to `schema.table`, and the sensitive columns the statement reads.
-    fn resolve(&self, part: PartFacts) -> Facts {
-        let tables: BTreeSet<String> = part
-            .relations
-            .iter()
-            .map(|parts| self.qualify(parts))
-            .collect();
-        let mut masked = BTreeSet::new();
-        let mut clear = BTreeSet::new();
-        let mut sensitive_table = false;
-        if !self.sensitive.is_empty() {
-            let mut read: Vec<&String> = tables.iter().collect();
-            for t in &tables {
-                if let Some(bases) = self.sensitive.views.get(t) {
-                    read.extend(bases);
-                }
-            }
-            for t in read {
-                let Some(cols) = self.sensitive.by_table.get(t) else {
-                    continue;
-                };
-                sensitive_table = true;
-                for (name, qualified, is_clear) in cols {
-                    if part.all_columns || part.columns.contains(name) {
-                        if *is_clear {
-                            clear.insert(qualified.clone());
-                        } else {
-                            masked.insert(qualified.clone());
-                        }
-                    }
-                }
-            }
-        }
-        Facts {
-            kind: part.kind,
-            tables: tables.into_iter().collect(),
-            masked: masked.into_iter().collect(),
-            clear: clear.into_iter().collect(),
-            sensitive_table,
-            unanalysed: part.unanalysed,
-            defines: part.defines,
-            uses: part.uses,
-        }
-    }
-
-    fn qualify(&self, parts: &[String]) -> String {
-        match parts {
-            [name] => self
-                .catalog
-                .as_ref()
-                .and_then(|c| c.resolve(&self.search_path, name))
-                .map(|r| r.qualified())
-                .unwrap_or_else(|| name.clone()),
-            [.., schema, name] => format!("{schema}.{name}"),
-            [] => String::new(),
         }
     }
 }

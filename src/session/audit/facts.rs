@@ -1,0 +1,257 @@
+//! What a session's audit records say about a statement: its kind, the tables it names
+//! (resolved along the session's search_path), and which sensitive columns it reads, masked
+//! or in clear. Facts are cached per session by literal-free statement shape; cursors and
+//! SQL prepared statements carry their query's facts to FETCH and EXECUTE.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::config::rules::Rules;
+use crate::session::identity::SessionIdentity;
+use crate::sql::audit::{analyse, redact, split, PartFacts};
+use crate::sql::shape::shape;
+
+/// Facts kept per session; past this the cache starts over.
+const CACHE: usize = 1024;
+
+/// Sensitive columns (those any mask rule names), by `schema.table`, with whether this
+/// session reads each in clear.
+#[derive(Debug, Default)]
+pub struct Sensitive {
+    by_table: HashMap<String, Vec<(String, String, bool)>>,
+    /// Views, by `schema.table`, and the tables they read.
+    views: HashMap<String, Vec<String>>,
+}
+
+impl Sensitive {
+    pub fn build(
+        rules: &Rules,
+        identity: &SessionIdentity,
+        catalog: Option<&Catalog>,
+    ) -> Sensitive {
+        let mut s = Sensitive::default();
+        for rule in &rules.masks {
+            let c = &rule.column;
+            let table = format!("{}.{}", c.schema, c.table);
+            let clear = !crate::policy::masks::applies(rule, identity);
+            let cols = s.by_table.entry(table.clone()).or_default();
+            match cols.iter_mut().find(|(name, _, _)| *name == c.column) {
+                // Masked if any rule masks it for this session.
+                Some(existing) => existing.2 &= clear,
+                None => cols.push((c.column.clone(), format!("{table}.{}", c.column), clear)),
+            }
+        }
+        if let Some(catalog) = catalog {
+            for rel in catalog.relations().filter(|r| !r.reads.is_empty()) {
+                let reads: Vec<String> = rel
+                    .reads
+                    .iter()
+                    .filter_map(|oid| catalog.by_oid(*oid))
+                    .map(|r| r.qualified())
+                    .filter(|q| s.by_table.contains_key(q))
+                    .collect();
+                if !reads.is_empty() {
+                    s.views.insert(rel.qualified(), reads);
+                }
+            }
+        }
+        s
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_table.is_empty()
+    }
+}
+
+/// A statement's facts as this session's records state them.
+#[derive(Debug, Default)]
+pub struct Facts {
+    pub kind: &'static str,
+    pub tables: Vec<String>,
+    pub masked: Vec<String>,
+    pub clear: Vec<String>,
+    /// Reads a table with sensitive columns (counts toward alerts).
+    pub sensitive_table: bool,
+    pub unanalysed: bool,
+    defines: Option<String>,
+    uses: Option<String>,
+}
+
+impl Facts {
+    /// For what cannot be analysed at all (a fast-path call, an unknown portal).
+    pub fn opaque(kind: &'static str) -> Facts {
+        Facts {
+            kind,
+            unanalysed: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// A session's statement facts, with what resolving them needs.
+pub struct FactsCache {
+    redact: bool,
+    catalog: Option<Arc<Catalog>>,
+    search_path: Vec<String>,
+    pub sensitive: Sensitive,
+    cache: HashMap<Box<str>, Arc<Facts>>,
+    scratch: String,
+    /// Cursors and SQL prepared statements, by name.
+    named: HashMap<String, Arc<Facts>>,
+}
+
+impl FactsCache {
+    pub fn new(
+        redact: bool,
+        catalog: Option<Arc<Catalog>>,
+        search_path: Vec<String>,
+        sensitive: Sensitive,
+    ) -> FactsCache {
+        FactsCache {
+            redact,
+            catalog,
+            search_path,
+            sensitive,
+            cache: HashMap::new(),
+            scratch: String::new(),
+            named: HashMap::new(),
+        }
+    }
+
+    pub fn catalog(&self) -> Option<&Catalog> {
+        self.catalog.as_deref()
+    }
+
+    /// After a rules reload: other sensitive columns, so cached facts go.
+    pub fn replace_sensitive(&mut self, sensitive: Sensitive) {
+        self.sensitive = sensitive;
+        self.cache.clear();
+    }
+
+    /// Whether `table` (`schema.table`) has sensitive columns or is a view over one.
+    pub fn is_sensitive(&self, table: &str) -> bool {
+        self.sensitive.by_table.contains_key(table) || self.sensitive.views.contains_key(table)
+    }
+
+    /// A Parse's statement text and facts (the whole string: the server refuses a
+    /// prepared statement with more than one command).
+    pub fn whole(&mut self, sql: &str) -> (Arc<str>, Arc<Facts>) {
+        let facts = self.facts_of(sql.trim());
+        (self.text_of(sql.trim()), facts)
+    }
+
+    /// The statements of a query string, each with its text and facts.
+    pub fn parts(&mut self, sql: &str) -> Vec<(Arc<str>, Arc<Facts>)> {
+        split(sql)
+            .into_iter()
+            .map(|part| {
+                let facts = self.facts_of(part);
+                (self.text_of(part), facts)
+            })
+            .collect()
+    }
+
+    fn text_of(&self, sql: &str) -> Arc<str> {
+        if self.redact {
+            Arc::from(redact(sql))
+        } else {
+            Arc::from(sql)
+        }
+    }
+
+    fn facts_of(&mut self, part: &str) -> Arc<Facts> {
+        let shaped = shape(part, &mut self.scratch);
+        let facts = match self.cache.get(self.scratch.as_str()).filter(|_| shaped) {
+            Some(f) => f.clone(),
+            None => {
+                let f = Arc::new(self.resolve(analyse(part)));
+                if shaped {
+                    if self.cache.len() >= CACHE {
+                        self.cache.clear();
+                    }
+                    self.cache
+                        .insert(Box::from(self.scratch.as_str()), f.clone());
+                }
+                f
+            }
+        };
+        // Cursors and SQL prepared statements carry their query's facts to FETCH/EXECUTE.
+        if let Some(name) = &facts.defines {
+            self.named.insert(name.clone(), facts.clone());
+        }
+        if let Some(used) = facts.uses.as_ref().and_then(|n| self.named.get(n)) {
+            let mut inherited = Facts {
+                kind: facts.kind,
+                tables: used.tables.clone(),
+                masked: used.masked.clone(),
+                clear: used.clear.clone(),
+                sensitive_table: used.sensitive_table,
+                unanalysed: used.unanalysed,
+                defines: None,
+                uses: None,
+            };
+            inherited.unanalysed |= facts.unanalysed;
+            return Arc::new(inherited);
+        }
+        facts
+    }
+
+    /// Names resolved to `schema.table`, and the sensitive columns the statement reads.
+    fn resolve(&self, part: PartFacts) -> Facts {
+        let tables: BTreeSet<String> = part
+            .relations
+            .iter()
+            .map(|parts| self.qualify(parts))
+            .collect();
+        let mut masked = BTreeSet::new();
+        let mut clear = BTreeSet::new();
+        let mut sensitive_table = false;
+        if !self.sensitive.is_empty() {
+            let mut read: Vec<&String> = tables.iter().collect();
+            for t in &tables {
+                if let Some(bases) = self.sensitive.views.get(t) {
+                    read.extend(bases);
+                }
+            }
+            for t in read {
+                let Some(cols) = self.sensitive.by_table.get(t) else {
+                    continue;
+                };
+                sensitive_table = true;
+                for (name, qualified, is_clear) in cols {
+                    if part.all_columns || part.columns.contains(name) {
+                        if *is_clear {
+                            clear.insert(qualified.clone());
+                        } else {
+                            masked.insert(qualified.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Facts {
+            kind: part.kind,
+            tables: tables.into_iter().collect(),
+            masked: masked.into_iter().collect(),
+            clear: clear.into_iter().collect(),
+            sensitive_table,
+            unanalysed: part.unanalysed,
+            defines: part.defines,
+            uses: part.uses,
+        }
+    }
+
+    fn qualify(&self, parts: &[String]) -> String {
+        match parts {
+            [name] => self
+                .catalog
+                .as_ref()
+                .and_then(|c| c.resolve(&self.search_path, name))
+                .map(|r| r.qualified())
+                .unwrap_or_else(|| name.clone()),
+            [.., schema, name] => format!("{schema}.{name}"),
+            [] => String::new(),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The client side of the relay, message by message: each one is forwarded as it arrived,
+//! or, for sessions with a policy (masks, guard, `block` alerts), screened first: a refused
+//! statement is replaced by one that makes the server raise the refusal itself, so that
+//! transaction state stays in step. The audit hears of every message the server will act on.
+
+use bytes::BytesMut;
+
+use super::policy::Screen;
+use super::state::{Discarding, Pending, SessionState};
+use crate::policy::Denied;
+use crate::protocol::frontend::FrontendMessage;
+use crate::protocol::{write, Frame};
+
+/// For a masked session: forwards a client message, or replaces a refused one by a
+/// statement that makes the server raise the refusal (see `write::refusal_sql`).
+pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &mut BytesMut) {
+    if st.discarding.is_some() {
+        // After a refused Parse, as after a server error: skip to Sync. The server raises
+        // the refusal itself (unless an earlier error already has it skipping) at the
+        // first Flush or Sync, so a client that flushes and waits gets its answer.
+        match msg {
+            FrontendMessage::Flush | FrontendMessage::Sync => {
+                if let Some(message) = st.discarding.as_mut().and_then(|d| d.take_unraised()) {
+                    raise_refusal(st, &message, out);
+                }
+                if *msg == FrontendMessage::Sync {
+                    st.discarding = None;
+                }
+                forward(st, msg, raw.raw(), out);
+            }
+            _ => {}
+        }
+        return;
+    }
+    let screened = screen_message(st, msg);
+    let ignored = st.ignored_by_server(msg);
+    if let Some(a) = st.audit.as_mut().filter(|_| !ignored) {
+        let refusal = match &screened {
+            Screen::Refuse(denied) => Some(denied),
+            _ => None,
+        };
+        a.on_client(msg, refusal);
+    }
+    match (screened, msg) {
+        (Screen::Forward, _) => {
+            st.on_client(msg);
+            out.extend_from_slice(raw.raw());
+        }
+        (
+            Screen::Refuse(denied),
+            FrontendMessage::Parse { .. } | FrontendMessage::Execute { .. },
+        ) => st.discarding = Some(Discarding::new(denied.message)),
+        (Screen::Refuse(denied), _) => {
+            let sql = write::refusal_sql(&denied.message);
+            st.on_client(&FrontendMessage::Query { sql: &sql });
+            out.extend_from_slice(write::query(&sql).raw());
+        }
+        (
+            Screen::Rewrite(sql),
+            FrontendMessage::Parse {
+                statement,
+                param_types,
+                ..
+            },
+        ) => {
+            let parse = FrontendMessage::Parse {
+                statement,
+                sql: &sql,
+                param_types: param_types.clone(),
+            };
+            st.on_client(&parse);
+            out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
+        }
+        (Screen::Rewrite(sql), _) => {
+            st.on_client(&FrontendMessage::Query { sql: &sql });
+            out.extend_from_slice(write::query(&sql).raw());
+        }
+    }
+}
+
+/// The treatment of one client message: the guard first, then masking, then `block`
+/// alerts.
+fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
+    let scs = st.standard_conforming_strings();
+    match msg {
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
+            if let Some(Err(denied)) = st.guard.as_mut().map(|g| g.screen(sql, scs)) {
+                return Screen::Refuse(denied);
+            }
+            let masked = st
+                .policy
+                .as_mut()
+                .map_or(Screen::Forward, |p| p.screen(sql, scs));
+            if matches!(masked, Screen::Refuse(_)) {
+                return masked;
+            }
+            match st.audit.as_mut().and_then(|a| a.alert_block(sql)) {
+                Some(denied) => Screen::Refuse(denied),
+                None => masked,
+            }
+        }
+        // A statement prepared before the user's window filled up runs no more.
+        FrontendMessage::Execute { portal, .. } => st
+            .audit
+            .as_mut()
+            .and_then(|a| a.alert_block_portal(portal))
+            .map_or(Screen::Forward, Screen::Refuse),
+        // Fast-path calls name functions by OID, beyond the analysis.
+        FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
+            (Some(p), _) => Screen::Refuse(Denied::without_rule(format!(
+                "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
+                p.role
+            ))),
+            (None, Some(g)) => g
+                .screen_unanalysable("a fast-path call names its function by OID")
+                .map_or_else(Screen::Refuse, |()| Screen::Forward),
+            (None, None) => Screen::Forward,
+        },
+        _ => Screen::Forward,
+    }
+}
+
+/// Forwards a client message unchanged.
+pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
+    if !st.ignored_by_server(msg) {
+        if let Some(a) = st.audit.as_mut() {
+            a.on_client(msg, None);
+        }
+    }
+    st.on_client(msg);
+    out.extend_from_slice(raw);
+}
+
+/// Has the server raise `message` within an extended-protocol batch: an unnamed
+/// statement that raises it, bound and executed. Its ParseComplete and BindComplete are
+/// pgveil's and are swallowed; its error is the client's.
+fn raise_refusal(st: &mut SessionState, message: &str, out: &mut BytesMut) {
+    if let Some(a) = st.audit.as_mut() {
+        a.on_refusal_raised();
+    }
+    out.extend_from_slice(write::parse("", &write::refusal_sql(message)).raw());
+    out.extend_from_slice(write::bind("", "").raw());
+    out.extend_from_slice(write::execute("").raw());
+    st.push_internal(Pending::Internal);
+    st.push_internal(Pending::Internal);
+    st.push_internal(Pending::Execute { portal: "".into() });
+}
