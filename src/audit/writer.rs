@@ -188,6 +188,9 @@ impl Writer {
                 _ => rx.recv().await,
             };
             let Some(first) = next else { break };
+            // Let the sessions already runnable add their records first: one write(2)
+            // then serves them all, which costs less than the wait.
+            tokio::task::yield_now().await;
             let mut close = None;
             let mut message = Some(first);
             // Group commit: everything already queued goes out in one write.

@@ -36,9 +36,13 @@ pub struct PartFacts {
 /// The statements of a query string, as the client wrote them (trimmed, empty ones
 /// dropped). Splits at top-level semicolons as the server's lexer finds them.
 pub fn split(sql: &str) -> Vec<&str> {
-    if !sql.contains(';') {
-        let s = sql.trim();
-        return if s.is_empty() { vec![] } else { vec![s] };
+    // The common cases without a lexer: no semicolon, or only trailing ones (pgbench and
+    // many drivers end every statement with one).
+    let body = sql
+        .trim()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    if !body.contains(';') {
+        return if body.is_empty() { vec![] } else { vec![body] };
     }
     let dialect = PostgreSqlDialect {};
     let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
@@ -277,6 +281,8 @@ mod tests {
             vec!["SELECT ';'", "SELECT $$a;b$$", "-- x;\nSELECT \"a;\""]
         );
         assert_eq!(split("  ; "), Vec::<&str>::new());
+        assert_eq!(split("BEGIN;\n"), vec!["BEGIN"]);
+        assert_eq!(split("SELECT ';' ;"), vec!["SELECT ';'"]);
         assert_eq!(
             split("SELECT 'é'; SELECT 2"),
             vec!["SELECT 'é'", "SELECT 2"]
