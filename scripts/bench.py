@@ -118,9 +118,12 @@ def start_pgveil(work, pg_port, rules, extra_args=""):
 
 
 def pgbench(port, args, duration, clients):
-    out = run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-               "-c", str(clients), "-j", "2", "-T", str(duration)] + args + ["bench"],
-              env=env()).stdout
+    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+           "-c", str(clients), "-j", "2", "-T", str(duration)] + args + ["bench"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}")
+    out = done.stdout
     tps = float(re.search(r"tps = ([\d.]+) \(without initial", out).group(1))
     lat = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))
     txns = int(re.search(r"actually processed: (\d+)", out).group(1))
