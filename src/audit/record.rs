@@ -9,7 +9,6 @@
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 /// `prev_hash` of the very first record.
@@ -109,23 +108,36 @@ impl Record<'_> {
     }
 }
 
-/// RFC 3339 with microseconds, UTC: `2026-11-23T05:57:31.123456Z`.
+/// RFC 3339 with microseconds, UTC: `2026-11-23T05:57:31.123456Z` (fixed width). Written
+/// digit by digit: it runs once per record.
 pub fn timestamp(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
-    let micros = at.microsecond();
-    let at = at.replace_nanosecond(micros * 1000).unwrap_or(at);
-    let mut s = at.format(&Rfc3339).unwrap_or_default();
-    // Rfc3339 drops trailing zeros of the fraction; records keep a fixed width.
-    if let Some(dot) = s.find('.') {
-        let frac_end = s.len() - 1;
-        let digits = frac_end - dot - 1;
-        if digits < 6 {
-            s.insert_str(frac_end, &"0".repeat(6 - digits));
+    let mut b = [0u8; 27];
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
         }
-    } else {
-        s.insert_str(s.len() - 1, ".000000");
+    };
+    put(0, 4, at.year().clamp(0, 9999) as u32);
+    put(5, 2, u8::from(at.month()) as u32);
+    put(8, 2, at.day() as u32);
+    put(11, 2, at.hour() as u32);
+    put(14, 2, at.minute() as u32);
+    put(17, 2, at.second() as u32);
+    put(20, 6, at.microsecond());
+    for (i, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
+        b[i] = c;
     }
-    s
+    b.iter().map(|&c| c as char).collect()
 }
 
 /// `hash` of a record whose canonical form is `canonical`.
@@ -204,6 +216,8 @@ mod tests {
         );
         let t = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(1_500_000_123);
         assert_eq!(timestamp(t), "1970-01-01T00:00:01.500000Z");
+        let t = time::macros::datetime!(2026-11-23 05:57:31.123456789 +01:00);
+        assert_eq!(timestamp(t), "2026-11-23T04:57:31.123456Z");
     }
 
     #[test]

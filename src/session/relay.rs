@@ -174,7 +174,8 @@ async fn server_to_client(
             }
         })?;
         let mut fatal = false;
-        {
+        // Records of the statements this batch completes, written before it is released.
+        let records = {
             let mut st = lock(state);
             let mut frame = Some(first);
             while let Some(f) = frame {
@@ -199,9 +200,6 @@ async fn server_to_client(
                 }
                 frame = upstream.buffered().map_err(SessionError::upstream)?;
             }
-        }
-        let records = {
-            let mut st = lock(state);
             st.audit
                 .as_mut()
                 .filter(|a| a.has_completed())
