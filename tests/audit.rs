@@ -612,7 +612,7 @@ async fn sigkill_under_load_loses_no_record_of_a_delivered_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_log_and_block_mass_reads_of_masked_tables() {
     let rules = format!(
-        "{RULES}\n[[alert]]\nroles = [\"crm_support\"]\nmax_rows_per_minute = 50\naction = \"block\"\n\n[[alert]]\nroles = [\"crm_analyst\"]\nmax_rows_per_minute = 50\naction = \"log\"\n"
+        "{RULES}\n[[alert]]\nroles = [\"crm_support\"]\nmax_rows_per_minute = 50\naction = \"block\"\n\n[[alert]]\nroles = [\"crm_analyst\"]\nmax_rows_per_minute = 50\naction = \"log\"\n\n[[alert]]\nroles = [\"crm_admin\"]\nmax_rows_per_minute = 50\naction = \"block\"\n"
     );
     let (p, _rules) = proxy_with(&rules, |_| {}).await;
     let alert_line = rules.lines().position(|l| l == "[[alert]]").unwrap() + 1;
@@ -688,6 +688,22 @@ async fn alerts_log_and_block_mass_reads_of_masked_tables() {
         .filter(|r| r["decision"] == "blocked" && r["user"] == "alice")
         .collect();
     assert_eq!(blocked.len(), 3);
+    // An exempt role is counted too; once blocked, what pgveil cannot analyse is refused
+    // as well (it might read a masked table): pgveil's 42501, not the server's 42601.
+    let admin = p.connect("crm_admin", "admin_pw").await;
+    admin
+        .simple_query("SELECT id, phone FROM customers WHERE id <= 60")
+        .await
+        .unwrap();
+    let e = admin
+        .simple_query("SELEC phone FROM customers")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42501", "{e:?}");
+    admin
+        .simple_query("SELECT count(*) FROM deals")
+        .await
+        .unwrap();
     assert!(blocked[0]["rule"].as_str().unwrap().ends_with(&alert_rule));
 }
 

@@ -228,7 +228,10 @@ impl SessionAudit {
     pub fn alert_block(&mut self, sql: &str) -> Option<Denied> {
         self.alerts.as_ref()?;
         let parts = self.facts.parts(sql);
-        let (_, facts) = parts.iter().find(|(_, f)| f.sensitive_table)?;
+        // What the audit cannot read might read a masked table: refused too (fail closed).
+        let (_, facts) = parts
+            .iter()
+            .find(|(_, f)| f.sensitive_table || f.unanalysed)?;
         self.alert_refusal(facts)
     }
 
@@ -236,7 +239,7 @@ impl SessionAudit {
     pub fn alert_block_portal(&mut self, portal: &str) -> Option<Denied> {
         self.alerts.as_ref()?;
         let facts = self.portals.get(portal)?.facts.clone();
-        if !facts.sensitive_table {
+        if !facts.sensitive_table && !facts.unanalysed {
             return None;
         }
         self.alert_refusal(&facts)
@@ -249,7 +252,7 @@ impl SessionAudit {
             .iter()
             .find(|t| self.facts.is_sensitive(t))
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_else(|| "tables pgveil cannot name".into());
         Some(Denied {
             message: format!(
                 "pgveil: {} on {table} is not allowed for role \"{}\": alert {rule} (more than {limit} rows of masked tables a minute) blocks reads of masked tables until the window clears",
