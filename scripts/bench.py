@@ -138,6 +138,16 @@ def timed_fetch(port):
     return time.perf_counter() - start
 
 
+def start_bench_cluster(work, scale=10):
+    """A scratch cluster in work/pg with database bench initialized by pgbench; its port."""
+    pg_port = int(run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
+                       PASSWORD]).stdout.strip())
+    psql(pg_port, "postgres", "CREATE DATABASE bench")
+    run(["pgbench", "-i", "-q", "-s", str(scale), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres",
+         "bench"], env=env())
+    return pg_port
+
+
 def prepare(prefix):
     """Installs what the benchmarks need, builds the release pgveil, returns a work dir."""
     subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)
@@ -181,12 +191,8 @@ def main():
     work = prepare("pgveil-bench.")
     procs = []
     try:
-        pg_port = int(run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
-                           PASSWORD]).stdout.strip())
-        psql(pg_port, "postgres", "CREATE DATABASE bench")
         print(f"pgbench -i -s {a.scale} and a 1,000,000-row table ...", flush=True)
-        run(["pgbench", "-i", "-q", "-s", str(a.scale), "-h", "127.0.0.1", "-p", str(pg_port),
-             "-U", "postgres", "bench"], env=env())
+        pg_port = start_bench_cluster(work, a.scale)
         psql(pg_port, "bench", "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a, g * 2 AS b, "
                                "now() AS ts, 'customer ' || g AS name FROM generate_series(1, 1000000) g")
         psql(pg_port, "bench", "VACUUM ANALYZE big")

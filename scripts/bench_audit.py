@@ -34,11 +34,7 @@ def main():
     work = bench.prepare("pgveil-bench-audit.")
     procs = []
     try:
-        pg_port = int(bench.run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
-                                 bench.PASSWORD]).stdout.strip())
-        bench.psql(pg_port, "postgres", "CREATE DATABASE bench")
-        bench.run(["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres",
-                   "bench"], env=bench.env())
+        pg_port = bench.start_bench_cluster(work)
         rules = os.path.join(work, "rules")
         os.makedirs(rules)
         with open(os.path.join(rules, "rules.toml"), "w") as f:

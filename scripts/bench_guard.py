@@ -85,11 +85,7 @@ def main():
     work = bench.prepare("pgveil-bench-guard.")
     procs = []
     try:
-        pg_port = int(bench.run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
-                                 bench.PASSWORD]).stdout.strip())
-        bench.psql(pg_port, "postgres", "CREATE DATABASE bench")
-        bench.run(["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres",
-                   "bench"], env=bench.env())
+        pg_port = bench.start_bench_cluster(work)
         for t in ("del_plain", "del_recycled"):
             bench.psql(pg_port, "bench", f"CREATE TABLE {t} (id int PRIMARY KEY, name text, amount numeric, "
                                          "at timestamptz)")

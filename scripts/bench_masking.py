@@ -97,12 +97,8 @@ def main():
     work = bench.prepare("pgveil-bench-masking.")
     veil = None
     try:
-        pg_port = int(bench.run([os.path.join(ROOT, "scripts/cluster.sh"), "start", os.path.join(work, "pg"),
-                                 bench.PASSWORD]).stdout.strip())
-        bench.psql(pg_port, "postgres", "CREATE DATABASE bench")
         print("loading: pgbench -i -s 10 and 1,000,000 people ...", flush=True)
-        bench.run(["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "bench"],
-                  env=bench.env())
+        pg_port = bench.start_bench_cluster(work)
         bench.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "-d", "bench",
                    "-v", "ON_ERROR_STOP=1", "-c", SETUP], env=bench.env())
         bench.psql(pg_port, "bench", "VACUUM ANALYZE")

@@ -87,23 +87,49 @@ impl Metrics {
     pub fn render(&self, active_connections: usize) -> String {
         let mut o = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(o, "# HELP pgveil_connections_active Client sessions past authentication.\n# TYPE pgveil_connections_active gauge\npgveil_connections_active {active_connections}");
-        let _ = writeln!(o, "# HELP pgveil_connections_total Client sessions past authentication since start.\n# TYPE pgveil_connections_total counter\npgveil_connections_total {}", load(&self.connections_total));
-        let _ = writeln!(o, "# HELP pgveil_statements_total Statements by kind and decision.\n# TYPE pgveil_statements_total counter");
-        let mut rows: Vec<_> = self
-            .statements
-            .iter()
-            .map(|e| (*e.key(), load(e.value())))
-            .collect();
-        rows.sort();
-        for ((kind, decision), n) in rows {
+        let single = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
+            header(o, name, kind, help);
+            let _ = writeln!(o, "{name} {v}");
+        };
+        single(
+            &mut o,
+            "pgveil_connections_active",
+            "gauge",
+            "Client sessions past authentication.",
+            active_connections as u64,
+        );
+        single(
+            &mut o,
+            "pgveil_connections_total",
+            "counter",
+            "Client sessions past authentication since start.",
+            load(&self.connections_total),
+        );
+        header(
+            &mut o,
+            "pgveil_statements_total",
+            "counter",
+            "Statements by kind and decision.",
+        );
+        for ((kind, decision), n) in sorted(&self.statements) {
             let _ = writeln!(
                 o,
                 "pgveil_statements_total{{kind=\"{kind}\",decision=\"{decision}\"}} {n}"
             );
         }
-        let _ = writeln!(o, "# HELP pgveil_rows_masked_total Rows returned by statements whose results were masked.\n# TYPE pgveil_rows_masked_total counter\npgveil_rows_masked_total {}", load(&self.rows_masked));
-        let _ = writeln!(o, "# HELP pgveil_statement_duration_seconds Time from a statement's arrival to its completion.\n# TYPE pgveil_statement_duration_seconds histogram");
+        single(
+            &mut o,
+            "pgveil_rows_masked_total",
+            "counter",
+            "Rows returned by statements whose results were masked.",
+            load(&self.rows_masked),
+        );
+        header(
+            &mut o,
+            "pgveil_statement_duration_seconds",
+            "histogram",
+            "Time from a statement's arrival to its completion.",
+        );
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
             cumulative += load(&self.duration_buckets[i]);
@@ -118,47 +144,70 @@ impl Metrics {
             "pgveil_statement_duration_seconds_bucket{{le=\"+Inf\"}} {count}\npgveil_statement_duration_seconds_sum {}\npgveil_statement_duration_seconds_count {count}",
             load(&self.duration_sum_us) as f64 / 1e6
         );
-        let _ = writeln!(o, "# HELP pgveil_refusals_total Statements refused, by the rule (file:line) behind the refusal.\n# TYPE pgveil_refusals_total counter");
-        let mut refusals: Vec<_> = self
-            .refusals
-            .iter()
-            .map(|e| (e.key().clone(), load(e.value())))
-            .collect();
-        refusals.sort();
-        for (rule, n) in refusals {
+        header(
+            &mut o,
+            "pgveil_refusals_total",
+            "counter",
+            "Statements refused, by the rule (file:line) behind the refusal.",
+        );
+        for (rule, n) in sorted(&self.refusals) {
             let _ = writeln!(o, "pgveil_refusals_total{{rule=\"{}\"}} {n}", escape(&rule));
         }
-        let _ = writeln!(o, "# HELP pgveil_alerts_total Alert thresholds crossed, by rule and action.\n# TYPE pgveil_alerts_total counter");
-        let mut alerts: Vec<_> = self
-            .alerts
-            .iter()
-            .map(|e| (e.key().clone(), load(e.value())))
-            .collect();
-        alerts.sort();
-        for ((rule, action), n) in alerts {
+        header(
+            &mut o,
+            "pgveil_alerts_total",
+            "counter",
+            "Alert thresholds crossed, by rule and action.",
+        );
+        for ((rule, action), n) in sorted(&self.alerts) {
             let _ = writeln!(
                 o,
                 "pgveil_alerts_total{{rule=\"{}\",action=\"{action}\"}} {n}",
                 escape(&rule)
             );
         }
-        let _ = writeln!(o, "# HELP pgveil_auth_failures_total Failed authentications.\n# TYPE pgveil_auth_failures_total counter\npgveil_auth_failures_total {}", load(&self.auth_failures));
-        let _ = writeln!(o, "# HELP pgveil_connections_refused_total Connections refused before authentication, by reason.\n# TYPE pgveil_connections_refused_total counter");
-        let mut refused: Vec<_> = self
-            .connections_refused
-            .iter()
-            .map(|e| (*e.key(), load(e.value())))
-            .collect();
-        refused.sort();
-        for (reason, n) in refused {
+        single(
+            &mut o,
+            "pgveil_auth_failures_total",
+            "counter",
+            "Failed authentications.",
+            load(&self.auth_failures),
+        );
+        header(
+            &mut o,
+            "pgveil_connections_refused_total",
+            "counter",
+            "Connections refused before authentication, by reason.",
+        );
+        for (reason, n) in sorted(&self.connections_refused) {
             let _ = writeln!(
                 o,
                 "pgveil_connections_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
-        let _ = writeln!(o, "# HELP pgveil_audit_records_total Audit records handed to the writer.\n# TYPE pgveil_audit_records_total counter\npgveil_audit_records_total {}", load(&self.audit_records));
+        single(
+            &mut o,
+            "pgveil_audit_records_total",
+            "counter",
+            "Audit records handed to the writer.",
+            load(&self.audit_records),
+        );
         o
     }
+}
+
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A labelled family's samples in a stable order.
+fn sorted<K: Clone + Ord + std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>) -> Vec<(K, u64)> {
+    let mut rows: Vec<(K, u64)> = map
+        .iter()
+        .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+        .collect();
+    rows.sort();
+    rows
 }
 
 fn escape(label: &str) -> String {
