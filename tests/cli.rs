@@ -173,3 +173,28 @@ async fn rules_reload_when_their_files_change() {
     }
     panic!("rules were not reloaded after the files changed");
 }
+
+#[test]
+fn every_command_help_reads_as_a_reference_with_examples() {
+    for cmd in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["check", "--help"],
+        vec!["explain", "--help"],
+        vec!["audit", "verify", "--help"],
+        vec!["audit", "search", "--help"],
+        vec!["trash", "init", "--help"],
+        vec!["trash", "list", "--help"],
+        vec!["trash", "restore", "--help"],
+        vec!["trash", "purge", "--help"],
+        vec!["token", "decode", "--help"],
+    ] {
+        let out = pgveil(&cmd);
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}");
+        let help = text(&out);
+        assert!(
+            help.contains("Example"),
+            "{cmd:?} --help has no example:\n{help}"
+        );
+    }
+}

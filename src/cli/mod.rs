@@ -16,7 +16,7 @@ use crate::config::{ServeSettings, UpstreamTls};
     name = "pgveil",
     version,
     about = "PostgreSQL proxy that masks sensitive CRM columns, guards destructive statements and audits every statement",
-    after_help = "Examples:\n  pgveil serve --upstream 127.0.0.1:5432 --rules rules/\n  pgveil check --rules rules/\n  pgveil serve --config /etc/pgveil/pgveil.toml"
+    after_help = "Examples:\n  pgveil serve --upstream 127.0.0.1:5432 --rules rules/\n  pgveil serve --config /etc/pgveil/pgveil.toml\n  pgveil check --rules rules/ --upstream-url postgres://postgres@127.0.0.1/crm\n  pgveil explain --rules rules/ --role alice --upstream-url postgres://postgres@127.0.0.1/crm 'SELECT phone FROM customers'\n  pgveil audit search audit.jsonl --user alice --decision blocked\n  pgveil audit verify audit.*.jsonl audit.jsonl\n\nEach command has its own --help. Log level: PGVEIL_LOG=debug."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -25,24 +25,49 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy.
+    /// Run the proxy: clients connect to --listen, sessions are relayed to --upstream.
+    ///
+    /// Every flag can also be set in a TOML file given with --config (same names with
+    /// underscores, e.g. audit_flush = "always"); flags win. SIGHUP or a change of the rules
+    /// files reloads the rules (invalid new rules are logged, the old stay); SIGTERM and
+    /// SIGINT stop accepting and let running statements finish within the grace period.
+    #[command(
+        after_help = "Examples:\n  pgveil serve --upstream db.internal:5432 --rules /etc/pgveil/rules\n  pgveil serve --listen 0.0.0.0:6432 --tls-cert server.crt --tls-key server.key --require-tls \\\n    --upstream db.internal:5432 --upstream-tls verify-full --upstream-ca ca.crt\n  pgveil serve --audit-log /var/log/pgveil/audit.jsonl --audit-flush always --metrics 127.0.0.1:9187"
+    )]
     Serve(ServeArgs),
-    /// Validate rules; exit 0 when valid, 1 with each problem as file:line.
+    /// Validate rules; exit 0 when valid, 1 with each problem on its own line as file:line.
+    ///
+    /// With --upstream-url, also check that every table, column and role named exists, that
+    /// every mask fits its column's type, and warn about searchable masks, allow globs that
+    /// match nothing and recycle rules whose bin is not installed.
+    #[command(
+        after_help = "Examples:\n  pgveil check --rules rules/\n  pgveil check --rules rules/crm.toml --upstream-url postgres://postgres@127.0.0.1:5432/crm"
+    )]
     Check {
+        /// A rules file or a directory of *.toml files.
         #[arg(long, default_value = "rules/")]
         rules: PathBuf,
         /// Also check the named tables, columns and roles against this database.
         #[arg(long)]
         upstream_url: Option<String>,
     },
-    /// Dry run: how SQL would be treated for ROLE.
+    /// Dry run: how SQL would be treated for ROLE: statement kind, tables touched, the
+    /// guard's decision, and per output column the mask applied, or the refusal and the
+    /// rule behind it. Without --upstream-url only the statement kind can be told.
+    #[command(
+        after_help = "Examples:\n  pgveil explain --rules rules/ --role alice --upstream-url postgres://postgres@127.0.0.1/crm 'SELECT phone, email FROM customers'\n  pgveil explain --rules rules/ --role crm_support --upstream-url postgres://postgres@127.0.0.1/crm 'DELETE FROM tasks'"
+    )]
     Explain {
+        /// A rules file or a directory of *.toml files.
         #[arg(long)]
         rules: PathBuf,
+        /// A role (or login user) whose memberships are read from the database.
         #[arg(long)]
         role: String,
+        /// The database whose catalog resolves tables, columns and roles.
         #[arg(long)]
         upstream_url: Option<String>,
+        /// The SQL to judge (one or several statements).
         sql: String,
     },
     /// Review the audit log.
@@ -167,6 +192,9 @@ pub enum TrashCommand {
         skip_conflicts: bool,
     },
     /// Remove kept rows older than their table's retention (or --older-than-days).
+    #[command(
+        after_help = "Examples:\n  pgveil trash purge --upstream-url postgres://postgres@db/crm\n  pgveil trash purge --upstream-url postgres://postgres@db/crm --older-than-days 7"
+    )]
     Purge {
         #[arg(long)]
         upstream_url: String,
@@ -177,10 +205,17 @@ pub enum TrashCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Reverse `tokenize` with the key in environment variable VAR.
+    /// Reverse `tokenize` with the key in environment variable VAR: one clear value per
+    /// line, in the order of the tokens; exit 1 if a token does not decode with that key.
+    #[command(
+        after_help = "Example:\n  PGVEIL_TOKEN_KEY=... pgveil token decode --key-env PGVEIL_TOKEN_KEY tok_AbC... tok_XyZ..."
+    )]
     Decode {
+        /// The environment variable holding the key the mask rule names in key_env.
         #[arg(long)]
         key_env: String,
+        /// Tokens as the masked column shows them (tok_...).
+        #[arg(required = true)]
         tokens: Vec<String>,
     },
 }
