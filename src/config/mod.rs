@@ -317,6 +317,33 @@ mod tests {
     }
 
     #[test]
+    fn audit_and_login_guard_settings_from_a_config_file() {
+        let file: ServeSettings = toml::from_str(
+            "audit_log = \"/var/log/pgveil/a.jsonl\"\naudit_flush = \"always\"\n\
+             audit_max_bytes = 0\naudit_redact = true\nauth_max_failures = 3\n\
+             auth_failure_window_secs = 10\nauth_ban_secs = 20\nmetrics = \"127.0.0.1:9187\"\n",
+        )
+        .unwrap();
+        let c = Config::from_settings(file).unwrap();
+        let audit = c.audit.expect("on unless audit = false");
+        assert_eq!(audit.writer.path, "/var/log/pgveil/a.jsonl");
+        assert_eq!(audit.writer.flush, crate::audit::FlushPolicy::Always);
+        assert_eq!(audit.writer.max_bytes, 0);
+        assert!(audit.redact);
+        assert_eq!(c.auth_throttle.max_failures, 3);
+        assert_eq!(c.auth_throttle.ban, Duration::from_secs(20));
+        let defaults = Config::from_settings(ServeSettings::default()).unwrap();
+        let audit = defaults.audit.expect("the audit log is on by default");
+        assert_eq!(
+            audit.writer.flush,
+            crate::audit::FlushPolicy::Interval(Duration::from_secs(1))
+        );
+        assert_eq!(audit.writer.max_bytes, 100 * 1024 * 1024);
+        let off: ServeSettings = toml::from_str("audit = false\n").unwrap();
+        assert!(Config::from_settings(off).unwrap().audit.is_none());
+    }
+
+    #[test]
     fn flags_win_over_file() {
         let file: ServeSettings =
             toml::from_str("listen = \"0.0.0.0:7000\"\nupstream = \"db:5433\"\n").unwrap();
