@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    expect_error, free_port, is_closed, raw_session, raw_session_with, shared, sqlstate_of,
-    ClusterOptions, PgCluster, TestProxy, SUPERUSER_PASSWORD,
+    expect_error, free_port, is_closed, raw_session, raw_session_with, read_message, shared,
+    sqlstate_of, ClusterOptions, PgCluster, TestProxy, SUPERUSER_PASSWORD,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -286,4 +286,69 @@ async fn sigterm_drains_and_exits_zero() {
     }
     let _ = child.kill();
     panic!("pgveil did not exit after SIGTERM");
+}
+
+/// A request sent into COPY FROM STDIN would be swallowed by the server's protocol error
+/// and never answered, shifting every later reply onto the wrong request (for a masked
+/// session: another portal's mask plan). pgveil ends such a client instead, whether the
+/// request comes after the CopyInResponse or pipelined right behind the COPY.
+#[tokio::test]
+async fn requests_sent_into_copy_in_end_the_session() {
+    let proxy = TestProxy::start(shared(), |_| {}).await;
+    let setup = "CREATE TEMP TABLE copy_target (a int)";
+    for pipelined in [false, true] {
+        let mut s = raw_session(&proxy.addr_string(), "trust_user", "crm").await;
+        s.write_all(query_frame(setup).raw()).await.unwrap();
+        wait_ready(&mut s).await;
+        s.write_all(query_frame("COPY copy_target FROM STDIN").raw())
+            .await
+            .unwrap();
+        if pipelined {
+            s.write_all(query_frame("SELECT 1").raw()).await.unwrap();
+        } else {
+            loop {
+                let (tag, _) = read_message(&mut s).await.expect("CopyInResponse");
+                if tag == b'G' {
+                    break;
+                }
+            }
+            s.write_all(query_frame("SELECT 1").raw()).await.unwrap();
+        }
+        let body = expect_error(&mut s).await.expect("a FATAL error");
+        assert_eq!(sqlstate_of(&body), "08P01", "pipelined: {pipelined}");
+        assert!(String::from_utf8_lossy(&body).contains("COPY FROM STDIN"));
+        assert!(is_closed(&mut s).await);
+    }
+    // COPY itself still works.
+    let c = proxy.connect("alice", "alice_pw").await;
+    c.batch_execute("CREATE TEMP TABLE t_ok (a int)")
+        .await
+        .unwrap();
+    let sink = c.copy_in("COPY t_ok FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t_ok", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+fn query_frame(sql: &str) -> pgveil::protocol::Frame {
+    pgveil::protocol::write::query(sql)
+}
+
+async fn wait_ready(s: &mut tokio::net::TcpStream) {
+    while let Some((tag, body)) = read_message(s).await {
+        assert_ne!(tag, b'E', "{}", String::from_utf8_lossy(&body));
+        if tag == b'Z' {
+            return;
+        }
+    }
+    panic!("no ReadyForQuery");
 }

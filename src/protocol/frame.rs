@@ -16,6 +16,10 @@ pub enum ProtocolError {
     Malformed { what: &'static str },
     #[error("unexpected message type {tag:?} {during}")]
     Unexpected { tag: char, during: &'static str },
+    /// A request sent into COPY FROM STDIN, where the server reads only the copy stream:
+    /// it would consume the request as a protocol error, answering nothing for it.
+    #[error("a message other than CopyData, CopyDone or CopyFail was sent during COPY FROM STDIN")]
+    IntoCopy,
     #[error("unsupported frontend protocol {major}.{minor}")]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("connection closed by peer")]

@@ -128,6 +128,7 @@ async fn client_to_server(
             let mut frame = Some(first);
             while let Some(f) = frame {
                 let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
+                st.check_copy_stream(&msg).map_err(SessionError::Client)?;
                 if msg == FrontendMessage::Terminate {
                     terminated = true;
                     out.extend_from_slice(f.raw());
@@ -311,7 +312,7 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
             st.on_server(b'C', None);
         }
         b'G' => {
-            let ignored = st.on_copy_in();
+            let ignored = st.on_copy_in().map_err(SessionError::Client)?;
             if let Some(a) = st.audit.as_mut() {
                 a.on_copy_in(ignored);
             }

@@ -17,6 +17,7 @@ use super::policy::SessionPolicy;
 use super::rows::MaskPlan;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
 use crate::protocol::frontend::{FormatCodes, FrontendMessage, Target};
+use crate::protocol::ProtocolError;
 
 /// A statement or portal name: short names (the usual case) are held inline.
 pub type Name = CompactString;
@@ -213,6 +214,26 @@ impl SessionState {
         self.copy_in && *msg == FrontendMessage::Sync
     }
 
+    /// During copy-in the server reads only the copy stream (plus Flush and Sync, which it
+    /// ignores); any other request would be swallowed by its protocol error and never
+    /// answered, leaving every later reply paired with the wrong request, and a masked
+    /// Execute's rows with another portal's plan. Such a client is ended instead.
+    pub fn check_copy_stream(&self, msg: &FrontendMessage<'_>) -> Result<(), ProtocolError> {
+        let copy_stream = matches!(
+            msg,
+            FrontendMessage::CopyData
+                | FrontendMessage::CopyDone
+                | FrontendMessage::CopyFail
+                | FrontendMessage::Flush
+                | FrontendMessage::Sync
+                | FrontendMessage::Terminate
+        );
+        if self.copy_in && !copy_stream {
+            return Err(ProtocolError::IntoCopy);
+        }
+        Ok(())
+    }
+
     /// Records a client request that the server will answer.
     pub fn on_client(&mut self, msg: &FrontendMessage<'_>) {
         let pending = match msg {
@@ -268,8 +289,9 @@ impl SessionState {
 
     /// CopyInResponse: the server now ignores Syncs until the client's CopyDone or
     /// CopyFail. Syncs the client already sent after the COPY are dropped from the queue
-    /// (up to a CopyEnd, if the copy's end was sent too); returns how many.
-    pub fn on_copy_in(&mut self) -> usize {
+    /// (up to a CopyEnd, if the copy's end was sent too); returns how many. A request the
+    /// client pipelined behind the COPY is an error (see `check_copy_stream`).
+    pub fn on_copy_in(&mut self) -> Result<usize, ProtocolError> {
         let end = self
             .pending
             .iter()
@@ -277,6 +299,13 @@ impl SessionState {
             .position(|p| *p == Pending::CopyEnd)
             .map(|i| i + 1);
         let limit = end.unwrap_or(self.pending.len());
+        if self
+            .pending
+            .range(1..limit)
+            .any(|p| !matches!(p, Pending::Sync))
+        {
+            return Err(ProtocolError::IntoCopy);
+        }
         let mut removed = 0;
         let mut i = 1;
         let mut stop = limit;
@@ -295,7 +324,7 @@ impl SessionState {
             }
             None => self.copy_in = true,
         }
-        removed
+        Ok(removed)
     }
 
     /// Applies one server reply (by tag; `rows` is the decoded RowDescription for `T`).
@@ -616,7 +645,7 @@ mod tests {
         });
         s.on_client(&FrontendMessage::Sync);
         s.on_server(b'2', None);
-        assert_eq!(s.on_copy_in(), 1);
+        assert_eq!(s.on_copy_in().ok(), Some(1));
         s.on_client(&FrontendMessage::CopyData);
         s.on_client(&FrontendMessage::CopyDone);
         s.on_client(&FrontendMessage::Sync);
@@ -630,10 +659,34 @@ mod tests {
         });
         s.on_client(&FrontendMessage::CopyData);
         s.on_client(&FrontendMessage::CopyDone);
-        assert_eq!(s.on_copy_in(), 0);
+        assert_eq!(s.on_copy_in().ok(), Some(0));
         s.on_server(b'C', None);
         s.on_server(b'Z', None);
         assert!(s.is_idle(), "{:?}", s.pending().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn requests_sent_into_copy_in_are_refused_not_lost() {
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&FrontendMessage::Query {
+            sql: "COPY t FROM STDIN",
+        });
+        s.on_client(&FrontendMessage::Query { sql: "SELECT 1" });
+        assert!(matches!(s.on_copy_in(), Err(ProtocolError::IntoCopy)));
+        let mut s = SessionState::new(HashMap::new());
+        s.on_client(&FrontendMessage::Query {
+            sql: "COPY t FROM STDIN",
+        });
+        assert_eq!(s.on_copy_in().ok(), Some(0));
+        assert!(s.check_copy_stream(&FrontendMessage::CopyData).is_ok());
+        assert!(matches!(
+            s.check_copy_stream(&FrontendMessage::Query { sql: "SELECT 1" }),
+            Err(ProtocolError::IntoCopy)
+        ));
+        s.on_client(&FrontendMessage::CopyDone);
+        assert!(s
+            .check_copy_stream(&FrontendMessage::Query { sql: "SELECT 1" })
+            .is_ok());
     }
 
     #[test]
