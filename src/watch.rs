@@ -83,8 +83,9 @@ impl Alerts {
 #[derive(Clone)]
 pub struct AlertWatch {
     alerts: Arc<Alerts>,
-    user: String,
-    rules: Vec<(String, AlertRule)>,
+    /// Each applicable rule with its window's key (rule origin, login user), built once:
+    /// the window is looked up for every statement of the session.
+    rules: Vec<((String, String), AlertRule)>,
 }
 
 impl AlertWatch {
@@ -94,14 +95,13 @@ impl AlertWatch {
         rules: &[AlertRule],
         identity: &SessionIdentity,
     ) -> Option<AlertWatch> {
-        let rules: Vec<(String, AlertRule)> = rules
+        let rules: Vec<((String, String), AlertRule)> = rules
             .iter()
             .filter(|r| identity.has_any_role(&r.roles))
-            .map(|r| (r.origin.to_string(), r.clone()))
+            .map(|r| ((r.origin.to_string(), identity.user.clone()), r.clone()))
             .collect();
         (!rules.is_empty()).then(|| AlertWatch {
             alerts: alerts.clone(),
-            user: identity.user.clone(),
             rules,
         })
     }
@@ -113,18 +113,18 @@ impl AlertWatch {
 
     fn read_rows_at(&self, rows: u64, second: u64) -> Vec<Fired> {
         let mut fired = Vec::new();
-        for (origin, rule) in &self.rules {
-            let mut w = self
-                .alerts
-                .windows
-                .entry((origin.clone(), self.user.clone()))
-                .or_insert_with(Window::new);
+        for (key, rule) in &self.rules {
+            let windows = &self.alerts.windows;
+            let mut w = match windows.get_mut(key) {
+                Some(w) => w,
+                None => windows.entry(key.clone()).or_insert_with(Window::new),
+            };
             w.add(second, rows);
             let total = w.total(second);
             if total > rule.max_rows_per_minute && !w.firing {
                 w.firing = true;
                 fired.push(Fired {
-                    rule: origin.clone(),
+                    rule: key.0.clone(),
                     limit: rule.max_rows_per_minute,
                     rows: total,
                     action: rule.action,
@@ -145,13 +145,10 @@ impl AlertWatch {
         self.rules
             .iter()
             .filter(|(_, r)| r.action == AlertAction::Block)
-            .find_map(|(origin, rule)| {
-                let mut w = self
-                    .alerts
-                    .windows
-                    .get_mut(&(origin.clone(), self.user.clone()))?;
+            .find_map(|(key, rule)| {
+                let mut w = self.alerts.windows.get_mut(key)?;
                 if w.total(second) > rule.max_rows_per_minute {
-                    Some((origin.clone(), rule.max_rows_per_minute))
+                    Some((key.0.clone(), rule.max_rows_per_minute))
                 } else {
                     w.firing = false;
                     None

@@ -824,3 +824,23 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     assert!(head.contains("text/plain; version=0.0.4"));
     body.to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_statements_with_the_audit_log_off() {
+    let (p, _rules) = proxy_with(RULES, |s| {
+        s.audit = Some(false);
+        s.metrics = Some("127.0.0.1:9".into()); // bound by `serve`, not by this test
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pgveil::server::serve_metrics(listener, p.proxy.clone()));
+    let alice = p.connect("alice", "alice_pw").await;
+    alice.simple_query("SELECT 1").await.unwrap();
+    let body = scrape(addr).await;
+    assert!(
+        body.contains("pgveil_statements_total{kind=\"select\",decision=\"allowed\"} 1\n"),
+        "{body}"
+    );
+    assert!(!p.audit_path().exists(), "no audit log with audit = false");
+}

@@ -261,7 +261,7 @@ async fn run_session(
     }
 }
 
-/// The session's audit and alert accounting, unless neither is on.
+/// The session's audit, alert and statement-metrics accounting, unless none is on.
 fn session_audit(
     proxy: &Arc<Proxy>,
     established: &auth::Established,
@@ -269,7 +269,9 @@ fn session_audit(
     let rules = proxy.rules.load_full();
     let identity = &established.identity;
     let alerts = crate::watch::AlertWatch::for_session(&proxy.alerts, &rules.alerts, identity);
-    if proxy.audit.is_none() && alerts.is_none() {
+    // Statement metrics are counted where records are made: with --no-audit they still
+    // need the session's audit side when --metrics is on.
+    if proxy.audit.is_none() && alerts.is_none() && proxy.config.metrics.is_none() {
         return None;
     }
     let catalog = established.catalog.clone();

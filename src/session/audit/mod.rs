@@ -225,42 +225,39 @@ impl SessionAudit {
 
     /// For `block` alerts: the refusal of a statement that reads a masked table while the
     /// user's window is over its limit.
+    /// The statement is analysed only while the user is blocked.
     pub fn alert_block(&mut self, sql: &str) -> Option<Denied> {
-        self.alerts.as_ref()?;
+        let blocked = self.alerts.as_ref()?.blocked()?;
         let parts = self.facts.parts(sql);
         // What the audit cannot read might read a masked table: refused too (fail closed).
         let (_, facts) = parts
             .iter()
             .find(|(_, f)| f.sensitive_table || f.unanalysed)?;
-        self.alert_refusal(facts)
+        Some(self.alert_refusal(facts, blocked))
     }
 
     /// [`Self::alert_block`] for the Execute of a portal.
     pub fn alert_block_portal(&mut self, portal: &str) -> Option<Denied> {
-        self.alerts.as_ref()?;
-        let facts = self.portals.get(portal)?.facts.clone();
-        if !facts.sensitive_table && !facts.unanalysed {
-            return None;
-        }
-        self.alert_refusal(&facts)
+        let blocked = self.alerts.as_ref()?.blocked()?;
+        let facts = &self.portals.get(portal)?.facts;
+        (facts.sensitive_table || facts.unanalysed).then(|| self.alert_refusal(facts, blocked))
     }
 
-    fn alert_refusal(&self, facts: &Facts) -> Option<Denied> {
-        let (rule, limit) = self.alerts.as_ref()?.blocked()?;
+    fn alert_refusal(&self, facts: &Facts, (rule, limit): (String, u64)) -> Denied {
         let table = facts
             .tables
             .iter()
             .find(|t| self.facts.is_sensitive(t))
             .cloned()
             .unwrap_or_else(|| "tables pgveil cannot name".into());
-        Some(Denied {
+        Denied {
             message: format!(
                 "pgveil: {} on {table} is not allowed for role \"{}\": alert {rule} (more than {limit} rows of masked tables a minute) blocks reads of masked tables until the window clears",
                 facts.kind.to_uppercase(),
                 self.who.user
             ),
             rule: Some(rule),
-        })
+        }
     }
 
     /// A DataRow of the statement at the front.
