@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, shared, PgCluster, TestProxy, SUPERUSER_PASSWORD};
+use common::{free_port, pgveil, shared, PgCluster, TestProxy, SUPERUSER_PASSWORD};
 use serde_json::Value;
 
 const RULES: &str = r#"
@@ -50,13 +50,6 @@ async fn proxy_with(
     })
     .await;
     (p, dir)
-}
-
-fn pgveil(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pgveil"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn verify(files: &[&Path]) -> (Option<i32>, String) {

@@ -6,25 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{shared, SUPERUSER_PASSWORD};
-
-fn pgveil(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pgveil"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{output_text as text, pgveil, shared, SUPERUSER_PASSWORD};
 
 /// The sample CRM in a database of its own (its recycle bin gets installed).
 fn sample_db(name: &str) -> String {

@@ -565,3 +565,17 @@ pub async fn is_closed(s: &mut tokio::net::TcpStream) -> bool {
         }
     }
 }
+
+/// Runs the pgveil binary under test (from the repository root, where `rules/` is).
+pub fn pgveil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgveil"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout followed by its stderr.
+pub fn output_text(out: &Output) -> String {
+    format!("{}{}", stdout(out), stderr(out))
+}
