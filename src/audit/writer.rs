@@ -71,9 +71,9 @@ pub struct WriterConfig {
 }
 
 /// Canonical records (see `record`) and who to tell once they are written.
-pub struct Batch {
-    pub records: Vec<Vec<u8>>,
-    pub written: Option<oneshot::Sender<bool>>,
+struct Batch {
+    records: Vec<Vec<u8>>,
+    written: oneshot::Sender<bool>,
 }
 
 /// How many times the writer yields to gather more records before a write.
@@ -94,11 +94,7 @@ pub struct AuditLog {
     flush: FlushPolicy,
     /// The writer task until [`AuditLog::start`] spawns it.
     writer: Mutex<Option<(Writer, mpsc::Receiver<Message>)>>,
-    path: String,
 }
-
-/// Answered once a batch's records are written (`true`), or could not be (`false`).
-pub type Written = oneshot::Receiver<bool>;
 
 fn lock(chain: &Mutex<Chain>) -> MutexGuard<'_, Chain> {
     chain.lock().unwrap_or_else(|p| p.into_inner())
@@ -132,7 +128,6 @@ impl AuditLog {
             chain,
             flush: config.flush,
             writer: Mutex::new(Some((writer, rx))),
-            path: config.path,
         })
     }
 
@@ -142,10 +137,6 @@ impl AuditLog {
         if let Some((writer, rx)) = writer {
             tokio::spawn(writer.run(rx));
         }
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// Writes records, returning once they are in the file. Under `always` they go
@@ -161,10 +152,7 @@ impl AuditLog {
         }
         let (written, rx) = oneshot::channel();
         self.tx
-            .send(Message::Batch(Batch {
-                records,
-                written: Some(written),
-            }))
+            .send(Message::Batch(Batch { records, written }))
             .await
             .map_err(|_| AuditError::Unavailable)?;
         match rx.await {
@@ -315,9 +303,7 @@ impl Writer {
             self.sync().await;
         }
         for b in pending.drain(..) {
-            if let Some(w) = b.written {
-                let _ = w.send(ok);
-            }
+            let _ = b.written.send(ok);
         }
     }
 

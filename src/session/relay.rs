@@ -189,10 +189,8 @@ async fn server_to_client(
                     Action::Swallow => {}
                     Action::Replace(frame) => out.extend_from_slice(frame.raw()),
                     Action::Mask(plan) => {
-                        let masked = plan
-                            .rewrite(&f, &mut out, &mut scratch)
+                        plan.rewrite(&f, &mut out, &mut scratch)
                             .map_err(SessionError::upstream)?;
-                        st.rows_masked += masked;
                     }
                 }
                 // Bound the batch so a fast server cannot grow it without limit.

@@ -149,8 +149,6 @@ pub struct SessionState {
     pub discarding: Option<Discarding>,
     /// Set when a statement may have changed the schema the cached catalog describes.
     pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// Values masked in flight so far.
-    pub rows_masked: u64,
     /// Rebuilds `policy` after a rules reload.
     pub refresh: Option<super::policy::PolicyRefresh>,
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
