@@ -71,3 +71,43 @@ fn sample_rules_mean_what_their_comments_say() {
     assert!(explain("crm_support", "DELETE FROM tasks").contains("refused"));
     assert!(explain("crm_analyst", "DELETE FROM tasks WHERE id = 1").contains("refused"));
 }
+
+#[test]
+fn admin_commands_take_the_password_from_pgpassword_as_libpq_does() {
+    let pg = shared();
+    let url = format!("postgres://postgres@{}/crm", pg.addr());
+    let run = |password: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(["check", "--rules", "rules/", "--upstream-url", &url])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = run(SUPERUSER_PASSWORD);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // Exit 2: the rules could not be checked (1 would say they are invalid).
+    let out = run("wrong_pw");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("password authentication failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("wrong_pw"), "{}", text(&out));
+    // A password in the URL wins over PGPASSWORD.
+    let with_password = format!("postgres://postgres:{SUPERUSER_PASSWORD}@{}/crm", pg.addr());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"))
+        .args([
+            "check",
+            "--rules",
+            "rules/",
+            "--upstream-url",
+            &with_password,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("PGPASSWORD", "wrong_pw")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

@@ -35,7 +35,8 @@ pub enum Command {
         after_help = "Examples:\n  pgveil serve --upstream db.internal:5432 --rules /etc/pgveil/rules\n  pgveil serve --listen 0.0.0.0:6432 --tls-cert server.crt --tls-key server.key --require-tls \\\n    --upstream db.internal:5432 --upstream-tls verify-full --upstream-ca ca.crt\n  pgveil serve --audit-log /var/log/pgveil/audit.jsonl --audit-flush always --metrics 127.0.0.1:9187"
     )]
     Serve(ServeArgs),
-    /// Validate rules; exit 0 when valid, 1 with each problem on its own line as file:line.
+    /// Validate rules; exit 0 when valid, 1 with each problem on its own line as file:line,
+    /// 2 when the database given could not be read.
     ///
     /// With --upstream-url, also check that every table, column and role named exists, that
     /// every mask fits its column's type, and warn about searchable masks, allow globs that
@@ -47,7 +48,8 @@ pub enum Command {
         /// A rules file or a directory of *.toml files.
         #[arg(long, default_value = "rules/")]
         rules: PathBuf,
-        /// Also check the named tables, columns and roles against this database.
+        /// Also check the named tables, columns and roles against this database (a URL or
+        /// key=value string; without a password in it, PGPASSWORD is used).
         #[arg(long)]
         upstream_url: Option<String>,
     },
@@ -64,7 +66,8 @@ pub enum Command {
         /// A role (or login user) whose memberships are read from the database.
         #[arg(long)]
         role: String,
-        /// The database whose catalog resolves tables, columns and roles.
+        /// The database whose catalog resolves tables, columns and roles (a URL or key=value
+        /// string; without a password in it, PGPASSWORD is used).
         #[arg(long)]
         upstream_url: Option<String>,
         /// The SQL to judge (one or several statements).
@@ -157,6 +160,8 @@ pub enum TrashCommand {
         after_help = "Example:\n  pgveil trash init --rules rules/ --upstream-url postgres://postgres@db/crm"
     )]
     Init {
+        /// The database: a postgres:// URL or key=value string; without a password in it,
+        /// PGPASSWORD is used.
         #[arg(long)]
         upstream_url: String,
         #[arg(long, default_value = "rules/")]
@@ -167,6 +172,8 @@ pub enum TrashCommand {
         after_help = "Example:\n  pgveil trash list --upstream-url postgres://postgres@db/crm --table customers --since 2026-11-01"
     )]
     List {
+        /// The database: a postgres:// URL or key=value string; without a password in it,
+        /// PGPASSWORD is used.
         #[arg(long)]
         upstream_url: String,
         #[command(flatten)]
@@ -183,6 +190,8 @@ pub enum TrashCommand {
         after_help = "Examples:\n  pgveil trash restore --upstream-url URL --id 42 --id 43\n  pgveil trash restore --upstream-url URL --table customers --since 2026-11-23T09:00:00Z --until 2026-11-23T09:05:00Z"
     )]
     Restore {
+        /// The database: a postgres:// URL or key=value string; without a password in it,
+        /// PGPASSWORD is used.
         #[arg(long)]
         upstream_url: String,
         #[command(flatten)]
@@ -196,6 +205,8 @@ pub enum TrashCommand {
         after_help = "Examples:\n  pgveil trash purge --upstream-url postgres://postgres@db/crm\n  pgveil trash purge --upstream-url postgres://postgres@db/crm --older-than-days 7"
     )]
     Purge {
+        /// The database: a postgres:// URL or key=value string; without a password in it,
+        /// PGPASSWORD is used.
         #[arg(long)]
         upstream_url: String,
         #[arg(long)]
