@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 echo "== building pgveil (release)"
-cargo build --release --quiet
+cargo build --release --locked --quiet
 work="$(mktemp -d /tmp/pgveil-demo.XXXXXX)"
 pgveil_pid=""
 cleanup() {

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs what the tests, demo and benchmarks need on a fresh Debian machine:
-# PostgreSQL 15 server and client (initdb, pg_ctl, psql), pgbench (postgresql-contrib)
-# and PgBouncer (for the benchmarks). Does nothing when they are already there.
+# PostgreSQL 15 server and client (initdb, pg_ctl, psql), pgbench (postgresql-contrib),
+# PgBouncer (for the benchmarks), and curl, jq and openssl (for the README walk-through).
+# Does nothing when they are already there.
 set -euo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/pgbench" >/dev/null || need+=(postgresql-contrib)
 command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+# The README walk-through (run by tests/readme.rs) uses these.
+for tool in curl jq openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2

@@ -107,6 +107,9 @@ pub fn tls_files(dir: &Path) -> TlsFiles {
 pub struct ClusterOptions {
     /// Turn on `ssl` with a generated certificate.
     pub ssl: bool,
+    /// Only the superuser: no CRM database and none of the test roles (for a walk-through
+    /// that loads the fixture itself).
+    pub bare: bool,
 }
 
 /// A throwaway PostgreSQL cluster with the CRM fixture in database `crm`.
@@ -159,6 +162,9 @@ impl PgCluster {
         spawn_watchdog(&cluster);
         let mut cluster = cluster;
         cluster.port = cluster.start_server();
+        if opts.bare {
+            return cluster;
+        }
         cluster.create_crm_db("crm");
         cluster.psql_super(
             "postgres",
@@ -366,7 +372,12 @@ pub fn stdout(out: &Output) -> String {
 /// The cluster every test of one test binary shares (with `ssl = on`).
 pub fn shared() -> &'static PgCluster {
     static SHARED: OnceLock<PgCluster> = OnceLock::new();
-    SHARED.get_or_init(|| PgCluster::start(ClusterOptions { ssl: true }))
+    SHARED.get_or_init(|| {
+        PgCluster::start(ClusterOptions {
+            ssl: true,
+            ..Default::default()
+        })
+    })
 }
 
 /// A psql command for `addr` ("host:port") with quiet, unaligned output.
