@@ -87,34 +87,9 @@ impl UpstreamConnector {
             path: host.to_string(),
             message: format!("not a valid server name: {e}"),
         })?;
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?;
-        let config = match (mode, ca) {
-            (UpstreamTls::Disable, _) => None,
-            (UpstreamTls::VerifyFull, Some(ca)) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in load_certs(ca)? {
-                    roots.add(cert)?;
-                }
-                Some(builder.with_root_certificates(roots).with_no_client_auth())
-            }
-            (UpstreamTls::VerifyFull, None) => {
-                return Err(TlsError::File {
-                    path: "--upstream-ca".into(),
-                    message: "verify-full needs a CA file".into(),
-                })
-            }
-            // libpq's prefer/require encrypt without authenticating the server.
-            _ => Some(
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
-                    .with_no_client_auth(),
-            ),
-        };
         Ok(UpstreamConnector {
             mode,
-            connector: config.map(|c| TlsConnector::from(Arc::new(c))),
+            connector: client_config(mode, ca)?.map(|c| TlsConnector::from(Arc::new(c))),
             server_name,
         })
     }
@@ -127,6 +102,52 @@ impl UpstreamConnector {
         let tls = connector.connect(self.server_name.clone(), tcp).await?;
         Ok(Stream::UpstreamTls(Box::new(tls)))
     }
+}
+
+/// The client side of TLS in libpq's `sslmode` terms: none for `disable`; for `prefer` and
+/// `require` encryption without authenticating the server; for `verify-full` a chain to a
+/// certificate of `ca` and the server's name.
+pub fn client_config(
+    mode: UpstreamTls,
+    ca: Option<&Path>,
+) -> Result<Option<rustls::ClientConfig>, TlsError> {
+    match (mode, ca) {
+        (UpstreamTls::Disable, _) => Ok(None),
+        (UpstreamTls::VerifyFull, Some(ca)) => Ok(Some(client_config_with(ca_verifier(ca)?)?)),
+        (UpstreamTls::VerifyFull, None) => Err(TlsError::File {
+            path: "--upstream-ca".into(),
+            message: "verify-full needs a CA file".into(),
+        }),
+        _ => Ok(Some(client_config_with(Arc::new(EncryptOnly(provider())))?)),
+    }
+}
+
+/// A client configuration that judges server certificates with `verifier`.
+pub fn client_config_with(
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// The WebPKI verifier for chains to the certificates in `ca` (a PEM file), server name
+/// included.
+pub fn ca_verifier(ca: &Path) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::File {
+                path: ca.display().to_string(),
+                message: e.to_string(),
+            })?;
+    Ok(verifier)
 }
 
 /// Accepts any server certificate but still checks the handshake signatures, as libpq's

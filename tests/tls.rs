@@ -217,3 +217,69 @@ async fn plaintext_after_ssl_request_is_refused() {
     let body = &rest[4..];
     assert_eq!(sqlstate_of(body), "08P01");
 }
+
+/// The admin commands read TLS settings from the connection string as libpq does
+/// (`sslmode`, `sslrootcert`, in a URL or keyword string), so a DBA can check rules against
+/// a server that accepts only TLS, and verify its certificate. `tls_only_user` is refused
+/// by the server without TLS (`hostnossl ... reject`).
+#[test]
+fn admin_commands_follow_libpq_sslmode() {
+    let pg = shared();
+    let ca = pg.tls.as_ref().unwrap().ca.display().to_string();
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = common::tls_files(other.path()).ca.display().to_string();
+    let check = |conn: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(["check", "--rules", "rules/", "--upstream-url", conn])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("PGPASSWORD", "tls_pw")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSSLROOTCERT")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!("{}{}", stdout(&out), stderr(&out)),
+        )
+    };
+    let url = format!("postgres://tls_only_user@127.0.0.1:{}/crm", pg.port);
+    // Without TLS the server refuses this user; the default (prefer) and require use TLS.
+    let (code, text) = check(&format!("{url}?sslmode=disable"));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("pg_hba.conf"), "{text}");
+    for conn in [url.clone(), format!("{url}?sslmode=require")] {
+        let (code, text) = check(&conn);
+        assert_eq!(code, Some(0), "{conn}: {text}");
+    }
+    // verify-full: the certificate must chain to the root given and name the host.
+    let (code, text) = check(&format!("{url}?sslmode=verify-full&sslrootcert={ca}"));
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = check(&format!("{url}?sslmode=verify-full&sslrootcert={other_ca}"));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    let keywords = format!(
+        "host=localhost port={} user=tls_only_user dbname=crm sslmode=verify-full sslrootcert='{ca}'",
+        pg.port
+    );
+    let (code, text) = check(&keywords);
+    assert_eq!(code, Some(0), "{text}");
+    // A name the certificate does not carry: verify-full refuses, verify-ca (chain only)
+    // accepts, and a wrong root fails verify-ca too.
+    let misnamed = |mode: &str, root: &str| {
+        format!(
+            "host=db.invalid hostaddr=127.0.0.1 port={} user=tls_only_user dbname=crm sslmode={mode} sslrootcert={root}",
+            pg.port
+        )
+    };
+    let (code, text) = check(&misnamed("verify-full", &ca));
+    assert_eq!(code, Some(2), "{text}");
+    let (code, text) = check(&misnamed("verify-ca", &ca));
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = check(&misnamed("verify-ca", &other_ca));
+    assert_eq!(code, Some(2), "{text}");
+    // verify-* without a root to verify against is an error, not a silent downgrade.
+    let (code, text) = check(&format!("{url}?sslmode=verify-full"));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("sslrootcert"), "{text}");
+    assert!(!text.contains("tls_pw"), "{text}");
+}

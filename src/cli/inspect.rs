@@ -16,47 +16,7 @@ use crate::session::guard::SessionGuard;
 use crate::session::identity::SessionIdentity;
 use crate::sql::masking::{self, Verdict};
 
-/// Connects the admin commands to `url` (a URL or `key=value` string). As with libpq, a
-/// password missing from it is taken from `PGPASSWORD`, so it need not appear in shell
-/// history or `ps`.
-pub async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| format!("reading {}: {e}", redact_url(url)))?;
-    if config.get_password().is_none() {
-        if let Some(password) = std::env::var_os("PGPASSWORD") {
-            config.password(password.as_encoded_bytes());
-        }
-    }
-    let (client, conn) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("connecting to {}: {}", redact_url(url), describe(&e)))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
-/// tokio-postgres shows a server's error as just "db error"; the server's message is what
-/// a DBA needs ("password authentication failed for user ...").
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
-fn redact_url(url: &str) -> String {
-    // Never echo a password from the URL.
-    match url.split_once('@') {
-        Some((creds, rest)) if creds.contains("://") => {
-            let scheme = creds.split("://").next().unwrap_or("postgres");
-            format!("{scheme}://...@{rest}")
-        }
-        _ => url.to_string(),
-    }
-}
+pub use super::pgconn::connect;
 
 async fn load_catalog(client: &tokio_postgres::Client) -> Result<Catalog, String> {
     let mut rows = CatalogRows::default();

@@ -2,6 +2,7 @@
 //! section 1. Flag names are part of the contract.
 
 pub mod inspect;
+pub mod pgconn;
 pub mod trash;
 
 use std::path::PathBuf;
@@ -48,8 +49,8 @@ pub enum Command {
         /// A rules file or a directory of *.toml files.
         #[arg(long, default_value = "rules/")]
         rules: PathBuf,
-        /// Also check the named tables, columns and roles against this database (a URL or
-        /// key=value string; without a password in it, PGPASSWORD is used).
+        /// Also check the named tables, columns and roles against this database (a libpq URL
+        /// or key=value string: sslmode, sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT).
         #[arg(long)]
         upstream_url: Option<String>,
     },
@@ -66,8 +67,8 @@ pub enum Command {
         /// A role (or login user) whose memberships are read from the database.
         #[arg(long)]
         role: String,
-        /// The database whose catalog resolves tables, columns and roles (a URL or key=value
-        /// string; without a password in it, PGPASSWORD is used).
+        /// The database whose catalog resolves tables, columns and roles (a libpq URL or
+        /// key=value string: sslmode, sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT).
         #[arg(long)]
         upstream_url: Option<String>,
         /// The SQL to judge (one or several statements).
@@ -160,8 +161,8 @@ pub enum TrashCommand {
         after_help = "Example:\n  pgveil trash init --rules rules/ --upstream-url postgres://postgres@db/crm"
     )]
     Init {
-        /// The database: a postgres:// URL or key=value string; without a password in it,
-        /// PGPASSWORD is used.
+        /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
+        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
         #[arg(long)]
         upstream_url: String,
         #[arg(long, default_value = "rules/")]
@@ -172,8 +173,8 @@ pub enum TrashCommand {
         after_help = "Example:\n  pgveil trash list --upstream-url postgres://postgres@db/crm --table customers --since 2026-11-01"
     )]
     List {
-        /// The database: a postgres:// URL or key=value string; without a password in it,
-        /// PGPASSWORD is used.
+        /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
+        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
         #[arg(long)]
         upstream_url: String,
         #[command(flatten)]
@@ -190,8 +191,8 @@ pub enum TrashCommand {
         after_help = "Examples:\n  pgveil trash restore --upstream-url URL --id 42 --id 43\n  pgveil trash restore --upstream-url URL --table customers --since 2026-11-23T09:00:00Z --until 2026-11-23T09:05:00Z"
     )]
     Restore {
-        /// The database: a postgres:// URL or key=value string; without a password in it,
-        /// PGPASSWORD is used.
+        /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
+        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
         #[arg(long)]
         upstream_url: String,
         #[command(flatten)]
@@ -205,8 +206,8 @@ pub enum TrashCommand {
         after_help = "Examples:\n  pgveil trash purge --upstream-url postgres://postgres@db/crm\n  pgveil trash purge --upstream-url postgres://postgres@db/crm --older-than-days 7"
     )]
     Purge {
-        /// The database: a postgres:// URL or key=value string; without a password in it,
-        /// PGPASSWORD is used.
+        /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
+        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
         #[arg(long)]
         upstream_url: String,
         #[arg(long)]

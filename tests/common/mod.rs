@@ -173,7 +173,8 @@ impl PgCluster {
         );
         cluster.psql_super(
             "postgres",
-            "CREATE ROLE repl_user LOGIN REPLICATION PASSWORD 'repl_pw'",
+            "CREATE ROLE repl_user LOGIN REPLICATION PASSWORD 'repl_pw'; \
+             CREATE ROLE tls_only_user LOGIN PASSWORD 'tls_pw'",
         );
         cluster
     }
@@ -222,6 +223,7 @@ impl PgCluster {
                    host all md5_user 127.0.0.1/32 md5\n\
                    host all clear_user 127.0.0.1/32 password\n\
                    host all trust_user 127.0.0.1/32 trust\n\
+                   hostnossl all tls_only_user 127.0.0.1/32 reject\n\
                    host replication all 127.0.0.1/32 scram-sha-256\n\
                    host all all 127.0.0.1/32 scram-sha-256\n";
         std::fs::write(self.data().join("pg_hba.conf"), hba).unwrap();
