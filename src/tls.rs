@@ -1,6 +1,6 @@
 //! rustls for both legs: the acceptor that serves clients, the connector that reaches the
-//! upstream in libpq's `sslmode` terms, and `Stream`, a socket that may or may not be
-//! encrypted.
+//! upstream in libpq's `sslmode` terms (its client configurations also serve the admin
+//! commands, `cli/pgconn.rs`), and `Stream`, a socket that may or may not be encrypted.
 
 use std::io;
 use std::path::Path;
