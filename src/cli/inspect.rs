@@ -173,7 +173,7 @@ pub async fn explain(
         Verdict::Refused(r) => {
             out.push_str(&format!(
                 "decision: refused\nerror: 42501 {}\n",
-                r.message(role)
+                r.denied(role, sql).message
             ));
             return Ok(out);
         }

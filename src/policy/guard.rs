@@ -110,14 +110,12 @@ impl GuardPolicy {
         if let Some(reason) = &facts.unanalysable {
             let applies = !self.protected.is_empty() || !self.recycles.is_empty();
             if applies && self.unanalysable == Unanalysable::Deny {
-                return Err(Refusal {
-                    kind: "statement",
-                    table: "(unknown)".into(),
-                    reason: format!(
+                return Err(Refusal::unanalysable(
+                    format!(
                         "pgveil cannot analyse it ({reason}), so it counts as touching every table; settings.unanalysable is \"deny\""
                     ),
-                    rule: self.protected_by.clone(),
-                });
+                    self.protected_by.clone(),
+                ));
             }
         }
         Ok(Permit)

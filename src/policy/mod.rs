@@ -10,11 +10,14 @@ pub use masks::{ColumnMask, SessionMasks};
 
 use crate::config::rules::Origin;
 
+/// The kind of a refusal of what pgveil could not analyse.
+pub const UNANALYSABLE: &str = "statement";
+
 /// Why a statement may not run (a guard or masking decision); [`Refusal::message`] is
 /// what the client sees (spec section 5).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// The statement kind as rules name it (`delete`), or `statement` when unanalysable.
+    /// The statement kind as rules name it (`delete`), or [`UNANALYSABLE`].
     pub kind: &'static str,
     pub table: String,
     pub reason: String,
@@ -41,9 +44,31 @@ impl Denied {
 }
 
 impl Refusal {
-    pub fn denied(&self, role: &str) -> Denied {
+    /// A statement pgveil could not analyse, which counts as touching every table.
+    pub fn unanalysable(reason: String, rule: Option<Origin>) -> Refusal {
+        Refusal {
+            kind: UNANALYSABLE,
+            table: "(tables unknown)".into(),
+            reason,
+            rule,
+        }
+    }
+
+    /// The refusal of `sql` as `role` sees it. A statement that could not be analysed is
+    /// named by its opening keyword when the string holds one statement.
+    pub fn denied(&self, role: &str, sql: &str) -> Denied {
+        let message = if self.kind == UNANALYSABLE {
+            let kind = crate::sql::leading_keyword(sql).unwrap_or(UNANALYSABLE);
+            Refusal {
+                kind,
+                ..self.clone()
+            }
+            .message(role)
+        } else {
+            self.message(role)
+        };
         Denied {
-            message: self.message(role),
+            message,
             rule: self.rule.as_ref().map(|o| o.to_string()),
         }
     }

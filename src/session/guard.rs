@@ -68,7 +68,7 @@ impl SessionGuard {
             }
         }
         let facts = analyse(sql, &self.catalog, standard_conforming_strings);
-        let decision = self.decide(&facts);
+        let decision = self.decide(&facts, sql);
         if decision.is_ok() {
             self.apply(&facts);
         }
@@ -89,10 +89,11 @@ impl SessionGuard {
             unanalysable: Some(reason.to_string()),
             ..Default::default()
         };
-        self.decide(&facts)
+        self.decide(&facts, "")
     }
 
-    fn decide(&self, facts: &StatementFacts) -> Result<(), Denied> {
+    /// The decision on `facts`, the analysis of `sql` (named in refusals).
+    fn decide(&self, facts: &StatementFacts, sql: &str) -> Result<(), Denied> {
         // EXECUTE runs what PREPARE defined, possibly earlier in the same string.
         let mut local: HashMap<&str, &[Access]> = HashMap::new();
         let mut executed = Vec::new();
@@ -129,7 +130,7 @@ impl SessionGuard {
         self.policy
             .authorize(&facts, &executed, &names)
             .map(|_permit| ())
-            .map_err(|d: Refusal| d.denied(&self.role))
+            .map_err(|d: Refusal| d.denied(&self.role, sql))
     }
 
     fn apply(&mut self, facts: &StatementFacts) {

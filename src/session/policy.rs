@@ -185,7 +185,7 @@ impl SessionPolicy {
     /// What to do with `sql` before it is forwarded.
     pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Screen {
         if let Some(v) = self.verdicts.get(sql) {
-            return screen_of(v, &self.role);
+            return screen_of(v, &self.role, sql);
         }
         let ctx = masking::Context {
             catalog: &self.catalog,
@@ -201,7 +201,7 @@ impl SessionPolicy {
             self.verdicts.clear();
             self.created.extend(created);
         }
-        let message = screen_of(&verdict, &self.role);
+        let message = screen_of(&verdict, &self.role, sql);
         if standard_conforming_strings {
             if self.verdicts.len() >= VERDICT_CACHE {
                 self.verdicts.clear();
@@ -222,9 +222,9 @@ pub enum Screen {
     Refuse(Denied),
 }
 
-fn screen_of(v: &Verdict, role: &str) -> Screen {
+fn screen_of(v: &Verdict, role: &str, sql: &str) -> Screen {
     match v {
-        Verdict::Refused(r) => Screen::Refuse(r.denied(role)),
+        Verdict::Refused(r) => Screen::Refuse(r.denied(role, sql)),
         Verdict::Rewritten(sql) => Screen::Rewrite(sql.clone()),
         Verdict::Pass | Verdict::Masked => Screen::Forward,
     }

@@ -22,6 +22,85 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>, ParserError> {
         .parse_statements()
 }
 
+/// Statement-opening keywords, for naming a statement that could not be analysed.
+const LEADING_KEYWORDS: [&str; 52] = [
+    "abort",
+    "alter",
+    "analyze",
+    "begin",
+    "call",
+    "checkpoint",
+    "close",
+    "cluster",
+    "comment",
+    "commit",
+    "copy",
+    "create",
+    "deallocate",
+    "declare",
+    "delete",
+    "discard",
+    "do",
+    "drop",
+    "end",
+    "execute",
+    "explain",
+    "fetch",
+    "grant",
+    "import",
+    "insert",
+    "listen",
+    "load",
+    "lock",
+    "merge",
+    "move",
+    "notify",
+    "prepare",
+    "reassign",
+    "refresh",
+    "reindex",
+    "release",
+    "reset",
+    "revoke",
+    "rollback",
+    "savepoint",
+    "security",
+    "select",
+    "set",
+    "show",
+    "start",
+    "table",
+    "truncate",
+    "unlisten",
+    "update",
+    "vacuum",
+    "values",
+    "with",
+];
+
+/// The opening keyword (`do`, `select`, ...) of a query string that holds one statement:
+/// what a refusal can name of a statement pgveil could not analyse. `None` for several
+/// statements, or when the first word is not a statement keyword.
+pub fn leading_keyword(sql: &str) -> Option<&'static str> {
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let parts = audit::split(sql);
+    let [one] = parts.as_slice() else {
+        return None;
+    };
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, one).tokenize().ok()?;
+    let word = tokens
+        .iter()
+        .find(|t| !matches!(t, Token::Whitespace(_) | Token::LParen))?;
+    let Token::Word(w) = word else {
+        return None;
+    };
+    if w.quote_style.is_some() {
+        return None;
+    }
+    let lower = w.value.to_ascii_lowercase();
+    LEADING_KEYWORDS.iter().copied().find(|k| *k == lower)
+}
+
 /// An identifier as the server folds it: unquoted → lower case, quoted → as written.
 pub fn fold(ident: &Ident) -> String {
     match ident.quote_style {
@@ -129,6 +208,24 @@ mod tests {
         assert_eq!(stmts.len(), 1);
         assert_eq!(fold(&Ident::new("Email")), "email");
         assert_eq!(fold(&Ident::with_quote('"', "Phone")), "Phone");
+    }
+
+    #[test]
+    fn leading_keywords_name_single_statements_only() {
+        assert_eq!(leading_keyword("DO $$ BEGIN END $$"), Some("do"));
+        assert_eq!(
+            leading_keyword("  /* c */ -- x\n (SELECT 1);"),
+            Some("select")
+        );
+        assert_eq!(
+            leading_keyword("with d AS (SELECT 1) SELECT * FROM d"),
+            Some("with")
+        );
+        assert_eq!(leading_keyword("SELECT 1; DO $$ BEGIN END $$"), None);
+        assert_eq!(leading_keyword("\"select\" 1"), None);
+        assert_eq!(leading_keyword("wipe()"), None);
+        assert_eq!(leading_keyword(""), None);
+        assert!(LEADING_KEYWORDS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

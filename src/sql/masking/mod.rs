@@ -105,12 +105,7 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
 
 fn unanalysable(ctx: &Context<'_>, reason: &str) -> Verdict {
     match ctx.unanalysable {
-        Unanalysable::Deny => Verdict::Refused(Refusal {
-            kind: "statement",
-            table: "(unknown)".into(),
-            reason: reason.into(),
-            rule: None,
-        }),
+        Unanalysable::Deny => Verdict::Refused(Refusal::unanalysable(reason.into(), None)),
         // The DBA chose to forward it; in-flight masking still applies.
         Unanalysable::Allow => Verdict::Masked,
     }
