@@ -111,3 +111,41 @@ fn admin_commands_take_the_password_from_pgpassword_as_libpq_does() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn admin_commands_read_the_password_file_as_libpq_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgpass");
+    std::fs::write(
+        &file,
+        format!(
+            "# other servers first\nelsewhere:5432:*:postgres:nope\n127.0.0.1:{}:crm:postgres:{SUPERUSER_PASSWORD}\n",
+            pg.port
+        ),
+    )
+    .unwrap();
+    let url = format!("postgres://postgres@{}/crm", pg.addr());
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(["check", "--rules", "rules/", "--upstream-url", &url])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("PGPASSWORD")
+            .env("PGPASSFILE", &file)
+            .output()
+            .unwrap()
+    };
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // A file others may read is ignored, as libpq ignores it, and said so.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("group or world access"),
+        "{}",
+        text(&out)
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod inspect;
 pub mod pgconn;
+mod pgpass;
 pub mod trash;
 
 use std::path::PathBuf;
@@ -50,7 +51,8 @@ pub enum Command {
         #[arg(long, default_value = "rules/")]
         rules: PathBuf,
         /// Also check the named tables, columns and roles against this database (a libpq URL
-        /// or key=value string: sslmode, sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT).
+        /// or key=value string: sslmode, sslrootcert; PGPASSWORD or ~/.pgpass, PGSSLMODE,
+        /// PGSSLROOTCERT).
         #[arg(long)]
         upstream_url: Option<String>,
     },
@@ -68,7 +70,8 @@ pub enum Command {
         #[arg(long)]
         role: String,
         /// The database whose catalog resolves tables, columns and roles (a libpq URL or
-        /// key=value string: sslmode, sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT).
+        /// key=value string: sslmode, sslrootcert; PGPASSWORD or ~/.pgpass, PGSSLMODE,
+        /// PGSSLROOTCERT).
         #[arg(long)]
         upstream_url: Option<String>,
         /// The SQL to judge (one or several statements).
@@ -162,7 +165,8 @@ pub enum TrashCommand {
     )]
     Init {
         /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
-        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
+        /// sslrootcert; PGPASSWORD or ~/.pgpass, PGSSLMODE, PGSSLROOTCERT when not in
+        /// it).
         #[arg(long)]
         upstream_url: String,
         #[arg(long, default_value = "rules/")]
@@ -174,7 +178,8 @@ pub enum TrashCommand {
     )]
     List {
         /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
-        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
+        /// sslrootcert; PGPASSWORD or ~/.pgpass, PGSSLMODE, PGSSLROOTCERT when not in
+        /// it).
         #[arg(long)]
         upstream_url: String,
         #[command(flatten)]
@@ -192,7 +197,8 @@ pub enum TrashCommand {
     )]
     Restore {
         /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
-        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
+        /// sslrootcert; PGPASSWORD or ~/.pgpass, PGSSLMODE, PGSSLROOTCERT when not in
+        /// it).
         #[arg(long)]
         upstream_url: String,
         #[command(flatten)]
@@ -207,7 +213,8 @@ pub enum TrashCommand {
     )]
     Purge {
         /// The database, as libpq reads it: a postgres:// URL or key=value string (sslmode,
-        /// sslrootcert; PGPASSWORD, PGSSLMODE, PGSSLROOTCERT when not in it).
+        /// sslrootcert; PGPASSWORD or ~/.pgpass, PGSSLMODE, PGSSLROOTCERT when not in
+        /// it).
         #[arg(long)]
         upstream_url: String,
         #[arg(long)]

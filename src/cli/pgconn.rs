@@ -2,8 +2,9 @@
 //! connection string as libpq reads it, URL or `key=value`, with libpq's TLS and password
 //! conventions where tokio-postgres has none: `sslmode` from `disable` to `verify-full`
 //! (default `prefer`, or `PGSSLMODE`), `sslrootcert` (or `PGSSLROOTCERT`, or
-//! `~/.postgresql/root.crt`) for the `verify-*` modes, and the password from `PGPASSWORD`
-//! when the string has none. DBAs can paste the connection string their tools already use.
+//! `~/.postgresql/root.crt`) for the `verify-*` modes, and, when the string has no
+//! password, `PGPASSWORD` or the password file (`PGPASSFILE`, `~/.pgpass`). DBAs can paste
+//! the connection strings their tools already use.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -172,6 +173,8 @@ pub async fn connect(conn: &str) -> Result<tokio_postgres::Client, String> {
     if config.get_password().is_none() {
         if let Some(password) = std::env::var_os("PGPASSWORD") {
             config.password(password.as_encoded_bytes());
+        } else if let Some(password) = password_file_entry(&config) {
+            config.password(password);
         }
     }
     let mode = match parsed.sslmode.or_else(|| std::env::var("PGSSLMODE").ok()) {
@@ -196,6 +199,23 @@ pub async fn connect(conn: &str) -> Result<tokio_postgres::Client, String> {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The password file's entry for the first host of `config` (libpq's defaults for what
+/// the string leaves out: host localhost, port 5432, database named as the user).
+fn password_file_entry(config: &tokio_postgres::Config) -> Option<String> {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(name)) => name.as_str(),
+        _ => "localhost",
+    };
+    let user = config.get_user()?;
+    super::pgpass::lookup(&super::pgpass::Target {
+        host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        database: config.get_dbname().unwrap_or(user),
+        user,
+    })
 }
 
 /// tokio-postgres shows a server's error as just "db error"; the server's message is what
