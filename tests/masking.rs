@@ -299,6 +299,9 @@ const REFUSED: &[&str] = &[
     "SELECT card_number FROM customers ORDER BY 1",
     "SELECT * FROM customers ORDER BY 3",
     "SELECT 1; SELECT upper(card_number) FROM customers",
+    // A whole row of a table with a keyed mask, built by ROW() or in an ARRAY subquery.
+    "SELECT ROW(c.*) FROM customers c",
+    "SELECT ARRAY(SELECT c FROM customers c)",
 ];
 
 /// Forms that run, computed on masked values by the server.
@@ -329,6 +332,9 @@ const REWRITTEN: &[&str] = &[
     "SELECT 1; SELECT upper(phone) FROM customers",
     "SELECT id FROM customers LIMIT 1 OFFSET (SELECT length(phone) FROM customers LIMIT 1)",
     "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING phone, email",
+    "SELECT ARRAY(SELECT phone FROM customers)",
+    "SELECT ARRAY(SELECT email FROM customers WHERE phone LIKE '1391%')",
+    "SELECT ROW(phone, email, national_id) FROM customers",
 ];
 
 #[tokio::test]

@@ -195,6 +195,8 @@ pub(crate) fn is_grammar_function(name: &str) -> bool {
             | "xmlconcat"
             | "xmlforest"
             | "xmlelement"
+            | "array"
+            | "row"
     )
 }
 
