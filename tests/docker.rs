@@ -87,6 +87,22 @@ fn compose_file_parses_and_wires_the_sample_setup() {
 #[test]
 fn dockerfile_builds_from_existing_paths_and_runs_unprivileged() {
     let text = std::fs::read_to_string(repo().join("docker/Dockerfile")).unwrap();
+    // .dockerignore leaves everything out (target/ alone is gigabytes) but what it names.
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    let rules: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(rules.first(), Some(&"*"), "an allowlist: {rules:?}");
+    let sent: Vec<String> = rules[1..]
+        .iter()
+        .map(|r| {
+            r.strip_prefix('!')
+                .expect("only exceptions after *")
+                .to_string()
+        })
+        .collect();
     let from: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(from.len(), 2, "a build stage and a runtime stage");
     for line in text
@@ -96,6 +112,11 @@ fn dockerfile_builds_from_existing_paths_and_runs_unprivileged() {
         let parts: Vec<&str> = line.split_whitespace().collect();
         for src in &parts[1..parts.len() - 1] {
             assert!(repo().join(src).exists(), "COPY of a missing path: {src}");
+            let top = src.trim_end_matches('/').trim_start_matches("./");
+            assert!(
+                sent.iter().any(|s| s == top),
+                "COPY of {src}, which .dockerignore leaves out of the build context"
+            );
         }
     }
     let user = text
