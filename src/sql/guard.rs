@@ -12,8 +12,8 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    AlterTableOperation, CopySource, Expr, FromTable, MergeAction, ObjectName, ObjectNamePart,
-    ObjectType, OnConflictAction, OnInsert, Query, Reset, Set, Statement, TableFactor, TableObject,
+    AlterTableOperation, CopySource, Expr, FromTable, MergeAction, ObjectName, ObjectType,
+    OnConflictAction, OnInsert, Query, Reset, Set, Statement, TableFactor, TableObject,
     TableWithJoins, Visit, Visitor,
 };
 
@@ -136,7 +136,6 @@ impl Walk<'_> {
 
     fn relation(&mut self, kind: StatementKind, name: &ObjectName, cascade: bool, has_where: bool) {
         let target = match name_parts(name) {
-            _ if self.misread_only(name) => Target::Everything,
             Some(parts) => Target::Relation { parts, cascade },
             None => Target::Everything,
         };
@@ -154,14 +153,6 @@ impl Walk<'_> {
                 _ => self.access(kind, Target::Everything, has_where),
             }
         }
-    }
-
-    /// sqlparser reads `DELETE FROM ONLY t` and `FROM ONLY t` as a table named `only`
-    /// with alias `t`. ONLY is reserved in PostgreSQL, so an unquoted relation of that name
-    /// is always this misreading: such an access counts as touching every table.
-    fn misread_only(&self, name: &ObjectName) -> bool {
-        matches!(name.0.as_slice(), [ObjectNamePart::Identifier(i)]
-            if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("only"))
     }
 
     fn cannot(&mut self, reason: impl Into<String>) {
@@ -431,7 +422,6 @@ impl Visitor for Walk<'_> {
                 let cte = matches!(parts.as_deref(), Some([n]) if self.ctes.contains(n));
                 if !cte {
                     let target = parts
-                        .filter(|_| !self.misread_only(name))
                         .map(|parts| Target::Relation {
                             parts,
                             cascade: false,
@@ -531,8 +521,6 @@ mod tests {
         let del = |t: &str| (Delete, t.to_string());
         for (sql, expect) in [
             ("DELETE FROM customers", vec![del("customers")]),
-            // sqlparser reads ONLY as a table named `only`: that counts as everything.
-            ("DELETE FROM ONLY customers WHERE id = 1", vec![del("*")]),
             (
                 "WITH d AS (DELETE FROM customers RETURNING *) SELECT * FROM d",
                 vec![del("customers")],
@@ -588,17 +576,15 @@ mod tests {
     }
 
     #[test]
-    fn only_counts_as_every_table() {
-        assert_eq!(
-            kinds_on("UPDATE ONLY customers SET phone = '1'"),
-            vec![(StatementKind::Update, "*".into())]
-        );
-        let reads: Vec<String> = facts("SELECT * FROM ONLY customers")
-            .accesses
-            .into_iter()
-            .map(|a| a.target.to_string())
-            .collect();
-        assert_eq!(reads, ["*"]);
+    fn only_cannot_be_analysed_but_truncate_only_can() {
+        // sqlparser reads ONLY as a table named `only`: what it touches is unknown.
+        for sql in [
+            "DELETE FROM ONLY customers WHERE id = 1",
+            "UPDATE ONLY customers SET phone = '1'",
+            "SELECT * FROM ONLY customers",
+        ] {
+            assert!(facts(sql).unanalysable.is_some(), "{sql}");
+        }
         // TRUNCATE ONLY is read correctly.
         assert_eq!(
             kinds_on("TRUNCATE ONLY customers"),

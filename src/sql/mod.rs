@@ -7,19 +7,51 @@ pub mod guard;
 pub mod masking;
 pub mod shape;
 
-use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Statement};
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
 
 /// Deep enough for real CRM queries, shallow enough to bound stack use on hostile input.
 const RECURSION_LIMIT: usize = 64;
 
-/// Parses a query string into its statements.
+/// Parses a query string into its statements, for every analysis (masking, guard, audit).
 pub fn parse(sql: &str) -> Result<Vec<Statement>, ParserError> {
-    Parser::new(&PostgreSqlDialect {})
+    let statements = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(sql)?
-        .parse_statements()
+        .parse_statements()?;
+    if statements
+        .iter()
+        .any(|s| s.visit(&mut MisreadOnly).is_break())
+    {
+        return Err(ParserError::ParserError(
+            "ONLY before a table name, which sqlparser reads as a table named only".into(),
+        ));
+    }
+    Ok(statements)
+}
+
+/// sqlparser reads `FROM ONLY t`, `UPDATE ONLY t` and `DELETE FROM ONLY t` as a table named
+/// `only` with alias `t`. ONLY is reserved in PostgreSQL, so an unquoted relation of that
+/// name is always this misreading, and the statement is not what the AST says.
+struct MisreadOnly;
+
+impl Visitor for MisreadOnly {
+    type Break = ();
+
+    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        match tf {
+            TableFactor::Table { name, .. }
+                if matches!(name.0.as_slice(), [ObjectNamePart::Identifier(i)]
+                    if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("only")) =>
+            {
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        }
+    }
 }
 
 /// Statement-opening keywords, for naming a statement that could not be analysed.
