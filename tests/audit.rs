@@ -837,3 +837,39 @@ async fn metrics_count_statements_with_the_audit_log_off() {
     );
     assert!(!p.audit_path().exists(), "no audit log with audit = false");
 }
+
+/// Rows of a statement the audit cannot analyse might be rows of a masked table: they
+/// count toward alerts (an admin could otherwise export customers with `TABLE customers`
+/// or `FROM ONLY customers`, which sqlparser does not read, without an alert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_count_rows_of_statements_pgveil_cannot_analyse() {
+    let rules = format!(
+        "{RULES}\n[[alert]]\nroles = [\"crm_admin\"]\nmax_rows_per_minute = 50\naction = \"block\"\n"
+    );
+    for export in [
+        "TABLE customers",
+        "SELECT * FROM ONLY customers",
+        "UPDATE ONLY customers SET full_name = full_name RETURNING *",
+    ] {
+        let (p, _rules) = proxy_with(&rules, |_| {}).await;
+        let admin = p.connect("crm_admin", "admin_pw").await;
+        admin.simple_query(export).await.unwrap();
+        let records = p.audit_records();
+        let record = records
+            .iter()
+            .find(|r| r["statement"] == export)
+            .expect("a record");
+        assert_eq!(record["unanalysed"], true, "{record}");
+        assert!(
+            records
+                .iter()
+                .any(|r| r["event"] == "alert" && r["user"] == "crm_admin"),
+            "{export}: no alert"
+        );
+        let e = admin
+            .simple_query("SELECT id FROM customers WHERE id = 1")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "42501", "{export}: {e:?}");
+    }
+}

@@ -71,11 +71,19 @@ pub struct Facts {
     pub tables: Vec<String>,
     pub masked: Vec<String>,
     pub clear: Vec<String>,
-    /// Reads a table with sensitive columns (counts toward alerts).
+    /// Reads a table with sensitive columns.
     pub sensitive_table: bool,
     pub unanalysed: bool,
     defines: Option<String>,
     uses: Option<String>,
+}
+
+impl Facts {
+    /// Whether the statement may read a masked table: it does, or the audit could not read
+    /// it (fail closed). Such statements count toward alerts and are refused while blocked.
+    pub fn may_read_sensitive(&self) -> bool {
+        self.sensitive_table || self.unanalysed
+    }
 }
 
 impl Facts {

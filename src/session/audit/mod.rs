@@ -229,10 +229,7 @@ impl SessionAudit {
     pub fn alert_block(&mut self, sql: &str) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
         let parts = self.facts.parts(sql);
-        // What the audit cannot read might read a masked table: refused too (fail closed).
-        let (_, facts) = parts
-            .iter()
-            .find(|(_, f)| f.sensitive_table || f.unanalysed)?;
+        let (_, facts) = parts.iter().find(|(_, f)| f.may_read_sensitive())?;
         Some(self.alert_refusal(facts, blocked))
     }
 
@@ -240,7 +237,9 @@ impl SessionAudit {
     pub fn alert_block_portal(&mut self, portal: &str) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
         let facts = &self.portals.get(portal)?.facts;
-        (facts.sensitive_table || facts.unanalysed).then(|| self.alert_refusal(facts, blocked))
+        facts
+            .may_read_sensitive()
+            .then(|| self.alert_refusal(facts, blocked))
     }
 
     fn alert_refusal(&self, facts: &Facts, (rule, limit): (String, u64)) -> Denied {
@@ -375,7 +374,7 @@ impl SessionAudit {
             };
             self.completed.push(record.canonical());
         }
-        if f.facts.sensitive_table && decision != Decision::Blocked {
+        if f.facts.may_read_sensitive() && decision != Decision::Blocked {
             if let Some(rows) = rows.filter(|n| *n > 0) {
                 self.count_alert_rows(rows);
             }
