@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -105,25 +105,29 @@ impl UpstreamConnector {
 }
 
 /// The client side of TLS in libpq's `sslmode` terms: none for `disable`; for `prefer` and
-/// `require` encryption without authenticating the server; for `verify-full` a chain to a
-/// certificate of `ca` and the server's name.
+/// `require` encryption without authenticating the server; for `verify-ca` a chain to a
+/// certificate of `ca`; for `verify-full` that and the server's name.
 pub fn client_config(
     mode: UpstreamTls,
     ca: Option<&Path>,
 ) -> Result<Option<rustls::ClientConfig>, TlsError> {
-    match (mode, ca) {
-        (UpstreamTls::Disable, _) => Ok(None),
-        (UpstreamTls::VerifyFull, Some(ca)) => Ok(Some(client_config_with(ca_verifier(ca)?)?)),
-        (UpstreamTls::VerifyFull, None) => Err(TlsError::File {
-            path: "--upstream-ca".into(),
-            message: "verify-full needs a CA file".into(),
-        }),
-        _ => Ok(Some(client_config_with(Arc::new(EncryptOnly(provider())))?)),
-    }
+    let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca) {
+        (UpstreamTls::Disable, _) => return Ok(None),
+        (UpstreamTls::Prefer | UpstreamTls::Require, _) => Arc::new(EncryptOnly(provider())),
+        (UpstreamTls::VerifyCa, Some(ca)) => Arc::new(ChainOnly(ca_verifier(ca)?)),
+        (UpstreamTls::VerifyFull, Some(ca)) => ca_verifier(ca)?,
+        (_, None) => {
+            return Err(TlsError::File {
+                path: "--upstream-ca".into(),
+                message: "verify-ca and verify-full need a CA file".into(),
+            })
+        }
+    };
+    Ok(Some(client_config_with(verifier)?))
 }
 
 /// A client configuration that judges server certificates with `verifier`.
-pub fn client_config_with(
+fn client_config_with(
     verifier: Arc<dyn ServerCertVerifier>,
 ) -> Result<rustls::ClientConfig, TlsError> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
@@ -135,7 +139,7 @@ pub fn client_config_with(
 
 /// The WebPKI verifier for chains to the certificates in `ca` (a PEM file), server name
 /// included.
-pub fn ca_verifier(ca: &Path) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+fn ca_verifier(ca: &Path) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots.add(cert)?;
@@ -197,6 +201,54 @@ impl ServerCertVerifier for EncryptOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the certificate must chain to the root; its names are not compared with the
+/// host (webpki checks the chain before the name, so a name error means the chain held).
+#[derive(Debug)]
+struct ChainOnly(Arc<dyn ServerCertVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 

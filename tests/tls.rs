@@ -192,6 +192,22 @@ async fn upstream_tls_modes() {
     .await;
     let err = upstream_ssl(&wrong).await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err}");
+    // verify-ca: the chain counts, the right CA connects, another does not.
+    for (ca, connects) in [(tls.ca.clone(), true), (other_ca_of(&other), false)] {
+        let proxy = TestProxy::start(shared(), |s| {
+            s.upstream_tls = Some(UpstreamTls::VerifyCa);
+            s.upstream_ca = Some(ca);
+        })
+        .await;
+        match upstream_ssl(&proxy).await {
+            Ok(ssl) => assert!(connects && ssl),
+            Err(e) => assert!(!connects, "{e}"),
+        }
+    }
+}
+
+fn other_ca_of(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("ca.pem")
 }
 
 #[tokio::test]

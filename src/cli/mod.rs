@@ -297,7 +297,7 @@ pub struct ServeArgs {
     /// TLS to the upstream [default: prefer]
     #[arg(long, value_enum)]
     pub upstream_tls: Option<UpstreamTls>,
-    /// CA certificate (PEM) for --upstream-tls verify-full.
+    /// CA certificate (PEM) for --upstream-tls verify-ca and verify-full.
     #[arg(long)]
     pub upstream_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics.

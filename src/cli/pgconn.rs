@@ -12,9 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
@@ -22,30 +20,6 @@ use tokio_postgres::Socket;
 
 use crate::config::UpstreamTls;
 use crate::tls;
-
-/// libpq's `sslmode` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl Mode {
-    fn parse(value: &str) -> Result<Mode, String> {
-        Ok(match value {
-            "disable" => Mode::Disable,
-            // libpq's `allow` tries plain first; TLS when offered is the safer reading.
-            "allow" | "prefer" => Mode::Prefer,
-            "require" => Mode::Require,
-            "verify-ca" => Mode::VerifyCa,
-            "verify-full" => Mode::VerifyFull,
-            other => return Err(format!("unknown sslmode `{other}`")),
-        })
-    }
-}
 
 /// A connection string split into what tokio-postgres reads and the TLS settings it does
 /// not.
@@ -178,12 +152,13 @@ pub async fn connect(conn: &str) -> Result<tokio_postgres::Client, String> {
         }
     }
     let mode = match parsed.sslmode.or_else(|| std::env::var("PGSSLMODE").ok()) {
-        Some(m) => Mode::parse(&m).map_err(|e| format!("reading {shown}: {e}"))?,
-        None => Mode::Prefer,
+        Some(m) => UpstreamTls::from_sslmode(&m)
+            .ok_or_else(|| format!("reading {shown}: unknown sslmode `{m}`"))?,
+        None => UpstreamTls::Prefer,
     };
     config.ssl_mode(match mode {
-        Mode::Disable => SslMode::Disable,
-        Mode::Prefer => SslMode::Prefer,
+        UpstreamTls::Disable => SslMode::Disable,
+        UpstreamTls::Prefer => SslMode::Prefer,
         _ => SslMode::Require,
     });
     let root = parsed
@@ -263,87 +238,25 @@ struct AdminTls {
 }
 
 impl AdminTls {
-    fn new(mode: Mode, root: Option<&Path>) -> Result<AdminTls, String> {
-        let verified = |root: Option<&Path>| -> Result<PathBuf, String> {
-            if let Some(r) = root {
-                return Ok(r.to_path_buf());
-            }
-            let default = std::env::var_os("HOME")
+    /// `root` is the CA for the verifying modes; libpq's default is ~/.postgresql/root.crt.
+    fn new(mode: UpstreamTls, root: Option<&Path>) -> Result<AdminTls, String> {
+        let default_root = || {
+            std::env::var_os("HOME")
                 .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
-                .filter(|p| p.exists());
-            default.ok_or_else(|| {
-                "sslmode=verify-ca/verify-full needs sslrootcert=FILE (or PGSSLROOTCERT, or \
-                 ~/.postgresql/root.crt)"
-                    .to_string()
-            })
+                .filter(|p| p.exists())
         };
-        let config = match mode {
-            Mode::Disable => None,
-            Mode::Prefer | Mode::Require => {
-                tls::client_config(UpstreamTls::Require, None).map_err(|e| e.to_string())?
-            }
-            Mode::VerifyFull => {
-                let ca = verified(root)?;
-                tls::client_config(UpstreamTls::VerifyFull, Some(&ca)).map_err(|e| e.to_string())?
-            }
-            Mode::VerifyCa => {
-                let chain_only = Arc::new(ChainOnly(
-                    tls::ca_verifier(&verified(root)?).map_err(|e| e.to_string())?,
-                ));
-                Some(tls::client_config_with(chain_only).map_err(|e| e.to_string())?)
-            }
-        };
+        let root = root.map(Path::to_path_buf).or_else(default_root);
+        if mode.verifies() && root.is_none() {
+            return Err(
+                "sslmode=verify-ca/verify-full needs sslrootcert=FILE (or PGSSLROOTCERT, \
+                        or ~/.postgresql/root.crt)"
+                    .into(),
+            );
+        }
+        let config = tls::client_config(mode, root.as_deref()).map_err(|e| e.to_string())?;
         Ok(AdminTls {
             config: config.map(Arc::new),
         })
-    }
-}
-
-/// `verify-ca`: the certificate must chain to the root; its names are not compared with the
-/// host (webpki checks the chain before the name, so a name error means the chain held).
-#[derive(Debug)]
-struct ChainOnly(Arc<dyn ServerCertVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 
@@ -464,6 +377,6 @@ mod tests {
             redact("host=db password='s e' user=u"),
             "host=db password=... user=u"
         );
-        assert!(Mode::parse("verify-all").is_err());
+        assert_eq!(UpstreamTls::from_sslmode("verify-all"), None);
     }
 }

@@ -30,8 +30,30 @@ pub enum UpstreamTls {
     Prefer,
     /// TLS or fail, without verifying the certificate.
     Require,
+    /// TLS with the certificate chained to `--upstream-ca`, whatever host it names.
+    VerifyCa,
     /// TLS with the certificate verified against `--upstream-ca` and the host name.
     VerifyFull,
+}
+
+impl UpstreamTls {
+    /// The mode named by a libpq `sslmode` value (`allow` reads as `prefer`: TLS when the
+    /// server offers it is the safer reading of "either").
+    pub fn from_sslmode(value: &str) -> Option<UpstreamTls> {
+        Some(match value {
+            "disable" => UpstreamTls::Disable,
+            "allow" | "prefer" => UpstreamTls::Prefer,
+            "require" => UpstreamTls::Require,
+            "verify-ca" => UpstreamTls::VerifyCa,
+            "verify-full" => UpstreamTls::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether the server's certificate is checked against a CA.
+    pub fn verifies(self) -> bool {
+        matches!(self, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull)
+    }
 }
 
 /// When audit records are forced to disk (see `audit::writer` for the guarantees).
@@ -211,10 +233,10 @@ impl Config {
             });
         }
         let upstream_tls = s.upstream_tls.unwrap_or(UpstreamTls::Prefer);
-        if upstream_tls == UpstreamTls::VerifyFull && s.upstream_ca.is_none() {
+        if upstream_tls.verifies() && s.upstream_ca.is_none() {
             return Err(ConfigError::Invalid {
                 key: "upstream_tls",
-                message: "verify-full needs --upstream-ca".into(),
+                message: "verify-ca and verify-full need --upstream-ca".into(),
             });
         }
         let metrics = match s.metrics {
@@ -370,6 +392,10 @@ mod tests {
         }));
         assert!(bad(ServeSettings {
             upstream_tls: Some(UpstreamTls::VerifyFull),
+            ..Default::default()
+        }));
+        assert!(bad(ServeSettings {
+            upstream_tls: Some(UpstreamTls::VerifyCa),
             ..Default::default()
         }));
         assert!(bad(ServeSettings {
