@@ -53,49 +53,48 @@ struct Block {
 /// The shell blocks of a Markdown text with their marks, or every problem found (an
 /// unmarked shell block, a mark that is not understood, a mark before no shell block).
 fn shell_blocks(markdown: &str) -> Result<Vec<Block>, Vec<String>> {
+    let lines: Vec<&str> = markdown.lines().collect();
+    let fences = fences(markdown);
     let mut blocks = Vec::new();
     let mut problems = Vec::new();
-    let mut pending: Option<(usize, Result<Mark, String>)> = None;
-    let mut lines = markdown.lines().enumerate();
-    while let Some((i, line)) = lines.next() {
-        let trimmed = line.trim();
-        if let Some(fence) = trimmed.strip_prefix("```") {
-            let shell = SHELLS.contains(&fence.split_whitespace().next().unwrap_or(""));
-            let mut text = String::new();
-            for (_, body) in lines.by_ref() {
-                if body.trim() == "```" {
-                    break;
-                }
-                text.push_str(body);
-                text.push('\n');
-            }
-            match (shell, pending.take()) {
-                (true, Some((_, Ok(mark)))) => blocks.push(Block {
-                    line: i + 1,
-                    text,
-                    mark,
-                }),
-                (true, Some((at, Err(e)))) => problems.push(format!("line {at}: {e}")),
-                (true, None) => problems.push(format!(
-                    "line {}: shell block without a `{MARK} run|skip: reason -->` line before it",
-                    i + 1
-                )),
-                (false, Some((at, _))) => {
-                    problems.push(format!("line {at}: mark before a block that is not shell"))
-                }
-                (false, None) => {}
-            }
+    // Marks outside fences must stand right before a shell fence.
+    for (i, line) in lines.iter().enumerate() {
+        let inside = fences.iter().any(|f| f.line <= i + 1 && i + 1 <= f.end);
+        if inside || !line.trim().starts_with(MARK) {
             continue;
         }
-        if let Some((at, _)) = pending.take() {
-            problems.push(format!("line {at}: mark not directly before a shell block"));
+        match fences.iter().find(|f| f.line == i + 2) {
+            Some(f) if f.shell() => {}
+            Some(_) => problems.push(format!(
+                "line {}: mark before a block that is not shell",
+                i + 1
+            )),
+            None => problems.push(format!(
+                "line {}: mark not directly before a shell block",
+                i + 1
+            )),
         }
-        if let Some(rest) = trimmed.strip_prefix(MARK) {
-            let parsed = rest
-                .strip_suffix("-->")
-                .ok_or_else(|| "a mark must fit on one line".to_string())
-                .and_then(parse_mark);
-            pending = Some((i + 1, parsed));
+    }
+    for fence in fences.into_iter().filter(Fence::shell) {
+        let before = fence.line.checked_sub(2).map(|i| lines[i].trim());
+        let Some(rest) = before.and_then(|l| l.strip_prefix(MARK)) else {
+            problems.push(format!(
+                "line {}: shell block without a `{MARK} run|skip: reason -->` line before it",
+                fence.line
+            ));
+            continue;
+        };
+        let parsed = rest
+            .strip_suffix("-->")
+            .ok_or_else(|| "a mark must fit on one line".to_string())
+            .and_then(parse_mark);
+        match parsed {
+            Ok(mark) => blocks.push(Block {
+                line: fence.line,
+                text: fence.text,
+                mark,
+            }),
+            Err(e) => problems.push(format!("line {}: {e}", fence.line - 1)),
         }
     }
     if problems.is_empty() {
@@ -103,6 +102,48 @@ fn shell_blocks(markdown: &str) -> Result<Vec<Block>, Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+/// A fenced block: the 1-based lines of its opening and closing fence, its info string's
+/// first word, its text.
+struct Fence {
+    line: usize,
+    end: usize,
+    lang: String,
+    text: String,
+}
+
+impl Fence {
+    fn shell(&self) -> bool {
+        SHELLS.contains(&self.lang.as_str())
+    }
+}
+
+/// Every fenced block of a Markdown text, in order.
+fn fences(markdown: &str) -> Vec<Fence> {
+    let mut found = Vec::new();
+    let mut lines = markdown.lines().enumerate();
+    while let Some((i, line)) = lines.next() {
+        let Some(info) = line.trim().strip_prefix("```") else {
+            continue;
+        };
+        let mut fence = Fence {
+            line: i + 1,
+            end: usize::MAX,
+            lang: info.split_whitespace().next().unwrap_or("").to_string(),
+            text: String::new(),
+        };
+        for (j, body) in lines.by_ref() {
+            if body.trim() == "```" {
+                fence.end = j + 1;
+                break;
+            }
+            fence.text.push_str(body);
+            fence.text.push('\n');
+        }
+        found.push(fence);
+    }
+    found
 }
 
 fn parse_mark(text: &str) -> Result<Mark, String> {
@@ -314,29 +355,6 @@ fn every_readme_shell_block_is_marked_and_the_runnable_ones_run() {
     drop(scratch);
 }
 
-/// The blocks of a Markdown text fenced with info string `lang`: (line of the fence, text).
-fn fenced(markdown: &str, lang: &str) -> Vec<(usize, String)> {
-    let mut found = Vec::new();
-    let mut lines = markdown.lines().enumerate();
-    while let Some((i, line)) = lines.next() {
-        let Some(info) = line.trim().strip_prefix("```") else {
-            continue;
-        };
-        let mut text = String::new();
-        for (_, body) in lines.by_ref() {
-            if body.trim() == "```" {
-                break;
-            }
-            text.push_str(body);
-            text.push('\n');
-        }
-        if info.split_whitespace().next() == Some(lang) {
-            found.push((i + 1, text));
-        }
-    }
-    found
-}
-
 /// The README's TOML examples are what pgveil accepts: a block with rule tables loads as
 /// rules, any other as a `serve --config` file (unknown keys and bad values are errors in
 /// both).
@@ -344,7 +362,11 @@ fn fenced(markdown: &str, lang: &str) -> Vec<(usize, String)> {
 fn readme_toml_examples_are_valid_rules_or_config() {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let blocks = fenced(&readme, "toml");
+    let blocks: Vec<(usize, String)> = fences(&readme)
+        .into_iter()
+        .filter(|f| f.lang == "toml")
+        .map(|f| (f.line, f.text))
+        .collect();
     assert!(
         blocks.len() >= 2,
         "the README shows a rules file and a config file"
