@@ -59,7 +59,8 @@ fn shell_blocks(markdown: &str) -> Result<Vec<Block>, Vec<String>> {
     let mut problems = Vec::new();
     // Marks outside fences must stand right before a shell fence.
     for (i, line) in lines.iter().enumerate() {
-        let inside = fences.iter().any(|f| f.line <= i + 1 && i + 1 <= f.end);
+        let line_no = i + 1;
+        let inside = fences.iter().any(|f| (f.line..=f.end).contains(&line_no));
         if inside || !line.trim().starts_with(MARK) {
             continue;
         }
