@@ -57,30 +57,28 @@ impl Refusal {
     /// The refusal of `sql` as `role` sees it. A statement that could not be analysed is
     /// named by its opening keyword when the string holds one statement.
     pub fn denied(&self, role: &str, sql: &str) -> Denied {
-        let message = if self.kind == UNANALYSABLE {
-            let kind = crate::sql::leading_keyword(sql).unwrap_or(UNANALYSABLE);
-            Refusal {
-                kind,
-                ..self.clone()
-            }
-            .message(role)
-        } else {
-            self.message(role)
+        let kind = match self.kind {
+            UNANALYSABLE => crate::sql::leading_keyword(sql).unwrap_or(UNANALYSABLE),
+            kind => kind,
         };
         Denied {
-            message,
+            message: self.message_as(kind, role),
             rule: self.rule.as_ref().map(|o| o.to_string()),
         }
     }
 
     pub fn message(&self, role: &str) -> String {
+        self.message_as(self.kind, role)
+    }
+
+    fn message_as(&self, kind: &str, role: &str) -> String {
         let rule = match &self.rule {
             Some(o) => format!(" (rule {o})"),
             None => String::new(),
         };
         format!(
             "pgveil: {} on {} is not allowed for role \"{role}\": {}{rule}",
-            self.kind.to_uppercase(),
+            kind.to_uppercase(),
             self.table,
             self.reason
         )
