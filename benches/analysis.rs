@@ -1,0 +1,147 @@
+//! What screening one simple-protocol statement costs a session, end to end on the client
+//! side (analysis, decisions, audit facts), for a masked and for a guarded session, with
+//! the literals changing at every call as an application's do.
+//!
+//!     cargo bench --bench analysis
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use criterion::{criterion_group, criterion_main, Criterion};
+use pgveil::config::rules::Rules;
+use pgveil::metrics::Metrics;
+use pgveil::policy::guard::GuardPolicy;
+use pgveil::protocol::frontend::FrontendMessage;
+use pgveil::protocol::write;
+use pgveil::session::audit::{AuditSetup, Sensitive, SessionAudit, Who};
+use pgveil::session::guard::SessionGuard;
+use pgveil::session::identity::SessionIdentity;
+use pgveil::session::policy::SessionPolicy;
+use pgveil::session::screen::screen;
+use pgveil::session::state::SessionState;
+use pgveil::sql::masking::testing::crm_context;
+
+const MASKS: &str = r#"
+[settings]
+protected = ["delete", "truncate", "drop"]
+[[mask]]
+column = "customers.phone"
+function = "partial"
+keep_first = 3
+keep_last = 4
+[[mask]]
+column = "customers.email"
+function = "email"
+"#;
+
+const GUARD: &str = r#"
+[settings]
+protected = ["insert", "update", "delete"]
+[[allow]]
+roles = ["bench"]
+statements = ["insert", "update", "delete"]
+tables = ["public.*"]
+"#;
+
+fn rules(toml: &str) -> Rules {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("r.toml"), toml).expect("rules");
+    Rules::load(dir.path()).expect("valid rules")
+}
+
+fn session(toml: &str) -> SessionState {
+    let rules = rules(toml);
+    let identity = SessionIdentity::offline("bench", &[], "bench");
+    let catalog = crm_context(|ctx| Arc::new(ctx.catalog.clone()));
+    let search_path = vec!["pg_catalog".to_string(), "public".to_string()];
+    let mut st = SessionState::new(HashMap::new());
+    let masks = pgveil::policy::SessionMasks::build(&rules, &identity, &catalog);
+    if !masks.is_empty() {
+        st.policy = Some(SessionPolicy::new(
+            Arc::new(masks),
+            catalog.clone(),
+            search_path.clone(),
+            rules.settings.unanalysable,
+            "bench".into(),
+        ));
+    }
+    st.guard = GuardPolicy::for_session(&rules, &identity)
+        .map(|g| SessionGuard::new(g, catalog.clone(), "bench".into(), search_path.clone()));
+    let who = Who {
+        session: 1,
+        user: "bench".into(),
+        database: "bench".into(),
+        client_addr: "127.0.0.1:50000".into(),
+        application_name: "bench".into(),
+    };
+    st.audit = Some(
+        SessionAudit::new(
+            who,
+            AuditSetup {
+                log: None,
+                metrics: Arc::new(Metrics::default()),
+                redact: false,
+                catalog: Some(catalog.clone()),
+                search_path,
+                sensitive: Sensitive::build(&rules, &identity, Some(&catalog)),
+                alerts: None,
+            },
+        )
+        .recording(),
+    );
+    st
+}
+
+/// Screens `sql` as a Query and plays the server's answer, so nothing piles up.
+fn round_trip(st: &mut SessionState, sql: &str, out: &mut BytesMut) {
+    let frame = write::query(sql);
+    let msg = FrontendMessage::Query { sql };
+    screen(st, &msg, &frame, out);
+    out.clear();
+    if let Some(a) = st.audit.as_mut() {
+        a.on_complete(Some("SELECT 1"));
+        a.on_ready();
+        black_box(a.take_completed());
+    }
+    st.on_server(b'C', None);
+    st.on_server(b'Z', None);
+}
+
+/// A benchmark case: its name, the rules it runs under, and its statement for an iteration.
+type Case = (&'static str, &'static str, fn(u64) -> String);
+
+fn bench(c: &mut Criterion) {
+    let mut out = BytesMut::new();
+    let cases: [Case; 4] = [
+        ("masked session: SELECT masked in flight", MASKS, |n| {
+            format!("SELECT id, name, phone FROM customers WHERE id = {n}")
+        }),
+        ("masked session: SELECT rewritten", MASKS, |n| {
+            format!("SELECT id, upper(phone) FROM customers c WHERE c.id = {n}")
+        }),
+        ("guarded session: UPDATE", GUARD, |n| {
+            format!(
+                "UPDATE deals SET amount = amount + {} WHERE id = {n};",
+                n % 5000
+            )
+        }),
+        ("guarded session: SELECT join", GUARD, |n| {
+            format!("SELECT d.amount, c.name FROM deals d JOIN customers c ON c.id = d.customer_id WHERE d.id = {n}")
+        }),
+    ];
+    for (name, toml, sql) in cases {
+        let mut st = session(toml);
+        let mut n = 0u64;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                round_trip(&mut st, &sql(n), &mut out)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
