@@ -12,6 +12,7 @@ use pgveil::audit::record::{chain_hash, line, GENESIS};
 use pgveil::metrics::Metrics;
 use pgveil::protocol::frontend::FrontendMessage;
 use pgveil::session::audit::{AuditSetup, Sensitive, SessionAudit, Who};
+use pgveil::sql::Strings;
 
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 
@@ -46,6 +47,7 @@ fn bench(c: &mut Criterion) {
             sql: SELECT,
             param_types: vec![],
         },
+        Strings::Standard,
         None,
     );
     c.bench_function(
@@ -58,6 +60,7 @@ fn bench(c: &mut Criterion) {
                         statement: "P0_1",
                         result_formats: Default::default(),
                     },
+                    Strings::Standard,
                     None,
                 );
                 a.on_client(
@@ -65,9 +68,10 @@ fn bench(c: &mut Criterion) {
                         portal: "",
                         max_rows: 0,
                     },
+                    Strings::Standard,
                     None,
                 );
-                a.on_client(&FrontendMessage::Sync, None);
+                a.on_client(&FrontendMessage::Sync, Strings::Standard, None);
                 a.on_data_row();
                 a.on_complete(Some("SELECT 1"));
                 a.on_ready();
@@ -81,6 +85,7 @@ fn bench(c: &mut Criterion) {
                 portal: "",
                 max_rows: 0,
             },
+            Strings::Standard,
             None,
         );
         a.on_complete(Some("SELECT 1"));

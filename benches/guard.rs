@@ -40,18 +40,23 @@ fn bench(c: &mut Criterion) {
                 n % 5000,
                 n
             );
-            black_box(g.screen(&sql, true)).expect("allowed")
+            black_box(g.screen(&sql, pgveil::sql::Strings::Standard)).expect("allowed")
         })
     });
     c.bench_function("guard: TPC-B UPDATE, full analysis", |b| {
         b.iter(|| {
             let mut fresh = guard_clone(&g);
-            black_box(fresh.screen(UPDATE, true)).expect("allowed")
+            black_box(fresh.screen(UPDATE, pgveil::sql::Strings::Standard)).expect("allowed")
         })
     });
     let mut out = String::new();
-    c.bench_function("shape of a TPC-B UPDATE", |b| {
-        b.iter(|| black_box(pgveil::sql::shape::shape(black_box(UPDATE), &mut out)))
+    c.bench_function("lexing and shape of a TPC-B UPDATE", |b| {
+        b.iter(|| {
+            let lexed = pgveil::sql::lex::lex(black_box(UPDATE), pgveil::sql::Strings::Standard)
+                .expect("lexes");
+            pgveil::sql::lex::Lexed::shape(&lexed.tokens, &mut out);
+            black_box(out.len())
+        })
     });
 }
 

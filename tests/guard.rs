@@ -176,12 +176,30 @@ async fn no_form_of_delete_truncate_or_drop_gets_through() {
     assert_refused(&c, "DELETE FROM customers", "DELETE").await;
     c.simple_query("RESET search_path").await.unwrap();
     assert_refused(&c, "DELETE FROM customers", "DELETE").await;
-    // With standard_conforming_strings off the server reads `\'` as a quote and sqlparser
-    // does not: nothing can be analysed any more.
+    // With standard_conforming_strings off the server reads `\'` as a quote: pgveil reads
+    // literals as the server does under the setting it reported, so the same bytes are a
+    // harmless string (it runs) or hide a DELETE (refused) as they are for the server.
+    let hidden_when_off = "SELECT '\\' ; SELECT '; DELETE FROM customers; --'";
+    let hidden_when_on = "SELECT 'a\\'; DELETE FROM customers; --'";
     c.simple_query("SET standard_conforming_strings = off")
         .await
         .unwrap();
-    assert_refused(&c, "SELECT 'a\\'; DELETE FROM customers; --'", "STATEMENT").await;
+    assert_refused(&c, hidden_when_off, "DELETE").await;
+    c.simple_query(hidden_when_on).await.unwrap();
+    c.simple_query("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+    assert_refused(&c, hidden_when_on, "DELETE").await;
+    c.simple_query(hidden_when_off).await.unwrap();
+    // The setting changed in a statement pipelined before the one screened: the server has
+    // not confirmed it yet, so a literal that reads differently either way is refused.
+    let (set, hidden) = tokio::join!(
+        c.simple_query("SET standard_conforming_strings = off"),
+        c.simple_query(hidden_when_off)
+    );
+    set.unwrap();
+    let err = hidden.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501", "{err}");
     c.simple_query("SET standard_conforming_strings = on")
         .await
         .unwrap();
@@ -478,5 +496,69 @@ async fn a_search_path_change_invalidates_cached_decisions() {
         pg.psql_super("guard_path", "SELECT count(*) FROM public.customers"),
         "200"
     );
+    p.shutdown().await;
+}
+
+/// The guard reads statements with the server's lexer: where a comment ends, what a
+/// `U&` name stands for, and how deep a statement may nest without taking the process down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_reads_tokens_as_the_server_does() {
+    let pg = database("guard_lexer");
+    let (p, _rules) = proxy(pg, RULES).await;
+    let alice = client(&p, "alice", "alice_pw", "guard_lexer").await;
+    let tasks = || pg.psql_super("guard_lexer", "SELECT count(*) FROM tasks");
+    let before = tasks();
+    // A `--` comment ends at a carriage return for the server: an allowed DELETE first
+    // (its verdict is cached), then the same bytes up to the comment followed by one that
+    // has no WHERE clause. The shape of both once looked alike.
+    alice
+        .simple_query("DELETE FROM tasks WHERE id = -1 -- done\n")
+        .await
+        .unwrap();
+    let err = alice
+        .simple_query("DELETE FROM tasks WHERE id = -1 -- done\r; DELETE FROM tasks")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("requires a WHERE clause"),
+        "{err}"
+    );
+    assert_eq!(tasks(), before);
+    // `U&"\0074asks"` is tasks: the same rule applies to it.
+    let err = alice
+        .simple_query(r#"DELETE FROM U&"\0074asks""#)
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("requires a WHERE clause"),
+        "{err}"
+    );
+    alice
+        .simple_query(r#"DELETE FROM U&"!0074asks" UESCAPE '!' WHERE id = -1"#)
+        .await
+        .unwrap();
+    assert_eq!(tasks(), before);
+
+    // A megabyte of left-nested expression: refused for a guarded role, forwarded (and
+    // answered by the server) for an exempt one; the process serves on either way.
+    let deep = format!("SELECT 1{}", "+1".repeat(500_000));
+    let mallory = client(&p, "mallory", "mallory_pw", "guard_lexer").await;
+    let err = mallory.simple_query(&deep).await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501", "{err}");
+    let admin = client(&p, "crm_admin", "admin_pw", "guard_lexer").await;
+    let _ = admin.simple_query(&deep).await;
+    let nested = format!("SELECT {}1{}", "(".repeat(500_000), ")".repeat(500_000));
+    let _ = mallory.simple_query(&nested).await;
+    let _ = admin.simple_query(&nested).await;
+    let fresh = client(&p, "alice", "alice_pw", "guard_lexer").await;
+    let one: i32 = fresh.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    mallory.simple_query("SELECT 1").await.unwrap();
     p.shutdown().await;
 }

@@ -166,7 +166,7 @@ pub async fn explain(
         search_path: &search_path_schemas(&identity.search_path, role),
         temp_tables: &Default::default(),
         unanalysable: rules.settings.unanalysable,
-        standard_conforming_strings: true,
+        strings: crate::sql::Strings::Standard,
     };
     let (verdict, _) = masking::check(sql, &ctx);
     match &verdict {
@@ -227,7 +227,7 @@ fn explain_guard(
     sql: &str,
     out: &mut String,
 ) {
-    let facts = crate::sql::guard::analyse(sql, catalog, true);
+    let facts = crate::sql::guard::analyse(sql, catalog, crate::sql::Strings::Standard);
     for a in facts
         .accesses
         .iter()
@@ -244,7 +244,7 @@ fn explain_guard(
     };
     let search_path = search_path_schemas(&identity.search_path, &identity.user);
     let mut guard = SessionGuard::new(policy, catalog.clone(), identity.user.clone(), search_path);
-    match guard.screen(sql, true) {
+    match guard.screen(sql, crate::sql::Strings::Standard) {
         Ok(()) => out.push_str("guard: allowed\n"),
         Err(denied) => out.push_str(&format!(
             "decision: refused\nerror: 42501 {}\n",

@@ -362,7 +362,7 @@ mod tests {
             return Ok(Permit);
         };
         crm_context(|ctx| {
-            let facts = analyse(sql, ctx.catalog, true);
+            let facts = analyse(sql, ctx.catalog, crate::sql::Strings::Standard);
             let names = Names {
                 catalog: ctx.catalog,
                 search_path: &["alice".to_string(), "public".to_string()],

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::policy::guard::{GuardPolicy, Names, Prepared};
 use crate::policy::{Denied, Refusal};
-use crate::sql::guard::{analyse, Access, Effect, StatementFacts};
-use crate::sql::shape::shape;
+use crate::sql::guard::{analyse, analyse_tokens, Access, Effect, StatementFacts};
+use crate::sql::lex::{lex, Lexed, Strings};
 
 /// Decisions kept per session; past this the cache starts over.
 const CACHE: usize = 1024;
@@ -60,14 +60,24 @@ impl SessionGuard {
     }
 
     /// Whether `sql` may be forwarded; `Err` holds the client-facing refusal.
-    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Result<(), Denied> {
-        let shaped = standard_conforming_strings && shape(sql, &mut self.scratch);
+    pub fn screen(&mut self, sql: &str, strings: Strings) -> Result<(), Denied> {
+        let lexed = lex(sql, strings);
+        let shaped = match &lexed {
+            Ok(l) => {
+                Lexed::shape(&l.tokens, &mut self.scratch);
+                true
+            }
+            Err(_) => false,
+        };
         if shaped {
             if let Some(decision) = self.decisions.get(self.scratch.as_str()) {
                 return decision.clone().map_or(Ok(()), Err);
             }
         }
-        let facts = analyse(sql, &self.catalog, standard_conforming_strings);
+        let facts = match &lexed {
+            Ok(l) => analyse_tokens(&l.tokens, &self.catalog),
+            Err(_) => analyse(sql, &self.catalog, strings),
+        };
         let decision = self.decide(&facts, sql);
         if decision.is_ok() {
             self.apply(&facts);

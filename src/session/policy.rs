@@ -15,6 +15,7 @@ use crate::policy::guard::GuardPolicy;
 use crate::policy::{Denied, SessionMasks};
 use crate::server::Proxy;
 use crate::sql::masking::{self, Verdict};
+use crate::sql::Strings;
 
 /// Keeps a session's policy in step with rules reloads: checked before each batch of client
 /// messages (one atomic load when nothing changed).
@@ -89,7 +90,7 @@ impl PolicyRefresh {
                 SessionGuard::new(new, catalog, self.identity.user.clone(), search_path)
             }
         };
-        let scs = st.standard_conforming_strings();
+        let scs = st.lexing();
         for sql in st.prepared_sql() {
             if guard.screen(&sql, scs).is_err() {
                 tracing::info!(
@@ -183,8 +184,10 @@ impl SessionPolicy {
     }
 
     /// What to do with `sql` before it is forwarded.
-    pub fn screen(&mut self, sql: &str, standard_conforming_strings: bool) -> Screen {
-        if let Some(v) = self.verdicts.get(sql) {
+    pub fn screen(&mut self, sql: &str, strings: Strings) -> Screen {
+        // A text without a backslash reads alike whatever standard_conforming_strings is.
+        let cacheable = strings == Strings::Standard || !sql.contains('\\');
+        if let Some(v) = self.verdicts.get(sql).filter(|_| cacheable) {
             return screen_of(v, &self.role, sql);
         }
         let ctx = masking::Context {
@@ -193,7 +196,7 @@ impl SessionPolicy {
             search_path: &self.search_path,
             temp_tables: &self.created,
             unanalysable: self.unanalysable,
-            standard_conforming_strings,
+            strings,
         };
         let (verdict, created) = masking::check(sql, &ctx);
         if !created.is_empty() {
@@ -202,7 +205,7 @@ impl SessionPolicy {
             self.created.extend(created);
         }
         let message = screen_of(&verdict, &self.role, sql);
-        if standard_conforming_strings {
+        if cacheable {
             if self.verdicts.len() >= VERDICT_CACHE {
                 self.verdicts.clear();
             }

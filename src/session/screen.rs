@@ -34,12 +34,13 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
     }
     let screened = screen_message(st, msg);
     let ignored = st.ignored_by_server(msg);
+    let strings = st.lexing();
     if let Some(a) = st.audit.as_mut().filter(|_| !ignored) {
         let refusal = match &screened {
             Screen::Refuse(denied) => Some(denied),
             _ => None,
         };
-        a.on_client(msg, refusal);
+        a.on_client(msg, strings, refusal);
     }
     match (screened, msg) {
         (Screen::Forward, _) => {
@@ -81,7 +82,7 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
 /// The treatment of one client message: the guard first, then masking, then `block`
 /// alerts.
 fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
-    let scs = st.standard_conforming_strings();
+    let scs = st.lexing();
     match msg {
         FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
             if let Some(Err(denied)) = st.guard.as_mut().map(|g| g.screen(sql, scs)) {
@@ -94,7 +95,7 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
             if matches!(masked, Screen::Refuse(_)) {
                 return masked;
             }
-            match st.audit.as_mut().and_then(|a| a.alert_block(sql)) {
+            match st.audit.as_mut().and_then(|a| a.alert_block(sql, scs)) {
                 Some(denied) => Screen::Refuse(denied),
                 None => masked,
             }
@@ -123,8 +124,9 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
 /// Forwards a client message unchanged.
 pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
     if !st.ignored_by_server(msg) {
+        let strings = st.lexing();
         if let Some(a) = st.audit.as_mut() {
-            a.on_client(msg, None);
+            a.on_client(msg, strings, None);
         }
     }
     st.on_client(msg);

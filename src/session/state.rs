@@ -18,6 +18,7 @@ use super::rows::MaskPlan;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
 use crate::protocol::frontend::{FormatCodes, FrontendMessage, Target};
 use crate::protocol::ProtocolError;
+use crate::sql::Strings;
 
 /// A statement or portal name: short names (the usual case) are held inline.
 pub type Name = CompactString;
@@ -171,12 +172,17 @@ impl SessionState {
         self.pending.is_empty()
     }
 
-    /// Whether the server reads `\'` inside '...' as two characters (the setting the
-    /// analysis needs on; the server reports every change in ParameterStatus).
-    pub fn standard_conforming_strings(&self) -> bool {
-        self.server_params
-            .get("standard_conforming_strings")
-            .is_none_or(|v| v == "on")
+    /// How the server reads `'...'` literals: standard_conforming_strings as it last
+    /// reported it (ParameterStatus), or unknown while a request it has not answered yet
+    /// may change it (a `SET` pipelined before the statement being screened).
+    pub fn lexing(&self) -> Strings {
+        if !self.pending.is_empty() {
+            return Strings::Unknown;
+        }
+        match self.server_params.get("standard_conforming_strings") {
+            Some(v) if v != "on" => Strings::Escaped,
+            _ => Strings::Standard,
+        }
     }
 
     /// Applies a rules reload (see `PolicyRefresh::refresh`).

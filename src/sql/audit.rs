@@ -10,8 +10,8 @@ use sqlparser::ast::{
     CopySource, Expr, ObjectName, Query, SelectItem, SetExpr, Statement, TableFactor, Visit,
     Visitor,
 };
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
+
+use super::lex::{lex, Lexed, Strings, Token};
 
 use super::{fold, name_parts};
 
@@ -33,59 +33,30 @@ pub struct PartFacts {
     pub uses: Option<String>,
 }
 
-/// The statements of a query string, as the client wrote them (trimmed, empty ones
-/// dropped). Splits at top-level semicolons as the server's lexer finds them.
-pub fn split(sql: &str) -> Vec<&str> {
-    // The common cases without a lexer: no semicolon, or only trailing ones (pgbench and
-    // many drivers end every statement with one).
-    let body = sql
-        .trim()
-        .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
-    if !body.contains(';') {
-        return if body.is_empty() { vec![] } else { vec![body] };
+impl PartFacts {
+    /// A statement pgveil cannot parse: recorded as kind `other`, unanalysed.
+    pub fn unanalysed() -> PartFacts {
+        PartFacts {
+            kind: "other",
+            unanalysed: true,
+            ..Default::default()
+        }
     }
-    let dialect = PostgreSqlDialect {};
-    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
-        return vec![sql.trim()];
-    };
-    let line_starts: Vec<usize> = std::iter::once(0)
-        .chain(sql.match_indices('\n').map(|(i, _)| i + 1))
-        .collect();
-    let offset = |line: u64, column: u64| -> Option<usize> {
-        let start = *line_starts.get((line as usize).checked_sub(1)?)?;
-        let (i, _) = sql[start..]
-            .char_indices()
-            .nth((column as usize).checked_sub(1)?)?;
-        Some(start + i)
-    };
-    let mut parts = Vec::new();
-    let mut from = 0;
-    for t in tokens.iter().filter(|t| t.token == Token::SemiColon) {
-        let Some(at) = offset(t.span.start.line, t.span.start.column) else {
-            return vec![sql.trim()];
-        };
-        parts.push(&sql[from..at]);
-        from = at + 1;
-    }
-    parts.push(&sql[from..]);
-    parts
-        .into_iter()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect()
 }
 
-/// Analyses one statement (a part from [`split`]).
+/// Analyses one statement read with standard_conforming_strings on.
 pub fn analyse(sql: &str) -> PartFacts {
-    let stmts = match super::parse(sql) {
+    match lex(sql, Strings::Standard) {
+        Ok(lexed) => analyse_tokens(&lexed.tokens),
+        Err(_) => PartFacts::unanalysed(),
+    }
+}
+
+/// Analyses the server's tokens of one statement (a part from `Lexed::statements`).
+pub fn analyse_tokens(tokens: &[Token<'_>]) -> PartFacts {
+    let stmts = match super::parse_tokens(tokens) {
         Ok(s) if s.len() == 1 => s,
-        _ => {
-            return PartFacts {
-                kind: "other",
-                unanalysed: true,
-                ..Default::default()
-            }
-        }
+        _ => return PartFacts::unanalysed(),
     };
     let stmt = &stmts[0];
     let mut v = Collector::default();
@@ -235,43 +206,23 @@ impl Collector {
 /// comments by a space: what the `redact` option writes, since people type customer data
 /// into WHERE clauses. A string the lexer cannot read is replaced whole.
 pub fn redact(sql: &str) -> String {
-    let dialect = PostgreSqlDialect {};
-    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize() else {
-        return "? (pgveil could not read this statement to redact its literals)".into();
-    };
-    let mut out = String::with_capacity(sql.len());
-    for t in &tokens {
-        match t {
-            Token::Number(..)
-            | Token::SingleQuotedString(_)
-            | Token::TripleSingleQuotedString(_)
-            | Token::TripleDoubleQuotedString(_)
-            | Token::DollarQuotedString(_)
-            | Token::SingleQuotedByteStringLiteral(_)
-            | Token::DoubleQuotedByteStringLiteral(_)
-            | Token::TripleSingleQuotedByteStringLiteral(_)
-            | Token::TripleDoubleQuotedByteStringLiteral(_)
-            | Token::SingleQuotedRawStringLiteral(_)
-            | Token::DoubleQuotedRawStringLiteral(_)
-            | Token::TripleSingleQuotedRawStringLiteral(_)
-            | Token::TripleDoubleQuotedRawStringLiteral(_)
-            | Token::NationalStringLiteral(_)
-            | Token::QuoteDelimitedStringLiteral(_)
-            | Token::NationalQuoteDelimitedStringLiteral(_)
-            | Token::EscapedStringLiteral(_)
-            | Token::UnicodeStringLiteral(_)
-            | Token::HexStringLiteral(_) => out.push('?'),
-            Token::Whitespace(Whitespace::SingleLineComment { .. })
-            | Token::Whitespace(Whitespace::MultiLineComment(_)) => out.push(' '),
-            other => out.push_str(&other.to_string()),
-        }
+    match lex(sql, Strings::Standard) {
+        Ok(lexed) => Lexed::redacted(sql, &lexed.tokens),
+        Err(_) => UNREADABLE.into(),
     }
-    out
 }
+
+/// The audit text of a statement pgveil could not read to redact it.
+pub const UNREADABLE: &str = "? (pgveil could not read this statement to redact its literals)";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(sql: &str) -> Vec<&str> {
+        let lexed = lex(sql, Strings::Standard).unwrap();
+        lexed.statements().into_iter().map(|r| &sql[r]).collect()
+    }
 
     #[test]
     fn splits_where_the_server_does() {
@@ -286,6 +237,11 @@ mod tests {
         assert_eq!(
             split("SELECT 'é'; SELECT 2"),
             vec!["SELECT 'é'", "SELECT 2"]
+        );
+        assert_eq!(split("SELECT 1; -- done\n"), vec!["SELECT 1"]);
+        assert_eq!(
+            split("SELECT 1 -- c\r; DELETE FROM t"),
+            vec!["SELECT 1 -- c", "DELETE FROM t"]
         );
     }
 
@@ -321,7 +277,7 @@ mod tests {
     fn redacts_literals_and_comments() {
         assert_eq!(
             redact("SELECT * FROM customers WHERE phone = '13912345678' AND id > 42 /* Alice */"),
-            "SELECT * FROM customers WHERE phone = ? AND id > ?  "
+            "SELECT * FROM customers WHERE phone = ? AND id > ?"
         );
         assert_eq!(
             redact("SELECT E'a\\'b', $$x$$, \"Name\" FROM t WHERE x = $1"),

@@ -17,6 +17,7 @@ use sqlparser::ast::{
     TableWithJoins, Visit, Visitor,
 };
 
+use super::lex::{lex, Strings, Token};
 use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts};
 use crate::catalog::Catalog;
 use crate::config::rules::StatementKind;
@@ -88,21 +89,26 @@ impl StatementFacts {
     }
 
     /// Whether the same verdict holds for every string of the same shape (see
-    /// `sql::shape`): true unless the string changes session state.
+    /// `Lexed::shape`): true unless the string changes session state.
     pub fn shape_independent(&self) -> bool {
         self.effects.is_empty()
     }
 }
 
-/// Analyses a whole query string. `catalog` tells built-in functions from others.
-pub fn analyse(sql: &str, catalog: &Catalog, standard_conforming_strings: bool) -> StatementFacts {
-    // The setting only changes how '...' literals read: text without one reads the same.
-    if !standard_conforming_strings && sql.contains('\'') {
-        return StatementFacts::unanalysable(
-            "standard_conforming_strings is off, so pgveil cannot read string literals as the server does",
-        );
+/// Analyses a whole query string read under `strings`. `catalog` tells built-in
+/// functions from others.
+pub fn analyse(sql: &str, catalog: &Catalog, strings: Strings) -> StatementFacts {
+    match lex(sql, strings) {
+        Ok(lexed) => analyse_tokens(&lexed.tokens, catalog),
+        Err(e) => {
+            StatementFacts::unanalysable(format!("pgveil cannot read it as the server does: {e}"))
+        }
     }
-    let statements = match super::parse(sql) {
+}
+
+/// Analyses the server's tokens of a query string.
+pub fn analyse_tokens(tokens: &[Token<'_>], catalog: &Catalog) -> StatementFacts {
+    let statements = match super::parse_tokens(tokens) {
         Ok(s) => s,
         Err(_) => return StatementFacts::unanalysable("pgveil cannot parse it"),
     };
@@ -503,7 +509,7 @@ mod tests {
     use crate::sql::masking::testing::crm_context;
 
     fn facts(sql: &str) -> StatementFacts {
-        crm_context(|ctx| analyse(sql, ctx.catalog, true))
+        crm_context(|ctx| analyse(sql, ctx.catalog, Strings::Standard))
     }
 
     fn kinds_on(sql: &str) -> Vec<(StatementKind, String)> {
@@ -634,16 +640,13 @@ mod tests {
         ] {
             assert!(facts(sql).unanalysable.is_some(), "{sql}");
         }
-        assert!(crm_context(|ctx| analyse("SELECT 'a'", ctx.catalog, false))
-            .unanalysable
-            .is_some());
-        assert!(crm_context(|ctx| analyse(
-            "SET standard_conforming_strings = on",
-            ctx.catalog,
-            false
-        ))
-        .unanalysable
-        .is_none());
+        // With standard_conforming_strings off the server reads `\'` as a quote: the
+        // DELETE is inside the string; with it on, or while it may be changing, not.
+        let hidden = "SELECT '\\'; DELETE FROM customers; --'";
+        let read = |strings| crm_context(|ctx| analyse(hidden, ctx.catalog, strings));
+        assert_eq!(read(Strings::Escaped).kinds, vec!["select"]);
+        assert_eq!(read(Strings::Standard).kinds, vec!["select", "delete"]);
+        assert!(read(Strings::Unknown).unanalysable.is_some());
         assert!(
             facts("SELECT upper(name), now(), coalesce(1, 2) FROM customers")
                 .unanalysable

@@ -4,8 +4,8 @@
 
 pub mod audit;
 pub mod guard;
+pub mod lex;
 pub mod masking;
-pub mod shape;
 
 use std::ops::ControlFlow;
 
@@ -13,14 +13,34 @@ use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Statement, TableFactor, 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
 
+use lex::Lexed;
+pub use lex::Strings;
+
 /// Deep enough for real CRM queries, shallow enough to bound stack use on hostile input.
 const RECURSION_LIMIT: usize = 64;
 
-/// Parses a query string into its statements, for every analysis (masking, guard, audit).
+/// Parses a query string read with standard_conforming_strings on.
 pub fn parse(sql: &str) -> Result<Vec<Statement>, ParserError> {
+    parse_as(sql, Strings::Standard)
+}
+
+/// Parses a query string into its statements, for every analysis (masking, guard, audit):
+/// the server's tokens (see [`lex`]) under the session's `strings` setting.
+pub fn parse_as(sql: &str, strings: Strings) -> Result<Vec<Statement>, ParserError> {
+    let lexed = lex::lex(sql, strings).map_err(|e| ParserError::ParserError(e.to_string()))?;
+    parse_tokens(&lexed.tokens)
+}
+
+/// Parses the server's tokens of a query string: sqlparser reads their canonical text,
+/// so it sees the tokens the server sees, whatever their spelling.
+pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserError> {
+    if Lexed::depth(tokens) > lex::DEPTH_LIMIT {
+        return Err(ParserError::RecursionLimitExceeded);
+    }
+    let canonical = Lexed::canonical(tokens);
     let statements = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)?
+        .try_with_sql(&canonical)?
         .parse_statements()?;
     if statements
         .iter()
@@ -114,30 +134,24 @@ const LEADING_KEYWORDS: [&str; 52] = [
 /// what a refusal can name of a statement pgveil could not analyse. `None` for several
 /// statements, or when the first word is not a statement keyword.
 pub fn leading_keyword(sql: &str) -> Option<&'static str> {
-    use sqlparser::tokenizer::{Token, Tokenizer};
-    let parts = audit::split(sql);
+    let lexed = lex::lex(sql, Strings::Standard).ok()?;
+    let parts = lexed.statements();
     let [one] = parts.as_slice() else {
         return None;
     };
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, one).tokenize().ok()?;
-    let word = tokens
-        .iter()
-        .find(|t| !matches!(t, Token::Whitespace(_) | Token::LParen))?;
-    let Token::Word(w) = word else {
-        return None;
-    };
-    if w.quote_style.is_some() {
+    let word = lexed.within(one).iter().find(|t| !t.is_op("("))?;
+    if word.kind != lex::Kind::Word {
         return None;
     }
-    let lower = w.value.to_ascii_lowercase();
-    LEADING_KEYWORDS.iter().copied().find(|k| *k == lower)
+    LEADING_KEYWORDS.iter().copied().find(|k| *k == word.value)
 }
 
-/// An identifier as the server folds it: unquoted → lower case, quoted → as written.
+/// An identifier as the server folds it: unquoted → ASCII letters in lower case, quoted
+/// → as written.
 pub fn fold(ident: &Ident) -> String {
     match ident.quote_style {
         Some(_) => ident.value.clone(),
-        None => ident.value.to_lowercase(),
+        None => ident.value.to_ascii_lowercase(),
     }
 }
 
@@ -266,5 +280,25 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_crash() {
         let sql = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
         assert!(parse(&sql).is_err());
+    }
+
+    #[test]
+    fn long_chains_are_bounded_and_fit_a_worker_stack() {
+        let over = format!("SELECT 1{}", "+1".repeat(lex::DEPTH_LIMIT));
+        assert!(parse(&over).is_err());
+        // Just under the limit, every recursive walk (visiting, printing, dropping) fits
+        // the stack of a tokio worker thread (2 MiB).
+        let under = format!("SELECT 1{}", "+1".repeat(lex::DEPTH_LIMIT - 10));
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let stmts = parse(&under).unwrap();
+                let _ = stmts[0].visit(&mut MisreadOnly);
+                assert!(stmts[0].to_string().len() > 1000);
+                drop(stmts);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

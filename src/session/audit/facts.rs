@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::config::rules::Rules;
 use crate::session::identity::SessionIdentity;
-use crate::sql::audit::{analyse, redact, split, PartFacts};
-use crate::sql::shape::shape;
+use crate::sql::audit::{analyse_tokens, PartFacts, UNREADABLE};
+use crate::sql::lex::{lex, Lexed, Strings, Token};
 
 /// Facts kept per session; past this the cache starts over.
 const CACHE: usize = 1024;
@@ -143,44 +143,70 @@ impl FactsCache {
     }
 
     /// A Parse's statement text and facts (the whole string: the server refuses a
-    /// prepared statement with more than one command).
-    pub fn whole(&mut self, sql: &str) -> (Arc<str>, Arc<Facts>) {
-        let facts = self.facts_of(sql.trim());
-        (self.text_of(sql.trim()), facts)
+    /// prepared statement with more than one command), read under `strings`.
+    pub fn whole(&mut self, sql: &str, strings: Strings) -> (Arc<str>, Arc<Facts>) {
+        match lex(sql, strings) {
+            Ok(lexed) => {
+                let facts = self.facts_of(&lexed.tokens);
+                (self.text_of(sql, sql.trim(), &lexed.tokens), facts)
+            }
+            Err(_) => self.unread(sql.trim()),
+        }
     }
 
-    /// The statements of a query string, each with its text and facts.
-    pub fn parts(&mut self, sql: &str) -> Vec<(Arc<str>, Arc<Facts>)> {
-        split(sql)
+    /// The statements of a query string read under `strings`, each with its text and
+    /// facts.
+    pub fn parts(&mut self, sql: &str, strings: Strings) -> Vec<(Arc<str>, Arc<Facts>)> {
+        let Ok(lexed) = lex(sql, strings) else {
+            let sql = sql.trim();
+            return if sql.is_empty() {
+                Vec::new()
+            } else {
+                vec![self.unread(sql)]
+            };
+        };
+        lexed
+            .statements()
             .into_iter()
-            .map(|part| {
-                let facts = self.facts_of(part);
-                (self.text_of(part), facts)
+            .map(|range| {
+                let tokens = lexed.within(&range);
+                let facts = self.facts_of(tokens);
+                (self.text_of(sql, &sql[range], tokens), facts)
             })
             .collect()
     }
 
-    fn text_of(&self, sql: &str) -> Arc<str> {
-        if self.redact {
-            Arc::from(redact(sql))
+    /// A statement pgveil cannot read as the server does: recorded unanalysed.
+    fn unread(&mut self, sql: &str) -> (Arc<str>, Arc<Facts>) {
+        let facts = Arc::new(self.resolve(PartFacts::unanalysed()));
+        let text = if self.redact {
+            Arc::from(UNREADABLE)
         } else {
             Arc::from(sql)
+        };
+        (text, facts)
+    }
+
+    /// The audit text of `part` of the query string `sql`, whose tokens are `tokens`.
+    fn text_of(&self, sql: &str, part: &str, tokens: &[Token<'_>]) -> Arc<str> {
+        if self.redact {
+            Arc::from(Lexed::redacted(sql, tokens))
+        } else {
+            Arc::from(part)
         }
     }
 
-    fn facts_of(&mut self, part: &str) -> Arc<Facts> {
-        let shaped = shape(part, &mut self.scratch);
-        let facts = match self.cache.get(self.scratch.as_str()).filter(|_| shaped) {
+    fn facts_of(&mut self, tokens: &[Token<'_>]) -> Arc<Facts> {
+        Lexed::shape(tokens, &mut self.scratch);
+        let facts = match self.cache.get(self.scratch.as_str()) {
             Some(f) => f.clone(),
             None => {
-                let f = Arc::new(self.resolve(analyse(part)));
-                if shaped {
-                    if self.cache.len() >= CACHE {
-                        self.cache.clear();
-                    }
-                    self.cache
-                        .insert(Box::from(self.scratch.as_str()), f.clone());
+                let f = Arc::new(self.resolve(analyse_tokens(tokens)));
+                if self.cache.len() >= CACHE {
+                    self.cache.clear();
                 }
+                self.cache
+                    .insert(Box::from(self.scratch.as_str()), f.clone());
                 f
             }
         };

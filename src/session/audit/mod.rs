@@ -25,6 +25,7 @@ use crate::config::rules::AlertAction;
 use crate::metrics::Metrics;
 use crate::policy::Denied;
 use crate::protocol::frontend::{FrontendMessage, Target};
+use crate::sql::Strings;
 use crate::watch::{AlertWatch, Fired};
 use facts::{Facts, FactsCache};
 
@@ -140,18 +141,24 @@ impl SessionAudit {
         self.alerts.is_some()
     }
 
-    /// Records the client's message; `refusal` when pgveil refused it.
-    pub fn on_client(&mut self, msg: &FrontendMessage<'_>, refusal: Option<&Denied>) {
+    /// Records the client's message, its SQL read under `strings`; `refusal` when pgveil
+    /// refused it.
+    pub fn on_client(
+        &mut self,
+        msg: &FrontendMessage<'_>,
+        strings: Strings,
+        refusal: Option<&Denied>,
+    ) {
         match msg {
             FrontendMessage::Query { sql } => {
-                for (text, facts) in self.facts.parts(sql) {
+                for (text, facts) in self.facts.parts(sql, strings) {
                     let f = self.in_flight(text, facts, "simple", refusal.cloned());
                     self.slots.push_back(Slot::Statement(f));
                 }
                 self.slots.push_back(Slot::End);
             }
             FrontendMessage::Parse { statement, sql, .. } => {
-                let (text, facts) = self.facts.whole(sql);
+                let (text, facts) = self.facts.whole(sql, strings);
                 if refusal.is_some() {
                     self.refused_parse =
                         Some(self.in_flight(text, facts, "extended", refusal.cloned()));
@@ -226,9 +233,9 @@ impl SessionAudit {
     /// For `block` alerts: the refusal of a statement that reads a masked table while the
     /// user's window is over its limit.
     /// The statement is analysed only while the user is blocked.
-    pub fn alert_block(&mut self, sql: &str) -> Option<Denied> {
+    pub fn alert_block(&mut self, sql: &str, strings: Strings) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
-        let parts = self.facts.parts(sql);
+        let parts = self.facts.parts(sql, strings);
         let (_, facts) = parts.iter().find(|(_, f)| f.may_read_sensitive())?;
         Some(self.alert_refusal(facts, blocked))
     }

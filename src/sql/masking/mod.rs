@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlparser::ast::{Expr, SetExpr, Statement, Visit};
 
-use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts};
+use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts, Strings};
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Unanalysable};
 pub use crate::policy::Refusal;
@@ -35,7 +35,8 @@ pub struct Context<'a> {
     pub search_path: &'a [String],
     pub temp_tables: &'a HashSet<String>,
     pub unanalysable: Unanalysable,
-    pub standard_conforming_strings: bool,
+    /// How the session's server reads string literals now.
+    pub strings: Strings,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -63,11 +64,13 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     if ctx.masks.is_empty() {
         return (Verdict::Pass, Vec::new());
     }
-    if !ctx.standard_conforming_strings {
+    // A rewrite is written with standard strings: only a session known to read them so
+    // can be given one (a text without a backslash reads alike either way).
+    if ctx.strings == Strings::Escaped && sql.contains('\\') {
         let reason = "standard_conforming_strings is off, so pgveil cannot read string literals as the server does";
         return (unanalysable(ctx, reason), Vec::new());
     }
-    let mut statements = match super::parse(sql) {
+    let mut statements = match super::parse_as(sql, ctx.strings) {
         Ok(s) => s,
         Err(_) => {
             return (
@@ -98,7 +101,12 @@ pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     }
     if rewritten {
         let sql: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
-        return (Verdict::Rewritten(sql.join(";\n")), created);
+        let sql = sql.join(";\n");
+        if ctx.strings != Strings::Standard && sql.contains('\\') {
+            let reason = "standard_conforming_strings may be off, and the rewritten statement holds a backslash the server could read as an escape";
+            return (unanalysable(ctx, reason), Vec::new());
+        }
+        return (Verdict::Rewritten(sql), created);
     }
     (verdict, created)
 }

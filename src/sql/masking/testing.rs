@@ -113,7 +113,7 @@ pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
         search_path: &search_path,
         temp_tables: &temp,
         unanalysable: Unanalysable::Deny,
-        standard_conforming_strings: true,
+        strings: crate::sql::Strings::Standard,
     };
     f(&ctx)
 }
