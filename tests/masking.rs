@@ -302,6 +302,12 @@ const REFUSED: &[&str] = &[
     // A whole row of a table with a keyed mask, built by ROW() or in an ARRAY subquery.
     "SELECT ROW(c.*) FROM customers c",
     "SELECT ARRAY(SELECT c FROM customers c)",
+    // A CTE is only in scope where PostgreSQL sees it: these name the real relations.
+    "SELECT most_common_vals::text FROM pg_stats WHERE EXISTS (WITH pg_stats AS (SELECT 1) SELECT 1 FROM pg_stats)",
+    // An alias reused for another table at another level still names the masked one here.
+    "SELECT row_to_json(t) FROM customers t WHERE EXISTS (SELECT 1 FROM deals t)",
+    // A whole row of an INSERT's target in RETURNING.
+    "INSERT INTO customers (id, full_name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET full_name = customers.full_name RETURNING customers",
 ];
 
 /// Forms that run, computed on masked values by the server.
@@ -335,6 +341,18 @@ const REWRITTEN: &[&str] = &[
     "SELECT ARRAY(SELECT phone FROM customers)",
     "SELECT ARRAY(SELECT email FROM customers WHERE phone LIKE '1391%')",
     "SELECT ROW(phone, email, national_id) FROM customers",
+    // A CTE named like a masked table, elsewhere in the statement or defined over it.
+    "SELECT phone, email FROM customers WHERE EXISTS (WITH customers AS (SELECT 1) SELECT 1 FROM customers)",
+    "WITH customers AS (SELECT id, phone, email FROM customers) SELECT phone, upper(email) FROM customers",
+    "WITH a AS (SELECT 1 AS phone), customers AS (SELECT phone FROM customers) SELECT * FROM customers",
+    // An alias reused for another table in a subquery.
+    "SELECT c.phone, upper(c.email) FROM customers c WHERE EXISTS (SELECT 1 FROM deals c)",
+    "SELECT (SELECT c.phone FROM customers c LIMIT 1) FROM deals c",
+    // Unicode-escaped names are the columns they spell.
+    r#"SELECT U&"\0070hone", upper(U&"!0065mail" UESCAPE '!') FROM customers"#,
+    // RETURNING of an INSERT that updates on conflict.
+    "INSERT INTO customers (id, full_name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET full_name = customers.full_name RETURNING upper(phone), email, national_id",
+    "INSERT INTO customers AS c (id, full_name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET full_name = c.full_name WHERE excluded.full_name <> '' RETURNING c.phone || '', c.email",
 ];
 
 #[tokio::test]

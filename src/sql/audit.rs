@@ -12,6 +12,7 @@ use sqlparser::ast::{
 };
 
 use super::lex::{lex, Lexed, Strings, Token};
+use super::scope::CteScope;
 
 use super::{fold, name_parts};
 
@@ -71,11 +72,7 @@ pub fn analyse_tokens(tokens: &[Token<'_>]) -> PartFacts {
     if facts.columns.iter().any(|c| v.aliases.contains(c)) {
         facts.all_columns = true;
     }
-    facts.relations = v
-        .relations
-        .into_iter()
-        .filter(|r| !(r.len() == 1 && v.ctes.contains(&r[0])))
-        .collect();
+    facts.relations = v.relations;
     match stmt {
         Statement::Copy {
             source: CopySource::Table { columns, .. },
@@ -135,7 +132,7 @@ struct Collector {
     columns: BTreeSet<String>,
     /// Table names and aliases in FROM clauses.
     aliases: BTreeSet<String>,
-    ctes: BTreeSet<String>,
+    scope: CteScope,
     all_columns: bool,
 }
 
@@ -143,18 +140,22 @@ impl Visitor for Collector {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        if let Some(with) = &q.with {
-            for cte in &with.cte_tables {
-                self.ctes.insert(fold(&cte.alias.name));
-            }
-        }
+        self.scope.enter(q);
         self.note_wildcards(&q.body);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+        self.scope.leave();
         ControlFlow::Continue(())
     }
 
     fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
         if let Some(parts) = name_parts(r) {
-            self.relations.insert(parts);
+            // A name that means a CTE where it stands is not a relation.
+            if !self.scope.is_cte(&parts) {
+                self.relations.insert(parts);
+            }
         }
         ControlFlow::Continue(())
     }

@@ -8,7 +8,6 @@
 //! cannot see into (a user-defined function, `DO`, `CALL`, a trigger or function body),
 //! built-ins that run SQL given as text.
 
-use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
@@ -18,6 +17,7 @@ use sqlparser::ast::{
 };
 
 use super::lex::{lex, Strings, Token};
+use super::scope::CteScope;
 use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts};
 use crate::catalog::Catalog;
 use crate::config::rules::StatementKind;
@@ -118,7 +118,7 @@ pub fn analyse_tokens(tokens: &[Token<'_>], catalog: &Catalog) -> StatementFacts
         let mut walk = Walk {
             catalog,
             facts: &mut facts,
-            ctes: HashSet::new(),
+            ctes: CteScope::default(),
         };
         let _ = stmt.visit(&mut walk);
     }
@@ -128,7 +128,7 @@ pub fn analyse_tokens(tokens: &[Token<'_>], catalog: &Catalog) -> StatementFacts
 struct Walk<'a> {
     catalog: &'a Catalog,
     facts: &'a mut StatementFacts,
-    ctes: HashSet<String>,
+    ctes: CteScope,
 }
 
 impl Walk<'_> {
@@ -368,7 +368,7 @@ impl Walk<'_> {
                 let mut walk = Walk {
                     catalog: self.catalog,
                     facts: &mut inner,
-                    ctes: HashSet::new(),
+                    ctes: CteScope::default(),
                 };
                 let _ = statement.visit(&mut walk);
                 if let Some(reason) = inner.unanalysable {
@@ -398,12 +398,13 @@ impl Visitor for Walk<'_> {
         ControlFlow::Continue(())
     }
 
+    fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+        self.ctes.leave();
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        if let Some(with) = &q.with {
-            for cte in &with.cte_tables {
-                self.ctes.insert(fold(&cte.alias.name));
-            }
-        }
+        self.ctes.enter(q);
         if let sqlparser::ast::SetExpr::Select(s) = q.body.as_ref() {
             if let Some(into) = &s.into {
                 let created = into.targets.first().and_then(|t| match t {
@@ -425,7 +426,7 @@ impl Visitor for Walk<'_> {
                 name, args: None, ..
             } => {
                 let parts = name_parts(name);
-                let cte = matches!(parts.as_deref(), Some([n]) if self.ctes.contains(n));
+                let cte = parts.as_deref().is_some_and(|p| self.ctes.is_cte(p));
                 if !cte {
                     let target = parts
                         .map(|parts| Target::Relation {

@@ -14,6 +14,7 @@ use sqlparser::ast::{
 use super::{fold, name_parts};
 use crate::catalog::Relation;
 use crate::policy::ColumnMask;
+use crate::sql::scope::CteScope;
 
 /// One table reference in FROM, UPDATE, DELETE or COPY.
 pub(super) struct TableRef {
@@ -23,13 +24,15 @@ pub(super) struct TableRef {
     pub(super) alias: Option<String>,
     pub(super) alias_columns: bool,
     pub(super) function: bool,
+    /// The name means a CTE visible where the reference is.
+    pub(super) cte: bool,
 }
 
 /// Everything the checker needs from one statement, gathered in one walk.
 #[derive(Default)]
 pub(super) struct Facts {
     pub(super) tables: Vec<TableRef>,
-    pub(super) ctes: HashSet<String>,
+    pub(super) ctes: CteScope,
     /// Column-like references: (address of the Expr, its folded parts, its SQL).
     pub(super) idents: Vec<(usize, Vec<String>, String)>,
     pub(super) functions: Vec<Vec<String>>,
@@ -50,11 +53,12 @@ impl Visitor for Facts {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        if let Some(with) = &q.with {
-            for cte in &with.cte_tables {
-                self.ctes.insert(fold(&cte.alias.name));
-            }
-        }
+        self.ctes.enter(q);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+        self.ctes.leave();
         ControlFlow::Continue(())
     }
 
@@ -81,9 +85,11 @@ impl Visitor for Facts {
             name, alias, args, ..
         } = tf
         {
+            let parts = name_parts(name).unwrap_or_default();
             self.tables.push(TableRef {
                 addr: tf as *const TableFactor as usize,
-                parts: name_parts(name).unwrap_or_default(),
+                cte: args.is_none() && self.ctes.is_cte(&parts),
+                parts,
                 alias: alias.as_ref().map(|a| fold(&a.name)),
                 alias_columns: alias.as_ref().is_some_and(|a| !a.columns.is_empty()),
                 function: args.is_some(),
@@ -180,8 +186,12 @@ pub(super) type TableMasks = HashMap<String, Arc<ColumnMask>>;
 
 /// The statement's tables as the session's masks see them.
 pub(super) struct Scope<'a> {
-    /// Alias (or bare table name) → relation.
-    pub(super) by_alias: HashMap<String, Arc<Relation>>,
+    /// Alias (or bare table name) → the relations it names somewhere in the statement
+    /// (one name can mean different relations at different query levels).
+    pub(super) by_alias: HashMap<String, Vec<Arc<Relation>>>,
+    /// `excluded` in an `INSERT ... ON CONFLICT DO UPDATE` is the row proposed for
+    /// insertion, the client's own values, unless a table in the statement is so named.
+    pub(super) excluded: bool,
     pub(super) masked: Vec<(Arc<Relation>, &'a TableMasks)>,
     /// Each reference to a masked table: (TableFactor address, relation, alias).
     pub(super) masked_refs: Vec<(usize, Arc<Relation>, Option<String>)>,
@@ -204,7 +214,10 @@ impl<'a> Scope<'a> {
     pub(super) fn masked_relation(&self, name: &str) -> Option<&Arc<Relation>> {
         self.by_alias
             .get(name)
-            .filter(|r| self.masked.iter().any(|(m, _)| m.oid == r.oid))
+            .and_then(|rels| {
+                rels.iter()
+                    .find(|r| self.masked.iter().any(|(m, _)| m.oid == r.oid))
+            })
             .or_else(|| self.masked.iter().map(|(r, _)| r).find(|r| r.name == name))
     }
 
@@ -237,11 +250,19 @@ pub(super) fn classify<'a>(parts: &[String], scope: &Scope<'a>) -> Use<'a> {
     // A qualifier that names a non-masked relation makes the reference safe; anything
     // else (a masked relation, schema.table, a composite column) is judged by name.
     if parts.len() == 2 {
-        if let Some(rel) = scope.by_alias.get(&parts[0]) {
-            return match scope.masks_of(rel).and_then(|m| m.get(col)) {
-                Some(m) => Use::Column(m),
-                None => Use::None,
-            };
+        if let Some(rels) = scope.by_alias.get(&parts[0]) {
+            // Masked if any relation the qualifier names in the statement masks it (a
+            // deny mask first).
+            let mut found: Option<&'a Arc<ColumnMask>> = None;
+            for m in rels.iter().filter_map(|r| scope.masks_of(r)?.get(col)) {
+                if found.is_none() || m.is_deny() {
+                    found = Some(m);
+                }
+            }
+            return found.map_or(Use::None, Use::Column);
+        }
+        if scope.excluded && parts[0] == "excluded" {
+            return Use::None;
         }
     }
     for p in &parts[..parts.len() - 1] {

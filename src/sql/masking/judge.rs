@@ -37,6 +37,11 @@ pub(super) fn check_masked(
         judge_use(*addr, parts, sql, scope, &zones, &mut whole, kind, subs)?;
     }
     if whole.needed {
+        // An INSERT's target cannot be replaced by a masking subquery.
+        if let Some((_, rel, _)) = scope.masked_refs.iter().find(|(a, _, _)| *a == 0) {
+            let reason = "a whole-row reference to the target would carry masked columns in clear";
+            return Err(refuse(kind, rel.qualified(), reason, None));
+        }
         for (addr, rel, alias) in scope.masked_refs.iter().filter(|(a, _, _)| *a != 0) {
             let sql = masking_select(rel, scope.masks_of(rel));
             let name = alias.clone().unwrap_or_else(|| rel.name.clone());

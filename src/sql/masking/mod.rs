@@ -154,7 +154,21 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
             alias: None,
             alias_columns: false,
             function: false,
+            cte: false,
         });
+    }
+    // The target of an INSERT: what RETURNING and ON CONFLICT DO UPDATE read of it.
+    if let Statement::Insert(i) = stmt {
+        if let sqlparser::ast::TableObject::TableName(name) = &i.table {
+            facts.tables.push(TableRef {
+                addr: 0,
+                parts: name_parts(name).unwrap_or_default(),
+                alias: i.table_alias.as_ref().map(|a| fold(&a.alias)),
+                alias_columns: false,
+                function: false,
+                cte: false,
+            });
+        }
     }
     let scope =
         match check_functions(&facts, ctx, kind).and_then(|()| resolve_tables(&facts, ctx, kind)) {
@@ -216,12 +230,14 @@ fn resolve_tables<'a>(
 ) -> Result<Scope<'a>, Verdict> {
     let mut scope = Scope {
         by_alias: HashMap::new(),
+        excluded: false,
         masked: Vec::new(),
         masked_refs: Vec::new(),
     };
     for t in facts.tables.iter().filter(|t| !t.function) {
         let rel = match t.parts.as_slice() {
-            [name] if facts.ctes.contains(name) || ctx.temp_tables.contains(name) => continue,
+            _ if t.cte => continue,
+            [name] if ctx.temp_tables.contains(name) => continue,
             // The session may change search_path in ways the analysis cannot follow: a
             // bare name that could mean a masked relation in any schema is taken as it.
             [name] => ctx
@@ -266,8 +282,9 @@ fn resolve_tables<'a>(
                 .push((t.addr, rel.clone(), t.alias.clone()));
         }
         let name = t.alias.clone().unwrap_or_else(|| rel.name.clone());
-        scope.by_alias.insert(name, rel.clone());
+        scope.by_alias.entry(name).or_default().push(rel.clone());
     }
+    scope.excluded = !scope.by_alias.contains_key("excluded");
     Ok(scope)
 }
 
