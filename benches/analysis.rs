@@ -63,7 +63,7 @@ fn session(toml: &str) -> SessionState {
             Arc::new(masks),
             catalog.clone(),
             search_path.clone(),
-            rules.settings.unanalysable,
+            &rules.settings,
             "bench".into(),
         ));
     }

@@ -351,6 +351,61 @@ async fn redaction_replaces_literals() {
     assert!(!text.contains("13900000000"));
 }
 
+/// Every blocked record names the rule behind it: a mask's line for masking refusals
+/// (whole rows, functions, relations pgveil cannot place), the `[settings]` line or the
+/// default setting's name for what cannot be analysed or is protected by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_blocked_record_names_its_rule() {
+    let (p, _rules) = proxy_with(RULES, |_| {}).await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for sql in [
+        "SELECT * FROM pg_stats WHERE tablename = 'customers'",
+        "SELECT query_to_xml('select 1', true, true, '')",
+        "SELECT * FROM no_such_table",
+        "DO $$ BEGIN END $$",
+        "DELETE FROM tasks WHERE id = 1",
+    ] {
+        let err = alice.simple_query(sql).await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "42501", "{sql}: {err}");
+    }
+    let records = p.audit_records();
+    let blocked: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["decision"] == "blocked")
+        .collect();
+    assert_eq!(blocked.len(), 5, "{records:#?}");
+    let rules: Vec<&str> = blocked
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap_or_else(|| panic!("no rule: {r}")))
+        .collect();
+    // Masking refusals name the phone mask, the first rule of the file (line 2); the
+    // guard refuses what runs SQL it cannot see and DO blocks by the default
+    // `unanalysable = "deny"`, and DELETE by the default `protected`.
+    assert!(rules[0].ends_with("rules.toml:2"), "{rules:?}");
+    assert_eq!(rules[1], "settings.unanalysable");
+    assert!(rules[2].ends_with("rules.toml:2"), "{rules:?}");
+    assert_eq!(rules[3], "settings.unanalysable");
+    assert_eq!(rules[4], "settings.protected");
+    p.shutdown().await;
+
+    // With `[settings]` in the file, what cannot be analysed names that line.
+    let rules = format!("[settings]\nunanalysable = \"deny\"\n{RULES}");
+    let (p, _rules) = proxy_with(&rules, |_| {}).await;
+    let alice = p.connect("alice", "alice_pw").await;
+    alice.simple_query("DO $$ BEGIN END $$").await.unwrap_err();
+    let records = p.audit_records();
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r["decision"] == "blocked")
+        .unwrap();
+    assert!(
+        last["rule"].as_str().unwrap().ends_with("rules.toml:1"),
+        "{last}"
+    );
+    p.shutdown().await;
+}
+
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -791,7 +846,10 @@ async fn metrics_are_served_in_prometheus_text_format() {
         samples["pgveil_statement_duration_seconds_bucket{le=\"+Inf\"}"],
         2.0
     );
-    assert_eq!(samples["pgveil_refusals_total{rule=\"settings\"}"], 1.0);
+    assert_eq!(
+        samples["pgveil_refusals_total{rule=\"settings.protected\"}"],
+        1.0
+    );
     assert!(samples["pgveil_audit_records_total"] >= 3.0);
     // Anything but /metrics is a 404.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

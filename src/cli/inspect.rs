@@ -166,6 +166,7 @@ pub async fn explain(
         search_path: &search_path_schemas(&identity.search_path, role),
         temp_tables: &Default::default(),
         unanalysable: rules.settings.unanalysable,
+        settings: rules.settings.origin.as_ref(),
         strings: crate::sql::Strings::Standard,
     };
     let (verdict, _) = masking::check(sql, &ctx);

@@ -154,6 +154,26 @@ impl SessionMasks {
         self.by_attr.get(&(table_oid, attnum))
     }
 
+    /// The rule behind masking `table_oid` (its first mask in rule order), or, for
+    /// another relation or none, the session's first mask rule: what a masking refusal
+    /// names.
+    pub fn rule_for(&self, table_oid: Option<u32>) -> Option<&Origin> {
+        fn first(cols: &HashMap<String, Arc<ColumnMask>>) -> Option<&Origin> {
+            cols.values()
+                .map(|m| &m.origin)
+                .min_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)))
+        }
+        table_oid
+            .and_then(|oid| self.by_table.get(&oid))
+            .and_then(first)
+            .or_else(|| {
+                self.by_table
+                    .values()
+                    .filter_map(first)
+                    .min_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)))
+            })
+    }
+
     /// For a view reading a masked table: that table's OID.
     pub fn view_reads_masked(&self, oid: u32) -> Option<u32> {
         self.masked_views.get(&oid).copied()

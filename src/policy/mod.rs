@@ -24,23 +24,20 @@ pub struct Refusal {
     pub rule: Option<Origin>,
 }
 
+/// The rule a refusal names when pgveil's default `protected` kinds refused it (no
+/// `[settings]` in the rules).
+pub const PROTECTED_BY_DEFAULT: &str = "settings.protected";
+/// The rule a refusal names when the default `unanalysable = "deny"` refused it.
+pub const UNANALYSABLE_BY_DEFAULT: &str = "settings.unanalysable";
+
 /// A refusal as a session reports it: the client's message, and the rule behind it for
-/// the audit record.
+/// the audit record and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denied {
     pub message: String,
-    /// `file:line` of the rule, when one is behind the refusal.
-    pub rule: Option<String>,
-}
-
-impl Denied {
-    /// A refusal no rule file line stands behind.
-    pub fn without_rule(message: String) -> Denied {
-        Denied {
-            message,
-            rule: None,
-        }
-    }
+    /// `file:line` of the rule behind the refusal, or the default setting's name
+    /// ([`PROTECTED_BY_DEFAULT`], [`UNANALYSABLE_BY_DEFAULT`]).
+    pub rule: String,
 }
 
 impl Refusal {
@@ -61,9 +58,14 @@ impl Refusal {
             UNANALYSABLE => crate::sql::leading_keyword(sql).unwrap_or(UNANALYSABLE),
             kind => kind,
         };
+        let rule = match (&self.rule, self.kind) {
+            (Some(o), _) => o.to_string(),
+            (None, UNANALYSABLE) => UNANALYSABLE_BY_DEFAULT.to_string(),
+            (None, _) => PROTECTED_BY_DEFAULT.to_string(),
+        };
         Denied {
             message: self.message_as(kind, role),
-            rule: self.rule.as_ref().map(|o| o.to_string()),
+            rule,
         }
     }
 

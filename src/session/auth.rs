@@ -350,7 +350,7 @@ async fn session_policy(
             Arc::new(masks),
             cached.catalog.clone(),
             search_path.clone(),
-            rules.settings.unanalysable,
+            &rules.settings,
             identity.user.clone(),
         )
     });

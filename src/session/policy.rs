@@ -10,7 +10,7 @@ use super::identity::SessionIdentity;
 use super::state::SessionState;
 use crate::catalog::search_path_schemas;
 use crate::catalog::Catalog;
-use crate::config::rules::Unanalysable;
+use crate::config::rules::{Origin, Settings, Unanalysable};
 use crate::policy::guard::GuardPolicy;
 use crate::policy::{Denied, SessionMasks};
 use crate::server::Proxy;
@@ -157,6 +157,8 @@ pub struct SessionPolicy {
     pub catalog: Arc<Catalog>,
     pub search_path: Vec<String>,
     pub unanalysable: Unanalysable,
+    /// Where `[settings]` is in the rules (named by refusals of what cannot be analysed).
+    pub settings: Option<Origin>,
     /// The login user, as refusals name it.
     pub role: String,
     /// Tables this session created (temporary or not), unknown to the cached catalog.
@@ -169,14 +171,15 @@ impl SessionPolicy {
         masks: Arc<SessionMasks>,
         catalog: Arc<Catalog>,
         search_path: Vec<String>,
-        unanalysable: Unanalysable,
+        settings: &Settings,
         role: String,
     ) -> SessionPolicy {
         SessionPolicy {
             masks,
             catalog,
             search_path,
-            unanalysable,
+            unanalysable: settings.unanalysable,
+            settings: settings.origin.clone(),
             role,
             created: HashSet::new(),
             verdicts: HashMap::new(),
@@ -196,6 +199,7 @@ impl SessionPolicy {
             search_path: &self.search_path,
             temp_tables: &self.created,
             unanalysable: self.unanalysable,
+            settings: self.settings.as_ref(),
             strings,
         };
         let (verdict, created) = masking::check(sql, &ctx);

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 
 use super::policy::Screen;
 use super::state::{Discarding, Pending, SessionState};
-use crate::policy::Denied;
+use crate::policy::{Denied, UNANALYSABLE_BY_DEFAULT};
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{write, Frame};
 
@@ -108,10 +108,16 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
             .map_or(Screen::Forward, Screen::Refuse),
         // Fast-path calls name functions by OID, beyond the analysis.
         FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
-            (Some(p), _) => Screen::Refuse(Denied::without_rule(format!(
-                "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
-                p.role
-            ))),
+            (Some(p), _) => Screen::Refuse(Denied {
+                message: format!(
+                    "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
+                    p.role
+                ),
+                rule: p
+                    .masks
+                    .rule_for(None)
+                    .map_or_else(|| UNANALYSABLE_BY_DEFAULT.to_string(), |o| o.to_string()),
+            }),
             (None, Some(g)) => g
                 .screen_unanalysable("a fast-path call names its function by OID")
                 .map_or_else(Screen::Refuse, |()| Screen::Forward),

@@ -262,7 +262,7 @@ impl SessionAudit {
                 facts.kind.to_uppercase(),
                 self.who.user
             ),
-            rule: Some(rule),
+            rule,
         }
     }
 
@@ -342,8 +342,7 @@ impl SessionAudit {
         self.metrics
             .statement(f.facts.kind, decision.as_str(), elapsed);
         if let Some(b) = &f.blocked {
-            self.metrics
-                .refusal(b.rule.as_deref().unwrap_or("settings"));
+            self.metrics.refusal(&b.rule);
         }
         if decision == Decision::Masked {
             self.metrics.rows_masked(rows.unwrap_or(0));
@@ -365,7 +364,7 @@ impl SessionAudit {
                 message,
                 protocol: Some(f.protocol),
                 rows,
-                rule: f.blocked.as_ref().and_then(|b| b.rule.as_deref()),
+                rule: f.blocked.as_ref().map(|b| b.rule.as_str()),
                 session: self.who.session,
                 sqlstate: if f.blocked.is_some() {
                     Some("42501")

@@ -35,6 +35,8 @@ pub struct Context<'a> {
     pub search_path: &'a [String],
     pub temp_tables: &'a HashSet<String>,
     pub unanalysable: Unanalysable,
+    /// Where `[settings]` is in the rules, if it is.
+    pub settings: Option<&'a Origin>,
     /// How the session's server reads string literals now.
     pub strings: Strings,
 }
@@ -61,6 +63,33 @@ const STATS_VIEWS: [&str; 4] = [
 /// Checks a whole query string; one refused statement refuses the string. Also returns
 /// the tables the string creates, which the session's catalog does not know yet.
 pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
+    let (mut verdict, created) = check_string(sql, ctx);
+    if let Verdict::Refused(r) = &mut verdict {
+        if r.rule.is_none() {
+            r.rule = refusal_rule(r, ctx);
+        }
+    }
+    (verdict, created)
+}
+
+/// The rule behind a masking refusal that no single mask decided: the mask of the
+/// table it names, or else the session's first mask (what subjects the session to the
+/// analysis). A refusal under an explicit `unanalysable = "deny"` names `[settings]`.
+fn refusal_rule(r: &Refusal, ctx: &Context<'_>) -> Option<Origin> {
+    if r.kind == crate::policy::UNANALYSABLE {
+        if let Some(o) = ctx.settings {
+            return Some(o.clone());
+        }
+    }
+    let table = r
+        .table
+        .split_once('.')
+        .and_then(|(schema, name)| ctx.catalog.relation(schema, name))
+        .map(|rel| rel.oid);
+    ctx.masks.rule_for(table).cloned()
+}
+
+fn check_string(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     if ctx.masks.is_empty() {
         return (Verdict::Pass, Vec::new());
     }

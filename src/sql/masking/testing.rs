@@ -113,6 +113,7 @@ pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
         search_path: &search_path,
         temp_tables: &temp,
         unanalysable: Unanalysable::Deny,
+        settings: None,
         strings: crate::sql::Strings::Standard,
     };
     f(&ctx)
