@@ -41,7 +41,8 @@ fn session() -> SessionAudit {
 
 fn bench(c: &mut Criterion) {
     let mut a = session();
-    a.on_client(
+    // What the session state keeps with the prepared statement, and its portal runs.
+    let prepared = a.on_client(
         &FrontendMessage::Parse {
             statement: "P0_1",
             sql: SELECT,
@@ -49,7 +50,9 @@ fn bench(c: &mut Criterion) {
         },
         Strings::Standard,
         None,
+        None,
     );
+    let portal = prepared.as_ref();
     c.bench_function(
         "audit: Bind + Execute + DataRow + CommandComplete -> record",
         |b| {
@@ -62,6 +65,7 @@ fn bench(c: &mut Criterion) {
                     },
                     Strings::Standard,
                     None,
+                    None,
                 );
                 a.on_client(
                     &FrontendMessage::Execute {
@@ -70,8 +74,9 @@ fn bench(c: &mut Criterion) {
                     },
                     Strings::Standard,
                     None,
+                    portal,
                 );
-                a.on_client(&FrontendMessage::Sync, Strings::Standard, None);
+                a.on_client(&FrontendMessage::Sync, Strings::Standard, None, None);
                 a.on_data_row();
                 a.on_complete(Some("SELECT 1"));
                 a.on_ready();
@@ -87,6 +92,7 @@ fn bench(c: &mut Criterion) {
             },
             Strings::Standard,
             None,
+            portal,
         );
         a.on_complete(Some("SELECT 1"));
         a.take_completed().pop().expect("a record")

@@ -406,6 +406,76 @@ async fn every_blocked_record_names_its_rule() {
     p.shutdown().await;
 }
 
+/// A prepared statement's record follows what the server accepted: a Parse the server
+/// refuses (its name is taken) does not change what an Execute of that name runs, nor
+/// what its record says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_parse_does_not_rename_what_runs() {
+    use pgveil::protocol::write;
+    use tokio::io::AsyncWriteExt;
+    let (p, _rules) = proxy_with(RULES, |_| {}).await;
+    let mut s = common::raw_session(&p.addr_string(), "trust_user", "crm").await;
+    let sync = write::frame(b'S', |_| {});
+    async fn until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut tags = Vec::new();
+        while let Some((tag, body)) = common::read_message(s).await {
+            tags.push(tag);
+            if tag == b'E' {
+                tags.extend(common::sqlstate_of(&body).bytes());
+            }
+            if tag == b'Z' {
+                break;
+            }
+        }
+        tags
+    }
+    let mut batch = Vec::new();
+    batch.extend_from_slice(write::parse("s1", "SELECT 'what runs' AS first").raw());
+    batch.extend_from_slice(sync.raw());
+    s.write_all(&batch).await.unwrap();
+    assert_eq!(until_ready(&mut s).await, b"1Z");
+    // The name is taken: the server refuses this Parse, and pipelined with it, the same
+    // batch's Bind and Execute (which the server skips).
+    let mut batch = Vec::new();
+    batch.extend_from_slice(write::parse("s1", "SELECT 'what the client claims'").raw());
+    batch.extend_from_slice(write::bind("", "s1").raw());
+    batch.extend_from_slice(write::execute("").raw());
+    batch.extend_from_slice(sync.raw());
+    s.write_all(&batch).await.unwrap();
+    assert_eq!(until_ready(&mut s).await, b"E42P05Z");
+    // The next batch runs what s1 is on the server.
+    let mut batch = Vec::new();
+    batch.extend_from_slice(write::bind("", "s1").raw());
+    let describe_portal = write::frame(b'D', |b| b.extend_from_slice(b"P\0"));
+    batch.extend_from_slice(describe_portal.raw());
+    batch.extend_from_slice(write::execute("").raw());
+    batch.extend_from_slice(sync.raw());
+    s.write_all(&batch).await.unwrap();
+    assert_eq!(until_ready(&mut s).await, b"2TDCZ");
+    let records = p.audit_records();
+    let mine = statements_of(&records, "trust_user");
+    let ran: Vec<(&str, &str)> = mine
+        .iter()
+        .map(|r| {
+            (
+                r["statement"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ran.last(),
+        Some(&("SELECT 'what runs' AS first", "allowed")),
+        "{ran:?}"
+    );
+    assert!(
+        !ran.iter()
+            .any(|(text, d)| *text == "SELECT 'what the client claims'" && *d == "allowed"),
+        "{ran:?}"
+    );
+    p.shutdown().await;
+}
+
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()

@@ -5,6 +5,7 @@
 
 use bytes::BytesMut;
 
+use super::audit::Recorded;
 use super::policy::Screen;
 use super::state::{Discarding, Pending, SessionState};
 use crate::policy::{Denied, UNANALYSABLE_BY_DEFAULT};
@@ -33,18 +34,14 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
         return;
     }
     let screened = screen_message(st, msg);
-    let ignored = st.ignored_by_server(msg);
-    let strings = st.lexing();
-    if let Some(a) = st.audit.as_mut().filter(|_| !ignored) {
-        let refusal = match &screened {
-            Screen::Refuse(denied) => Some(denied),
-            _ => None,
-        };
-        a.on_client(msg, strings, refusal);
-    }
+    let refusal = match &screened {
+        Screen::Refuse(denied) => Some(denied),
+        _ => None,
+    };
+    let recorded = record(st, msg, refusal);
     match (screened, msg) {
         (Screen::Forward, _) => {
-            st.on_client(msg);
+            st.on_client_recorded(msg, recorded);
             out.extend_from_slice(raw.raw());
         }
         (
@@ -69,7 +66,8 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
                 sql: &sql,
                 param_types: param_types.clone(),
             };
-            st.on_client(&parse);
+            // Recorded as the client wrote it.
+            st.on_client_recorded(&parse, recorded);
             out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
         }
         (Screen::Rewrite(sql), _) => {
@@ -101,11 +99,13 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
             }
         }
         // A statement prepared before the user's window filled up runs no more.
-        FrontendMessage::Execute { portal, .. } => st
-            .audit
-            .as_mut()
-            .and_then(|a| a.alert_block_portal(portal))
-            .map_or(Screen::Forward, Screen::Refuse),
+        FrontendMessage::Execute { portal, .. } => {
+            let runs = st.portal_as_sent(portal).cloned();
+            st.audit
+                .as_mut()
+                .and_then(|a| a.alert_block_portal(runs.as_ref()))
+                .map_or(Screen::Forward, Screen::Refuse)
+        }
         // Fast-path calls name functions by OID, beyond the analysis.
         FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
             (Some(p), _) => Screen::Refuse(Denied {
@@ -129,14 +129,29 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
 
 /// Forwards a client message unchanged.
 pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
-    if !st.ignored_by_server(msg) {
-        let strings = st.lexing();
-        if let Some(a) = st.audit.as_mut() {
-            a.on_client(msg, strings, None);
-        }
-    }
-    st.on_client(msg);
+    let recorded = record(st, msg, None);
+    st.on_client_recorded(msg, recorded);
     out.extend_from_slice(raw);
+}
+
+/// Tells the audit of a client message the server will act on (`refusal` when pgveil
+/// refused it); returns what the session state keeps with a Parse.
+fn record(
+    st: &mut SessionState,
+    msg: &FrontendMessage<'_>,
+    refusal: Option<&Denied>,
+) -> Option<Recorded> {
+    if st.audit.is_none() || st.ignored_by_server(msg) {
+        return None;
+    }
+    let strings = st.lexing();
+    let portal = match msg {
+        FrontendMessage::Execute { portal, .. } => st.portal_as_sent(portal).cloned(),
+        _ => None,
+    };
+    st.audit
+        .as_mut()?
+        .on_client(msg, strings, refusal, portal.as_ref())
 }
 
 /// Has the server raise `message` within an extended-protocol batch: an unnamed

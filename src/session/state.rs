@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use compact_str::CompactString;
 
+use super::audit::Recorded;
 use super::policy::SessionPolicy;
 use super::rows::MaskPlan;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
@@ -32,6 +33,8 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// `Some(None)` when described as returning no rows.
     pub rows: Option<Option<RowShape>>,
+    /// What the audit records of it.
+    pub recorded: Option<Recorded>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +43,8 @@ pub struct Portal {
     pub sql: Arc<str>,
     pub result_formats: FormatCodes,
     pub rows: Option<Option<RowShape>>,
+    /// What the audit records of it (its statement's, as bound).
+    pub recorded: Option<Recorded>,
 }
 
 impl Portal {
@@ -64,6 +69,8 @@ pub enum Pending {
         portal: Name,
         statement: Name,
         result_formats: FormatCodes,
+        /// The statement's audit record as it stood when the Bind was sent.
+        recorded: Option<Recorded>,
     },
     Describe {
         target: Target,
@@ -240,6 +247,46 @@ impl SessionState {
 
     /// Records a client request that the server will answer.
     pub fn on_client(&mut self, msg: &FrontendMessage<'_>) {
+        self.on_client_recorded(msg, None)
+    }
+
+    /// What statement `name` holds once the server has handled every request sent so far,
+    /// if all succeed: the latest Parse or Close of that name still waiting, or else what
+    /// the server confirmed.
+    fn statement_as_sent(&self, name: &str) -> Option<&Recorded> {
+        for p in self.pending.iter().rev() {
+            match p {
+                Pending::Parse(n, s) if n == name => return s.recorded.as_ref(),
+                Pending::Close {
+                    target: Target::Statement,
+                    name: n,
+                } if n == name => return None,
+                _ => {}
+            }
+        }
+        self.statements.get(name)?.recorded.as_ref()
+    }
+
+    /// What portal `name` runs once the server has handled every request sent so far, if
+    /// all succeed: for the audit record of an Execute sent now.
+    pub fn portal_as_sent(&self, name: &str) -> Option<&Recorded> {
+        for p in self.pending.iter().rev() {
+            match p {
+                Pending::Bind {
+                    portal, recorded, ..
+                } if portal == name => return recorded.as_ref(),
+                Pending::Close {
+                    target: Target::Portal,
+                    name: n,
+                } if n == name => return None,
+                _ => {}
+            }
+        }
+        self.portals.get(name)?.recorded.as_ref()
+    }
+
+    /// [`Self::on_client`], with what the audit records of a Parse.
+    pub fn on_client_recorded(&mut self, msg: &FrontendMessage<'_>, recorded: Option<Recorded>) {
         let pending = match msg {
             FrontendMessage::CopyDone | FrontendMessage::CopyFail => {
                 if self.copy_in {
@@ -262,6 +309,7 @@ impl SessionState {
                     sql: Arc::from(*sql),
                     param_types: param_types.clone(),
                     rows: None,
+                    recorded,
                 },
             ),
             FrontendMessage::Bind {
@@ -272,6 +320,7 @@ impl SessionState {
                 portal: Name::new(portal),
                 statement: Name::new(statement),
                 result_formats: result_formats.clone(),
+                recorded: self.statement_as_sent(statement).cloned(),
             },
             FrontendMessage::Describe { target, name } => Pending::Describe {
                 target: *target,
@@ -462,6 +511,7 @@ impl SessionState {
                 portal,
                 statement,
                 result_formats,
+                recorded,
             }) => {
                 let (sql, rows) = match self.statements.get(&statement) {
                     Some(s) => (s.sql.clone(), s.rows.clone()),
@@ -474,6 +524,7 @@ impl SessionState {
                         sql,
                         result_formats,
                         rows,
+                        recorded,
                     },
                 );
             }

@@ -11,20 +11,19 @@ mod who;
 pub use facts::Sensitive;
 pub use who::Who;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use time::OffsetDateTime;
 
-use super::state::Name;
 use crate::audit::record::timestamp;
 use crate::audit::{AuditLog, Decision, Event, Record};
 use crate::catalog::Catalog;
 use crate::config::rules::AlertAction;
 use crate::metrics::Metrics;
 use crate::policy::Denied;
-use crate::protocol::frontend::{FrontendMessage, Target};
+use crate::protocol::frontend::FrontendMessage;
 use crate::sql::Strings;
 use crate::watch::{AlertWatch, Fired};
 use facts::{Facts, FactsCache};
@@ -48,10 +47,20 @@ enum Slot {
     End,
 }
 
+/// What the audit records of a prepared statement or portal: its text and facts. The
+/// session state keeps it with the statement or portal, registered when the server
+/// confirms it (ParseComplete, BindComplete), so a Parse the server refused (a duplicate
+/// name) never replaces what an existing name runs.
 #[derive(Debug, Clone)]
-struct Prepared {
-    text: Arc<str>,
-    facts: Arc<Facts>,
+pub struct Recorded {
+    pub text: Arc<str>,
+    pub facts: Arc<Facts>,
+}
+
+impl PartialEq for Recorded {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.text, &other.text) && Arc::ptr_eq(&self.facts, &other.facts)
+    }
 }
 
 pub struct SessionAudit {
@@ -60,8 +69,6 @@ pub struct SessionAudit {
     pub who: Who,
     facts: FactsCache,
     alerts: Option<AlertWatch>,
-    statements: HashMap<Name, Prepared>,
-    portals: HashMap<Name, Prepared>,
     slots: VecDeque<Slot>,
     /// The refused Parse or Execute whose refusal the server has yet to raise.
     refused_parse: Option<InFlight>,
@@ -93,8 +100,6 @@ impl SessionAudit {
                 setup.sensitive,
             ),
             alerts: setup.alerts,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
             slots: VecDeque::new(),
             refused_parse: None,
             completed: Vec::new(),
@@ -142,13 +147,16 @@ impl SessionAudit {
     }
 
     /// Records the client's message, its SQL read under `strings`; `refusal` when pgveil
-    /// refused it.
+    /// refused it. For an Execute, `portal` is what the portal runs as the session state
+    /// knows it (see `SessionState::portal_as_sent`). For a Parse that goes to the server,
+    /// returns what the state is to keep with the statement.
     pub fn on_client(
         &mut self,
         msg: &FrontendMessage<'_>,
         strings: Strings,
         refusal: Option<&Denied>,
-    ) {
+        portal: Option<&Recorded>,
+    ) -> Option<Recorded> {
         match msg {
             FrontendMessage::Query { sql } => {
                 for (text, facts) in self.facts.parts(sql, strings) {
@@ -157,44 +165,26 @@ impl SessionAudit {
                 }
                 self.slots.push_back(Slot::End);
             }
-            FrontendMessage::Parse { statement, sql, .. } => {
+            FrontendMessage::Parse { sql, .. } => {
                 let (text, facts) = self.facts.whole(sql, strings);
                 if refusal.is_some() {
                     self.refused_parse =
                         Some(self.in_flight(text, facts, "extended", refusal.cloned()));
                 } else {
-                    self.statements
-                        .insert(Name::new(statement), Prepared { text, facts });
+                    return Some(Recorded { text, facts });
                 }
             }
-            FrontendMessage::Bind {
-                portal, statement, ..
-            } => {
-                if let Some(p) = self.statements.get(*statement).cloned() {
-                    self.portals.insert(Name::new(portal), p);
-                }
-            }
-            FrontendMessage::Execute { portal, .. } => {
-                let p = self
-                    .portals
-                    .get(*portal)
-                    .cloned()
-                    .unwrap_or_else(|| Prepared {
-                        text: Arc::from(""),
-                        facts: Arc::new(Facts::opaque("other")),
-                    });
+            FrontendMessage::Execute { .. } => {
+                let p = portal.cloned().unwrap_or_else(|| Recorded {
+                    text: Arc::from(""),
+                    facts: Arc::new(Facts::opaque("other")),
+                });
                 let f = self.in_flight(p.text, p.facts, "extended", refusal.cloned());
                 if refusal.is_some() {
                     self.refused_parse = Some(f);
                 } else {
                     self.slots.push_back(Slot::Statement(f));
                 }
-            }
-            FrontendMessage::Close { target, name } => {
-                match target {
-                    Target::Statement => self.statements.remove(*name),
-                    Target::Portal => self.portals.remove(*name),
-                };
             }
             FrontendMessage::Sync => self.slots.push_back(Slot::End),
             FrontendMessage::FunctionCall => {
@@ -205,6 +195,7 @@ impl SessionAudit {
             }
             _ => {}
         }
+        None
     }
 
     /// CopyInResponse: the server ignores the `ignored` Syncs sent after the COPY (see
@@ -241,9 +232,9 @@ impl SessionAudit {
     }
 
     /// [`Self::alert_block`] for the Execute of a portal.
-    pub fn alert_block_portal(&mut self, portal: &str) -> Option<Denied> {
+    pub fn alert_block_portal(&mut self, portal: Option<&Recorded>) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
-        let facts = &self.portals.get(portal)?.facts;
+        let facts = &portal?.facts;
         facts
             .may_read_sensitive()
             .then(|| self.alert_refusal(facts, blocked))
