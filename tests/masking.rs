@@ -737,6 +737,59 @@ async fn search_path_games_do_not_unmask() {
     assert!(alice.batch_execute("SET ROLE crm_admin").await.is_err());
 }
 
+/// A relation the session creates is its own only once the server created it, and never
+/// when its name could mean a masked relation.
+#[tokio::test]
+async fn relations_the_session_creates_do_not_shadow_masked_ones() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    // The server refuses this CREATE (the name is taken): public.customers stays masked.
+    alice
+        .batch_execute("CREATE TABLE customers (id int, phone text)")
+        .await
+        .unwrap_err();
+    let rows = simple_rows(&alice, "SELECT phone, upper(email) FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert_no_secret(&rows, "after a refused CREATE TABLE");
+    assert_eq!(rows, "139****7919|U***@EXAMPLE.COM|\n");
+    // A temporary table of the same name exists, but a search path that names pg_temp
+    // after public reads public.customers again.
+    alice
+        .batch_execute("CREATE TEMP TABLE customers (id int, phone text, email text)")
+        .await
+        .unwrap();
+    alice
+        .batch_execute("SET search_path = public, pg_temp")
+        .await
+        .unwrap();
+    for sql in [
+        "SELECT phone, upper(email) FROM customers WHERE id = 1",
+        "SELECT id, phone FROM customers WHERE id = 1",
+    ] {
+        let rows = simple_rows(&alice, sql).await.unwrap();
+        assert_no_secret(&rows, sql);
+        assert!(rows.contains("139****7919"), "{sql}: {rows}");
+    }
+    // With the default path the session reads its own (empty) table, masked by name.
+    alice.batch_execute("RESET search_path").await.unwrap();
+    let rows = simple_rows(&alice, "SELECT phone FROM customers").await.unwrap();
+    assert_eq!(rows, "");
+    // A table of a new name, created in a query string that fails, is not the
+    // session's: reading the name is refused as unknown rather than trusted.
+    alice
+        .batch_execute("CREATE TEMP TABLE scratch (a int); SELECT 1/0")
+        .await
+        .unwrap_err();
+    let e = simple_rows(&alice, "SELECT * FROM scratch").await.unwrap_err();
+    assert!(is_refusal(&e), "{e:?}");
+    alice
+        .batch_execute("CREATE TEMP TABLE scratch (a int)")
+        .await
+        .unwrap();
+    assert_eq!(simple_rows(&alice, "SELECT * FROM scratch").await.unwrap(), "");
+}
+
 #[tokio::test]
 async fn refusal_inside_a_transaction_aborts_it_like_a_server_error() {
     let (p, _d) = proxy().await;

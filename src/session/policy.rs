@@ -161,8 +161,12 @@ pub struct SessionPolicy {
     pub settings: Option<Origin>,
     /// The login user, as refusals name it.
     pub role: String,
-    /// Tables this session created (temporary or not), unknown to the cached catalog.
+    /// Tables this session created (temporary or not), unknown to the cached catalog,
+    /// once the server confirmed their creation.
     pub created: HashSet<String>,
+    /// Tables the statement screened last would create, until the session state knows
+    /// whether the server did (`take_staged`, `confirm_created`).
+    staged: Vec<String>,
     verdicts: HashMap<Arc<str>, Verdict>,
 }
 
@@ -182,12 +186,28 @@ impl SessionPolicy {
             settings: settings.origin.clone(),
             role,
             created: HashSet::new(),
+            staged: Vec::new(),
             verdicts: HashMap::new(),
         }
     }
 
     /// What to do with `sql` before it is forwarded.
+    /// The tables the statement screened last would create.
+    pub fn take_staged(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.staged)
+    }
+
+    /// The server completed a query string that created these tables.
+    pub fn confirm_created(&mut self, names: Vec<String>) {
+        if names.iter().any(|n| !self.created.contains(n)) {
+            // Verdicts cached before may have refused these names as unknown.
+            self.verdicts.clear();
+            self.created.extend(names);
+        }
+    }
+
     pub fn screen(&mut self, sql: &str, strings: Strings) -> Screen {
+        self.staged.clear();
         // A text without a backslash reads alike whatever standard_conforming_strings is.
         let cacheable = strings == Strings::Standard || !sql.contains('\\');
         if let Some(v) = self.verdicts.get(sql).filter(|_| cacheable) {
@@ -203,11 +223,7 @@ impl SessionPolicy {
             strings,
         };
         let (verdict, created) = masking::check(sql, &ctx);
-        if !created.is_empty() {
-            // Verdicts cached before may have refused these names as unknown.
-            self.verdicts.clear();
-            self.created.extend(created);
-        }
+        self.staged = created;
         let message = screen_of(&verdict, &self.role, sql);
         if cacheable {
             if self.verdicts.len() >= VERDICT_CACHE {

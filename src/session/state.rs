@@ -63,6 +63,8 @@ impl Portal {
 pub enum Pending {
     Query {
         sql: Arc<str>,
+        /// Tables it creates, for the masking policy once it completes without error.
+        created: Vec<String>,
     },
     Parse(Name, PreparedStatement),
     Bind {
@@ -161,6 +163,8 @@ pub struct SessionState {
     pub refresh: Option<super::policy::PolicyRefresh>,
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
+    /// An ErrorResponse arrived since the last ReadyForQuery.
+    request_failed: bool,
     /// Audit records and alert accounting; `None` when neither is on.
     pub audit: Option<super::audit::SessionAudit>,
 }
@@ -298,20 +302,32 @@ impl SessionState {
             FrontendMessage::Sync if self.copy_in => return,
             FrontendMessage::Query { sql } => Pending::Query {
                 sql: Arc::from(*sql),
+                created: self
+                    .policy
+                    .as_mut()
+                    .map(SessionPolicy::take_staged)
+                    .unwrap_or_default(),
             },
             FrontendMessage::Parse {
                 statement,
                 sql,
                 param_types,
-            } => Pending::Parse(
-                Name::new(statement),
-                PreparedStatement {
-                    sql: Arc::from(*sql),
-                    param_types: param_types.clone(),
-                    rows: None,
-                    recorded,
-                },
-            ),
+            } => {
+                // Tables a prepared statement creates are never taken as the session's
+                // own: reads of them are refused as unknown until the catalog knows them.
+                if let Some(p) = self.policy.as_mut() {
+                    p.take_staged();
+                }
+                Pending::Parse(
+                    Name::new(statement),
+                    PreparedStatement {
+                        sql: Arc::from(*sql),
+                        param_types: param_types.clone(),
+                        rows: None,
+                        recorded,
+                    },
+                )
+            }
             FrontendMessage::Bind {
                 portal,
                 statement,
@@ -434,10 +450,15 @@ impl SessionState {
             b'Z' => {
                 self.current_rows = None;
                 self.plan = None;
+                let failed = std::mem::take(&mut self.request_failed);
                 match self.pending.pop_front() {
-                    Some(Pending::Query { .. } | Pending::Sync | Pending::FunctionCall) => {
-                        // A simple Query replaces the unnamed statement and portal.
+                    Some(Pending::Query { created, .. }) => {
+                        // Tables a failed query string meant to create do not exist.
+                        if let Some(p) = self.policy.as_mut().filter(|_| !failed) {
+                            p.confirm_created(created);
+                        }
                     }
+                    Some(Pending::Sync | Pending::FunctionCall) => {}
                     _ => self.unmatched += 1,
                 }
             }
@@ -571,6 +592,7 @@ impl SessionState {
     fn on_error(&mut self) {
         self.current_rows = None;
         self.plan = None;
+        self.request_failed = true;
         if self.pending.front().is_some_and(Pending::is_extended) {
             while self.pending.front().is_some_and(Pending::is_extended) {
                 self.pending.pop_front();

@@ -266,7 +266,10 @@ fn resolve_tables<'a>(
     for t in facts.tables.iter().filter(|t| !t.function) {
         let rel = match t.parts.as_slice() {
             _ if t.cte => continue,
-            [name] if ctx.temp_tables.contains(name) => continue,
+            // A relation the session created is its own, unless the name could mean a
+            // masked relation: the creation may have failed, or the search path may put
+            // the masked one first, so such a name is always taken as the masked one.
+            [name] if ctx.temp_tables.contains(name) && !masked_name(ctx, name) => continue,
             // The session may change search_path in ways the analysis cannot follow: a
             // bare name that could mean a masked relation in any schema is taken as it.
             [name] => ctx
@@ -315,6 +318,14 @@ fn resolve_tables<'a>(
     }
     scope.excluded = !scope.by_alias.contains_key("excluded");
     Ok(scope)
+}
+
+/// Whether a relation of this name anywhere in the catalog is masked or reads a masked
+/// table.
+fn masked_name(ctx: &Context<'_>, name: &str) -> bool {
+    ctx.catalog.named(name).any(|r| {
+        ctx.masks.of_table(r.oid).is_some() || ctx.masks.view_reads_masked(r.oid).is_some()
+    })
 }
 
 /// The name of a table a statement creates, for name resolution later in the session.
