@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
             sql: SELECT,
             param_types: vec![],
         },
-        Strings::Standard,
+        Some(Strings::Standard),
         None,
         None,
     );
@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
                         statement: "P0_1",
                         result_formats: Default::default(),
                     },
-                    Strings::Standard,
+                    Some(Strings::Standard),
                     None,
                     None,
                 );
@@ -72,11 +72,11 @@ fn bench(c: &mut Criterion) {
                         portal: "",
                         max_rows: 0,
                     },
-                    Strings::Standard,
+                    Some(Strings::Standard),
                     None,
                     portal,
                 );
-                a.on_client(&FrontendMessage::Sync, Strings::Standard, None, None);
+                a.on_client(&FrontendMessage::Sync, Some(Strings::Standard), None, None);
                 a.on_data_row();
                 a.on_complete(Some("SELECT 1"));
                 a.on_ready();
@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
                 portal: "",
                 max_rows: 0,
             },
-            Strings::Standard,
+            Some(Strings::Standard),
             None,
             portal,
         );

@@ -476,6 +476,34 @@ async fn a_refused_parse_does_not_rename_what_runs() {
     p.shutdown().await;
 }
 
+/// Under a client_encoding other than UTF-8 the audit records the statements the server
+/// reads: in SJIS the bytes C3 81 5C are two characters, so what reads as one statement
+/// in UTF-8 is two for the server, and each has its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_client_encoding() {
+    let (p, _rules) = proxy_with(RULES, |_| {}).await;
+    let admin = p.connect("crm_admin", "admin_pw").await;
+    admin
+        .simple_query("SET client_encoding = 'SJIS'")
+        .await
+        .unwrap();
+    admin
+        .simple_query("SELECT length(E'\u{c1}\\'); SELECT 'second'; --'")
+        .await
+        .unwrap();
+    let records = p.audit_records();
+    let mine = statements_of(&records, "crm_admin");
+    let texts: Vec<&str> = mine
+        .iter()
+        .map(|r| r["statement"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 3, "{texts:?}");
+    assert!(texts[1].starts_with("SELECT length(E'"), "{texts:?}");
+    assert!(!texts[1].contains("second"), "{texts:?}");
+    assert_eq!(texts[2], "SELECT 'second'");
+    p.shutdown().await;
+}
+
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()

@@ -562,3 +562,58 @@ async fn the_guard_reads_tokens_as_the_server_does() {
     mallory.simple_query("SELECT 1").await.unwrap();
     p.shutdown().await;
 }
+
+/// With a client_encoding whose second bytes include `\` (SJIS), the server reads a
+/// literal ending elsewhere than a UTF-8 reading does: one allowed DELETE for a UTF-8
+/// reader is, for the server, that DELETE and one without a WHERE clause. The guard reads
+/// the text decoded as the server decodes it, and refuses non-ASCII text while the
+/// encoding may be changing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_in_other_client_encodings_are_not_misread() {
+    let pg = database("guard_encoding");
+    let (p, _rules) = proxy(pg, RULES).await;
+    let alice = client(&p, "alice", "alice_pw", "guard_encoding").await;
+    let tasks = || pg.psql_super("guard_encoding", "SELECT count(*) FROM tasks");
+    let before = tasks();
+    // In SJIS the bytes C3 81 5C are two characters: the backslash is part of the second.
+    let attack = "DELETE FROM tasks WHERE id = -1 AND note = E'\u{c1}\\'; DELETE FROM tasks; --'";
+    alice
+        .simple_query("SET client_encoding = 'SJIS'")
+        .await
+        .unwrap();
+    let err = alice.simple_query(attack).await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501", "{err}");
+    assert!(db.message().contains("requires a WHERE clause"), "{err}");
+    assert_eq!(tasks(), before);
+    // Pipelined behind the SET, before the server has confirmed it.
+    alice
+        .simple_query("SET client_encoding = 'UTF8'")
+        .await
+        .unwrap();
+    let (set, hidden) = tokio::join!(
+        alice.simple_query("SET client_encoding = 'SJIS'"),
+        alice.simple_query(attack)
+    );
+    set.unwrap();
+    // Refused either way: as unreadable while the SET is in flight, or, if the server
+    // confirmed it first, as the DELETE without a WHERE clause that SJIS makes of it.
+    let err = hidden.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501", "{err}");
+    let message = db.message();
+    assert!(
+        message.contains("client_encoding is possibly changing")
+            || message.contains("requires a WHERE clause"),
+        "{message}"
+    );
+    assert_eq!(tasks(), before);
+    // In UTF8 the same text is one string literal, and the DELETE runs as pgveil read it.
+    alice
+        .simple_query("SET client_encoding = 'UTF8'")
+        .await
+        .unwrap();
+    alice.simple_query(attack).await.unwrap();
+    assert_eq!(tasks(), before);
+    p.shutdown().await;
+}

@@ -748,9 +748,12 @@ async fn relations_the_session_creates_do_not_shadow_masked_ones() {
         .batch_execute("CREATE TABLE customers (id int, phone text)")
         .await
         .unwrap_err();
-    let rows = simple_rows(&alice, "SELECT phone, upper(email) FROM customers WHERE id = 1")
-        .await
-        .unwrap();
+    let rows = simple_rows(
+        &alice,
+        "SELECT phone, upper(email) FROM customers WHERE id = 1",
+    )
+    .await
+    .unwrap();
     assert_no_secret(&rows, "after a refused CREATE TABLE");
     assert_eq!(rows, "139****7919|U***@EXAMPLE.COM|\n");
     // A temporary table of the same name exists, but a search path that names pg_temp
@@ -773,7 +776,9 @@ async fn relations_the_session_creates_do_not_shadow_masked_ones() {
     }
     // With the default path the session reads its own (empty) table, masked by name.
     alice.batch_execute("RESET search_path").await.unwrap();
-    let rows = simple_rows(&alice, "SELECT phone FROM customers").await.unwrap();
+    let rows = simple_rows(&alice, "SELECT phone FROM customers")
+        .await
+        .unwrap();
     assert_eq!(rows, "");
     // A table of a new name, created in a query string that fails, is not the
     // session's: reading the name is refused as unknown rather than trusted.
@@ -781,13 +786,38 @@ async fn relations_the_session_creates_do_not_shadow_masked_ones() {
         .batch_execute("CREATE TEMP TABLE scratch (a int); SELECT 1/0")
         .await
         .unwrap_err();
-    let e = simple_rows(&alice, "SELECT * FROM scratch").await.unwrap_err();
+    let e = simple_rows(&alice, "SELECT * FROM scratch")
+        .await
+        .unwrap_err();
     assert!(is_refusal(&e), "{e:?}");
     alice
         .batch_execute("CREATE TEMP TABLE scratch (a int)")
         .await
         .unwrap();
-    assert_eq!(simple_rows(&alice, "SELECT * FROM scratch").await.unwrap(), "");
+    assert_eq!(
+        simple_rows(&alice, "SELECT * FROM scratch").await.unwrap(),
+        ""
+    );
+}
+
+/// In SJIS the bytes C3 81 5C are two characters, the backslash part of the second: what
+/// reads as one string literal in UTF-8 is, for the server, a literal and then a column.
+#[tokio::test]
+async fn text_in_another_client_encoding_is_refused_not_misread() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let attack = "SELECT E'\u{c1}\\' , upper(phone) FROM customers --'";
+    alice
+        .batch_execute("SET client_encoding = 'SJIS'")
+        .await
+        .unwrap();
+    let e = simple_rows(&alice, attack).await.unwrap_err();
+    assert!(is_refusal(&e), "{e:?}");
+    // ASCII text reads alike in every client encoding: it is analysed as usual.
+    let rows = simple_rows(&alice, "SELECT upper(phone) FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(rows, "139****7919|\n");
 }
 
 #[tokio::test]

@@ -49,6 +49,11 @@ impl SessionGuard {
         }
     }
 
+    /// The login user, as refusals name it.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
     pub fn policy(&self) -> &GuardPolicy {
         &self.policy
     }

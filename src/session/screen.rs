@@ -5,10 +5,13 @@
 
 use bytes::BytesMut;
 
+use std::borrow::Cow;
+
 use super::audit::Recorded;
+use super::encoding::server_text;
 use super::policy::Screen;
 use super::state::{Discarding, Pending, SessionState};
-use crate::policy::{Denied, UNANALYSABLE_BY_DEFAULT};
+use crate::policy::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{write, Frame};
 
@@ -33,12 +36,39 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
         }
         return;
     }
-    let screened = screen_message(st, msg);
+    // The statement as the server reads it, when its client_encoding is not UTF-8.
+    let reading = server_reading(st, msg);
+    let decoded;
+    let (read, unknown) = match &reading {
+        Reading::Same => (msg, None),
+        Reading::Decoded(text) => {
+            decoded = with_sql(msg, text);
+            (&decoded, None)
+        }
+        Reading::Unknown(encoding) => (msg, Some(encoding.as_str())),
+    };
+    let screened = match unknown.and_then(|e| unreadable(st, e, msg)) {
+        Some(refused) => refused,
+        None => match screen_message(st, read) {
+            Screen::Rewrite(_) if matches!(reading, Reading::Decoded(_)) => {
+                let encoding = st.foreign_encoding().unwrap_or_default();
+                refuse_foreign(
+                    st,
+                    &encoding,
+                    msg,
+                    "a rewritten statement would have to be encoded back into it",
+                )
+                .unwrap_or(Screen::Forward)
+            }
+            other => other,
+        },
+    };
     let refusal = match &screened {
         Screen::Refuse(denied) => Some(denied),
         _ => None,
     };
-    let recorded = record(st, msg, refusal);
+    let recorded = record(st, read, refusal, unknown.is_none());
+    let msg = read;
     match (screened, msg) {
         (Screen::Forward, _) => {
             st.on_client_recorded(msg, recorded);
@@ -127,10 +157,95 @@ fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
     }
 }
 
+/// How the server reads the text of a Query or Parse (see `SessionState::foreign_encoding`).
+enum Reading {
+    /// As pgveil does.
+    Same,
+    /// Decoded from the client's encoding as the server decodes it.
+    Decoded(String),
+    /// pgveil cannot tell: the encoding (so named) may be changing, or cannot be decoded.
+    Unknown(String),
+}
+
+fn server_reading(st: &SessionState, msg: &FrontendMessage<'_>) -> Reading {
+    let (FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. }) = msg else {
+        return Reading::Same;
+    };
+    if sql.is_ascii() {
+        return Reading::Same;
+    }
+    let Some(encoding) = st.foreign_encoding() else {
+        return Reading::Same;
+    };
+    match server_text(sql, &encoding) {
+        Some(Cow::Borrowed(_)) => Reading::Same,
+        Some(Cow::Owned(text)) => Reading::Decoded(text),
+        None => Reading::Unknown(encoding),
+    }
+}
+
+/// `msg` with its SQL text replaced by `sql`.
+fn with_sql<'a>(msg: &FrontendMessage<'a>, sql: &'a str) -> FrontendMessage<'a> {
+    match msg {
+        FrontendMessage::Parse {
+            statement,
+            param_types,
+            ..
+        } => FrontendMessage::Parse {
+            statement,
+            sql,
+            param_types: param_types.clone(),
+        },
+        _ => FrontendMessage::Query { sql },
+    }
+}
+
+/// The refusal of a statement whose text pgveil cannot read as the server will, for a
+/// guarded or masked session; others forward it (and the audit records it unanalysed).
+fn unreadable(st: &SessionState, encoding: &str, msg: &FrontendMessage<'_>) -> Option<Screen> {
+    refuse_foreign(
+        st,
+        encoding,
+        msg,
+        "pgveil cannot read a statement with non-ASCII characters as the server will",
+    )
+}
+
+fn refuse_foreign(
+    st: &SessionState,
+    encoding: &str,
+    msg: &FrontendMessage<'_>,
+    why: &str,
+) -> Option<Screen> {
+    let role = match (&st.policy, &st.guard) {
+        (Some(p), _) => p.role.as_str(),
+        (None, Some(g)) => g.role(),
+        (None, None) => return None,
+    };
+    let sql = match msg {
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => sql,
+        _ => "",
+    };
+    let reason = format!("client_encoding is {encoding}, and {why}; use client_encoding UTF8");
+    Some(Screen::Refuse(
+        Refusal::unanalysable(reason, None).denied(role, sql),
+    ))
+}
+
 /// Forwards a client message unchanged.
 pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
-    let recorded = record(st, msg, None);
-    st.on_client_recorded(msg, recorded);
+    let reading = server_reading(st, msg);
+    let decoded;
+    let (read, readable) = match &reading {
+        Reading::Same => (msg, true),
+        Reading::Decoded(text) => {
+            decoded = with_sql(msg, text);
+            (&decoded, true)
+        }
+        Reading::Unknown(_) => (msg, false),
+    };
+    let recorded = record(st, read, None, readable);
+    st.on_client_recorded(read, recorded);
     out.extend_from_slice(raw);
 }
 
@@ -140,11 +255,12 @@ fn record(
     st: &mut SessionState,
     msg: &FrontendMessage<'_>,
     refusal: Option<&Denied>,
+    readable: bool,
 ) -> Option<Recorded> {
     if st.audit.is_none() || st.ignored_by_server(msg) {
         return None;
     }
-    let strings = st.lexing();
+    let strings = readable.then(|| st.lexing());
     let portal = match msg {
         FrontendMessage::Execute { portal, .. } => st.portal_as_sent(portal).cloned(),
         _ => None,

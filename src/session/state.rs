@@ -196,6 +196,37 @@ impl SessionState {
         }
     }
 
+    /// The client_encoding under which the server reads the text of a statement sent now,
+    /// when pgveil's reading of non-ASCII text (UTF-8) could differ from the server's:
+    /// any encoding but UTF8 and SQL_ASCII (the server converts the text first, and in
+    /// SJIS, BIG5, GBK, UHC, JOHAB or GB18030 a byte after a non-ASCII one can be part of
+    /// its character, a quote or backslash included), or a request still in flight that
+    /// may change it. `None` when the server reads the text as pgveil does.
+    pub fn foreign_encoding(&self) -> Option<String> {
+        let reported = self
+            .server_params
+            .get("client_encoding")
+            .map(|e| e.to_ascii_uppercase());
+        match reported.as_deref() {
+            Some("UTF8" | "UNICODE" | "SQL_ASCII") => {}
+            Some(other) => return Some(other.to_string()),
+            None => return Some("unknown".into()),
+        }
+        self.pending
+            .iter()
+            .any(|p| match p {
+                Pending::Query { sql, .. } => may_change_settings(sql),
+                Pending::Parse(_, s) => may_change_settings(&s.sql),
+                Pending::Execute { portal } => self
+                    .portals
+                    .get(portal)
+                    .is_none_or(|p| may_change_settings(&p.sql)),
+                Pending::FunctionCall => true,
+                _ => false,
+            })
+            .then(|| "possibly changing".to_string())
+    }
+
     /// Applies a rules reload (see `PolicyRefresh::refresh`).
     pub fn apply_reload(&mut self) -> Result<(), String> {
         let Some(mut refresh) = self.refresh.take() else {
@@ -601,9 +632,76 @@ impl SessionState {
     }
 }
 
+/// Whether a statement could change the session's settings (client_encoding above all):
+/// SET NAMES, anything naming client_encoding or set_config, and statements that reset
+/// settings or end a transaction or savepoint (which undoes SET LOCAL and SET), run code
+/// pgveil does not see, or cannot be read.
+fn may_change_settings(sql: &str) -> bool {
+    use crate::sql::lex::{lex, Kind};
+    let Ok(lexed) = lex(sql, Strings::Standard) else {
+        return true;
+    };
+    let anywhere = lexed.tokens.iter().any(|t| {
+        t.kind == Kind::Word
+            && matches!(t.value.as_ref(), "client_encoding" | "names" | "set_config")
+    });
+    anywhere
+        || lexed.statements().iter().any(|r| {
+            lexed.within(r).first().is_some_and(|t| {
+                t.kind == Kind::Word
+                    && matches!(
+                        t.value.as_ref(),
+                        "reset"
+                            | "discard"
+                            | "rollback"
+                            | "abort"
+                            | "commit"
+                            | "end"
+                            | "do"
+                            | "call"
+                    )
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_encoding_is_foreign_while_a_change_is_in_flight() {
+        let params = |enc: &str| HashMap::from([("client_encoding".into(), enc.into())]);
+        let mut s = SessionState::new(params("UTF8"));
+        assert_eq!(s.foreign_encoding(), None);
+        s.on_client(&FrontendMessage::Query {
+            sql: "SELECT 'no change'",
+        });
+        assert_eq!(s.foreign_encoding(), None);
+        s.on_client(&FrontendMessage::Query {
+            sql: "SET client_encoding = 'SJIS'",
+        });
+        assert_eq!(s.foreign_encoding().as_deref(), Some("possibly changing"));
+        for (tag, status) in [(b'C', None), (b'Z', Some(TransactionStatus::Idle))] {
+            for _ in 0..2 {
+                s.on_server(tag, None);
+                if let Some(st) = status {
+                    s.on_ready(st);
+                }
+            }
+        }
+        assert_eq!(s.foreign_encoding(), None);
+        s.server_params = params("SJIS");
+        assert_eq!(s.foreign_encoding().as_deref(), Some("SJIS"));
+        for sql in [
+            "ROLLBACK",
+            "RESET ALL",
+            "SELECT set_config('a', 'b', false)",
+            "SET NAMES 'x'",
+        ] {
+            assert!(may_change_settings(sql), "{sql}");
+        }
+        assert!(!may_change_settings("SELECT CASE WHEN true THEN 1 END"));
+    }
 
     fn field(name: &str) -> FieldDescription {
         FieldDescription {

@@ -144,8 +144,9 @@ impl FactsCache {
 
     /// A Parse's statement text and facts (the whole string: the server refuses a
     /// prepared statement with more than one command), read under `strings`.
-    pub fn whole(&mut self, sql: &str, strings: Strings) -> (Arc<str>, Arc<Facts>) {
-        match lex(sql, strings) {
+    /// `strings` is `None` when pgveil cannot tell how the server reads the text.
+    pub fn whole(&mut self, sql: &str, strings: Option<Strings>) -> (Arc<str>, Arc<Facts>) {
+        match strings.ok_or(()).and_then(|s| lex(sql, s).map_err(drop)) {
             Ok(lexed) => {
                 let facts = self.facts_of(&lexed.tokens);
                 (self.text_of(sql, sql.trim(), &lexed.tokens), facts)
@@ -156,8 +157,8 @@ impl FactsCache {
 
     /// The statements of a query string read under `strings`, each with its text and
     /// facts.
-    pub fn parts(&mut self, sql: &str, strings: Strings) -> Vec<(Arc<str>, Arc<Facts>)> {
-        let Ok(lexed) = lex(sql, strings) else {
+    pub fn parts(&mut self, sql: &str, strings: Option<Strings>) -> Vec<(Arc<str>, Arc<Facts>)> {
+        let Some(Ok(lexed)) = strings.map(|s| lex(sql, s)) else {
             let sql = sql.trim();
             return if sql.is_empty() {
                 Vec::new()

@@ -146,14 +146,15 @@ impl SessionAudit {
         self.alerts.is_some()
     }
 
-    /// Records the client's message, its SQL read under `strings`; `refusal` when pgveil
+    /// Records the client's message, its SQL read under `strings` (`None` when pgveil
+    /// cannot tell how the server reads it: recorded unanalysed); `refusal` when pgveil
     /// refused it. For an Execute, `portal` is what the portal runs as the session state
     /// knows it (see `SessionState::portal_as_sent`). For a Parse that goes to the server,
     /// returns what the state is to keep with the statement.
     pub fn on_client(
         &mut self,
         msg: &FrontendMessage<'_>,
-        strings: Strings,
+        strings: Option<Strings>,
         refusal: Option<&Denied>,
         portal: Option<&Recorded>,
     ) -> Option<Recorded> {
@@ -226,7 +227,7 @@ impl SessionAudit {
     /// The statement is analysed only while the user is blocked.
     pub fn alert_block(&mut self, sql: &str, strings: Strings) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
-        let parts = self.facts.parts(sql, strings);
+        let parts = self.facts.parts(sql, Some(strings));
         let (_, facts) = parts.iter().find(|(_, f)| f.may_read_sensitive())?;
         Some(self.alert_refusal(facts, blocked))
     }
