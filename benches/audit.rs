@@ -12,6 +12,7 @@ use pgveil::audit::record::{chain_hash, line, GENESIS};
 use pgveil::metrics::Metrics;
 use pgveil::protocol::frontend::FrontendMessage;
 use pgveil::session::audit::{AuditSetup, Sensitive, SessionAudit, Who};
+use pgveil::sql::lex::lex;
 use pgveil::sql::Strings;
 
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
@@ -48,7 +49,7 @@ fn bench(c: &mut Criterion) {
             sql: SELECT,
             param_types: vec![],
         },
-        Some(Strings::Standard),
+        Some(&lex(SELECT, Strings::Standard)),
         None,
         None,
     );
@@ -63,7 +64,7 @@ fn bench(c: &mut Criterion) {
                         statement: "P0_1",
                         result_formats: Default::default(),
                     },
-                    Some(Strings::Standard),
+                    None,
                     None,
                     None,
                 );
@@ -72,11 +73,11 @@ fn bench(c: &mut Criterion) {
                         portal: "",
                         max_rows: 0,
                     },
-                    Some(Strings::Standard),
+                    None,
                     None,
                     portal,
                 );
-                a.on_client(&FrontendMessage::Sync, Some(Strings::Standard), None, None);
+                a.on_client(&FrontendMessage::Sync, None, None, None);
                 a.on_data_row();
                 a.on_complete(Some("SELECT 1"));
                 a.on_ready();
@@ -90,7 +91,7 @@ fn bench(c: &mut Criterion) {
                 portal: "",
                 max_rows: 0,
             },
-            Some(Strings::Standard),
+            None,
             None,
             portal,
         );

@@ -10,7 +10,7 @@ use crate::catalog::Catalog;
 use crate::policy::guard::{GuardPolicy, Names, Prepared};
 use crate::policy::{Denied, Refusal};
 use crate::sql::guard::{analyse, analyse_tokens, Access, Effect, StatementFacts};
-use crate::sql::lex::{lex, Lexed, Strings};
+use crate::sql::lex::{lex, LexError, Lexed, Strings};
 
 /// Decisions kept per session; past this the cache starts over.
 const CACHE: usize = 1024;
@@ -27,7 +27,6 @@ pub struct SessionGuard {
     prepared: Prepared,
     /// Decision by shape: `None` permitted, `Some(refusal)` refused.
     decisions: HashMap<Box<str>, Option<Denied>>,
-    scratch: String,
 }
 
 impl SessionGuard {
@@ -45,7 +44,6 @@ impl SessionGuard {
             created: HashSet::new(),
             prepared: HashMap::new(),
             decisions: HashMap::new(),
-            scratch: String::new(),
         }
     }
 
@@ -66,20 +64,23 @@ impl SessionGuard {
 
     /// Whether `sql` may be forwarded; `Err` holds the client-facing refusal.
     pub fn screen(&mut self, sql: &str, strings: Strings) -> Result<(), Denied> {
-        let lexed = lex(sql, strings);
-        let shaped = match &lexed {
-            Ok(l) => {
-                Lexed::shape(&l.tokens, &mut self.scratch);
-                true
-            }
-            Err(_) => false,
-        };
-        if shaped {
-            if let Some(decision) = self.decisions.get(self.scratch.as_str()) {
-                return decision.clone().map_or(Ok(()), Err);
-            }
+        self.screen_lexed(sql, &lex(sql, strings), strings)
+    }
+
+    /// [`Self::screen`] of a text already read as the server reads it.
+    pub fn screen_lexed(
+        &mut self,
+        sql: &str,
+        lexed: &Result<Lexed<'_>, LexError>,
+        strings: Strings,
+    ) -> Result<(), Denied> {
+        // The cache key: the statement's shape (what the server reads but for literal
+        // values), shared with the audit.
+        let shape = lexed.as_ref().ok().map(Lexed::statement_shape);
+        if let Some(decision) = shape.and_then(|s| self.decisions.get(s)) {
+            return decision.clone().map_or(Ok(()), Err);
         }
-        let facts = match &lexed {
+        let facts = match lexed {
             Ok(l) => analyse_tokens(&l.tokens, &self.catalog),
             Err(_) => analyse(sql, &self.catalog, strings),
         };
@@ -87,12 +88,12 @@ impl SessionGuard {
         if decision.is_ok() {
             self.apply(&facts);
         }
-        if shaped && facts.shape_independent() {
+        if let Some(shape) = shape.filter(|_| facts.shape_independent()) {
             if self.decisions.len() >= CACHE {
                 self.decisions.clear();
             }
-            let key = Box::from(self.scratch.as_str());
-            self.decisions.insert(key, decision.clone().err());
+            self.decisions
+                .insert(Box::from(shape), decision.clone().err());
         }
         decision
     }

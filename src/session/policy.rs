@@ -14,6 +14,7 @@ use crate::config::rules::{Origin, Settings, Unanalysable};
 use crate::policy::guard::GuardPolicy;
 use crate::policy::{Denied, SessionMasks};
 use crate::server::Proxy;
+use crate::sql::lex::{lex, LexError, Lexed};
 use crate::sql::masking::{self, Verdict};
 use crate::sql::Strings;
 
@@ -207,6 +208,16 @@ impl SessionPolicy {
     }
 
     pub fn screen(&mut self, sql: &str, strings: Strings) -> Screen {
+        self.screen_lexed(sql, &lex(sql, strings), strings)
+    }
+
+    /// [`Self::screen`] of a text already read as the server reads it.
+    pub fn screen_lexed(
+        &mut self,
+        sql: &str,
+        lexed: &Result<Lexed<'_>, LexError>,
+        strings: Strings,
+    ) -> Screen {
         self.staged.clear();
         // A text without a backslash reads alike whatever standard_conforming_strings is.
         let cacheable = strings == Strings::Standard || !sql.contains('\\');
@@ -222,7 +233,7 @@ impl SessionPolicy {
             settings: self.settings.as_ref(),
             strings,
         };
-        let (verdict, created) = masking::check(sql, &ctx);
+        let (verdict, created) = masking::check_lexed(sql, lexed, &ctx);
         self.staged = created;
         let message = screen_of(&verdict, &self.role, sql);
         if cacheable {

@@ -14,6 +14,7 @@ use super::state::{Discarding, Pending, SessionState};
 use crate::policy::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{write, Frame};
+use crate::sql::lex::{lex, LexError, Lexed};
 
 /// For a masked session: forwards a client message, or replaces a refused one by a
 /// statement that makes the server raise the refusal (see `write::refusal_sql`).
@@ -47,9 +48,13 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
         }
         Reading::Unknown(encoding) => (msg, Some(encoding.as_str())),
     };
+    // Read once, as the server reads it, for the guard and the audit alike.
+    let lexed = sql_of(read)
+        .filter(|_| unknown.is_none())
+        .map(|sql| lex(sql, st.lexing()));
     let screened = match unknown.and_then(|e| unreadable(st, e, msg)) {
         Some(refused) => refused,
-        None => match screen_message(st, read) {
+        None => match screen_message(st, read, lexed.as_ref()) {
             Screen::Rewrite(_) if matches!(reading, Reading::Decoded(_)) => {
                 let encoding = st.foreign_encoding().unwrap_or_default();
                 refuse_foreign(
@@ -67,7 +72,7 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
         Screen::Refuse(denied) => Some(denied),
         _ => None,
     };
-    let recorded = record(st, read, refusal, unknown.is_none());
+    let recorded = record(st, read, refusal, lexed.as_ref());
     let msg = read;
     match (screened, msg) {
         (Screen::Forward, _) => {
@@ -109,17 +114,28 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
 
 /// The treatment of one client message: the guard first, then masking, then `block`
 /// alerts.
-fn screen_message(st: &mut SessionState, msg: &FrontendMessage<'_>) -> Screen {
+fn screen_message(
+    st: &mut SessionState,
+    msg: &FrontendMessage<'_>,
+    lexed: Option<&Result<Lexed<'_>, LexError>>,
+) -> Screen {
     let scs = st.lexing();
     match msg {
         FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
-            if let Some(Err(denied)) = st.guard.as_mut().map(|g| g.screen(sql, scs)) {
+            let guarded = st.guard.as_mut().map(|g| match lexed {
+                Some(lexed) => g.screen_lexed(sql, lexed, scs),
+                None => g.screen(sql, scs),
+            });
+            if let Some(Err(denied)) = guarded {
                 return Screen::Refuse(denied);
             }
             let masked = st
                 .policy
                 .as_mut()
-                .map_or(Screen::Forward, |p| p.screen(sql, scs));
+                .map_or(Screen::Forward, |p| match lexed {
+                    Some(lexed) => p.screen_lexed(sql, lexed, scs),
+                    None => p.screen(sql, scs),
+                });
             if matches!(masked, Screen::Refuse(_)) {
                 return masked;
             }
@@ -244,7 +260,10 @@ pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out
         }
         Reading::Unknown(_) => (msg, false),
     };
-    let recorded = record(st, read, None, readable);
+    let lexed = sql_of(read)
+        .filter(|_| readable && st.audit.is_some())
+        .map(|sql| lex(sql, st.lexing()));
+    let recorded = record(st, read, None, lexed.as_ref());
     st.on_client_recorded(read, recorded);
     out.extend_from_slice(raw);
 }
@@ -255,19 +274,26 @@ fn record(
     st: &mut SessionState,
     msg: &FrontendMessage<'_>,
     refusal: Option<&Denied>,
-    readable: bool,
+    lexed: Option<&Result<Lexed<'_>, LexError>>,
 ) -> Option<Recorded> {
     if st.audit.is_none() || st.ignored_by_server(msg) {
         return None;
     }
-    let strings = readable.then(|| st.lexing());
     let portal = match msg {
         FrontendMessage::Execute { portal, .. } => st.portal_as_sent(portal).cloned(),
         _ => None,
     };
     st.audit
         .as_mut()?
-        .on_client(msg, strings, refusal, portal.as_ref())
+        .on_client(msg, lexed, refusal, portal.as_ref())
+}
+
+/// The SQL text of a Query or Parse.
+fn sql_of<'a>(msg: &FrontendMessage<'a>) -> Option<&'a str> {
+    match msg {
+        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => Some(sql),
+        _ => None,
+    }
 }
 
 /// Has the server raise `message` within an extended-protocol batch: an unnamed

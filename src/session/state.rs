@@ -643,14 +643,17 @@ fn may_change_settings(sql: &str) -> bool {
     };
     let anywhere = lexed.tokens.iter().any(|t| {
         t.kind == Kind::Word
-            && matches!(t.value.as_ref(), "client_encoding" | "names" | "set_config")
+            && matches!(
+                t.folded().as_ref(),
+                "client_encoding" | "names" | "set_config"
+            )
     });
     anywhere
         || lexed.statements().iter().any(|r| {
             lexed.within(r).first().is_some_and(|t| {
                 t.kind == Kind::Word
                     && matches!(
-                        t.value.as_ref(),
+                        t.folded().as_ref(),
                         "reset"
                             | "discard"
                             | "rollback"

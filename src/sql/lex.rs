@@ -50,7 +50,8 @@ fn error<T>(why: &'static str) -> Result<T, LexError> {
 /// The kinds of tokens the server's lexer produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// An unquoted identifier or keyword; its value is folded and truncated.
+    /// An unquoted identifier or keyword; its value is as written, truncated (see
+    /// [`Token::folded`] for the name the server folds it to).
     Word,
     /// `"..."` or `U&"..."`: the value is decoded, not folded.
     QuotedIdent,
@@ -80,7 +81,17 @@ pub struct Token<'a> {
 impl Token<'_> {
     /// An unquoted word equal to `keyword` (given in lower case).
     pub fn is_word(&self, keyword: &str) -> bool {
-        self.kind == Kind::Word && self.value == keyword
+        self.kind == Kind::Word && self.value.eq_ignore_ascii_case(keyword)
+    }
+
+    /// The value as the server takes it: an unquoted word with its ASCII letters in lower
+    /// case, anything else as it is.
+    pub fn folded(&self) -> Cow<'_, str> {
+        if self.kind == Kind::Word && self.value.bytes().any(|c| c.is_ascii_uppercase()) {
+            Cow::Owned(self.value.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(&self.value)
+        }
     }
 
     pub fn is_op(&self, op: &str) -> bool {
@@ -100,6 +111,9 @@ impl Token<'_> {
 pub struct Lexed<'a> {
     pub sql: &'a str,
     pub tokens: Vec<Token<'a>>,
+    /// The shape of the tokens without trailing semicolons, computed once for the guard
+    /// and the audit (see [`Lexed::statement_shape`]).
+    shape: std::cell::OnceCell<String>,
 }
 
 /// Reads `sql` as PostgreSQL 15 does under `strings`.
@@ -204,6 +218,39 @@ impl<'a> Lexed<'a> {
         }
     }
 
+    /// The tokens of the whole text but its trailing semicolons: for a text that holds
+    /// one statement, the statement's tokens.
+    pub fn statement_tokens(&self) -> &[Token<'a>] {
+        let end = self
+            .tokens
+            .iter()
+            .rposition(|t| !t.is_op(";"))
+            .map_or(0, |i| i + 1);
+        &self.tokens[..end]
+    }
+
+    /// The shape of [`Lexed::statement_tokens`], computed once however many analyses ask.
+    pub fn statement_shape(&self) -> &str {
+        self.shape.get_or_init(|| {
+            let mut out = String::new();
+            Lexed::shape(self.statement_tokens(), &mut out);
+            out
+        })
+    }
+
+    /// The shape of `tokens`, a slice of this text's tokens: the shared
+    /// [`Lexed::statement_shape`] when they are the statement's tokens, else written into
+    /// `scratch`.
+    pub fn shape_of<'s>(&'s self, tokens: &[Token<'_>], scratch: &'s mut String) -> &'s str {
+        let whole = self.statement_tokens();
+        if std::ptr::eq(tokens.as_ptr(), whole.as_ptr()) && tokens.len() == whole.len() {
+            self.statement_shape()
+        } else {
+            Lexed::shape(tokens, scratch);
+            scratch
+        }
+    }
+
     /// The text of `tokens` (taken from `sql`) with every literal's value replaced by
     /// `?`, comments dropped and each run of whitespace made one space, keeping the
     /// client's spelling of everything else (for audit records).
@@ -231,8 +278,20 @@ impl<'a> Lexed<'a> {
         let mut chains: Vec<usize> = vec![0];
         let mut sum = 0usize;
         let mut deepest = 0usize;
+        let mut word = [0u8; 16];
         for t in tokens {
-            match (t.kind, t.value.as_ref()) {
+            // Keywords are short: fold them without allocating.
+            let value = match t.kind {
+                Kind::Word if t.value.len() <= word.len() => {
+                    let w = &mut word[..t.value.len()];
+                    w.copy_from_slice(t.value.as_bytes());
+                    w.make_ascii_lowercase();
+                    std::str::from_utf8(w).unwrap_or("")
+                }
+                Kind::Word => "",
+                _ => t.value.as_ref(),
+            };
+            match (t.kind, value) {
                 (Kind::Op, "(" | "[") | (Kind::Word, "case") => chains.push(0),
                 (Kind::Op, ")" | "]") | (Kind::Word, "end") if chains.len() > 1 => {
                     sum -= chains.pop().unwrap_or(0);
@@ -264,8 +323,17 @@ impl<'a> Lexed<'a> {
 
 fn write_canonical(t: &Token<'_>, out: &mut String) {
     match t.kind {
-        Kind::Word if t.value.is_ascii() => out.push_str(&t.value),
-        Kind::Word | Kind::QuotedIdent => {
+        Kind::Word if t.value.is_ascii() => {
+            let start = out.len();
+            out.push_str(&t.value);
+            out[start..].make_ascii_lowercase();
+        }
+        Kind::Word => {
+            out.push('"');
+            out.push_str(&t.folded().replace('"', "\"\""));
+            out.push('"');
+        }
+        Kind::QuotedIdent => {
             out.push('"');
             out.push_str(&t.value.replace('"', "\"\""));
             out.push('"');
@@ -413,15 +481,12 @@ impl<'a> Lexer<'a> {
                     while self.peek(0).is_some_and(ident_cont) {
                         self.i += 1;
                     }
-                    let word = &self.sql[start..self.i];
-                    let value = if word.bytes().any(|c| c.is_ascii_uppercase())
-                        || word.len() > MAX_IDENTIFIER
-                    {
-                        Cow::Owned(truncate(word.to_ascii_lowercase()))
-                    } else {
-                        Cow::Borrowed(word)
-                    };
-                    self.push(Kind::Word, start, value);
+                    // Folding keeps byte lengths, so truncating first is the same.
+                    let mut end = self.i.min(start + MAX_IDENTIFIER);
+                    while !self.sql.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    self.push(Kind::Word, start, Cow::Borrowed(&self.sql[start..end]));
                 }
                 b':' if self.peek(1) == Some(b':') || self.peek(1) == Some(b'=') => {
                     self.i += 2;
@@ -444,6 +509,7 @@ impl<'a> Lexer<'a> {
         Ok(Lexed {
             sql: self.sql,
             tokens: self.tokens,
+            shape: std::cell::OnceCell::new(),
         })
     }
 
@@ -913,7 +979,7 @@ mod tests {
             .unwrap()
             .tokens
             .into_iter()
-            .map(|t| (t.kind, t.value.into_owned()))
+            .map(|t| (t.kind, t.folded().into_owned()))
             .collect()
     }
 

@@ -144,7 +144,10 @@ pub fn leading_keyword(sql: &str) -> Option<&'static str> {
     if word.kind != lex::Kind::Word {
         return None;
     }
-    LEADING_KEYWORDS.iter().copied().find(|k| *k == word.value)
+    LEADING_KEYWORDS
+        .iter()
+        .copied()
+        .find(|k| word.value.eq_ignore_ascii_case(k))
 }
 
 /// An identifier as the server folds it: unquoted → ASCII letters in lower case, quoted

@@ -10,7 +10,7 @@ use crate::catalog::Catalog;
 use crate::config::rules::Rules;
 use crate::session::identity::SessionIdentity;
 use crate::sql::audit::{analyse_tokens, PartFacts, UNREADABLE};
-use crate::sql::lex::{lex, Lexed, Strings, Token};
+use crate::sql::lex::{LexError, Lexed, Token};
 
 /// Facts kept per session; past this the cache starts over.
 const CACHE: usize = 1024;
@@ -144,21 +144,29 @@ impl FactsCache {
 
     /// A Parse's statement text and facts (the whole string: the server refuses a
     /// prepared statement with more than one command), read under `strings`.
-    /// `strings` is `None` when pgveil cannot tell how the server reads the text.
-    pub fn whole(&mut self, sql: &str, strings: Option<Strings>) -> (Arc<str>, Arc<Facts>) {
-        match strings.ok_or(()).and_then(|s| lex(sql, s).map_err(drop)) {
-            Ok(lexed) => {
-                let facts = self.facts_of(&lexed.tokens);
+    /// `lexed` is the text read as the server reads it, `None` when pgveil cannot tell.
+    pub fn whole(
+        &mut self,
+        sql: &str,
+        lexed: Option<&Result<Lexed<'_>, LexError>>,
+    ) -> (Arc<str>, Arc<Facts>) {
+        match lexed {
+            Some(Ok(lexed)) => {
+                let facts = self.facts_of(lexed, lexed.statement_tokens());
                 (self.text_of(sql, sql.trim(), &lexed.tokens), facts)
             }
-            Err(_) => self.unread(sql.trim()),
+            _ => self.unread(sql.trim()),
         }
     }
 
     /// The statements of a query string read under `strings`, each with its text and
     /// facts.
-    pub fn parts(&mut self, sql: &str, strings: Option<Strings>) -> Vec<(Arc<str>, Arc<Facts>)> {
-        let Some(Ok(lexed)) = strings.map(|s| lex(sql, s)) else {
+    pub fn parts(
+        &mut self,
+        sql: &str,
+        lexed: Option<&Result<Lexed<'_>, LexError>>,
+    ) -> Vec<(Arc<str>, Arc<Facts>)> {
+        let Some(Ok(lexed)) = lexed else {
             let sql = sql.trim();
             return if sql.is_empty() {
                 Vec::new()
@@ -171,7 +179,7 @@ impl FactsCache {
             .into_iter()
             .map(|range| {
                 let tokens = lexed.within(&range);
-                let facts = self.facts_of(tokens);
+                let facts = self.facts_of(lexed, tokens);
                 (self.text_of(sql, &sql[range], tokens), facts)
             })
             .collect()
@@ -197,20 +205,22 @@ impl FactsCache {
         }
     }
 
-    fn facts_of(&mut self, tokens: &[Token<'_>]) -> Arc<Facts> {
-        Lexed::shape(tokens, &mut self.scratch);
-        let facts = match self.cache.get(self.scratch.as_str()) {
+    /// The facts of `tokens`, one statement of `lexed`.
+    fn facts_of(&mut self, lexed: &Lexed<'_>, tokens: &[Token<'_>]) -> Arc<Facts> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let shape = lexed.shape_of(tokens, &mut scratch);
+        let facts = match self.cache.get(shape) {
             Some(f) => f.clone(),
             None => {
                 let f = Arc::new(self.resolve(analyse_tokens(tokens)));
                 if self.cache.len() >= CACHE {
                     self.cache.clear();
                 }
-                self.cache
-                    .insert(Box::from(self.scratch.as_str()), f.clone());
+                self.cache.insert(Box::from(shape), f.clone());
                 f
             }
         };
+        self.scratch = scratch;
         // Cursors and SQL prepared statements carry their query's facts to FETCH/EXECUTE.
         if let Some(name) = &facts.defines {
             self.named.insert(name.clone(), facts.clone());

@@ -24,7 +24,7 @@ use crate::config::rules::AlertAction;
 use crate::metrics::Metrics;
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
-use crate::sql::Strings;
+use crate::sql::lex::{lex, LexError, Lexed, Strings};
 use crate::watch::{AlertWatch, Fired};
 use facts::{Facts, FactsCache};
 
@@ -146,28 +146,27 @@ impl SessionAudit {
         self.alerts.is_some()
     }
 
-    /// Records the client's message, its SQL read under `strings` (`None` when pgveil
-    /// cannot tell how the server reads it: recorded unanalysed); `refusal` when pgveil
-    /// refused it. For an Execute, `portal` is what the portal runs as the session state
+    /// Records the client's message, its SQL as the server reads it in `lexed` (`None`
+    /// when pgveil cannot tell: recorded unanalysed); `refusal` when pgveil refused it. For an Execute, `portal` is what the portal runs as the session state
     /// knows it (see `SessionState::portal_as_sent`). For a Parse that goes to the server,
     /// returns what the state is to keep with the statement.
     pub fn on_client(
         &mut self,
         msg: &FrontendMessage<'_>,
-        strings: Option<Strings>,
+        lexed: Option<&Result<Lexed<'_>, LexError>>,
         refusal: Option<&Denied>,
         portal: Option<&Recorded>,
     ) -> Option<Recorded> {
         match msg {
             FrontendMessage::Query { sql } => {
-                for (text, facts) in self.facts.parts(sql, strings) {
+                for (text, facts) in self.facts.parts(sql, lexed) {
                     let f = self.in_flight(text, facts, "simple", refusal.cloned());
                     self.slots.push_back(Slot::Statement(f));
                 }
                 self.slots.push_back(Slot::End);
             }
             FrontendMessage::Parse { sql, .. } => {
-                let (text, facts) = self.facts.whole(sql, strings);
+                let (text, facts) = self.facts.whole(sql, lexed);
                 if refusal.is_some() {
                     self.refused_parse =
                         Some(self.in_flight(text, facts, "extended", refusal.cloned()));
@@ -227,7 +226,8 @@ impl SessionAudit {
     /// The statement is analysed only while the user is blocked.
     pub fn alert_block(&mut self, sql: &str, strings: Strings) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
-        let parts = self.facts.parts(sql, Some(strings));
+        let lexed = lex(sql, strings);
+        let parts = self.facts.parts(sql, Some(&lexed));
         let (_, facts) = parts.iter().find(|(_, f)| f.may_read_sensitive())?;
         Some(self.alert_refusal(facts, blocked))
     }

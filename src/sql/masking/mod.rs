@@ -63,7 +63,16 @@ const STATS_VIEWS: [&str; 4] = [
 /// Checks a whole query string; one refused statement refuses the string. Also returns
 /// the tables the string creates, which the session's catalog does not know yet.
 pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
-    let (mut verdict, created) = check_string(sql, ctx);
+    check_lexed(sql, &super::lex::lex(sql, ctx.strings), ctx)
+}
+
+/// [`check`] of a text already read as the server reads it (under `ctx.strings`).
+pub fn check_lexed(
+    sql: &str,
+    lexed: &Result<super::lex::Lexed<'_>, super::lex::LexError>,
+    ctx: &Context<'_>,
+) -> (Verdict, Vec<String>) {
+    let (mut verdict, created) = check_string(sql, lexed, ctx);
     if let Verdict::Refused(r) = &mut verdict {
         if r.rule.is_none() {
             r.rule = refusal_rule(r, ctx);
@@ -89,7 +98,11 @@ fn refusal_rule(r: &Refusal, ctx: &Context<'_>) -> Option<Origin> {
     ctx.masks.rule_for(table).cloned()
 }
 
-fn check_string(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
+fn check_string(
+    sql: &str,
+    lexed: &Result<super::lex::Lexed<'_>, super::lex::LexError>,
+    ctx: &Context<'_>,
+) -> (Verdict, Vec<String>) {
     if ctx.masks.is_empty() {
         return (Verdict::Pass, Vec::new());
     }
@@ -99,7 +112,11 @@ fn check_string(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
         let reason = "standard_conforming_strings is off, so pgveil cannot read string literals as the server does";
         return (unanalysable(ctx, reason), Vec::new());
     }
-    let mut statements = match super::parse_as(sql, ctx.strings) {
+    let parsed = match lexed {
+        Ok(l) => super::parse_tokens(&l.tokens),
+        Err(e) => Err(sqlparser::parser::ParserError::ParserError(e.to_string())),
+    };
+    let mut statements = match parsed {
         Ok(s) => s,
         Err(_) => {
             return (
