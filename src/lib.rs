@@ -15,6 +15,7 @@ pub mod config;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod sql;

@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use pgveil::cli::{self, Cli, Command, TokenCommand};
 use pgveil::config::Config;
-use pgveil::server::{self, Proxy};
+use pgveil::proxy::Proxy;
+use pgveil::server;
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {

@@ -112,7 +112,7 @@ fn audit_verify_of_a_missing_file_is_an_error_not_a_verdict() {
 #[test]
 fn reload_keeps_old_rules_when_new_ones_are_invalid() {
     use pgveil::config::{Config, ServeSettings};
-    use pgveil::server::Proxy;
+    use pgveil::proxy::Proxy;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("r.toml");
     std::fs::write(&file, "[[mask]]\ncolumn = \"t.c\"\nfunction = \"null\"\n").unwrap();
@@ -138,7 +138,8 @@ fn reload_keeps_old_rules_when_new_ones_are_invalid() {
 #[tokio::test]
 async fn rules_reload_when_their_files_change() {
     use pgveil::config::{Config, ServeSettings};
-    use pgveil::server::{watch_rules, Proxy};
+    use pgveil::proxy::Proxy;
+    use pgveil::server::watch_rules;
     use std::sync::Arc;
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();

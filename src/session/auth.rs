@@ -24,7 +24,7 @@ use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::write;
 use crate::protocol::{Frame, SqlState};
-use crate::server::{CachedCatalog, CancelRegistration, Proxy};
+use crate::proxy::{CachedCatalog, CancelRegistration, Proxy};
 
 /// What a completed startup hands to the relay.
 pub struct Established {

@@ -12,6 +12,7 @@ pub mod guard;
 pub mod identity;
 pub mod policy;
 pub mod relay;
+pub mod reload;
 pub mod rows;
 pub mod screen;
 pub mod startup;
@@ -28,7 +29,7 @@ use tracing::Instrument;
 
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{FrameReader, SqlState};
-use crate::server::Proxy;
+use crate::proxy::Proxy;
 use crate::tls::Stream;
 use error::{report, SessionError};
 use startup::Opening;
@@ -216,11 +217,8 @@ async fn run_session(
     session_state.policy = established.policy;
     session_state.guard = established.guard;
     session_state.catalog_stale = established.catalog_stale;
-    session_state.refresh = Some(policy::PolicyRefresh::new(
-        proxy.clone(),
-        established.identity.clone(),
-        generation,
-    ));
+    let refresh =
+        reload::PolicyRefresh::new(proxy.clone(), established.identity.clone(), generation);
     if let Some(a) = &session_state.audit {
         proxy
             .audit_event(a.who.event(crate::audit::Event::Connect, None, None))
@@ -228,7 +226,14 @@ async fn run_session(
     }
     let state = Mutex::new(session_state);
     let shutdown = proxy.shutdown.watch(id);
-    let result = relay::run(&mut legs, &state, limits.client_idle_timeout, &shutdown).await;
+    let result = relay::run(
+        &mut legs,
+        &state,
+        refresh,
+        limits.client_idle_timeout,
+        &shutdown,
+    )
+    .await;
     drop(shutdown);
     let audit = state
         .into_inner()

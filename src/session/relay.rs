@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::server::{shutdown_level, ShutdownWatch};
+use crate::proxy::{shutdown_level, ShutdownWatch};
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
+use super::reload::PolicyRefresh;
 use super::rows::MaskPlan;
 use super::screen::{forward, screen};
 use super::state::{Reply, SessionState};
@@ -33,6 +34,7 @@ pub enum RelayEnd {
 pub async fn run(
     legs: &mut Legs,
     state: &Mutex<SessionState>,
+    refresh: PolicyRefresh,
     idle_timeout: Option<Duration>,
     shutdown: &ShutdownWatch<'_>,
 ) -> Result<RelayEnd, SessionError> {
@@ -46,6 +48,7 @@ pub async fn run(
         &mut legs.client_r,
         &mut legs.upstream_w,
         state,
+        refresh,
         idle_timeout,
         &draining,
         &client_partial,
@@ -92,6 +95,7 @@ async fn client_to_server(
     client: &mut FrameReader<BoxRead>,
     upstream: &mut (impl AsyncWrite + Unpin),
     state: &Mutex<SessionState>,
+    mut refresh: PolicyRefresh,
     idle_timeout: Option<Duration>,
     draining: &AtomicBool,
     client_partial: &AtomicBool,
@@ -119,11 +123,13 @@ async fn client_to_server(
         let mut terminated = false;
         {
             let mut st = lock(state);
-            if st.refresh.as_ref().is_some_and(|r| r.changed()) {
-                st.apply_reload().map_err(|message| SessionError::Refused {
-                    code: SqlState::ADMIN_SHUTDOWN,
-                    message,
-                })?;
+            if refresh.changed() {
+                refresh
+                    .refresh(&mut st)
+                    .map_err(|message| SessionError::Refused {
+                        code: SqlState::ADMIN_SHUTDOWN,
+                        message,
+                    })?;
             }
             let mut frame = Some(first);
             while let Some(f) = frame {

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use super::error::SessionError;
 use crate::protocol::startup::{read_startup_packet, CancelKey, StartupMessage, StartupPacket};
 use crate::protocol::ProtocolError;
-use crate::server::Proxy;
+use crate::proxy::Proxy;
 use crate::tls::Stream;
 
 /// How a client opened its connection.

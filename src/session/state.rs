@@ -160,7 +160,7 @@ pub struct SessionState {
     /// Set when a statement may have changed the schema the cached catalog describes.
     pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Rebuilds `policy` after a rules reload.
-    pub refresh: Option<super::policy::PolicyRefresh>,
+
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
@@ -225,16 +225,6 @@ impl SessionState {
                 _ => false,
             })
             .then(|| "possibly changing".to_string())
-    }
-
-    /// Applies a rules reload (see `PolicyRefresh::refresh`).
-    pub fn apply_reload(&mut self) -> Result<(), String> {
-        let Some(mut refresh) = self.refresh.take() else {
-            return Ok(());
-        };
-        let result = refresh.refresh(self);
-        self.refresh = Some(refresh);
-        result
     }
 
     /// The SQL of every statement prepared through the extended protocol.

@@ -7,7 +7,7 @@ use tokio::net::TcpStream;
 use super::error::SessionError;
 use crate::config::UpstreamTls;
 use crate::protocol::startup::{ssl_request_packet, CancelKey};
-use crate::server::Proxy;
+use crate::proxy::Proxy;
 use crate::tls::Stream;
 
 /// Opens a connection to the upstream, encrypted as configured.

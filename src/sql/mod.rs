@@ -1,6 +1,8 @@
-//! Statement analysis through sqlparser's AST (never string matching): parsing with a
-//! recursion limit, identifier folding as PostgreSQL does it, statement kinds, and the
-//! masking checker. A parse failure or an unknown construct means "cannot prove safe".
+//! Statement analysis: PostgreSQL's lexing (`lex`), name scoping per query level
+//! (`scope`), and sqlparser's AST over the server's tokens (never string matching), with a
+//! bound on depth; identifier folding as PostgreSQL does it, statement kinds, and the
+//! guard, masking and audit analyses. A statement that cannot be read as the server reads
+//! it, or parsed, means "cannot prove safe".
 
 pub mod audit;
 pub mod guard;

@@ -11,7 +11,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pgveil::config::{Config, ServeSettings, UpstreamTls};
-use pgveil::server::{self, Proxy};
+use pgveil::proxy::Proxy;
+use pgveil::server;
 use tokio::sync::oneshot;
 
 pub const SUPERUSER_PASSWORD: &str = "super_pw";

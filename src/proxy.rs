@@ -1,0 +1,277 @@
+//! What the whole process shares, every session and the accept loop alike: the rules in
+//! force, TLS configuration, the catalog cache, metrics, the audit log, the cancel-key
+//! registry and the shutdown level. `server.rs` runs the accept loop over it; `session/`
+//! reads it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use arc_swap::ArcSwap;
+use atomic_waker::AtomicWaker;
+use dashmap::DashMap;
+use thiserror::Error;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::AuditLog;
+use crate::catalog::Catalog;
+use crate::config::{Config, Rules, RulesError};
+use crate::metrics::Metrics;
+use crate::protocol::startup::CancelKey;
+use crate::session::identity::SessionIdentity;
+use crate::tls::{self, TlsError, UpstreamConnector};
+use crate::watch::{Alerts, AuthThrottle};
+
+/// Keys of `hash` and `tokenize` masks must be in the environment before any session
+/// starts: a missing key would otherwise mean a column nobody can read or, worse, a
+/// silent fallback.
+fn check_keys(rules: &Rules) -> Result<(), ServerError> {
+    use crate::config::rules::MaskFunction;
+    for m in &rules.masks {
+        if let MaskFunction::Hash { key_env } | MaskFunction::Tokenize { key_env } = &m.function {
+            crate::policy::mask::key_from_env(key_env)
+                .map_err(|e| ServerError::Key(format!("{}: {e}", m.origin)))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("mask key: {0}")]
+    Key(String),
+    #[error("rules: {0}")]
+    Rules(#[from] RulesError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// Everything sessions share.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub rules: ArcSwap<Rules>,
+    pub client_tls: Option<TlsAcceptor>,
+    pub upstream_tls: UpstreamConnector,
+    /// Client-visible cancel key → the upstream backend's key.
+    pub cancel_keys: DashMap<CancelKey, CancelKey>,
+    /// Identities of the sessions past authentication, by session id.
+    pub sessions: DashMap<u64, SessionIdentity>,
+    /// How far shutdown has gone, and how to wake the sessions that must notice it.
+    pub shutdown: Shutdown,
+    /// Schema knowledge per database, loaded by the first session that needs it.
+    pub catalogs: DashMap<String, CachedCatalog>,
+    /// When the recycle bin of each database was last purged (see `session::auth`).
+    pub trash_purged: DashMap<String, std::time::Instant>,
+    /// The audit log writer; `None` with `--no-audit`.
+    pub audit: Option<Arc<AuditLog>>,
+    pub metrics: Arc<Metrics>,
+    /// `[[alert]]` windows of every user.
+    pub alerts: Arc<Alerts>,
+    /// Failed logins per client address.
+    pub auth_throttle: AuthThrottle,
+    /// Incremented by every successful rules reload.
+    rules_generation: AtomicU64,
+    session_ids: AtomicU64,
+    active_sessions: AtomicUsize,
+}
+
+impl Proxy {
+    /// Loads rules and TLS material; fails on anything invalid.
+    pub fn new(config: Config) -> Result<Proxy, ServerError> {
+        let rules = Rules::load(&config.rules_path)?;
+        check_keys(&rules)?;
+        let client_tls = match &config.client_tls {
+            Some((cert, key)) => Some(tls::client_acceptor(cert, key)?),
+            None => None,
+        };
+        let upstream_tls = UpstreamConnector::new(
+            config.upstream_tls,
+            config.upstream_ca.as_deref(),
+            &config.upstream_host,
+        )?;
+        let audit = match &config.audit {
+            Some(a) => Some(Arc::new(AuditLog::open(a.writer.clone())?)),
+            None => None,
+        };
+        let auth_throttle = AuthThrottle::new(config.auth_throttle);
+        Ok(Proxy {
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            alerts: Arc::new(Alerts::default()),
+            auth_throttle,
+            config: Arc::new(config),
+            rules: ArcSwap::from_pointee(rules),
+            client_tls,
+            upstream_tls,
+            cancel_keys: DashMap::new(),
+            sessions: DashMap::new(),
+            shutdown: Shutdown::default(),
+            catalogs: DashMap::new(),
+            trash_purged: DashMap::new(),
+            rules_generation: AtomicU64::new(0),
+            session_ids: AtomicU64::new(1),
+            active_sessions: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn rules_generation(&self) -> u64 {
+        self.rules_generation.load(Ordering::SeqCst)
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Re-reads the rules; invalid new rules are logged and the old ones stay.
+    pub fn reload_rules(&self) -> Result<(), RulesError> {
+        match Rules::load(&self.config.rules_path) {
+            Ok(rules) => {
+                if let Err(e) = check_keys(&rules) {
+                    tracing::error!("new rules are invalid, keeping the old ones: {e}");
+                    return Err(RulesError {
+                        problems: vec![e.to_string()],
+                    });
+                }
+                self.rules.store(Arc::new(rules));
+                // Running sessions notice this at their next statement.
+                self.rules_generation.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(path = %self.config.rules_path.display(), "rules reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("new rules are invalid, keeping the old ones:\n{e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// A key for the client in place of the server's: same pid (so `pg_backend_pid()`
+    /// still matches), a fresh secret, so a CancelRequest reaches only backends this
+    /// proxy opened for that client. The mapping lives as long as the registration.
+    pub fn register_cancel_key(self: &Arc<Self>, server: CancelKey) -> CancelRegistration {
+        loop {
+            let key = CancelKey {
+                pid: server.pid,
+                secret: rand::random(),
+            };
+            if let dashmap::Entry::Vacant(v) = self.cancel_keys.entry(key) {
+                v.insert(server);
+                return CancelRegistration {
+                    proxy: self.clone(),
+                    client_key: key,
+                };
+            }
+        }
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.active_sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn metrics_session_started(&self) {
+        self.active_sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connection_opened();
+    }
+
+    /// Writes a session event record and waits for it; a log that cannot be written is
+    /// logged (the event's session is ending or refused anyway).
+    pub async fn audit_event(&self, record: Vec<u8>) {
+        let Some(log) = &self.audit else { return };
+        self.metrics.audit_records(1);
+        if let Err(e) = log.write(vec![record]).await {
+            tracing::error!("audit event not written: {e}");
+        }
+    }
+
+    pub fn metrics_session_ended(&self) {
+        self.active_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A database's catalog and a flag any session sets after a statement that may have
+/// changed the schema; the next session to start then reloads it.
+#[derive(Clone)]
+pub struct CachedCatalog {
+    pub catalog: Arc<Catalog>,
+    pub stale: Arc<AtomicBool>,
+}
+
+/// Shutdown as sessions see it: a level that only rises, and one waker per session in
+/// the relay phase. Polling it costs two atomic operations, which matters because the
+/// relay polls it on every wake-up.
+#[derive(Default)]
+pub struct Shutdown {
+    level: AtomicU8,
+    wakers: DashMap<u64, Arc<AtomicWaker>>,
+}
+
+/// The levels of [`Shutdown`].
+pub mod shutdown_level {
+    pub const RUNNING: u8 = 0;
+    /// Stop accepting; end each session once no statement is running.
+    pub const DRAIN: u8 = 1;
+    /// The grace period is over: end every session now.
+    pub const STOP: u8 = 2;
+}
+
+impl Shutdown {
+    /// Raises the level and wakes every registered session.
+    pub fn raise(&self, level: u8) {
+        self.level.fetch_max(level, Ordering::SeqCst);
+        for w in self.wakers.iter() {
+            w.wake();
+        }
+    }
+
+    /// Registers a session to be woken; dropping the guard unregisters it.
+    pub fn watch(&self, session: u64) -> ShutdownWatch<'_> {
+        let waker = Arc::new(AtomicWaker::new());
+        self.wakers.insert(session, waker.clone());
+        ShutdownWatch {
+            shutdown: self,
+            session,
+            waker,
+        }
+    }
+}
+
+/// One session's view of [`Shutdown`].
+pub struct ShutdownWatch<'a> {
+    shutdown: &'a Shutdown,
+    session: u64,
+    waker: Arc<AtomicWaker>,
+}
+
+impl ShutdownWatch<'_> {
+    /// Resolves with the level once it is above `seen`.
+    pub async fn above(&self, seen: u8) -> u8 {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.shutdown.level.load(Ordering::SeqCst) {
+                level if level > seen => Poll::Ready(level),
+                _ => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for ShutdownWatch<'_> {
+    fn drop(&mut self) {
+        self.shutdown.wakers.remove(&self.session);
+    }
+}
+
+/// A client-visible cancel key, mapped to its backend until dropped.
+pub struct CancelRegistration {
+    proxy: Arc<Proxy>,
+    pub client_key: CancelKey,
+}
+
+impl Drop for CancelRegistration {
+    fn drop(&mut self) {
+        self.proxy.cancel_keys.remove(&self.client_key);
+    }
+}

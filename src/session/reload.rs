@@ -1,0 +1,145 @@
+//! Rules reloads as a running session takes them: masks, guard, sensitive columns and
+//! alerts are rebuilt for the session's identity, checked before each batch of client
+//! messages (one atomic load when nothing changed).
+
+use std::sync::Arc;
+
+use super::guard::SessionGuard;
+use super::identity::SessionIdentity;
+use super::policy::SessionPolicy;
+use super::state::SessionState;
+use crate::catalog::search_path_schemas;
+use crate::policy::guard::GuardPolicy;
+use crate::policy::SessionMasks;
+use crate::proxy::Proxy;
+
+/// Keeps a session's policy in step with rules reloads: checked before each batch of client
+/// messages (one atomic load when nothing changed).
+pub struct PolicyRefresh {
+    proxy: Arc<Proxy>,
+    identity: SessionIdentity,
+    generation: u64,
+}
+
+impl PolicyRefresh {
+    pub fn new(proxy: Arc<Proxy>, identity: SessionIdentity, generation: u64) -> PolicyRefresh {
+        PolicyRefresh {
+            proxy,
+            identity,
+            generation,
+        }
+    }
+
+    /// Whether the rules were reloaded since this session last looked (one atomic load).
+    pub fn changed(&self) -> bool {
+        self.proxy.rules_generation() != self.generation
+    }
+
+    /// Brings the session in step with reloaded rules. Masks: statements prepared,
+    /// cursors declared and verdicts cached under the old masks cannot be re-checked, so a
+    /// session whose masks changed is ended (`Err`) and reconnects under the new rules.
+    /// Guard: the new rules take over at once, and every statement the session has
+    /// prepared is checked again under them; if one is now refused, the session is ended
+    /// too. A session the reload does not concern goes on.
+    pub fn refresh(&mut self, st: &mut SessionState) -> Result<(), String> {
+        self.generation = self.proxy.rules_generation();
+        let rules = self.proxy.rules.load_full();
+        if let Some(a) = st.audit.as_mut() {
+            let sensitive = super::audit::Sensitive::build(&rules, &self.identity, a.catalog());
+            let alerts = crate::watch::AlertWatch::for_session(
+                &self.proxy.alerts,
+                &rules.alerts,
+                &self.identity,
+            );
+            a.replace_rules(sensitive, alerts);
+        }
+        self.refresh_masks(&rules, &st.policy)?;
+        let new = GuardPolicy::for_session(&rules, &self.identity);
+        let old = st.guard.as_ref().map(|g| g.policy());
+        if GuardPolicy::fingerprint(old) == GuardPolicy::fingerprint(new.as_ref()) {
+            return Ok(());
+        }
+        let Some(new) = new else {
+            st.guard = None;
+            return Ok(());
+        };
+        let mut guard = match st.guard.take() {
+            Some(mut g) => {
+                g.replace_policy(new);
+                g
+            }
+            None => {
+                let catalog = st.policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
+                    self.proxy
+                        .catalogs
+                        .get(&self.identity.database)
+                        .map(|c| c.catalog.clone())
+                });
+                let Some(catalog) = catalog else {
+                    tracing::info!(
+                        "a rules reload guards a session pgveil has no catalog for; ending it"
+                    );
+                    return Err(RELOADED.into());
+                };
+                let search_path =
+                    search_path_schemas(&self.identity.search_path, &self.identity.user);
+                SessionGuard::new(new, catalog, self.identity.user.clone(), search_path)
+            }
+        };
+        let scs = st.lexing();
+        for sql in st.prepared_sql() {
+            if guard.screen(&sql, scs).is_err() {
+                tracing::info!(
+                    "a rules reload refuses a statement the session prepared; ending it"
+                );
+                return Err(RELOADED.into());
+            }
+        }
+        st.guard = Some(guard);
+        Ok(())
+    }
+
+    fn refresh_masks(
+        &self,
+        rules: &crate::config::rules::Rules,
+        policy: &Option<SessionPolicy>,
+    ) -> Result<(), String> {
+        let applies = rules
+            .masks
+            .iter()
+            .any(|r| crate::policy::masks::applies(r, &self.identity));
+        let before = policy
+            .as_ref()
+            .map(|p| p.masks.fingerprint())
+            .unwrap_or_default();
+        let after = if !applies {
+            Vec::new()
+        } else {
+            let catalog = policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
+                self.proxy
+                    .catalogs
+                    .get(&self.identity.database)
+                    .map(|c| c.catalog.clone())
+            });
+            match catalog {
+                Some(c) => SessionMasks::build(rules, &self.identity, &c).fingerprint(),
+                // Masks apply but were never resolved for this session: they changed.
+                None => vec![(String::new(), "unresolved", false)],
+            }
+        };
+        if before == after {
+            return Ok(());
+        }
+        tracing::info!("masks changed by a rules reload; ending the session");
+        Err(RELOADED.into())
+    }
+}
+
+/// What a session ended by a rules reload is told.
+const RELOADED: &str = "pgveil: the rules changed; reconnect to continue";
+
+impl std::fmt::Debug for PolicyRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyRefresh(generation {})", self.generation)
+    }
+}
