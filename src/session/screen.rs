@@ -39,14 +39,11 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
     }
     // The statement as the server reads it, when its client_encoding is not UTF-8.
     let reading = server_reading(st, msg);
-    let decoded;
-    let (read, unknown) = match &reading {
-        Reading::Same => (msg, None),
-        Reading::Decoded(text) => {
-            decoded = with_sql(msg, text);
-            (&decoded, None)
-        }
-        Reading::Unknown(encoding) => (msg, Some(encoding.as_str())),
+    let mut decoded = None;
+    let read = reading.apply(msg, &mut decoded);
+    let unknown = match &reading {
+        Reading::Unknown(encoding) => Some(encoding.as_str()),
+        _ => None,
     };
     // Read once, as the server reads it, for the guard and the audit alike.
     let lexed = sql_of(read)
@@ -183,6 +180,21 @@ enum Reading {
     Unknown(String),
 }
 
+impl Reading {
+    /// `msg` as the server reads it: with the decoded text (kept in `slot`) where there
+    /// is one, else as it came.
+    fn apply<'a>(
+        &'a self,
+        msg: &'a FrontendMessage<'a>,
+        slot: &'a mut Option<FrontendMessage<'a>>,
+    ) -> &'a FrontendMessage<'a> {
+        match self {
+            Reading::Decoded(text) => slot.insert(with_sql(msg, text)),
+            _ => msg,
+        }
+    }
+}
+
 fn server_reading(st: &SessionState, msg: &FrontendMessage<'_>) -> Reading {
     let (FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. }) = msg else {
         return Reading::Same;
@@ -251,15 +263,9 @@ fn refuse_foreign(
 /// Forwards a client message unchanged.
 pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
     let reading = server_reading(st, msg);
-    let decoded;
-    let (read, readable) = match &reading {
-        Reading::Same => (msg, true),
-        Reading::Decoded(text) => {
-            decoded = with_sql(msg, text);
-            (&decoded, true)
-        }
-        Reading::Unknown(_) => (msg, false),
-    };
+    let mut decoded = None;
+    let read = reading.apply(msg, &mut decoded);
+    let readable = !matches!(reading, Reading::Unknown(_));
     let lexed = sql_of(read)
         .filter(|_| readable && st.audit.is_some())
         .map(|sql| lex(sql, st.lexing()));

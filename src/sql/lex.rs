@@ -567,29 +567,6 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    /// `'...'` with standard strings, the opening quote at `self.i`.
-    fn plain_string(&mut self) -> Result<String, LexError> {
-        self.i += 1;
-        let mut v = String::new();
-        loop {
-            let from = self.i;
-            while self.peek(0).is_some_and(|c| c != b'\'') {
-                self.i += 1;
-            }
-            v.push_str(&self.sql[from..self.i]);
-            if self.peek(0).is_none() {
-                return error("an unterminated quoted string");
-            }
-            self.i += 1;
-            if self.peek(0) == Some(b'\'') {
-                v.push('\'');
-                self.i += 1;
-            } else if !self.continues() {
-                return Ok(v);
-            }
-        }
-    }
-
     /// `E'...'` (or `'...'` with standard_conforming_strings off), the opening quote at
     /// `self.i`.
     fn escaped_string(&mut self) -> Result<String, LexError> {
@@ -724,46 +701,50 @@ impl<'a> Lexer<'a> {
         })
     }
 
-    /// `B'...'` or `X'...'`, the quote at `self.i`.
-    fn bit_string(&mut self) -> Result<String, LexError> {
+    /// A quoted run whose quote is at `self.i`: its text up to the closing `quote`, a
+    /// doubled quote standing for one where `doubled`, and, where `continued`, the same
+    /// literal going on after whitespace with a newline (see `continues`).
+    fn quoted(
+        &mut self,
+        quote: u8,
+        doubled: bool,
+        continued: bool,
+        unterminated: &'static str,
+    ) -> Result<String, LexError> {
         self.i += 1;
         let mut v = String::new();
         loop {
             let from = self.i;
-            while self.peek(0).is_some_and(|c| c != b'\'') {
+            while self.peek(0).is_some_and(|c| c != quote) {
                 self.i += 1;
             }
             v.push_str(&self.sql[from..self.i]);
             if self.peek(0).is_none() {
-                return error("an unterminated bit string literal");
+                return error(unterminated);
             }
             self.i += 1;
-            if !self.continues() {
+            if doubled && self.peek(0) == Some(quote) {
+                v.push(quote as char);
+                self.i += 1;
+            } else if !(continued && self.continues()) {
                 return Ok(v);
             }
         }
     }
 
+    /// `'...'` with standard strings, the opening quote at `self.i`.
+    fn plain_string(&mut self) -> Result<String, LexError> {
+        self.quoted(b'\'', true, true, "an unterminated quoted string")
+    }
+
+    /// `B'...'` or `X'...'`, the quote at `self.i`.
+    fn bit_string(&mut self) -> Result<String, LexError> {
+        self.quoted(b'\'', false, true, "an unterminated bit string literal")
+    }
+
+    /// `"..."`, the quote at `self.i`, before truncation.
     fn quoted_ident_raw(&mut self) -> Result<String, LexError> {
-        self.i += 1;
-        let mut v = String::new();
-        loop {
-            let from = self.i;
-            while self.peek(0).is_some_and(|c| c != b'"') {
-                self.i += 1;
-            }
-            v.push_str(&self.sql[from..self.i]);
-            if self.peek(0).is_none() {
-                return error("an unterminated quoted identifier");
-            }
-            self.i += 1;
-            if self.peek(0) == Some(b'"') {
-                v.push('"');
-                self.i += 1;
-            } else {
-                return Ok(v);
-            }
-        }
+        self.quoted(b'"', true, false, "an unterminated quoted identifier")
     }
 
     fn quoted_ident(&mut self) -> Result<String, LexError> {
