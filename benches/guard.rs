@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pgveil::config::rules::Rules;
 use pgveil::policy::guard::GuardPolicy;
-use pgveil::session::guard::SessionGuard;
+use pgveil::policy::session_guard::SessionGuard;
 use pgveil::session::identity::SessionIdentity;
 use pgveil::sql::masking::testing::crm_context;
 

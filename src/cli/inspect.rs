@@ -11,8 +11,8 @@ use crate::config::rules::{MaskFunction, Rules, Unanalysable};
 use crate::policy::guard::GuardPolicy;
 use crate::policy::mask::{self, decode_token};
 use crate::policy::pgtypes::TypeClass;
+use crate::policy::session_guard::SessionGuard;
 use crate::policy::SessionMasks;
-use crate::session::guard::SessionGuard;
 use crate::session::identity::SessionIdentity;
 use crate::sql::masking::{self, Verdict};
 

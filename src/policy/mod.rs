@@ -1,9 +1,14 @@
-//! Pure policy decisions: which columns a session sees masked, and how each is masked.
+//! Policy decisions: which columns a session sees masked and how each is masked, what the
+//! guard allows, and (`authorize`) the one decision on each statement a session sends,
+//! whose `Permit` forwarding requires and whose `Denied` names its rule.
 
+pub mod authorize;
 pub mod guard;
 pub mod mask;
 pub mod masks;
 pub mod pgtypes;
+pub mod session_guard;
+pub mod session_masking;
 pub mod sqlmask;
 
 pub use masks::{ColumnMask, SessionMasks};

@@ -11,13 +11,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
-use super::guard::SessionGuard;
 use super::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
-use super::policy::SessionPolicy;
 use super::Legs;
 use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
 use crate::config::rules::Rules;
 use crate::policy::guard::GuardPolicy;
+use crate::policy::session_guard::SessionGuard;
+use crate::policy::session_masking::SessionPolicy;
 use crate::policy::SessionMasks;
 use crate::protocol::backend::{self, auth};
 use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use super::guard::SessionGuard;
 use super::identity::SessionIdentity;
-use super::policy::SessionPolicy;
 use super::state::SessionState;
 use crate::catalog::search_path_schemas;
 use crate::policy::guard::GuardPolicy;
+use crate::policy::session_guard::SessionGuard;
+use crate::policy::session_masking::SessionPolicy;
 use crate::policy::SessionMasks;
 use crate::proxy::Proxy;
 

@@ -1,7 +1,9 @@
 //! The client side of the relay, message by message: each one is forwarded as it arrived,
-//! or, for sessions with a policy (masks, guard, `block` alerts), screened first: a refused
-//! statement is replaced by one that makes the server raise the refusal itself, so that
-//! transaction state stays in step. The audit hears of every message the server will act on.
+//! or, for sessions with a policy (masks, guard, `block` alerts), decided first by
+//! `policy::authorize` on the statement as the server reads it: a permitted statement is
+//! forwarded (or its rewrite is), a refused one is replaced by one that makes the server
+//! raise the refusal itself, so that transaction state stays in step. The audit hears of
+//! every message the server will act on.
 
 use bytes::BytesMut;
 
@@ -9,12 +11,13 @@ use std::borrow::Cow;
 
 use super::audit::Recorded;
 use super::encoding::server_text;
-use super::policy::Screen;
 use super::state::{Discarding, Pending, SessionState};
-use crate::policy::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
+use crate::policy::authorize::{Permit, SessionRules};
+use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{write, Frame};
 use crate::sql::lex::{lex, LexError, Lexed};
+use crate::sql::Strings;
 
 /// For a masked session: forwards a client message, or replaces a refused one by a
 /// statement that makes the server raise the refusal (see `write::refusal_sql`).
@@ -37,136 +40,141 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
         }
         return;
     }
-    // The statement as the server reads it, when its client_encoding is not UTF-8.
+    // The statement as the server reads it, when its client_encoding is not UTF-8, lexed
+    // once for every decision and the audit.
     let reading = server_reading(st, msg);
     let mut decoded = None;
     let read = reading.apply(msg, &mut decoded);
-    let unknown = match &reading {
-        Reading::Unknown(encoding) => Some(encoding.as_str()),
-        _ => None,
-    };
-    // Read once, as the server reads it, for the guard and the audit alike.
+    let strings = st.lexing();
     let lexed = sql_of(read)
-        .filter(|_| unknown.is_none())
-        .map(|sql| lex(sql, st.lexing()));
-    let screened = match unknown.and_then(|e| unreadable(st, e, msg)) {
-        Some(refused) => refused,
-        None => match screen_message(st, read, lexed.as_ref()) {
-            Screen::Rewrite(_) if matches!(reading, Reading::Decoded(_)) => {
-                let encoding = st.foreign_encoding().unwrap_or_default();
-                refuse_foreign(
-                    st,
-                    &encoding,
-                    msg,
-                    "a rewritten statement would have to be encoded back into it",
-                )
-                .unwrap_or(Screen::Forward)
-            }
-            other => other,
-        },
-    };
-    let refusal = match &screened {
-        Screen::Refuse(denied) => Some(denied),
+        .filter(|_| !matches!(reading, Reading::Unknown(_)))
+        .map(|sql| lex(sql, strings));
+    let decision = decide(st, read, &reading, lexed.as_ref(), strings);
+    let refusal = match &decision {
+        Decision::Refused(denied) => Some(denied),
         _ => None,
     };
     let recorded = record(st, read, refusal, lexed.as_ref());
     let msg = read;
-    match (screened, msg) {
-        (Screen::Forward, _) => {
-            st.on_client_recorded(msg, recorded);
-            out.extend_from_slice(raw.raw());
-        }
+    match (decision, msg) {
         (
-            Screen::Refuse(denied),
+            Decision::Refused(denied),
             FrontendMessage::Parse { .. } | FrontendMessage::Execute { .. },
         ) => st.discarding = Some(Discarding::new(denied.message)),
-        (Screen::Refuse(denied), _) => {
+        (Decision::Refused(denied), _) => {
             let sql = write::refusal_sql(&denied.message);
             st.on_client(&FrontendMessage::Query { sql: &sql });
             out.extend_from_slice(write::query(&sql).raw());
         }
-        (
-            Screen::Rewrite(sql),
-            FrontendMessage::Parse {
-                statement,
-                param_types,
-                ..
-            },
-        ) => {
-            let parse = FrontendMessage::Parse {
-                statement,
-                sql: &sql,
-                param_types: param_types.clone(),
-            };
-            // Recorded as the client wrote it.
-            st.on_client_recorded(&parse, recorded);
-            out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
-        }
-        (Screen::Rewrite(sql), _) => {
-            st.on_client(&FrontendMessage::Query { sql: &sql });
-            out.extend_from_slice(write::query(&sql).raw());
+        (Decision::Statement(permit), msg) => match (permit.into_rewrite(), msg) {
+            (
+                Some(sql),
+                FrontendMessage::Parse {
+                    statement,
+                    param_types,
+                    ..
+                },
+            ) => {
+                let parse = FrontendMessage::Parse {
+                    statement,
+                    sql: &sql,
+                    param_types: param_types.clone(),
+                };
+                // Recorded as the client wrote it.
+                st.on_client_recorded(&parse, recorded);
+                out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
+            }
+            (Some(sql), _) => {
+                st.on_client(&FrontendMessage::Query { sql: &sql });
+                out.extend_from_slice(write::query(&sql).raw());
+            }
+            (None, _) => {
+                st.on_client_recorded(msg, recorded);
+                out.extend_from_slice(raw.raw());
+            }
+        },
+        (Decision::Other, _) => {
+            st.on_client_recorded(msg, recorded);
+            out.extend_from_slice(raw.raw());
         }
     }
 }
 
-/// The treatment of one client message: the guard first, then masking, then `block`
-/// alerts.
-fn screen_message(
+/// What happens to one client message.
+enum Decision {
+    /// A statement (Query, Parse, FunctionCall) that may run, as the Permit says.
+    Statement(Permit),
+    /// A message that carries no statement of its own.
+    Other,
+    Refused(Denied),
+}
+
+/// The decision on one client message: statements by `SessionRules::authorize` (the
+/// guard, then masking, then `block` alerts); an Execute by `block` alerts alone.
+fn decide(
     st: &mut SessionState,
     msg: &FrontendMessage<'_>,
+    reading: &Reading,
     lexed: Option<&Result<Lexed<'_>, LexError>>,
-) -> Screen {
-    let scs = st.lexing();
-    match msg {
+    strings: Strings,
+) -> Decision {
+    let encoding = match reading {
+        Reading::Same => None,
+        Reading::Unknown(encoding) => Some(encoding.clone()),
+        Reading::Decoded(_) => st.foreign_encoding(),
+    };
+    let SessionState {
+        guard,
+        policy,
+        audit,
+        ..
+    } = st;
+    let mut rules = SessionRules {
+        guard: guard.as_mut(),
+        masking: policy.as_mut(),
+    };
+    let decided = match msg {
         FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
-            let guarded = st.guard.as_mut().map(|g| match lexed {
-                Some(lexed) => g.screen_lexed(sql, lexed, scs),
-                None => g.screen(sql, scs),
-            });
-            if let Some(Err(denied)) = guarded {
-                return Screen::Refuse(denied);
-            }
-            let masked = st
-                .policy
-                .as_mut()
-                .map_or(Screen::Forward, |p| match lexed {
-                    Some(lexed) => p.screen_lexed(sql, lexed, scs),
-                    None => p.screen(sql, scs),
-                });
-            if matches!(masked, Screen::Refuse(_)) {
-                return masked;
-            }
-            match st.audit.as_mut().and_then(|a| a.alert_block(sql, scs)) {
-                Some(denied) => Screen::Refuse(denied),
-                None => masked,
+            let foreign = |why: &str| {
+                let encoding = encoding.clone().unwrap_or_default();
+                format!("client_encoding is {encoding}, and {why}; use client_encoding UTF8")
+            };
+            match lexed {
+                Some(lexed) => {
+                    let decided = rules.authorize(sql, lexed, strings, || {
+                        audit.as_mut().and_then(|a| a.alert_block(sql, strings))
+                    });
+                    match reading {
+                        Reading::Decoded(_) => rules.without_rewrite(sql, decided, || {
+                            foreign("a rewritten statement would have to be encoded back into it")
+                        }),
+                        _ => decided,
+                    }
+                }
+                None => rules.unreadable(
+                    sql,
+                    foreign("pgveil cannot read a statement with non-ASCII characters as the server will"),
+                ),
             }
         }
+        FrontendMessage::FunctionCall => rules.function_call(),
         // A statement prepared before the user's window filled up runs no more.
         FrontendMessage::Execute { portal, .. } => {
             let runs = st.portal_as_sent(portal).cloned();
-            st.audit
+            return match st
+                .audit
                 .as_mut()
                 .and_then(|a| a.alert_block_portal(runs.as_ref()))
-                .map_or(Screen::Forward, Screen::Refuse)
+            {
+                Some(denied) => Decision::Refused(denied),
+                None => Decision::Other,
+            };
         }
-        // Fast-path calls name functions by OID, beyond the analysis.
-        FrontendMessage::FunctionCall => match (&st.policy, &st.guard) {
-            (Some(p), _) => Screen::Refuse(Denied {
-                message: format!(
-                    "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
-                    p.role
-                ),
-                rule: p
-                    .masks
-                    .rule_for(None)
-                    .map_or_else(|| UNANALYSABLE_BY_DEFAULT.to_string(), |o| o.to_string()),
-            }),
-            (None, Some(g)) => g
-                .screen_unanalysable("a fast-path call names its function by OID")
-                .map_or_else(Screen::Refuse, |()| Screen::Forward),
-            (None, None) => Screen::Forward,
-        },
-        _ => Screen::Forward,
+        _ => return Decision::Other,
+    };
+    match decided {
+        Ok(permit) => Decision::Statement(permit),
+        Err(denied) => Decision::Refused(denied),
     }
 }
 
@@ -226,38 +234,6 @@ fn with_sql<'a>(msg: &FrontendMessage<'a>, sql: &'a str) -> FrontendMessage<'a> 
         },
         _ => FrontendMessage::Query { sql },
     }
-}
-
-/// The refusal of a statement whose text pgveil cannot read as the server will, for a
-/// guarded or masked session; others forward it (and the audit records it unanalysed).
-fn unreadable(st: &SessionState, encoding: &str, msg: &FrontendMessage<'_>) -> Option<Screen> {
-    refuse_foreign(
-        st,
-        encoding,
-        msg,
-        "pgveil cannot read a statement with non-ASCII characters as the server will",
-    )
-}
-
-fn refuse_foreign(
-    st: &SessionState,
-    encoding: &str,
-    msg: &FrontendMessage<'_>,
-    why: &str,
-) -> Option<Screen> {
-    let role = match (&st.policy, &st.guard) {
-        (Some(p), _) => p.role.as_str(),
-        (None, Some(g)) => g.role(),
-        (None, None) => return None,
-    };
-    let sql = match msg {
-        FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => sql,
-        _ => "",
-    };
-    let reason = format!("client_encoding is {encoding}, and {why}; use client_encoding UTF8");
-    Some(Screen::Refuse(
-        Refusal::unanalysable(reason, None).denied(role, sql),
-    ))
 }
 
 /// Forwards a client message unchanged.

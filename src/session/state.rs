@@ -14,8 +14,9 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use super::audit::Recorded;
-use super::policy::SessionPolicy;
 use super::rows::MaskPlan;
+use crate::policy::session_guard::SessionGuard;
+use crate::policy::session_masking::SessionPolicy;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
 use crate::protocol::frontend::{FormatCodes, FrontendMessage, Target};
 use crate::protocol::ProtocolError;
@@ -152,7 +153,7 @@ pub struct SessionState {
     /// Masking for this session; `None` when no mask applies to it.
     pub policy: Option<SessionPolicy>,
     /// The statement guard; `None` when nothing can be refused to this session.
-    pub guard: Option<super::guard::SessionGuard>,
+    pub guard: Option<SessionGuard>,
     /// The in-flight mask plan of the rows now streaming: `None` until computed.
     plan: Option<Option<Arc<MaskPlan>>>,
     /// A refused extended-protocol message: client messages are dropped until Sync.

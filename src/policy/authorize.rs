@@ -1,0 +1,113 @@
+//! The one decision on each statement a session sends, in one order: the guard first,
+//! then masking, then `block` alerts. Forwarding a statement takes the [`Permit`] that only
+//! this module makes; a refusal is a [`Denied`] that names its rule.
+
+use super::session_guard::SessionGuard;
+use super::session_masking::{Screen, SessionPolicy};
+use super::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
+use crate::sql::lex::{LexError, Lexed, Strings};
+
+/// Leave to forward a statement: as the client wrote it, or rewritten so that masked
+/// columns are computed masked by the server.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Permit {
+    rewrite: Option<String>,
+}
+
+impl Permit {
+    /// The SQL to send instead of the client's, when masking rewrote the statement.
+    pub fn rewrite(&self) -> Option<&str> {
+        self.rewrite.as_deref()
+    }
+
+    pub fn into_rewrite(self) -> Option<String> {
+        self.rewrite
+    }
+}
+
+/// What decides for one session: its guard and its masking, each present when rules
+/// apply to the session.
+pub struct SessionRules<'a> {
+    pub guard: Option<&'a mut SessionGuard>,
+    pub masking: Option<&'a mut SessionPolicy>,
+}
+
+impl SessionRules<'_> {
+    /// The login user, as refusals name it; `None` when nothing can be refused.
+    fn role(&self) -> Option<&str> {
+        match (&self.masking, &self.guard) {
+            (Some(p), _) => Some(&p.role),
+            (None, Some(g)) => Some(g.role()),
+            (None, None) => None,
+        }
+    }
+
+    /// Decides on a statement, `sql` as the server reads it (`lexed`, under `strings`).
+    /// `alerts` is asked last, only for a statement the rules let run: whether a `block`
+    /// alert refuses it.
+    pub fn authorize(
+        &mut self,
+        sql: &str,
+        lexed: &Result<Lexed<'_>, LexError>,
+        strings: Strings,
+        alerts: impl FnOnce() -> Option<Denied>,
+    ) -> Result<Permit, Denied> {
+        if let Some(g) = self.guard.as_deref_mut() {
+            g.screen_lexed(sql, lexed, strings)?;
+        }
+        let masking = self.masking.as_deref_mut();
+        let rewrite = match masking.map(|p| p.screen_lexed(sql, lexed, strings)) {
+            Some(Screen::Refuse(denied)) => return Err(denied),
+            Some(Screen::Rewrite(sql)) => Some(sql),
+            Some(Screen::Forward) | None => None,
+        };
+        match alerts() {
+            Some(denied) => Err(denied),
+            None => Ok(Permit { rewrite }),
+        }
+    }
+
+    /// Decides on a statement whose text pgveil cannot read as the server will (`why`):
+    /// refused when the session is guarded or masked, forwarded as it is otherwise.
+    pub fn unreadable(&self, sql: &str, why: String) -> Result<Permit, Denied> {
+        match self.role() {
+            Some(role) => Err(Refusal::unanalysable(why, None).denied(role, sql)),
+            None => Ok(Permit { rewrite: None }),
+        }
+    }
+
+    /// Refuses a permitted rewrite that cannot be sent (`why`), or lets a statement that
+    /// needs none go on.
+    pub fn without_rewrite(
+        &self,
+        sql: &str,
+        decided: Result<Permit, Denied>,
+        why: impl FnOnce() -> String,
+    ) -> Result<Permit, Denied> {
+        match decided {
+            Ok(p) if p.rewrite.is_some() => self.unreadable(sql, why()),
+            other => other,
+        }
+    }
+
+    /// Decides on a fast-path function call, which names its function by OID, beyond
+    /// the analysis.
+    pub fn function_call(&self) -> Result<Permit, Denied> {
+        match (self.masking.as_deref(), self.guard.as_deref()) {
+            (Some(p), _) => Err(Denied {
+                message: format!(
+                    "pgveil: FUNCTION CALL is not allowed for role \"{}\": fast-path calls cannot be analysed",
+                    p.role
+                ),
+                rule: p
+                    .masks
+                    .rule_for(None)
+                    .map_or_else(|| UNANALYSABLE_BY_DEFAULT.to_string(), |o| o.to_string()),
+            }),
+            (None, Some(g)) => g
+                .screen_unanalysable("a fast-path call names its function by OID")
+                .map(|()| Permit { rewrite: None }),
+            (None, None) => Ok(Permit { rewrite: None }),
+        }
+    }
+}
