@@ -23,8 +23,9 @@ SELECT DISTINCT 'v', r.ev_class::text, d.refobjid::text \
 SELECT DISTINCT 'f', n.nspname::text, p.proname::text FROM pg_catalog.pg_proc p \
  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'); \
-SELECT DISTINCT 'b', p.proname::text FROM pg_catalog.pg_proc p \
- WHERE p.pronamespace = 'pg_catalog'::regnamespace; \
+SELECT DISTINCT 'b', n.nspname::text, p.proname::text FROM pg_catalog.pg_proc p \
+ JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+ WHERE n.nspname IN ('pg_catalog', 'information_schema') AND p.proowner = 10; \
 SELECT 's', n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
  WHERE n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'v'); \
@@ -112,6 +113,8 @@ impl Catalog {
         self.user_functions.contains(name)
     }
 
+    /// Whether a function name (bare, `pg_catalog.name` or `information_schema.name`) is
+    /// one PostgreSQL ships.
     pub fn is_builtin_function(&self, name: &str) -> bool {
         self.builtin_functions.contains(name)
     }
@@ -209,8 +212,13 @@ impl CatalogRows {
                 self.functions.insert(col(2));
                 self.functions.insert(format!("{}.{}", col(1), col(2)));
             }
+            // Functions PostgreSQL ships: in pg_catalog or information_schema, owned by
+            // the bootstrap superuser. information_schema's are named qualified only.
             "b" => {
-                self.builtins.insert(col(1));
+                if col(1) == "pg_catalog" {
+                    self.builtins.insert(col(2));
+                }
+                self.builtins.insert(format!("{}.{}", col(1), col(2)));
             }
             "i" => {
                 if let (Ok(child), Ok(parent)) = (col(1).parse(), col(2).parse()) {

@@ -820,6 +820,59 @@ async fn text_in_another_client_encoding_is_refused_not_misread() {
     assert_eq!(rows, "139****7919|\n");
 }
 
+/// What drivers send on their own: MOVE (psycopg2's scroll, asyncpg's forward), FETCH
+/// without FROM, and catalog helpers of information_schema (JDBC's metadata calls). They
+/// run for a masked role, and what they return is masked.
+#[tokio::test]
+async fn cursor_moves_and_catalog_helpers_run_masked() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    alice
+        .batch_execute(
+            "BEGIN; DECLARE c SCROLL CURSOR FOR SELECT id, phone FROM customers ORDER BY id",
+        )
+        .await
+        .unwrap();
+    let rows = simple_rows(&alice, "FETCH 2 c").await.unwrap();
+    assert_eq!(rows.lines().count(), 2, "{rows}");
+    assert_no_secret(&rows, "FETCH 2 c");
+    for sql in [
+        "MOVE ABSOLUTE 5 FROM \"c\"",
+        "MOVE FORWARD 2 IN c",
+        "MOVE c",
+        "MOVE BACKWARD ALL c",
+    ] {
+        alice
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let rows = simple_rows(&alice, "FETCH NEXT c").await.unwrap();
+    assert!(rows.starts_with("1|139****"), "{rows}");
+    alice.batch_execute("COMMIT").await.unwrap();
+    // A function PostgreSQL ships in information_schema is built in ...
+    let rows = simple_rows(
+        &alice,
+        "SELECT (information_schema._pg_expandarray(ARRAY[10, 20])).n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, "1|\n2|\n");
+    // ... one a superuser put there and gave away is not.
+    cluster().psql_super(
+        "crm",
+        "CREATE OR REPLACE FUNCTION information_schema.peek() RETURNS text LANGUAGE sql AS 'SELECT phone FROM public.customers LIMIT 1'; \
+         ALTER FUNCTION information_schema.peek() OWNER TO crm_admin; \
+         GRANT EXECUTE ON FUNCTION information_schema.peek() TO PUBLIC",
+    );
+    let p2 = proxy().await;
+    let alice = p2.0.connect("alice", "alice_pw").await;
+    let e = simple_rows(&alice, "SELECT information_schema.peek()")
+        .await
+        .unwrap_err();
+    assert!(is_refusal(&e), "{e:?}");
+}
+
 #[tokio::test]
 async fn refusal_inside_a_transaction_aborts_it_like_a_server_error() {
     let (p, _d) = proxy().await;

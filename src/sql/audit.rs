@@ -60,10 +60,12 @@ pub fn analyse_tokens(tokens: &[Token<'_>]) -> PartFacts {
         _ => return PartFacts::unanalysed(),
     };
     let stmt = &stmts[0];
+    // MOVE is read as the FETCH it is to the analysis (see `sql::parse_tokens`).
+    let moves = tokens.first().is_some_and(|t| t.is_word("move"));
     let mut v = Collector::default();
     let _ = stmt.visit(&mut v);
     let mut facts = PartFacts {
-        kind: kind(stmt),
+        kind: if moves { "move" } else { kind(stmt) },
         columns: v.columns,
         all_columns: v.all_columns,
         ..Default::default()
@@ -271,6 +273,19 @@ mod tests {
             Some("c")
         );
         assert_eq!(analyse("FETCH 10 FROM c").uses.as_deref(), Some("c"));
+        for (sql, kind) in [
+            ("FETCH 10 c", "fetch"),
+            ("fetch next \"C\"", "fetch"),
+            ("FETCH c", "fetch"),
+            ("MOVE ABSOLUTE 5 FROM c", "move"),
+            ("MOVE FORWARD ALL IN c", "move"),
+            ("MOVE c", "move"),
+        ] {
+            let f = analyse(sql);
+            assert!(!f.unanalysed, "{sql}");
+            assert_eq!(f.kind, kind, "{sql}");
+            assert!(f.uses.is_some(), "{sql}");
+        }
         assert_eq!(analyse("EXECUTE p(1)").uses.as_deref(), Some("p"));
     }
 

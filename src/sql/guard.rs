@@ -179,9 +179,17 @@ impl Walk<'_> {
                 parts.join(".")
             ));
         }
-        let builtin = qualified_builtin
-            && (self.catalog.is_builtin_function(bare) || (!in_from && is_grammar_function(bare)))
-            && !self.catalog.is_user_function(bare);
+        let builtin = match parts.as_slice() {
+            [schema, _] if schema == "information_schema" => {
+                self.catalog.is_builtin_function(&parts.join("."))
+            }
+            _ => {
+                qualified_builtin
+                    && (self.catalog.is_builtin_function(bare)
+                        || (!in_from && is_grammar_function(bare)))
+                    && !self.catalog.is_user_function(bare)
+            }
+        };
         if !builtin {
             self.cannot(format!(
                 "it calls {}, a function that is not built in",

@@ -40,7 +40,7 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
     if Lexed::depth(tokens) > lex::DEPTH_LIMIT {
         return Err(ParserError::RecursionLimitExceeded);
     }
-    let canonical = Lexed::canonical(tokens);
+    let canonical = canonical_with_cursors(tokens);
     let statements = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(&canonical)?
@@ -54,6 +54,43 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
         ));
     }
     Ok(statements)
+}
+
+/// The canonical text of `tokens` (see [`Lexed::canonical`]), with the cursor statements
+/// sqlparser does not read written as the FETCH it does: `MOVE` (a FETCH that returns no
+/// rows, to the analysis) and `FETCH n cur` without FROM or IN.
+fn canonical_with_cursors(tokens: &[lex::Token<'_>]) -> String {
+    let cursor_op = |t: &lex::Token<'_>| t.is_word("move") || t.is_word("fetch");
+    if !tokens.iter().any(cursor_op) {
+        return Lexed::canonical(tokens);
+    }
+    let mut parts = Vec::new();
+    for segment in tokens.split(|t| t.is_op(";")) {
+        let text = match segment.split_first() {
+            Some((first, rest)) if cursor_op(first) => {
+                let has_from = rest.iter().any(|t| t.is_word("from") || t.is_word("in"));
+                match rest.split_last() {
+                    _ if has_from => format!("fetch {}", Lexed::canonical(rest)),
+                    Some((cursor, direction))
+                        if matches!(cursor.kind, lex::Kind::Word | lex::Kind::QuotedIdent) =>
+                    {
+                        let direction = match direction {
+                            [] => "next".to_string(),
+                            d => Lexed::canonical(d),
+                        };
+                        format!(
+                            "fetch {direction} from {}",
+                            Lexed::canonical(std::slice::from_ref(cursor))
+                        )
+                    }
+                    _ => Lexed::canonical(segment),
+                }
+            }
+            _ => Lexed::canonical(segment),
+        };
+        parts.push(text);
+    }
+    parts.join(" ; ")
 }
 
 /// sqlparser reads `FROM ONLY t`, `UPDATE ONLY t` and `DELETE FROM ONLY t` as a table named

@@ -252,9 +252,17 @@ fn check_functions(facts: &Facts, ctx: &Context<'_>, kind: &'static str) -> Resu
                 None,
             ));
         }
-        let builtin = qualified_builtin
-            && (ctx.catalog.is_builtin_function(name) || (!from && is_grammar_function(name)))
-            && !ctx.catalog.is_user_function(name);
+        let builtin = match f {
+            [schema, _] if schema == "information_schema" => {
+                ctx.catalog.is_builtin_function(&f.join("."))
+            }
+            _ => {
+                qualified_builtin
+                    && (ctx.catalog.is_builtin_function(name)
+                        || (!from && is_grammar_function(name)))
+                    && !ctx.catalog.is_user_function(name)
+            }
+        };
         if !builtin {
             return Err(refuse(
                 kind,

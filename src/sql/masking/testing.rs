@@ -66,7 +66,11 @@ pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
         "concat",
         "now",
     ] {
-        rows.push(&[Some(b"b".as_slice()), Some(b.as_bytes())]);
+        rows.push(&[
+            Some(b"b".as_slice()),
+            Some(b"pg_catalog".as_slice()),
+            Some(b.as_bytes()),
+        ]);
     }
     let catalog = rows.finish();
     let origin = Origin {
