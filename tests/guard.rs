@@ -617,3 +617,33 @@ async fn statements_in_other_client_encodings_are_not_misread() {
     assert_eq!(tasks(), before);
     p.shutdown().await;
 }
+
+/// A temporary view named like a table a rule covers turns an allowed DELETE into one
+/// through the view, from its base table: the server searches pg_temp first. A name the
+/// session may have created a relation under also means pg_temp's, which the rule does not
+/// cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_view_does_not_stand_in_for_an_allowed_table() {
+    let pg = database("guard_temp_view");
+    let (p, _rules) = proxy(pg, RULES).await;
+    let mallory = client(&p, "mallory", "mallory_pw", "guard_temp_view").await;
+    let before = inventory(pg, "guard_temp_view");
+    mallory
+        .simple_query("SET search_path = sandbox, public")
+        .await
+        .unwrap();
+    // Allowed: mallory may delete from sandbox.*.
+    mallory
+        .simple_query("DELETE FROM notes WHERE id = -1")
+        .await
+        .unwrap();
+    mallory
+        .simple_query("CREATE TEMP VIEW notes AS SELECT * FROM public.customers")
+        .await
+        .unwrap();
+    // The same statement as before (its decision was cached) and another.
+    assert_refused(&mallory, "DELETE FROM notes WHERE id = -1", "DELETE").await;
+    assert_refused(&mallory, "DELETE FROM notes WHERE id = 1", "DELETE").await;
+    assert_eq!(inventory(pg, "guard_temp_view"), before);
+    p.shutdown().await;
+}

@@ -342,6 +342,15 @@ impl Walk<'_> {
                     self.facts.effects.push(Effect::Created(name));
                 }
             }
+            // A view (temporary ones are searched first) can stand in for a table a rule
+            // covers, and writing through it writes its base table: later names that
+            // could mean it also mean pg_temp's.
+            Statement::CreateView(cv) => {
+                self.relation(K::Create, &cv.name, false, false);
+                if let Some(name) = name_parts(&cv.name).and_then(|p| p.last().cloned()) {
+                    self.facts.effects.push(Effect::Created(name));
+                }
+            }
             Statement::Set(Set::SingleAssignment {
                 variable, values, ..
             }) => {
