@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion};
+use pgveil::catalog::testing::crm_catalog;
 use pgveil::config::rules::Rules;
+use pgveil::identity::SessionIdentity;
 use pgveil::metrics::Metrics;
 use pgveil::policy::guard::GuardPolicy;
 use pgveil::policy::session_guard::SessionGuard;
@@ -18,10 +20,8 @@ use pgveil::policy::session_masking::SessionPolicy;
 use pgveil::protocol::frontend::FrontendMessage;
 use pgveil::protocol::write;
 use pgveil::session::audit::{AuditSetup, Sensitive, SessionAudit, Who};
-use pgveil::session::identity::SessionIdentity;
 use pgveil::session::screen::screen;
 use pgveil::session::state::SessionState;
-use pgveil::sql::masking::testing::crm_context;
 
 const MASKS: &str = r#"
 [settings]
@@ -54,7 +54,7 @@ fn rules(toml: &str) -> Rules {
 fn session(toml: &str) -> SessionState {
     let rules = rules(toml);
     let identity = SessionIdentity::offline("bench", &[], "bench");
-    let catalog = crm_context(|ctx| Arc::new(ctx.catalog.clone()));
+    let catalog = Arc::new(crm_catalog());
     let search_path = vec!["pg_catalog".to_string(), "public".to_string()];
     let mut st = SessionState::new(HashMap::new());
     let masks = pgveil::policy::SessionMasks::build(&rules, &identity, &catalog);

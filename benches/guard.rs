@@ -6,11 +6,11 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use pgveil::catalog::testing::crm_catalog;
 use pgveil::config::rules::Rules;
+use pgveil::identity::SessionIdentity;
 use pgveil::policy::guard::GuardPolicy;
 use pgveil::policy::session_guard::SessionGuard;
-use pgveil::session::identity::SessionIdentity;
-use pgveil::sql::masking::testing::crm_context;
 
 const UPDATE: &str = "UPDATE pgbench_accounts SET abalance = abalance + -4187 WHERE aid = 38451;";
 
@@ -25,7 +25,7 @@ fn guard() -> SessionGuard {
     let rules = Rules::load(dir.path()).expect("valid rules");
     let identity = SessionIdentity::offline("bench", &[], "bench");
     let policy = GuardPolicy::for_session(&rules, &identity).expect("guarded");
-    let catalog = crm_context(|ctx| std::sync::Arc::new(ctx.catalog.clone()));
+    let catalog = std::sync::Arc::new(crm_catalog());
     SessionGuard::new(policy, catalog, "bench".into(), vec!["public".into()])
 }
 

@@ -332,6 +332,77 @@ pub fn search_path_schemas(setting: &str, user: &str) -> Vec<String> {
     out
 }
 
+/// A small CRM catalog, for tests, benchmarks and the fuzz target of the analyses (no
+/// database needed).
+pub mod testing {
+    use super::{Catalog, CatalogRows};
+
+    /// (column name, attribute number, type OID).
+    type ColumnSpec<'a> = (&'a str, &'a str, &'a str);
+    /// (table name, OID, columns).
+    type TableSpec<'a> = (&'a str, u32, &'a [ColumnSpec<'a>]);
+
+    /// `customers(id, name, phone, email, card)` and `deals(id, customer_id, amount)` in
+    /// public, and a few pg_catalog functions.
+    pub fn crm_catalog() -> Catalog {
+        let mut rows = CatalogRows::default();
+        let cols: [TableSpec<'_>; 2] = [
+            (
+                "customers",
+                100,
+                &[
+                    ("id", "1", "20"),
+                    ("name", "2", "25"),
+                    ("phone", "3", "25"),
+                    ("email", "4", "25"),
+                    ("card", "5", "25"),
+                ],
+            ),
+            (
+                "deals",
+                200,
+                &[
+                    ("id", "1", "20"),
+                    ("customer_id", "2", "20"),
+                    ("amount", "3", "1700"),
+                ],
+            ),
+        ];
+        for (table, oid, columns) in cols {
+            for (name, attnum, ty) in columns {
+                let type_name = match *ty {
+                    "20" => "int8",
+                    "1700" => "numeric",
+                    _ => "text",
+                };
+                let oid = oid.to_string();
+                let row: Vec<&str> =
+                    vec!["c", "public", table, &oid, "r", name, attnum, ty, type_name];
+                rows.push(&row.iter().map(|s| Some(s.as_bytes())).collect::<Vec<_>>());
+            }
+        }
+        for b in [
+            "upper",
+            "lower",
+            "substr",
+            "length",
+            "count",
+            "sum",
+            "string_agg",
+            "row_to_json",
+            "concat",
+            "now",
+        ] {
+            rows.push(&[
+                Some(b"b".as_slice()),
+                Some(b"pg_catalog".as_slice()),
+                Some(b.as_bytes()),
+            ]);
+        }
+        rows.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,16 +2,18 @@
 //!
 //! One statement's path: `server` accepts a client and hands it to `session`, which
 //! negotiates TLS (`tls`), relays authentication to the real server and reads the
-//! session's identity, then relays frames (`protocol`) in both directions while
-//! `session::state` pairs every server reply with the client request it answers.
-//! Statement analysis, policy decisions, masking of result rows and the audit log hook
-//! into that relay. `config` turns flags, config files and rules into validated types.
+//! session's `identity`, then relays frames (`protocol`) in both directions while
+//! `session::state` pairs every server reply with the client request it answers. Each
+//! statement is read as the server reads it (`sql`: lexing, scoping, analyses), decided
+//! by `policy::authorize` (guard, masking, alerts), and recorded by `audit`; `proxy`
+//! holds what every session shares. `config` turns flags, config files and rules into validated types.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

@@ -16,9 +16,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::audit::AuditLog;
 use crate::catalog::Catalog;
 use crate::config::{Config, Rules, RulesError};
+use crate::identity::SessionIdentity;
 use crate::metrics::Metrics;
 use crate::protocol::startup::CancelKey;
-use crate::session::identity::SessionIdentity;
 use crate::tls::{self, TlsError, UpstreamConnector};
 use crate::watch::{Alerts, AuthThrottle};
 

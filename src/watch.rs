@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::config::rules::{AlertAction, AlertRule};
-use crate::session::identity::SessionIdentity;
+use crate::identity::SessionIdentity;
 
 const WINDOW_SECS: u64 = 60;
 

@@ -4,7 +4,7 @@
 //! SELECT (where in-flight masking covers them). The generator tracks, for each
 //! expression, whether it reads masked data, which gives the oracle.
 
-use pgveil::sql::masking::{check, testing::crm_context, Verdict};
+use pgveil::policy::masking::{check, testing::crm_context, Verdict};
 use proptest::prelude::*;
 
 /// Leaves: (SQL, reads masked data, a plain column that in-flight masking covers).

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pgveil::sql::lex::{lex, Lexed, Strings};
-use pgveil::sql::masking::{testing::crm_context, Verdict};
+use pgveil::policy::masking::{testing::crm_context, Verdict};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(sql) = std::str::from_utf8(data) else {
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     }
     crm_context(|ctx| {
         let _ = pgveil::sql::guard::analyse(sql, ctx.catalog, Strings::Standard);
-        if let (Verdict::Rewritten(out), _) = pgveil::sql::masking::check(sql, ctx) {
+        if let (Verdict::Rewritten(out), _) = pgveil::policy::masking::check(sql, ctx) {
             assert!(pgveil::sql::parse(&out).is_ok(), "rewrite does not parse: {out}");
         }
     });

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
 use crate::config::rules::{MaskFunction, Rules, Unanalysable};
+use crate::identity::SessionIdentity;
 use crate::policy::guard::GuardPolicy;
 use crate::policy::mask::{self, decode_token};
+use crate::policy::masking::{self, Verdict};
 use crate::policy::pgtypes::TypeClass;
 use crate::policy::session_guard::SessionGuard;
 use crate::policy::SessionMasks;
-use crate::session::identity::SessionIdentity;
-use crate::sql::masking::{self, Verdict};
 
 pub use super::pgconn::connect;
 

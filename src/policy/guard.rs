@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use super::Refusal;
 use crate::catalog::Catalog;
 use crate::config::rules::{AllowRule, Origin, RecycleRule, Rules, StatementKind, Unanalysable};
-use crate::session::identity::SessionIdentity;
+use crate::identity::SessionIdentity;
 use crate::sql::guard::{Access, StatementFacts, Target};
 
 /// Proof that a statement may run (the alternative is a [`Refusal`]).
@@ -343,8 +343,8 @@ pub type Prepared = HashMap<String, Vec<Access>>;
 mod tests {
     use super::*;
     use crate::config::rules::Rules;
+    use crate::policy::masking::testing::crm_context;
     use crate::sql::guard::analyse;
-    use crate::sql::masking::testing::crm_context;
 
     fn rules(toml: &str) -> Rules {
         let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,7 @@ use super::mask::{function_name, Masker};
 use super::pgtypes::TypeClass;
 use crate::catalog::Catalog;
 use crate::config::rules::{ColumnRef, MaskFunction, MaskRule, Origin, Rules};
-use crate::session::identity::SessionIdentity;
+use crate::identity::SessionIdentity;
 
 /// One masked column as this session sees it.
 #[derive(Debug)]

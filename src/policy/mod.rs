@@ -5,6 +5,7 @@
 pub mod authorize;
 pub mod guard;
 pub mod mask;
+pub mod masking;
 pub mod masks;
 pub mod pgtypes;
 pub mod session_guard;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Settings, Unanalysable};
+use crate::policy::masking::{self, Verdict};
 use crate::policy::{Denied, SessionMasks};
 use crate::sql::lex::{lex, LexError, Lexed};
-use crate::sql::masking::{self, Verdict};
 use crate::sql::Strings;
 
 /// Verdicts kept per session; past this the cache starts over.

@@ -11,10 +11,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
-use super::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
 use super::Legs;
 use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
 use crate::config::rules::Rules;
+use crate::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
 use crate::policy::guard::GuardPolicy;
 use crate::policy::session_guard::SessionGuard;
 use crate::policy::session_masking::SessionPolicy;

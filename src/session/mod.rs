@@ -8,7 +8,6 @@ pub mod audit;
 pub mod auth;
 pub mod encoding;
 pub mod error;
-pub mod identity;
 pub mod relay;
 pub mod reload;
 pub mod rows;

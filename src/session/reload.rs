@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use super::identity::SessionIdentity;
 use super::state::SessionState;
 use crate::catalog::search_path_schemas;
+use crate::identity::SessionIdentity;
 use crate::policy::guard::GuardPolicy;
 use crate::policy::session_guard::SessionGuard;
 use crate::policy::session_masking::SessionPolicy;

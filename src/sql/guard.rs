@@ -524,10 +524,10 @@ fn search_path_values(values: &[Expr]) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sql::masking::testing::crm_context;
+    use crate::catalog::testing::crm_catalog;
 
     fn facts(sql: &str) -> StatementFacts {
-        crm_context(|ctx| analyse(sql, ctx.catalog, Strings::Standard))
+        analyse(sql, &crm_catalog(), Strings::Standard)
     }
 
     fn kinds_on(sql: &str) -> Vec<(StatementKind, String)> {
@@ -661,7 +661,7 @@ mod tests {
         // With standard_conforming_strings off the server reads `\'` as a quote: the
         // DELETE is inside the string; with it on, or while it may be changing, not.
         let hidden = "SELECT '\\'; DELETE FROM customers; --'";
-        let read = |strings| crm_context(|ctx| analyse(hidden, ctx.catalog, strings));
+        let read = |strings| analyse(hidden, &crm_catalog(), strings);
         assert_eq!(read(Strings::Escaped).kinds, vec!["select"]);
         assert_eq!(read(Strings::Standard).kinds, vec!["select", "delete"]);
         assert!(read(Strings::Unknown).unanalysable.is_some());

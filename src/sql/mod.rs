@@ -7,7 +7,6 @@
 pub mod audit;
 pub mod guard;
 pub mod lex;
-pub mod masking;
 pub mod scope;
 
 use std::ops::ControlFlow;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::config::rules::Rules;
-use crate::session::identity::SessionIdentity;
+use crate::identity::SessionIdentity;
 use crate::sql::audit::{analyse_tokens, PartFacts, UNREADABLE};
 use crate::sql::lex::{LexError, Lexed, Token};
 

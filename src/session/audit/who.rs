@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use crate::audit::record::timestamp;
 use crate::audit::{Event, Record};
-use crate::session::identity::SessionIdentity;
+use crate::identity::SessionIdentity;
 
 /// Who the records are about (fixed for the session).
 #[derive(Debug, Clone)]

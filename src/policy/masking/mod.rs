@@ -22,11 +22,11 @@ use std::collections::{HashMap, HashSet};
 
 use sqlparser::ast::{Expr, SetExpr, Statement, Visit};
 
-use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts, Strings};
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Unanalysable};
 pub use crate::policy::Refusal;
 use crate::policy::SessionMasks;
+use crate::sql::{fold, is_dangerous, is_grammar_function, kind_of, name_parts, Strings};
 
 /// What the session knows when a statement arrives.
 pub struct Context<'a> {
@@ -63,13 +63,13 @@ const STATS_VIEWS: [&str; 4] = [
 /// Checks a whole query string; one refused statement refuses the string. Also returns
 /// the tables the string creates, which the session's catalog does not know yet.
 pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
-    check_lexed(sql, &super::lex::lex(sql, ctx.strings), ctx)
+    check_lexed(sql, &crate::sql::lex::lex(sql, ctx.strings), ctx)
 }
 
 /// [`check`] of a text already read as the server reads it (under `ctx.strings`).
 pub fn check_lexed(
     sql: &str,
-    lexed: &Result<super::lex::Lexed<'_>, super::lex::LexError>,
+    lexed: &Result<crate::sql::lex::Lexed<'_>, crate::sql::lex::LexError>,
     ctx: &Context<'_>,
 ) -> (Verdict, Vec<String>) {
     let (mut verdict, created) = check_string(sql, lexed, ctx);
@@ -100,7 +100,7 @@ fn refusal_rule(r: &Refusal, ctx: &Context<'_>) -> Option<Origin> {
 
 fn check_string(
     sql: &str,
-    lexed: &Result<super::lex::Lexed<'_>, super::lex::LexError>,
+    lexed: &Result<crate::sql::lex::Lexed<'_>, crate::sql::lex::LexError>,
     ctx: &Context<'_>,
 ) -> (Verdict, Vec<String>) {
     if ctx.masks.is_empty() {
@@ -113,7 +113,7 @@ fn check_string(
         return (unanalysable(ctx, reason), Vec::new());
     }
     let parsed = match lexed {
-        Ok(l) => super::parse_tokens(&l.tokens),
+        Ok(l) => crate::sql::parse_tokens(&l.tokens),
         Err(e) => Err(sqlparser::parser::ParserError::ParserError(e.to_string())),
     };
     let mut statements = match parsed {
