@@ -39,11 +39,15 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
     if Lexed::depth(tokens) > lex::DEPTH_LIMIT {
         return Err(ParserError::RecursionLimitExceeded);
     }
-    let canonical = canonical_with_cursors(tokens);
-    let statements = Parser::new(&PostgreSqlDialect {})
-        .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(&canonical)?
-        .parse_statements()?;
+    let parser = Parser::new(&PostgreSqlDialect {}).with_recursion_limit(RECURSION_LIMIT);
+    // The server's tokens go to sqlparser as they are; a form this mapping does not know
+    // goes as canonical text, which sqlparser tokenizes alike.
+    let statements = match parser_tokens(tokens) {
+        Some(t) => parser.with_tokens(t).parse_statements()?,
+        None => parser
+            .try_with_sql(&canonical_with_cursors(tokens))?
+            .parse_statements()?,
+    };
     if statements
         .iter()
         .any(|s| s.visit(&mut MisreadOnly).is_break())
@@ -55,12 +59,98 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
     Ok(statements)
 }
 
+/// The server's tokens as sqlparser's, for the forms whose sqlparser token is certain;
+/// `None` for any other (and for cursor statements, which need rewriting first).
+fn parser_tokens(tokens: &[lex::Token<'_>]) -> Option<Vec<sqlparser::tokenizer::Token>> {
+    use lex::Kind;
+    use sqlparser::ast::DollarQuotedString;
+    use sqlparser::tokenizer::Token as T;
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut statement_start = true;
+    for t in tokens {
+        if statement_start && (t.is_word("move") || t.is_word("fetch")) {
+            return None;
+        }
+        statement_start = t.is_op(";");
+        let v = t.value.as_ref();
+        out.push(match t.kind {
+            Kind::Word => T::make_word(v, None),
+            Kind::QuotedIdent => T::make_word(v, Some('"')),
+            Kind::Str => T::SingleQuotedString(v.to_string()),
+            Kind::NationalStr => T::NationalStringLiteral(v.to_string()),
+            Kind::Number => T::Number(v.to_string(), false),
+            Kind::Param => T::Placeholder(v.to_string()),
+            Kind::DollarStr => {
+                let tag_end = v[1..].find('$')? + 1;
+                let tag = &v[1..tag_end];
+                T::DollarQuotedString(DollarQuotedString {
+                    value: v[tag_end + 1..v.len() - tag_end - 1].to_string(),
+                    tag: (!tag.is_empty()).then(|| tag.to_string()),
+                })
+            }
+            Kind::BitStr(_) => return None,
+            Kind::Op => match v {
+                "," => T::Comma,
+                "(" => T::LParen,
+                ")" => T::RParen,
+                "[" => T::LBracket,
+                "]" => T::RBracket,
+                "." => T::Period,
+                ";" => T::SemiColon,
+                ":" => T::Colon,
+                "::" => T::DoubleColon,
+                ":=" => T::Assignment,
+                "=>" => T::RArrow,
+                "+" => T::Plus,
+                "-" => T::Minus,
+                "*" => T::Mul,
+                "/" => T::Div,
+                "%" => T::Mod,
+                "^" => T::Caret,
+                "<" => T::Lt,
+                ">" => T::Gt,
+                "=" => T::Eq,
+                "<=" => T::LtEq,
+                ">=" => T::GtEq,
+                "<>" | "!=" => T::Neq,
+                "||" => T::StringConcat,
+                "~" => T::Tilde,
+                "~*" => T::TildeAsterisk,
+                "!~" => T::ExclamationMarkTilde,
+                "!~*" => T::ExclamationMarkTildeAsterisk,
+                "~~" => T::DoubleTilde,
+                "~~*" => T::DoubleTildeAsterisk,
+                "!~~" => T::ExclamationMarkDoubleTilde,
+                "!~~*" => T::ExclamationMarkDoubleTildeAsterisk,
+                "->" => T::Arrow,
+                "->>" => T::LongArrow,
+                "#>" => T::HashArrow,
+                "#>>" => T::HashLongArrow,
+                "@>" => T::AtArrow,
+                "<@" => T::ArrowAt,
+                "&&" => T::Overlap,
+                "<<" => T::ShiftLeft,
+                ">>" => T::ShiftRight,
+                "&" => T::Ampersand,
+                "|" => T::Pipe,
+                "#" => T::Sharp,
+                _ => return None,
+            },
+        });
+    }
+    Some(out)
+}
+
 /// The canonical text of `tokens` (see [`Lexed::canonical`]), with the cursor statements
 /// sqlparser does not read written as the FETCH it does: `MOVE` (a FETCH that returns no
 /// rows, to the analysis) and `FETCH n cur` without FROM or IN.
 fn canonical_with_cursors(tokens: &[lex::Token<'_>]) -> String {
     let cursor_op = |t: &lex::Token<'_>| t.is_word("move") || t.is_word("fetch");
-    if !tokens.iter().any(cursor_op) {
+    let mut starts = tokens
+        .first()
+        .into_iter()
+        .chain(tokens.windows(2).filter(|w| w[0].is_op(";")).map(|w| &w[1]));
+    if !starts.any(cursor_op) {
         return Lexed::canonical(tokens);
     }
     let mut parts = Vec::new();
@@ -322,6 +412,32 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_crash() {
         let sql = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
         assert!(parse(&sql).is_err());
+    }
+
+    #[test]
+    fn token_feed_parses_as_the_canonical_text_does() {
+        for sql in [
+            "SELECT id, upper(phone) FROM customers c WHERE c.id = $1 AND name ~* 'x' OR a->>'k' = E'\\n'",
+            "SELECT a::text[], b[1:2], c #>> '{a,b}', d @> '{}'::jsonb, e <> 1, f != 2, g || 'x'",
+            "WITH x AS (SELECT 1) INSERT INTO t (a) SELECT * FROM x ON CONFLICT (a) DO UPDATE SET a = excluded.a RETURNING a",
+            "SELECT $q$it's$q$, $$x$$, N'n', U&\"\\0070hone\" FROM \"Customers\" -- c\r; DELETE FROM t WHERE x IN (1, -2.5e3)",
+            "UPDATE deals SET amount = amount + -4187 WHERE id = 38451;",
+            "SELECT f(a => 1, b := 2), count(*) FILTER (WHERE x % 2 = 0) OVER (PARTITION BY y)",
+        ] {
+            let lexed = lex::lex(sql, Strings::Standard).unwrap();
+            let fed = parser_tokens(&lexed.tokens).expect("every token mapped");
+            let by_tokens = Parser::new(&PostgreSqlDialect {})
+                .with_tokens(fed)
+                .parse_statements()
+                .unwrap();
+            let by_text = Parser::new(&PostgreSqlDialect {})
+                .try_with_sql(&Lexed::canonical(&lexed.tokens))
+                .unwrap()
+                .parse_statements()
+                .unwrap();
+            let show = |s: &[Statement]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            assert_eq!(show(&by_tokens), show(&by_text), "{sql}");
+        }
     }
 
     #[test]
