@@ -601,9 +601,15 @@ impl SessionState {
                     s.rows = Some(described);
                 }
             }
+            // A portal's description is its statement's (the formats aside, which every
+            // later portal takes from its own Bind): a driver that described the first
+            // portal need not describe the statement's later ones.
             Target::Portal => {
                 if let Some(p) = self.portals.get_mut(name) {
-                    p.rows = Some(described);
+                    p.rows = Some(described.clone());
+                    if let Some(s) = self.statements.get_mut(&p.statement) {
+                        s.rows.get_or_insert(described);
+                    }
                 }
             }
         }
