@@ -104,6 +104,36 @@ proptest! {
         crm_context(|ctx| { let _ = check(&sql, ctx); });
     }
 
+    /// Lexing text made of the forms a lexer can trip on, under every
+    /// standard_conforming_strings reading, and everything built on the tokens (splits,
+    /// shapes, redaction, the guard's and the audit's analyses) never panics, and a
+    /// statement's tokens lie within it.
+    #[test]
+    fn reading_never_panics_on_lexer_noise(parts in prop::collection::vec(prop::sample::select(vec![
+        "'", "''", "\"", "\\", "E'", "U&'", "U&\"", "UESCAPE", "'!'", "$$", "$a$", "$1", "--", "/*",
+        "*/", "\r", "\n", " ", ";", "\\u", "\\x4", "\\U0001F600", "\\uD83D", "é", "1e", ".5",
+        "1..2", "::", "->>", "+-", "BEGIN ATOMIC", "END", "CASE", "(", ")", "[", "SELECT", "move",
+        "fetch", "B'", "X'", "N'", "\u{0}", "\u{b}",
+    ]), 0..40)) {
+        use pgveil::sql::lex::{lex, Lexed, Strings};
+        let sql = parts.concat();
+        for strings in [Strings::Standard, Strings::Escaped, Strings::Unknown] {
+            if let Ok(lexed) = lex(&sql, strings) {
+                let mut shape = String::new();
+                for range in lexed.statements() {
+                    let tokens = lexed.within(&range);
+                    prop_assert!(tokens.iter().all(|t| range.contains(&t.span.start)));
+                    Lexed::shape(tokens, &mut shape);
+                    let _ = Lexed::redacted(&sql, tokens);
+                    let _ = pgveil::sql::audit::analyse_tokens(tokens);
+                }
+            }
+        }
+        let catalog = pgveil::catalog::testing::crm_catalog();
+        let _ = pgveil::sql::guard::analyse(&sql, &catalog, Strings::Unknown);
+        crm_context(|ctx| { let _ = check(&sql, ctx); });
+    }
+
     #[test]
     fn verdicts_are_sound((sql, sound) in statement()) {
         crm_context(|ctx| {

@@ -89,6 +89,16 @@ fn inventory(pg: &PgCluster, db: &str) -> String {
     )
 }
 
+/// Asserts that `sql` was refused by pgveil with a message that contains `why`.
+async fn assert_refused_for(c: &tokio_postgres::Client, sql: &str, why: &str) {
+    let err = c.simple_query(sql).await.unwrap_err();
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: {err:?}"));
+    assert_eq!(db.code().code(), "42501", "{sql}: {err}");
+    assert!(db.message().contains(why), "{sql}: {}", db.message());
+}
+
 /// Asserts that `sql` was refused by pgveil (not by the server) with 42501.
 async fn assert_refused(c: &tokio_postgres::Client, sql: &str, kind: &str) {
     let err = match c.simple_query(sql).await {
@@ -515,30 +525,20 @@ async fn the_guard_reads_tokens_as_the_server_does() {
         .simple_query("DELETE FROM tasks WHERE id = -1 -- done\n")
         .await
         .unwrap();
-    let err = alice
-        .simple_query("DELETE FROM tasks WHERE id = -1 -- done\r; DELETE FROM tasks")
-        .await
-        .unwrap_err();
-    assert!(
-        err.as_db_error()
-            .unwrap()
-            .message()
-            .contains("requires a WHERE clause"),
-        "{err}"
-    );
+    assert_refused_for(
+        &alice,
+        "DELETE FROM tasks WHERE id = -1 -- done\r; DELETE FROM tasks",
+        "requires a WHERE clause",
+    )
+    .await;
     assert_eq!(tasks(), before);
     // `U&"\0074asks"` is tasks: the same rule applies to it.
-    let err = alice
-        .simple_query(r#"DELETE FROM U&"\0074asks""#)
-        .await
-        .unwrap_err();
-    assert!(
-        err.as_db_error()
-            .unwrap()
-            .message()
-            .contains("requires a WHERE clause"),
-        "{err}"
-    );
+    assert_refused_for(
+        &alice,
+        r#"DELETE FROM U&"\0074asks""#,
+        "requires a WHERE clause",
+    )
+    .await;
     alice
         .simple_query(r#"DELETE FROM U&"!0074asks" UESCAPE '!' WHERE id = -1"#)
         .await
@@ -581,10 +581,7 @@ async fn statements_in_other_client_encodings_are_not_misread() {
         .simple_query("SET client_encoding = 'SJIS'")
         .await
         .unwrap();
-    let err = alice.simple_query(attack).await.unwrap_err();
-    let db = err.as_db_error().unwrap();
-    assert_eq!(db.code().code(), "42501", "{err}");
-    assert!(db.message().contains("requires a WHERE clause"), "{err}");
+    assert_refused_for(&alice, attack, "requires a WHERE clause").await;
     assert_eq!(tasks(), before);
     // Pipelined behind the SET, before the server has confirmed it.
     alice
