@@ -638,12 +638,15 @@ fn may_change_settings(sql: &str) -> bool {
     let Ok(lexed) = lex(sql, Strings::Standard) else {
         return true;
     };
-    let anywhere = lexed.tokens.iter().any(|t| {
-        t.kind == Kind::Word
-            && matches!(
-                t.folded().as_ref(),
-                "client_encoding" | "names" | "set_config"
-            )
+    // A setting or function may be named quoted ("client_encoding", U&"set_config");
+    // NAMES is a keyword, so unquoted only.
+    let anywhere = lexed.tokens.iter().any(|t| match t.kind {
+        Kind::Word => matches!(
+            t.folded().as_ref(),
+            "client_encoding" | "names" | "set_config"
+        ),
+        Kind::QuotedIdent => matches!(t.value.as_ref(), "client_encoding" | "set_config"),
+        _ => false,
     });
     anywhere
         || lexed.statements().iter().any(|r| {
@@ -697,6 +700,9 @@ mod tests {
             "RESET ALL",
             "SELECT set_config('a', 'b', false)",
             "SET NAMES 'x'",
+            "SET \"client_encoding\" = 'SJIS'",
+            "SET SESSION U&\"client\\005fencoding\" TO 'SJIS'",
+            "SELECT \"set_config\"('client_encoding', 'SJIS', false)",
         ] {
             assert!(may_change_settings(sql), "{sql}");
         }
