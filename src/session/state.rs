@@ -36,6 +36,20 @@ pub struct PreparedStatement {
     pub rows: Option<Option<RowShape>>,
     /// What the audit records of it.
     pub recorded: Option<Recorded>,
+    /// Whether running it may change the session's settings.
+    pub settings: SettingsChange,
+}
+
+/// Whether a statement may change the session's settings (see `may_change_settings`),
+/// worked out the first time a non-ASCII statement behind it asks, then kept: a batch of
+/// such statements reads each statement in flight once, not once per statement.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SettingsChange(std::cell::OnceCell<bool>);
+
+impl SettingsChange {
+    fn of(&self, sql: &str) -> bool {
+        *self.0.get_or_init(|| may_change_settings(sql))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +60,8 @@ pub struct Portal {
     pub rows: Option<Option<RowShape>>,
     /// What the audit records of it (its statement's, as bound).
     pub recorded: Option<Recorded>,
+    /// Its statement's.
+    pub settings: SettingsChange,
 }
 
 impl Portal {
@@ -66,6 +82,7 @@ pub enum Pending {
         sql: Arc<str>,
         /// Tables it creates, for the masking policy once it completes without error.
         created: Vec<String>,
+        settings: SettingsChange,
     },
     Parse(Name, PreparedStatement),
     Bind {
@@ -216,12 +233,12 @@ impl SessionState {
         self.pending
             .iter()
             .any(|p| match p {
-                Pending::Query { sql, .. } => may_change_settings(sql),
-                Pending::Parse(_, s) => may_change_settings(&s.sql),
+                Pending::Query { sql, settings, .. } => settings.of(sql),
+                Pending::Parse(_, s) => s.settings.of(&s.sql),
                 Pending::Execute { portal } => self
                     .portals
                     .get(portal)
-                    .is_none_or(|p| may_change_settings(&p.sql)),
+                    .is_none_or(|p| p.settings.of(&p.sql)),
                 Pending::FunctionCall => true,
                 _ => false,
             })
@@ -329,6 +346,7 @@ impl SessionState {
                     .as_mut()
                     .map(SessionPolicy::take_staged)
                     .unwrap_or_default(),
+                settings: SettingsChange::default(),
             },
             FrontendMessage::Parse {
                 statement,
@@ -347,6 +365,7 @@ impl SessionState {
                         param_types: param_types.clone(),
                         rows: None,
                         recorded,
+                        settings: SettingsChange::default(),
                     },
                 )
             }
@@ -556,9 +575,9 @@ impl SessionState {
                 result_formats,
                 recorded,
             }) => {
-                let (sql, rows) = match self.statements.get(&statement) {
-                    Some(s) => (s.sql.clone(), s.rows.clone()),
-                    None => (Arc::from(""), None),
+                let (sql, rows, settings) = match self.statements.get(&statement) {
+                    Some(s) => (s.sql.clone(), s.rows.clone(), s.settings.clone()),
+                    None => (Arc::from(""), None, SettingsChange::default()),
                 };
                 self.portals.insert(
                     portal,
@@ -568,6 +587,7 @@ impl SessionState {
                         result_formats,
                         rows,
                         recorded,
+                        settings,
                     },
                 );
             }
