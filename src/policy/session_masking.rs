@@ -9,7 +9,7 @@ use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Settings, Unanalysable};
 use crate::policy::masking::{self, Verdict};
 use crate::policy::{Denied, SessionMasks};
-use crate::sql::lex::{lex, LexError, Lexed};
+use crate::sql::lex::{LexError, Lexed};
 use crate::sql::Strings;
 
 /// Verdicts kept per session; past this the cache starts over.
@@ -57,7 +57,6 @@ impl SessionPolicy {
         }
     }
 
-    /// What to do with `sql` before it is forwarded.
     /// The tables the statement screened last would create.
     pub fn take_staged(&mut self) -> Vec<String> {
         std::mem::take(&mut self.staged)
@@ -72,11 +71,8 @@ impl SessionPolicy {
         }
     }
 
-    pub fn screen(&mut self, sql: &str, strings: Strings) -> Screen {
-        self.screen_lexed(sql, &lex(sql, strings), strings)
-    }
-
-    /// [`Self::screen`] of a text already read as the server reads it.
+    /// What to do with `sql`, read as the server reads it (`lexed`, under `strings`),
+    /// before it is forwarded.
     pub fn screen_lexed(
         &mut self,
         sql: &str,

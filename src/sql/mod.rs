@@ -9,6 +9,7 @@ pub mod guard;
 pub mod lex;
 pub mod scope;
 
+use std::borrow::Cow;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Statement, TableFactor, Visit, Visitor};
@@ -39,13 +40,14 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
     if Lexed::depth(tokens) > lex::DEPTH_LIMIT {
         return Err(ParserError::RecursionLimitExceeded);
     }
+    let tokens = cursor_statements(tokens);
     let parser = Parser::new(&PostgreSqlDialect {}).with_recursion_limit(RECURSION_LIMIT);
     // The server's tokens go to sqlparser as they are; a form this mapping does not know
     // goes as canonical text, which sqlparser tokenizes alike.
-    let statements = match parser_tokens(tokens) {
+    let statements = match parser_tokens(&tokens) {
         Some(t) => parser.with_tokens(t).parse_statements()?,
         None => parser
-            .try_with_sql(&canonical_with_cursors(tokens))?
+            .try_with_sql(&Lexed::canonical(&tokens))?
             .parse_statements()?,
     };
     if statements
@@ -60,18 +62,13 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
 }
 
 /// The server's tokens as sqlparser's, for the forms whose sqlparser token is certain;
-/// `None` for any other (and for cursor statements, which need rewriting first).
+/// `None` for any other.
 fn parser_tokens(tokens: &[lex::Token<'_>]) -> Option<Vec<sqlparser::tokenizer::Token>> {
     use lex::Kind;
     use sqlparser::ast::DollarQuotedString;
     use sqlparser::tokenizer::Token as T;
     let mut out = Vec::with_capacity(tokens.len());
-    let mut statement_start = true;
     for t in tokens {
-        if statement_start && (t.is_word("move") || t.is_word("fetch")) {
-            return None;
-        }
-        statement_start = t.is_op(";");
         let v = t.value.as_ref();
         out.push(match t.kind {
             Kind::Word => T::make_word(v, None),
@@ -141,45 +138,57 @@ fn parser_tokens(tokens: &[lex::Token<'_>]) -> Option<Vec<sqlparser::tokenizer::
     Some(out)
 }
 
-/// The canonical text of `tokens` (see [`Lexed::canonical`]), with the cursor statements
-/// sqlparser does not read written as the FETCH it does: `MOVE` (a FETCH that returns no
-/// rows, to the analysis) and `FETCH n cur` without FROM or IN.
-fn canonical_with_cursors(tokens: &[lex::Token<'_>]) -> String {
+/// The tokens with the cursor statements sqlparser does not read written as the FETCH it
+/// does: `MOVE` (a FETCH that returns no rows, to the analysis) and `FETCH n cur` without
+/// FROM or IN. Borrowed as they are when no statement is one.
+fn cursor_statements<'a, 't>(tokens: &'t [lex::Token<'a>]) -> Cow<'t, [lex::Token<'a>]> {
     let cursor_op = |t: &lex::Token<'_>| t.is_word("move") || t.is_word("fetch");
     let mut starts = tokens
         .first()
         .into_iter()
         .chain(tokens.windows(2).filter(|w| w[0].is_op(";")).map(|w| &w[1]));
     if !starts.any(cursor_op) {
-        return Lexed::canonical(tokens);
+        return Cow::Borrowed(tokens);
     }
-    let mut parts = Vec::new();
-    for segment in tokens.split(|t| t.is_op(";")) {
-        let text = match segment.split_first() {
+    let word = |at: &lex::Token<'_>, w: &'static str| lex::Token {
+        kind: lex::Kind::Word,
+        span: at.span.clone(),
+        value: Cow::Borrowed(w),
+    };
+    let mut out = Vec::with_capacity(tokens.len() + 2);
+    for (i, segment) in tokens.split(|t| t.is_op(";")).enumerate() {
+        if i > 0 {
+            // The semicolon the split consumed.
+            let at = segment.first().map_or(0, |t| t.span.start);
+            out.push(lex::Token {
+                kind: lex::Kind::Op,
+                span: at..at,
+                value: Cow::Borrowed(";"),
+            });
+        }
+        match segment.split_first() {
             Some((first, rest)) if cursor_op(first) => {
+                out.push(word(first, "fetch"));
                 let has_from = rest.iter().any(|t| t.is_word("from") || t.is_word("in"));
                 match rest.split_last() {
-                    _ if has_from => format!("fetch {}", Lexed::canonical(rest)),
                     Some((cursor, direction))
-                        if matches!(cursor.kind, lex::Kind::Word | lex::Kind::QuotedIdent) =>
+                        if !has_from
+                            && matches!(cursor.kind, lex::Kind::Word | lex::Kind::QuotedIdent) =>
                     {
-                        let direction = match direction {
-                            [] => "next".to_string(),
-                            d => Lexed::canonical(d),
-                        };
-                        format!(
-                            "fetch {direction} from {}",
-                            Lexed::canonical(std::slice::from_ref(cursor))
-                        )
+                        out.extend_from_slice(direction);
+                        if direction.is_empty() {
+                            out.push(word(first, "next"));
+                        }
+                        out.push(word(cursor, "from"));
+                        out.push(cursor.clone());
                     }
-                    _ => Lexed::canonical(segment),
+                    _ => out.extend_from_slice(rest),
                 }
             }
-            _ => Lexed::canonical(segment),
-        };
-        parts.push(text);
+            _ => out.extend_from_slice(segment),
+        }
     }
-    parts.join(" ; ")
+    Cow::Owned(out)
 }
 
 /// sqlparser reads `FROM ONLY t`, `UPDATE ONLY t` and `DELETE FROM ONLY t` as a table named
