@@ -45,16 +45,19 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
     let reading = server_reading(st, msg);
     let mut decoded = None;
     let read = reading.apply(msg, &mut decoded);
-    let strings = st.lexing();
+    // (Only a Query or Parse has text to read, and asks how literals read.)
     let lexed = sql_of(read)
         .filter(|_| !matches!(reading, Reading::Unknown(_)))
-        .map(|sql| lex(sql, strings));
-    let decision = decide(st, read, &reading, lexed.as_ref(), strings);
+        .map(|sql| {
+            let strings = st.lexing();
+            (lex(sql, strings), strings)
+        });
+    let decision = decide(st, read, &reading, lexed.as_ref());
     let refusal = match &decision {
         Decision::Refused(denied) => Some(denied),
         _ => None,
     };
-    let recorded = record(st, read, refusal, lexed.as_ref());
+    let recorded = record(st, read, refusal, lexed.as_ref().map(|(l, _)| l));
     let msg = read;
     match (decision, msg) {
         (
@@ -115,8 +118,7 @@ fn decide(
     st: &mut SessionState,
     msg: &FrontendMessage<'_>,
     reading: &Reading,
-    lexed: Option<&Result<Lexed<'_>, LexError>>,
-    strings: Strings,
+    lexed: Option<&(Result<Lexed<'_>, LexError>, Strings)>,
 ) -> Decision {
     let encoding = match reading {
         Reading::Same => None,
@@ -140,7 +142,8 @@ fn decide(
                 format!("client_encoding is {encoding}, and {why}; use client_encoding UTF8")
             };
             match lexed {
-                Some(lexed) => {
+                Some((lexed, strings)) => {
+                    let strings = *strings;
                     let decided = rules.authorize(sql, lexed, strings, || {
                         audit.as_mut().and_then(|a| a.alert_block(sql, strings))
                     });
