@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::config::rules::{AlertAction, AlertRule};
+use crate::config::AuthThrottleConfig;
 use crate::identity::SessionIdentity;
 
 const WINDOW_SECS: u64 = 60;
@@ -155,14 +156,6 @@ impl AlertWatch {
                 }
             })
     }
-}
-
-/// Brute-force guard settings; `max_failures` 0 turns it off.
-#[derive(Clone, Copy, Debug)]
-pub struct AuthThrottleConfig {
-    pub max_failures: u32,
-    pub window: Duration,
-    pub ban: Duration,
 }
 
 /// Failed logins per client address; past the limit, the address is turned away.

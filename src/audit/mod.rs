@@ -10,4 +10,5 @@ pub mod verify;
 pub mod writer;
 
 pub use record::{Decision, Event, Record};
-pub use writer::{AuditError, AuditLog, FlushPolicy, WriterConfig};
+pub use sink::{AuditError, FlushPolicy, WriterConfig};
+pub use writer::AuditLog;

@@ -4,9 +4,44 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
 
 use super::record::{hex, timestamp, Event, Record, GENESIS};
-use super::writer::{AuditError, WriterConfig};
+
+#[derive(Debug, Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("audit log {path}: its last complete line is not an audit record; move the file aside to start a new chain")]
+    NotALog { path: String },
+    #[error("the audit log cannot be written; statements are held back until it can")]
+    Unavailable,
+}
+
+/// When written records are forced to stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// `fdatasync` before any batch is answered.
+    Always,
+    /// `fdatasync` at most this long after a write.
+    Interval(Duration),
+}
+
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// A file path, or `-` for standard output.
+    pub path: String,
+    pub flush: FlushPolicy,
+    /// Rotate past this size; 0 never rotates.
+    pub max_bytes: u64,
+    /// Batches the channel holds before senders wait.
+    pub queue: usize,
+}
 
 pub(super) enum Sink {
     Stdout,

@@ -31,44 +31,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use super::record::{chain_hash, line};
 use super::sink::Sink;
-
-#[derive(Debug, Error)]
-pub enum AuditError {
-    #[error("audit log {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("audit log {path}: its last complete line is not an audit record; move the file aside to start a new chain")]
-    NotALog { path: String },
-    #[error("the audit log cannot be written; statements are held back until it can")]
-    Unavailable,
-}
-
-/// When written records are forced to stable storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlushPolicy {
-    /// `fdatasync` before any batch is answered.
-    Always,
-    /// `fdatasync` at most this long after a write.
-    Interval(Duration),
-}
-
-#[derive(Clone, Debug)]
-pub struct WriterConfig {
-    /// A file path, or `-` for standard output.
-    pub path: String,
-    pub flush: FlushPolicy,
-    /// Rotate past this size; 0 never rotates.
-    pub max_bytes: u64,
-    /// Batches the channel holds before senders wait.
-    pub queue: usize,
-}
+use super::sink::{AuditError, FlushPolicy, WriterConfig};
 
 /// Canonical records (see `record`) and who to tell once they are written.
 struct Batch {

@@ -170,7 +170,7 @@ pub struct Config {
     pub audit_log: String,
     /// `None` when the audit log is off.
     pub audit: Option<AuditConfig>,
-    pub auth_throttle: crate::watch::AuthThrottleConfig,
+    pub auth_throttle: AuthThrottleConfig,
     pub client_tls: Option<(PathBuf, PathBuf)>,
     pub require_tls: bool,
     pub upstream_tls: UpstreamTls,
@@ -269,7 +269,7 @@ impl Config {
             },
             redact: s.audit_redact.unwrap_or(false),
         });
-        let auth_throttle = crate::watch::AuthThrottleConfig {
+        let auth_throttle = AuthThrottleConfig {
             max_failures: s.auth_max_failures.unwrap_or(10),
             window: secs(s.auth_failure_window_secs, Duration::from_secs(60)),
             ban: secs(s.auth_ban_secs, Duration::from_secs(300)),
@@ -321,6 +321,14 @@ pub(crate) fn location(path: &Path, text: &str, span: Option<std::ops::Range<usi
 
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Brute-force guard settings; `max_failures` 0 turns it off.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthThrottleConfig {
+    pub max_failures: u32,
+    pub window: Duration,
+    pub ban: Duration,
 }
 
 #[cfg(test)]
