@@ -353,6 +353,9 @@ const REWRITTEN: &[&str] = &[
     // RETURNING of an INSERT that updates on conflict.
     "INSERT INTO customers (id, full_name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET full_name = customers.full_name RETURNING upper(phone), email, national_id",
     "INSERT INTO customers AS c (id, full_name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET full_name = c.full_name WHERE excluded.full_name <> '' RETURNING c.phone || '', c.email",
+    // A qualifier named excluded outside ON CONFLICT is no proposed row.
+    "SELECT upper(excluded.phone) FROM (SELECT phone FROM customers) excluded",
+    "SELECT excluded.phone || '' FROM customers c, LATERAL (SELECT c.phone) excluded",
 ];
 
 #[tokio::test]

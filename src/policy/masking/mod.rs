@@ -216,11 +216,14 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
             });
         }
     }
-    let scope =
+    let mut scope =
         match check_functions(&facts, ctx, kind).and_then(|()| resolve_tables(&facts, ctx, kind)) {
             Ok(scope) => scope,
             Err(refused) => return refused,
         };
+    // EXCLUDED is the proposed row only in an INSERT's ON CONFLICT clause; anywhere else a
+    // qualifier of that name is judged like any other.
+    scope.excluded &= matches!(stmt, Statement::Insert(i) if i.on.is_some());
     if scope.masked.is_empty() {
         return Verdict::Pass;
     }
@@ -341,6 +344,7 @@ fn resolve_tables<'a>(
         let name = t.alias.clone().unwrap_or_else(|| rel.name.clone());
         scope.by_alias.entry(name).or_default().push(rel.clone());
     }
+    // (Narrowed to INSERT ... ON CONFLICT by the caller.)
     scope.excluded = !scope.by_alias.contains_key("excluded");
     Ok(scope)
 }
