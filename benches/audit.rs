@@ -12,6 +12,7 @@ use pgveil::audit::record::{chain_hash, line, GENESIS};
 use pgveil::metrics::Metrics;
 use pgveil::protocol::frontend::FrontendMessage;
 use pgveil::session::audit::{AuditSetup, Sensitive, SessionAudit, Who};
+use pgveil::sql::analysis::{Analysis, FactsCache};
 use pgveil::sql::lex::lex;
 use pgveil::sql::Strings;
 
@@ -42,6 +43,8 @@ fn session() -> SessionAudit {
 
 fn bench(c: &mut Criterion) {
     let mut a = session();
+    let mut facts = FactsCache::default();
+    let lexed = lex(SELECT, Strings::Standard);
     // What the session state keeps with the prepared statement, and its portal runs.
     let prepared = a.on_client(
         &FrontendMessage::Parse {
@@ -49,7 +52,8 @@ fn bench(c: &mut Criterion) {
             sql: SELECT,
             param_types: vec![],
         },
-        Some(&lex(SELECT, Strings::Standard)),
+        Some(&Analysis::of(&lexed)),
+        &mut facts,
         None,
         None,
     );
@@ -65,6 +69,7 @@ fn bench(c: &mut Criterion) {
                         result_formats: Default::default(),
                     },
                     None,
+                    &mut facts,
                     None,
                     None,
                 );
@@ -74,10 +79,11 @@ fn bench(c: &mut Criterion) {
                         max_rows: 0,
                     },
                     None,
+                    &mut facts,
                     None,
                     portal,
                 );
-                a.on_client(&FrontendMessage::Sync, None, None, None);
+                a.on_client(&FrontendMessage::Sync, None, &mut facts, None, None);
                 a.on_data_row();
                 a.on_complete(Some("SELECT 1"));
                 a.on_ready();
@@ -92,6 +98,7 @@ fn bench(c: &mut Criterion) {
                 max_rows: 0,
             },
             None,
+            &mut facts,
             None,
             portal,
         );

@@ -117,6 +117,7 @@ proptest! {
     ]), 0..40)) {
         use pgveil::sql::lex::{lex, Lexed, Strings};
         let sql = parts.concat();
+        let catalog = pgveil::catalog::testing::crm_catalog();
         for strings in [Strings::Standard, Strings::Escaped, Strings::Unknown] {
             if let Ok(lexed) = lex(&sql, strings) {
                 let mut shape = String::new();
@@ -127,10 +128,16 @@ proptest! {
                     let _ = Lexed::redacted(&sql, tokens);
                     let _ = pgveil::sql::audit::analyse_tokens(tokens);
                 }
+                // The one analysis: every statement's facts, shapes and parse.
+                let analysis = pgveil::sql::analysis::Analysis::new(&lexed);
+                let mut cache = pgveil::sql::analysis::FactsCache::default();
+                let facts = analysis.guard_facts(&mut cache);
+                let _ = pgveil::sql::guard::opaque_call(&facts.calls, &catalog);
+                let _ = analysis.statements();
+                let _ = analysis.whole(&mut cache);
             }
         }
-        let catalog = pgveil::catalog::testing::crm_catalog();
-        let _ = pgveil::sql::guard::analyse(&sql, &catalog, Strings::Unknown);
+        let _ = pgveil::sql::guard::analyse(&sql, Strings::Unknown);
         crm_context(|ctx| { let _ = check(&sql, ctx); });
     }
 

@@ -228,7 +228,10 @@ fn explain_guard(
     sql: &str,
     out: &mut String,
 ) {
-    let facts = crate::sql::guard::analyse(sql, catalog, crate::sql::Strings::Standard);
+    let mut facts = crate::sql::guard::analyse(sql, crate::sql::Strings::Standard);
+    if facts.unanalysable.is_none() {
+        facts.unanalysable = crate::sql::guard::opaque_call(&facts.calls, catalog);
+    }
     for a in facts
         .accesses
         .iter()

@@ -5,7 +5,8 @@
 use super::session_guard::SessionGuard;
 use super::session_masking::{Screen, SessionPolicy};
 use super::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
-use crate::sql::lex::{LexError, Lexed, Strings};
+use crate::sql::analysis::{Analysed, FactsCache};
+use crate::sql::lex::Strings;
 
 /// Leave to forward a statement: as the client wrote it, or rewritten so that masked
 /// columns are computed masked by the server.
@@ -26,10 +27,11 @@ impl Permit {
 }
 
 /// What decides for one session: its guard and its masking, each present when rules
-/// apply to the session.
+/// apply to the session, and the session's statement facts.
 pub struct SessionRules<'a> {
     pub guard: Option<&'a mut SessionGuard>,
     pub masking: Option<&'a mut SessionPolicy>,
+    pub facts: &'a mut FactsCache,
 }
 
 impl SessionRules<'_> {
@@ -42,26 +44,26 @@ impl SessionRules<'_> {
         }
     }
 
-    /// Decides on a statement, `sql` as the server reads it (`lexed`, under `strings`).
-    /// `alerts` is asked last, only for a statement the rules let run: whether a `block`
-    /// alert refuses it.
+    /// Decides on a statement, `sql` as the server reads it (`analysed`, under
+    /// `strings`). `alerts` is asked last, only for a statement the rules let run: whether
+    /// a `block` alert refuses it.
     pub fn authorize(
         &mut self,
         sql: &str,
-        lexed: &Result<Lexed<'_>, LexError>,
+        analysed: &Analysed<'_>,
         strings: Strings,
-        alerts: impl FnOnce() -> Option<Denied>,
+        alerts: impl FnOnce(&mut FactsCache) -> Option<Denied>,
     ) -> Result<Permit, Denied> {
         if let Some(g) = self.guard.as_deref_mut() {
-            g.screen_lexed(sql, lexed, strings)?;
+            g.screen_analysed(sql, analysed, self.facts)?;
         }
         let masking = self.masking.as_deref_mut();
-        let rewrite = match masking.map(|p| p.screen_lexed(sql, lexed, strings)) {
+        let rewrite = match masking.map(|p| p.screen_analysed(sql, analysed, strings)) {
             Some(Screen::Refuse(denied)) => return Err(denied),
             Some(Screen::Rewrite(sql)) => Some(sql),
             Some(Screen::Forward) | None => None,
         };
-        match alerts() {
+        match alerts(self.facts) {
             Some(denied) => Err(denied),
             None => Ok(Permit { rewrite }),
         }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::policy::guard::{GuardPolicy, Names, Prepared};
 use crate::policy::{Denied, Refusal};
-use crate::sql::guard::{analyse, analyse_tokens, Access, Effect, StatementFacts};
-use crate::sql::lex::{lex, LexError, Lexed, Strings};
+use crate::sql::analysis::{Analysed, Analysis, FactsCache};
+use crate::sql::guard::{opaque_call, Access, Effect, StatementFacts};
+use crate::sql::lex::{lex, Strings};
 
 /// Decisions kept per session; past this the cache starts over.
 const CACHE: usize = 1024;
@@ -64,31 +65,40 @@ impl SessionGuard {
 
     /// Whether `sql` may be forwarded; `Err` holds the client-facing refusal.
     pub fn screen(&mut self, sql: &str, strings: Strings) -> Result<(), Denied> {
-        self.screen_lexed(sql, &lex(sql, strings), strings)
+        let lexed = lex(sql, strings);
+        self.screen_analysed(sql, &Analysis::of(&lexed), &mut FactsCache::default())
     }
 
-    /// [`Self::screen`] of a text already read as the server reads it.
-    pub fn screen_lexed(
+    /// [`Self::screen`] of a text already read as the server reads it, its statement facts
+    /// from the session's `cache`.
+    pub fn screen_analysed(
         &mut self,
         sql: &str,
-        lexed: &Result<Lexed<'_>, LexError>,
-        strings: Strings,
+        analysed: &Analysed<'_>,
+        cache: &mut FactsCache,
     ) -> Result<(), Denied> {
+        let analysis = match analysed {
+            Ok(a) => a,
+            Err(e) => {
+                let facts = StatementFacts {
+                    unanalysable: Some(format!("pgveil cannot read it as the server does: {e}")),
+                    ..Default::default()
+                };
+                return self.decide(&facts, sql);
+            }
+        };
         // The cache key: the statement's shape (what the server reads but for literal
-        // values), shared with the audit.
-        let shape = lexed.as_ref().ok().map(Lexed::statement_shape);
-        if let Some(decision) = shape.and_then(|s| self.decisions.get(s)) {
+        // values).
+        let shape = analysis.lexed().statement_shape();
+        if let Some(decision) = self.decisions.get(shape) {
             return decision.clone().map_or(Ok(()), Err);
         }
-        let facts = match lexed {
-            Ok(l) => analyse_tokens(&l.tokens, &self.catalog),
-            Err(_) => analyse(sql, &self.catalog, strings),
-        };
+        let facts = analysis.guard_facts(cache);
         let decision = self.decide(&facts, sql);
         if decision.is_ok() {
             self.apply(&facts);
         }
-        if let Some(shape) = shape.filter(|_| facts.shape_independent()) {
+        if facts.shape_independent() {
             if self.decisions.len() >= CACHE {
                 self.decisions.clear();
             }
@@ -133,6 +143,11 @@ impl SessionGuard {
             }
         }
         let mut facts = std::borrow::Cow::Borrowed(facts);
+        if facts.unanalysable.is_none() {
+            if let Some(reason) = opaque_call(&facts.calls, &self.catalog) {
+                facts.to_mut().unanalysable = Some(reason);
+            }
+        }
         if let Some(name) = unknown {
             facts.to_mut().unanalysable.get_or_insert_with(|| {
                 format!("EXECUTE of {name}, which pgveil did not see prepared")

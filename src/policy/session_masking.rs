@@ -9,7 +9,7 @@ use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Settings, Unanalysable};
 use crate::policy::masking::{self, Verdict};
 use crate::policy::{Denied, SessionMasks};
-use crate::sql::lex::{LexError, Lexed};
+use crate::sql::analysis::Analysed;
 use crate::sql::Strings;
 
 /// Verdicts kept per session; past this the cache starts over.
@@ -71,12 +71,12 @@ impl SessionPolicy {
         }
     }
 
-    /// What to do with `sql`, read as the server reads it (`lexed`, under `strings`),
+    /// What to do with `sql`, read as the server reads it (`analysed`, under `strings`),
     /// before it is forwarded.
-    pub fn screen_lexed(
+    pub fn screen_analysed(
         &mut self,
         sql: &str,
-        lexed: &Result<Lexed<'_>, LexError>,
+        analysed: &Analysed<'_>,
         strings: Strings,
     ) -> Screen {
         self.staged.clear();
@@ -94,7 +94,7 @@ impl SessionPolicy {
             settings: self.settings.as_ref(),
             strings,
         };
-        let (verdict, created) = masking::check_lexed(sql, lexed, &ctx);
+        let (verdict, created) = masking::check_analysed(sql, analysed, &ctx);
         self.staged = created;
         let message = screen_of(&verdict, &self.role, sql);
         if cacheable {

@@ -16,7 +16,8 @@ use crate::policy::authorize::{Permit, SessionRules};
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{write, Frame};
-use crate::sql::lex::{lex, LexError, Lexed};
+use crate::sql::analysis::{Analysed, Analysis};
+use crate::sql::lex::lex;
 use crate::sql::Strings;
 
 /// For a masked session: forwards a client message, or replaces a refused one by a
@@ -46,18 +47,17 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
     let mut decoded = None;
     let read = reading.apply(msg, &mut decoded);
     // (Only a Query or Parse has text to read, and asks how literals read.)
+    let strings = st.lexing();
     let lexed = sql_of(read)
         .filter(|_| !matches!(reading, Reading::Unknown(_)))
-        .map(|sql| {
-            let strings = st.lexing();
-            (lex(sql, strings), strings)
-        });
-    let decision = decide(st, read, &reading, lexed.as_ref());
+        .map(|sql| lex(sql, strings));
+    let analysed = lexed.as_ref().map(Analysis::of);
+    let decision = decide(st, read, &reading, analysed.as_ref(), strings);
     let refusal = match &decision {
         Decision::Refused(denied) => Some(denied),
         _ => None,
     };
-    let recorded = record(st, read, refusal, lexed.as_ref().map(|(l, _)| l));
+    let recorded = record(st, read, refusal, analysed.as_ref());
     let msg = read;
     match (decision, msg) {
         (
@@ -118,7 +118,8 @@ fn decide(
     st: &mut SessionState,
     msg: &FrontendMessage<'_>,
     reading: &Reading,
-    lexed: Option<&(Result<Lexed<'_>, LexError>, Strings)>,
+    analysed: Option<&Analysed<'_>>,
+    strings: Strings,
 ) -> Decision {
     let encoding = match reading {
         Reading::Same => None,
@@ -129,11 +130,13 @@ fn decide(
         guard,
         policy,
         audit,
+        facts,
         ..
     } = st;
     let mut rules = SessionRules {
         guard: guard.as_mut(),
         masking: policy.as_mut(),
+        facts,
     };
     let decided = match msg {
         FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } => {
@@ -141,11 +144,12 @@ fn decide(
                 let encoding = encoding.clone().unwrap_or_default();
                 format!("client_encoding is {encoding}, and {why}; use client_encoding UTF8")
             };
-            match lexed {
-                Some((lexed, strings)) => {
-                    let strings = *strings;
-                    let decided = rules.authorize(sql, lexed, strings, || {
-                        audit.as_mut().and_then(|a| a.alert_block(sql, strings))
+            match analysed {
+                Some(analysed) => {
+                    let decided = rules.authorize(sql, analysed, strings, |facts| {
+                        audit
+                            .as_mut()
+                            .and_then(|a| a.alert_block(sql, analysed, facts))
                     });
                     match reading {
                         Reading::Decoded(_) => rules.without_rewrite(sql, decided, || {
@@ -248,7 +252,8 @@ pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out
     let lexed = sql_of(read)
         .filter(|_| readable && st.audit.is_some())
         .map(|sql| lex(sql, st.lexing()));
-    let recorded = record(st, read, None, lexed.as_ref());
+    let analysed = lexed.as_ref().map(Analysis::of);
+    let recorded = record(st, read, None, analysed.as_ref());
     st.on_client_recorded(read, recorded);
     out.extend_from_slice(raw);
 }
@@ -259,7 +264,7 @@ fn record(
     st: &mut SessionState,
     msg: &FrontendMessage<'_>,
     refusal: Option<&Denied>,
-    lexed: Option<&Result<Lexed<'_>, LexError>>,
+    analysed: Option<&Analysed<'_>>,
 ) -> Option<Recorded> {
     if st.audit.is_none() || st.ignored_by_server(msg) {
         return None;
@@ -270,7 +275,7 @@ fn record(
     };
     st.audit
         .as_mut()?
-        .on_client(msg, lexed, refusal, portal.as_ref())
+        .on_client(msg, analysed, &mut st.facts, refusal, portal.as_ref())
 }
 
 /// The SQL text of a Query or Parse.

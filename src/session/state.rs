@@ -177,8 +177,9 @@ pub struct SessionState {
     pub discarding: Option<Discarding>,
     /// Set when a statement may have changed the schema the cached catalog describes.
     pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// Rebuilds `policy` after a rules reload.
-
+    /// The facts of the statements this session sent, by shape: the one analysis the
+    /// guard, masking, alerts and the audit read.
+    pub facts: crate::sql::analysis::FactsCache,
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.

@@ -55,11 +55,18 @@ pub fn analyse(sql: &str) -> PartFacts {
 
 /// Analyses the server's tokens of one statement (a part from `Lexed::statements`).
 pub fn analyse_tokens(tokens: &[Token<'_>]) -> PartFacts {
-    let stmts = match super::parse_tokens(tokens) {
-        Ok(s) if s.len() == 1 => s,
-        _ => return PartFacts::unanalysed(),
+    match super::parse_tokens(tokens) {
+        Ok(s) if s.len() == 1 => analyse_statement(Some(&s[0]), tokens),
+        _ => PartFacts::unanalysed(),
+    }
+}
+
+/// The facts of one parsed statement whose tokens are `tokens`, or of one pgveil cannot
+/// parse (`None`).
+pub fn analyse_statement(stmt: Option<&Statement>, tokens: &[Token<'_>]) -> PartFacts {
+    let Some(stmt) = stmt else {
+        return PartFacts::unanalysed();
     };
-    let stmt = &stmts[0];
     // MOVE is read as the FETCH it is to the analysis (see `sql::parse_tokens`).
     let moves = tokens.first().is_some_and(|t| t.is_word("move"));
     let mut v = Collector::default();

@@ -4,6 +4,7 @@
 //! guard, masking and audit analyses. A statement that cannot be read as the server reads
 //! it, or parsed, means "cannot prove safe".
 
+pub mod analysis;
 pub mod audit;
 pub mod guard;
 pub mod lex;

@@ -26,6 +26,7 @@ use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Unanalysable};
 pub use crate::policy::Refusal;
 use crate::policy::SessionMasks;
+use crate::sql::analysis::{Analysed, Analysis};
 use crate::sql::{fold, is_dangerous, is_grammar_function, kind_of, name_parts, Strings};
 
 /// What the session knows when a statement arrives.
@@ -63,16 +64,17 @@ const STATS_VIEWS: [&str; 4] = [
 /// Checks a whole query string; one refused statement refuses the string. Also returns
 /// the tables the string creates, which the session's catalog does not know yet.
 pub fn check(sql: &str, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
-    check_lexed(sql, &crate::sql::lex::lex(sql, ctx.strings), ctx)
+    let lexed = crate::sql::lex::lex(sql, ctx.strings);
+    check_analysed(sql, &Analysis::of(&lexed), ctx)
 }
 
 /// [`check`] of a text already read as the server reads it (under `ctx.strings`).
-pub fn check_lexed(
+pub fn check_analysed(
     sql: &str,
-    lexed: &Result<crate::sql::lex::Lexed<'_>, crate::sql::lex::LexError>,
+    analysed: &Analysed<'_>,
     ctx: &Context<'_>,
 ) -> (Verdict, Vec<String>) {
-    let (mut verdict, created) = check_string(sql, lexed, ctx);
+    let (mut verdict, created) = check_string(sql, analysed, ctx);
     if let Verdict::Refused(r) = &mut verdict {
         if r.rule.is_none() {
             r.rule = refusal_rule(r, ctx);
@@ -98,11 +100,7 @@ fn refusal_rule(r: &Refusal, ctx: &Context<'_>) -> Option<Origin> {
     ctx.masks.rule_for(table).cloned()
 }
 
-fn check_string(
-    sql: &str,
-    lexed: &Result<crate::sql::lex::Lexed<'_>, crate::sql::lex::LexError>,
-    ctx: &Context<'_>,
-) -> (Verdict, Vec<String>) {
+fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
     if ctx.masks.is_empty() {
         return (Verdict::Pass, Vec::new());
     }
@@ -112,13 +110,9 @@ fn check_string(
         let reason = "standard_conforming_strings is off, so pgveil cannot read string literals as the server does";
         return (unanalysable(ctx, reason), Vec::new());
     }
-    let parsed = match lexed {
-        Ok(l) => crate::sql::parse_tokens(&l.tokens),
-        Err(e) => Err(sqlparser::parser::ParserError::ParserError(e.to_string())),
-    };
-    let mut statements = match parsed {
-        Ok(s) => s,
-        Err(_) => {
+    let mut statements = match analysed.as_ref().ok().and_then(Analysis::statements) {
+        Some(s) => s,
+        None => {
             return (
                 unanalysable(ctx, "pgveil cannot analyse this statement"),
                 Vec::new(),

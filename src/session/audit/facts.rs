@@ -9,8 +9,9 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::config::rules::Rules;
 use crate::identity::SessionIdentity;
-use crate::sql::audit::{analyse_tokens, PartFacts, UNREADABLE};
-use crate::sql::lex::{LexError, Lexed, Token};
+use crate::sql::analysis::{Analysed, Analysis, FactsCache};
+use crate::sql::audit::{PartFacts, UNREADABLE};
+use crate::sql::lex::{Lexed, Token};
 
 /// Facts kept per session; past this the cache starts over.
 const CACHE: usize = 1024;
@@ -97,32 +98,31 @@ impl Facts {
     }
 }
 
-/// A session's statement facts, with what resolving them needs.
-pub struct FactsCache {
+/// The session's resolution of statement facts (names along its search_path, sensitive
+/// columns as its rules see them), kept by shape, with what resolving them needs.
+pub struct Resolutions {
     redact: bool,
     catalog: Option<Arc<Catalog>>,
     search_path: Vec<String>,
     pub sensitive: Sensitive,
     cache: HashMap<Box<str>, Arc<Facts>>,
-    scratch: String,
     /// Cursors and SQL prepared statements, by name.
     named: HashMap<String, Arc<Facts>>,
 }
 
-impl FactsCache {
+impl Resolutions {
     pub fn new(
         redact: bool,
         catalog: Option<Arc<Catalog>>,
         search_path: Vec<String>,
         sensitive: Sensitive,
-    ) -> FactsCache {
-        FactsCache {
+    ) -> Resolutions {
+        Resolutions {
             redact,
             catalog,
             search_path,
             sensitive,
             cache: HashMap::new(),
-            scratch: String::new(),
             named: HashMap::new(),
         }
     }
@@ -143,30 +143,40 @@ impl FactsCache {
     }
 
     /// A Parse's statement text and facts (the whole string: the server refuses a
-    /// prepared statement with more than one command), read under `strings`.
-    /// `lexed` is the text read as the server reads it, `None` when pgveil cannot tell.
+    /// prepared statement with more than one command). `analysed` is the text read as the
+    /// server reads it, `None` when pgveil cannot tell; its facts come from `cache`.
     pub fn whole(
         &mut self,
         sql: &str,
-        lexed: Option<&Result<Lexed<'_>, LexError>>,
+        analysed: Option<&Analysed<'_>>,
+        cache: &mut FactsCache,
     ) -> (Arc<str>, Arc<Facts>) {
-        match lexed {
-            Some(Ok(lexed)) => {
-                let facts = self.facts_of(lexed, lexed.statement_tokens());
-                (self.text_of(sql, sql.trim(), &lexed.tokens), facts)
+        match analysed {
+            Some(Ok(analysis)) if analysis.parts().len() == 1 => {
+                let lexed = analysis.lexed();
+                let facts = self.facts_of(analysis, 0, cache);
+                (
+                    self.text_of(sql, sql.trim(), lexed.statement_tokens()),
+                    facts,
+                )
+            }
+            Some(Ok(analysis)) => {
+                let facts = Arc::new(self.resolve(&analysis.whole(cache).audit));
+                let text = self.text_of(sql, sql.trim(), analysis.lexed().statement_tokens());
+                (text, facts)
             }
             _ => self.unread(sql.trim()),
         }
     }
 
-    /// The statements of a query string read under `strings`, each with its text and
-    /// facts.
+    /// The statements of a query string, each with its text and facts.
     pub fn parts(
         &mut self,
         sql: &str,
-        lexed: Option<&Result<Lexed<'_>, LexError>>,
+        analysed: Option<&Analysed<'_>>,
+        cache: &mut FactsCache,
     ) -> Vec<(Arc<str>, Arc<Facts>)> {
-        let Some(Ok(lexed)) = lexed else {
+        let Some(Ok(analysis)) = analysed else {
             let sql = sql.trim();
             return if sql.is_empty() {
                 Vec::new()
@@ -174,20 +184,24 @@ impl FactsCache {
                 vec![self.unread(sql)]
             };
         };
-        lexed
-            .statements()
-            .into_iter()
-            .map(|range| {
-                let tokens = lexed.within(&range);
-                let facts = self.facts_of(lexed, tokens);
-                (self.text_of(sql, &sql[range], tokens), facts)
+        let lexed = analysis.lexed();
+        analysis
+            .parts()
+            .iter()
+            .enumerate()
+            .map(|(i, range)| {
+                let facts = self.facts_of(analysis, i, cache);
+                (
+                    self.text_of(sql, &sql[range.clone()], lexed.within(range)),
+                    facts,
+                )
             })
             .collect()
     }
 
     /// A statement pgveil cannot read as the server does: recorded unanalysed.
     fn unread(&mut self, sql: &str) -> (Arc<str>, Arc<Facts>) {
-        let facts = Arc::new(self.resolve(PartFacts::unanalysed()));
+        let facts = Arc::new(self.resolve(&PartFacts::unanalysed()));
         let text = if self.redact {
             Arc::from(UNREADABLE)
         } else {
@@ -205,14 +219,19 @@ impl FactsCache {
         }
     }
 
-    /// The facts of `tokens`, one statement of `lexed`.
-    fn facts_of(&mut self, lexed: &Lexed<'_>, tokens: &[Token<'_>]) -> Arc<Facts> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let shape = lexed.shape_of(tokens, &mut scratch);
+    /// The facts of statement `i` of `analysis`, as this session's records state them
+    /// (resolved once per shape).
+    fn facts_of(
+        &mut self,
+        analysis: &Analysis<'_>,
+        i: usize,
+        cache: &mut FactsCache,
+    ) -> Arc<Facts> {
+        let shape = analysis.shape(i);
         let facts = match self.cache.get(shape) {
             Some(f) => f.clone(),
             None => {
-                let f = Arc::new(self.resolve(analyse_tokens(tokens)));
+                let f = Arc::new(self.resolve(&analysis.facts(cache)[i].audit));
                 if self.cache.len() >= CACHE {
                     self.cache.clear();
                 }
@@ -220,7 +239,6 @@ impl FactsCache {
                 f
             }
         };
-        self.scratch = scratch;
         // Cursors and SQL prepared statements carry their query's facts to FETCH/EXECUTE.
         if let Some(name) = &facts.defines {
             self.named.insert(name.clone(), facts.clone());
@@ -243,7 +261,7 @@ impl FactsCache {
     }
 
     /// Names resolved to `schema.table`, and the sensitive columns the statement reads.
-    fn resolve(&self, part: PartFacts) -> Facts {
+    fn resolve(&self, part: &PartFacts) -> Facts {
         let tables: BTreeSet<String> = part
             .relations
             .iter()
@@ -282,8 +300,8 @@ impl FactsCache {
             clear: clear.into_iter().collect(),
             sensitive_table,
             unanalysed: part.unanalysed,
-            defines: part.defines,
-            uses: part.uses,
+            defines: part.defines.clone(),
+            uses: part.uses.clone(),
         }
     }
 

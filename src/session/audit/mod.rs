@@ -24,9 +24,9 @@ use crate::config::rules::AlertAction;
 use crate::metrics::Metrics;
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
-use crate::sql::lex::{lex, LexError, Lexed, Strings};
+use crate::sql::analysis::{Analysed, FactsCache};
 use crate::watch::{AlertWatch, Fired};
-use facts::{Facts, FactsCache};
+use facts::{Facts, Resolutions};
 
 /// A statement waiting for its outcome.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ pub struct SessionAudit {
     log: Option<Arc<AuditLog>>,
     metrics: Arc<Metrics>,
     pub who: Who,
-    facts: FactsCache,
+    facts: Resolutions,
     alerts: Option<AlertWatch>,
     slots: VecDeque<Slot>,
     /// The refused Parse or Execute whose refusal the server has yet to raise.
@@ -93,7 +93,7 @@ impl SessionAudit {
             log: setup.log,
             metrics: setup.metrics,
             who,
-            facts: FactsCache::new(
+            facts: Resolutions::new(
                 setup.redact,
                 setup.catalog,
                 setup.search_path,
@@ -146,27 +146,30 @@ impl SessionAudit {
         self.alerts.is_some()
     }
 
-    /// Records the client's message, its SQL as the server reads it in `lexed` (`None`
-    /// when pgveil cannot tell: recorded unanalysed); `refusal` when pgveil refused it. For an Execute, `portal` is what the portal runs as the session state
+    /// Records the client's message, its SQL as the server reads it in `analysed` (`None`
+    /// when pgveil cannot tell: recorded unanalysed; statement facts from the session's
+    /// `cache`); `refusal` when pgveil refused it. For an Execute, `portal` is what the
+    /// portal runs as the session state
     /// knows it (see `SessionState::portal_as_sent`). For a Parse that goes to the server,
     /// returns what the state is to keep with the statement.
     pub fn on_client(
         &mut self,
         msg: &FrontendMessage<'_>,
-        lexed: Option<&Result<Lexed<'_>, LexError>>,
+        analysed: Option<&Analysed<'_>>,
+        cache: &mut FactsCache,
         refusal: Option<&Denied>,
         portal: Option<&Recorded>,
     ) -> Option<Recorded> {
         match msg {
             FrontendMessage::Query { sql } => {
-                for (text, facts) in self.facts.parts(sql, lexed) {
+                for (text, facts) in self.facts.parts(sql, analysed, cache) {
                     let f = self.in_flight(text, facts, "simple", refusal.cloned());
                     self.slots.push_back(Slot::Statement(f));
                 }
                 self.slots.push_back(Slot::End);
             }
             FrontendMessage::Parse { sql, .. } => {
-                let (text, facts) = self.facts.whole(sql, lexed);
+                let (text, facts) = self.facts.whole(sql, analysed, cache);
                 if refusal.is_some() {
                     self.refused_parse =
                         Some(self.in_flight(text, facts, "extended", refusal.cloned()));
@@ -224,10 +227,14 @@ impl SessionAudit {
     /// For `block` alerts: the refusal of a statement that reads a masked table while the
     /// user's window is over its limit.
     /// The statement is analysed only while the user is blocked.
-    pub fn alert_block(&mut self, sql: &str, strings: Strings) -> Option<Denied> {
+    pub fn alert_block(
+        &mut self,
+        sql: &str,
+        analysed: &Analysed<'_>,
+        cache: &mut FactsCache,
+    ) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
-        let lexed = lex(sql, strings);
-        let parts = self.facts.parts(sql, Some(&lexed));
+        let parts = self.facts.parts(sql, Some(analysed), cache);
         let (_, facts) = parts.iter().find(|(_, f)| f.may_read_sensitive())?;
         Some(self.alert_refusal(facts, blocked))
     }
