@@ -6,15 +6,15 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
+use crate::catalog::{Catalog, CatalogRows, CATALOG_QUERY};
 use crate::config::rules::{MaskFunction, Rules, Unanalysable};
 use crate::identity::SessionIdentity;
 use crate::policy::guard::GuardPolicy;
 use crate::policy::mask::{self, decode_token};
-use crate::policy::masking::{self, Verdict};
+use crate::policy::masking::Verdict;
 use crate::policy::pgtypes::TypeClass;
 use crate::policy::session_guard::SessionGuard;
-use crate::policy::SessionMasks;
+use crate::policy::session_rules::SessionRuleSet;
 
 pub use super::pgconn::connect;
 
@@ -155,21 +155,15 @@ pub async fn explain(
     let role_refs: Vec<&str> = roles.iter().map(String::as_str).collect();
     let identity = SessionIdentity::offline(role, &role_refs, "pgveil explain");
     out.push_str(&format!("roles: {}\n", roles.join(", ")));
-    explain_guard(rules, &identity, &catalog, sql, &mut out);
+    let built = SessionRuleSet::build(rules, &identity, &catalog);
+    explain_guard(rules, &identity, built.guard, sql, &mut out);
     if out.contains("\ndecision: refused") {
         return Ok(out);
     }
-    let masks = SessionMasks::build(rules, &identity, &catalog);
-    let ctx = masking::Context {
-        catalog: &catalog,
-        masks: &masks,
-        search_path: &search_path_schemas(&identity.search_path, role),
-        temp_tables: &Default::default(),
-        unanalysable: rules.settings.unanalysable,
-        settings: rules.settings.origin.as_ref(),
-        strings: crate::sql::Strings::Standard,
+    let verdict = match &built.masking {
+        Some(policy) => policy.verdict(sql),
+        None => Verdict::Pass,
     };
-    let (verdict, _) = masking::check(sql, &ctx);
     match &verdict {
         Verdict::Refused(r) => {
             out.push_str(&format!(
@@ -185,7 +179,8 @@ pub async fn explain(
             out.push_str(&format!("rewritten: {sql}\n"));
         }
     }
-    if masks.is_empty() {
+    let masks = built.masking.as_ref().map(|p| &p.masks);
+    if masks.is_none() {
         out.push_str("masks: none apply to this role\n");
     }
     // Describe (no execution) tells where each result column comes from.
@@ -198,7 +193,7 @@ pub async fn explain(
             let mask = c
                 .table_oid()
                 .zip(c.column_id())
-                .and_then(|(t, a)| masks.of_attr(t, a));
+                .and_then(|(t, a)| masks?.of_attr(t, a));
             match mask {
                 Some(m) => out.push_str(&format!(
                     "column {} {}: {} (rule {}, on {})\n",
@@ -224,14 +219,11 @@ pub async fn explain(
 fn explain_guard(
     rules: &Rules,
     identity: &SessionIdentity,
-    catalog: &Arc<Catalog>,
+    guard: Option<SessionGuard>,
     sql: &str,
     out: &mut String,
 ) {
     let mut facts = crate::sql::guard::analyse(sql, crate::sql::Strings::Standard);
-    if facts.unanalysable.is_none() {
-        facts.unanalysable = crate::sql::guard::opaque_call(&facts.calls, catalog);
-    }
     for a in facts
         .accesses
         .iter()
@@ -239,15 +231,22 @@ fn explain_guard(
     {
         out.push_str(&format!("touches: {} {}\n", a.kind.as_str(), a.target));
     }
+    let Some(mut guard) = guard else {
+        let why = match GuardPolicy::for_session(rules, identity) {
+            None => "every protected kind is allowed on every table",
+            Some(_) => {
+                "every protected kind is allowed on every table, and the recycle bin is in place"
+            }
+        };
+        out.push_str(&format!("guard: none applies ({why})\n"));
+        return;
+    };
+    if facts.unanalysable.is_none() {
+        facts.unanalysable = crate::sql::guard::opaque_call(&facts.calls, &guard.catalog);
+    }
     if let Some(reason) = &facts.unanalysable {
         out.push_str(&format!("analysis: impossible ({reason})\n"));
     }
-    let Some(policy) = GuardPolicy::for_session(rules, identity) else {
-        out.push_str("guard: none applies (every protected kind is allowed on every table)\n");
-        return;
-    };
-    let search_path = search_path_schemas(&identity.search_path, &identity.user);
-    let mut guard = SessionGuard::new(policy, catalog.clone(), identity.user.clone(), search_path);
     match guard.screen(sql, crate::sql::Strings::Standard) {
         Ok(()) => out.push_str("guard: allowed\n"),
         Err(denied) => out.push_str(&format!(

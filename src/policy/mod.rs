@@ -10,6 +10,7 @@ pub mod masks;
 pub mod pgtypes;
 pub mod session_guard;
 pub mod session_masking;
+pub mod session_rules;
 pub mod sqlmask;
 
 pub use masks::{ColumnMask, SessionMasks};

@@ -57,6 +57,24 @@ impl SessionPolicy {
         }
     }
 
+    /// What the masking analysis needs of this session, literals read under `strings`.
+    fn context(&self, strings: Strings) -> masking::Context<'_> {
+        masking::Context {
+            catalog: &self.catalog,
+            masks: &self.masks,
+            search_path: &self.search_path,
+            temp_tables: &self.created,
+            unanalysable: self.unanalysable,
+            settings: self.settings.as_ref(),
+            strings,
+        }
+    }
+
+    /// The verdict on `sql` (with standard strings), uncached, as `explain` shows it.
+    pub fn verdict(&self, sql: &str) -> Verdict {
+        masking::check(sql, &self.context(Strings::Standard)).0
+    }
+
     /// The tables the statement screened last would create.
     pub fn take_staged(&mut self) -> Vec<String> {
         std::mem::take(&mut self.staged)
@@ -85,16 +103,7 @@ impl SessionPolicy {
         if let Some(v) = self.verdicts.get(sql).filter(|_| cacheable) {
             return screen_of(v, &self.role, sql);
         }
-        let ctx = masking::Context {
-            catalog: &self.catalog,
-            masks: &self.masks,
-            search_path: &self.search_path,
-            temp_tables: &self.created,
-            unanalysable: self.unanalysable,
-            settings: self.settings.as_ref(),
-            strings,
-        };
-        let (verdict, created) = masking::check_analysed(sql, analysed, &ctx);
+        let (verdict, created) = masking::check_analysed(sql, analysed, &self.context(strings));
         self.staged = created;
         let message = screen_of(&verdict, &self.role, sql);
         if cacheable {

@@ -12,13 +12,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::error::{already_reported, SessionError};
 use super::Legs;
-use crate::catalog::{search_path_schemas, Catalog, CatalogRows, CATALOG_QUERY};
+use crate::catalog::{Catalog, CatalogRows, CATALOG_QUERY};
 use crate::config::rules::Rules;
 use crate::identity::{IdentityRows, SessionIdentity, IDENTITY_QUERY};
 use crate::policy::guard::GuardPolicy;
 use crate::policy::session_guard::SessionGuard;
 use crate::policy::session_masking::SessionPolicy;
-use crate::policy::SessionMasks;
+use crate::policy::session_rules::{recycle_bin_ready, SessionRuleSet};
 use crate::protocol::backend::{self, auth};
 use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
 use crate::protocol::startup::StartupMessage;
@@ -314,9 +314,9 @@ async fn session_policy(
     SessionError,
 > {
     let rules = startup.proxy.rules.load_full();
-    let guard = GuardPolicy::for_session(&rules, identity);
+    let guarded = GuardPolicy::for_session(&rules, identity).is_some();
     let audited = startup.proxy.audit.is_some() || !rules.alerts.is_empty();
-    if rules.masks.is_empty() && guard.is_none() && !audited {
+    if rules.masks.is_empty() && !guarded && !audited {
         return Ok((None, None, None, None));
     }
     let cached = startup
@@ -326,7 +326,7 @@ async fn session_policy(
         .map(|c| c.clone())
         .filter(|c| !c.stale.load(Ordering::Relaxed))
         // Until `pgveil trash init` has run, look again at every connection.
-        .filter(|c| trash_ready(&rules, &c.catalog));
+        .filter(|c| recycle_bin_ready(&rules, &c.catalog));
     let cached = match cached {
         Some(c) => c,
         None => {
@@ -343,31 +343,10 @@ async fn session_policy(
         }
     };
     purge_trash_if_due(legs, startup, identity, &rules, &cached.catalog).await?;
-    let search_path = search_path_schemas(&identity.search_path, &identity.user);
-    let masks = SessionMasks::build(&rules, identity, &cached.catalog);
-    let policy = (!masks.is_empty()).then(|| {
-        SessionPolicy::new(
-            Arc::new(masks),
-            cached.catalog.clone(),
-            search_path.clone(),
-            &rules.settings,
-            identity.user.clone(),
-        )
-    });
-    let ready = trash_ready(&rules, &cached.catalog);
-    let guard = guard
-        .filter(|g| !(g.allows_everything() && ready))
-        .map(|g| {
-            SessionGuard::new(
-                g,
-                cached.catalog.clone(),
-                identity.user.clone(),
-                search_path,
-            )
-        });
+    let built = SessionRuleSet::build(&rules, identity, &cached.catalog);
     Ok((
-        policy,
-        guard,
+        built.masking,
+        built.guard,
         Some(cached.stale),
         Some(cached.catalog.clone()),
     ))
@@ -430,14 +409,6 @@ async fn purge_trash_if_due(
         Err(e) => return Err(e),
     }
     Ok(())
-}
-
-/// Whether every `[[recycle]]` table has its recycle-bin triggers in this catalog.
-fn trash_ready(rules: &Rules, catalog: &Catalog) -> bool {
-    rules
-        .recycles
-        .iter()
-        .all(|r| catalog.recycle_bin_ready(&r.schema, &r.table))
 }
 
 /// Reads the database's catalog with [`CATALOG_QUERY`].

@@ -5,12 +5,10 @@
 use std::sync::Arc;
 
 use super::state::SessionState;
-use crate::catalog::search_path_schemas;
 use crate::identity::SessionIdentity;
 use crate::policy::guard::GuardPolicy;
-use crate::policy::session_guard::SessionGuard;
 use crate::policy::session_masking::SessionPolicy;
-use crate::policy::SessionMasks;
+use crate::policy::session_rules::SessionRuleSet;
 use crate::proxy::Proxy;
 
 /// Keeps a session's policy in step with rules reloads: checked before each batch of client
@@ -53,38 +51,59 @@ impl PolicyRefresh {
             );
             a.replace_rules(sensitive, alerts);
         }
-        self.refresh_masks(&rules, &st.policy)?;
-        let new = GuardPolicy::for_session(&rules, &self.identity);
-        let old = st.guard.as_ref().map(|g| g.policy());
-        if GuardPolicy::fingerprint(old) == GuardPolicy::fingerprint(new.as_ref()) {
-            return Ok(());
-        }
-        let Some(new) = new else {
+        // The session's catalog; a session that has neither masks nor guard yet uses the
+        // database's cached one.
+        let catalog = st
+            .policy
+            .as_ref()
+            .map(|p| p.catalog.clone())
+            .or_else(|| st.guard.as_ref().map(|g| g.catalog.clone()))
+            .or_else(|| {
+                self.proxy
+                    .catalogs
+                    .get(&self.identity.database)
+                    .map(|c| c.catalog.clone())
+            });
+        let applies = rules
+            .masks
+            .iter()
+            .any(|r| crate::policy::masks::applies(r, &self.identity));
+        let new_guard = GuardPolicy::for_session(&rules, &self.identity);
+        let Some(catalog) = catalog else {
+            if applies || new_guard.is_some() {
+                // Masks or a guard now apply to a session pgveil never read a catalog for.
+                tracing::info!(
+                    "a rules reload applies to a session pgveil has no catalog for; ending it"
+                );
+                return Err(RELOADED.into());
+            }
             st.guard = None;
             return Ok(());
         };
+        let built = SessionRuleSet::build(&rules, &self.identity, &catalog);
+        let fingerprint =
+            |p: Option<&SessionPolicy>| p.map(|p| p.masks.fingerprint()).unwrap_or_default();
+        if fingerprint(st.policy.as_ref()) != fingerprint(built.masking.as_ref()) {
+            tracing::info!("masks changed by a rules reload; ending the session");
+            return Err(RELOADED.into());
+        }
+        let old = st.guard.as_ref().map(|g| g.policy());
+        let new = built.guard.as_ref().map(|g| g.policy());
+        if GuardPolicy::fingerprint(old) == GuardPolicy::fingerprint(new) {
+            return Ok(());
+        }
+        let Some(new) = built.guard else {
+            st.guard = None;
+            return Ok(());
+        };
+        // What the session defined (search_path, tables, SQL prepared statements) stays
+        // known under the new rules.
         let mut guard = match st.guard.take() {
             Some(mut g) => {
-                g.replace_policy(new);
+                g.replace_policy(new.policy().clone());
                 g
             }
-            None => {
-                let catalog = st.policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
-                    self.proxy
-                        .catalogs
-                        .get(&self.identity.database)
-                        .map(|c| c.catalog.clone())
-                });
-                let Some(catalog) = catalog else {
-                    tracing::info!(
-                        "a rules reload guards a session pgveil has no catalog for; ending it"
-                    );
-                    return Err(RELOADED.into());
-                };
-                let search_path =
-                    search_path_schemas(&self.identity.search_path, &self.identity.user);
-                SessionGuard::new(new, catalog, self.identity.user.clone(), search_path)
-            }
+            None => new,
         };
         let scs = st.lexing();
         for sql in st.prepared_sql() {
@@ -97,41 +116,6 @@ impl PolicyRefresh {
         }
         st.guard = Some(guard);
         Ok(())
-    }
-
-    fn refresh_masks(
-        &self,
-        rules: &crate::config::rules::Rules,
-        policy: &Option<SessionPolicy>,
-    ) -> Result<(), String> {
-        let applies = rules
-            .masks
-            .iter()
-            .any(|r| crate::policy::masks::applies(r, &self.identity));
-        let before = policy
-            .as_ref()
-            .map(|p| p.masks.fingerprint())
-            .unwrap_or_default();
-        let after = if !applies {
-            Vec::new()
-        } else {
-            let catalog = policy.as_ref().map(|p| p.catalog.clone()).or_else(|| {
-                self.proxy
-                    .catalogs
-                    .get(&self.identity.database)
-                    .map(|c| c.catalog.clone())
-            });
-            match catalog {
-                Some(c) => SessionMasks::build(rules, &self.identity, &c).fingerprint(),
-                // Masks apply but were never resolved for this session: they changed.
-                None => vec![(String::new(), "unresolved", false)],
-            }
-        };
-        if before == after {
-            return Ok(());
-        }
-        tracing::info!("masks changed by a rules reload; ending the session");
-        Err(RELOADED.into())
     }
 }
 
