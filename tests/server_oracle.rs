@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
 use common::{shared, PgCluster, TestProxy, SUPERUSER_PASSWORD};
+use pgveil::sql::analysis::{Analysis, FactsCache};
 use pgveil::sql::lex::{lex, Kind, Strings};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -450,6 +451,106 @@ fn scanned(plan: &serde_json::Value, out: &mut BTreeSet<String>) {
     }
 }
 
+/// The columns (by name) a plan's expressions read: every `alias.column` in what the
+/// statement returns (the top node's output) and in every node's conditions and keys,
+/// whatever the alias. (A scan's own output may list every column of its table, read or
+/// not, so only the top one counts.)
+fn columns_read(plan: &serde_json::Value, out: &mut BTreeSet<String>) {
+    if let Some(top) = plan.pointer("/0/Plan/Output").and_then(|o| o.as_array()) {
+        for e in top.iter().filter_map(|e| e.as_str()) {
+            qualified_columns(e, out);
+        }
+    }
+    conditions_read(plan, out);
+}
+
+fn conditions_read(plan: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match plan {
+        serde_json::Value::Object(m) => {
+            for (key, v) in m {
+                let exprs: Vec<&str> = match v {
+                    serde_json::Value::String(s)
+                        if key.ends_with("Cond") || key.ends_with("Filter") =>
+                    {
+                        vec![s.as_str()]
+                    }
+                    serde_json::Value::Array(a) if key.ends_with("Key") => {
+                        a.iter().filter_map(|e| e.as_str()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for e in exprs {
+                    qualified_columns(e, out);
+                }
+                conditions_read(v, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| conditions_read(v, out)),
+        _ => {}
+    }
+}
+
+/// The column of each `a.b` (or `a.b.c`) in an expression as EXPLAIN prints it: the
+/// last of names joined by dots (names unquoted or double-quoted; literals skipped).
+fn qualified_columns(expr: &str, out: &mut BTreeSet<String>) {
+    enum T {
+        Word(String),
+        Dot,
+        Other,
+    }
+    let mut tokens = Vec::new();
+    let mut chars = expr.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                for c in chars.by_ref() {
+                    if c == '\'' {
+                        break;
+                    }
+                }
+                tokens.push(T::Other);
+            }
+            '"' => {
+                let mut name = String::new();
+                while let Some(c) = chars.next() {
+                    if c == '"' && chars.peek() == Some(&'"') {
+                        chars.next();
+                        name.push('"');
+                    } else if c == '"' {
+                        break;
+                    } else {
+                        name.push(c);
+                    }
+                }
+                tokens.push(T::Word(name));
+            }
+            '.' => tokens.push(T::Dot),
+            c if c.is_alphabetic() || c == '_' => {
+                let mut name = c.to_string();
+                while let Some(&c) = chars.peek() {
+                    if c.is_alphanumeric() || c == '_' || c == '$' {
+                        name.push(c);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                tokens.push(T::Word(name));
+            }
+            _ => tokens.push(T::Other),
+        }
+    }
+    for i in 1..tokens.len() {
+        if let (T::Dot, T::Word(name)) = (&tokens[i - 1], &tokens[i]) {
+            let last = !matches!(tokens.get(i + 1), Some(T::Dot));
+            let after_word = i >= 2 && matches!(tokens[i - 2], T::Word(_));
+            if last && after_word {
+                out.insert(name.clone());
+            }
+        }
+    }
+}
+
 #[test]
 fn what_the_server_reads_is_what_pgveil_analysed() {
     let rt = runtime();
@@ -495,7 +596,24 @@ fn what_the_server_reads_is_what_pgveil_analysed() {
                     serde_json::from_str(r[0].1[0][0].as_deref().unwrap()).unwrap();
                 let mut read = BTreeSet::new();
                 scanned(&plan, &mut read);
-                let facts = pgveil::sql::audit::analyse_tokens(lexed.within(&range));
+                // The one analysis of the statement, as a session makes it.
+                let part_lexed = lex(part, Strings::Standard).unwrap();
+                let analysis = Analysis::new(&part_lexed);
+                let all = analysis.facts(&mut FactsCache::default());
+                prop_assert_eq!(all.len(), 1, "{:?}", part);
+                let facts = &all[0].audit;
+                // Every column the plan reads is one the analysis names (or all are).
+                let mut columns = BTreeSet::new();
+                columns_read(&plan, &mut columns);
+                for col in &columns {
+                    prop_assert!(
+                        facts.all_columns || facts.columns.contains(col),
+                        "{:?}: the server reads column {} but the analysis names {:?}",
+                        part,
+                        col,
+                        facts.columns
+                    );
+                }
                 let named: BTreeSet<String> = facts
                     .relations
                     .iter()
