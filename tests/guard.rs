@@ -498,6 +498,14 @@ async fn a_search_path_change_invalidates_cached_decisions() {
     c.simple_query("DELETE FROM customers WHERE id = 1")
         .await
         .unwrap();
+    // In one string: the DELETE after the SET reads names along the new path.
+    let other = client(&p, "mallory", "mallory_pw", "guard_path").await;
+    assert_refused(
+        &other,
+        "SET search_path = public, sandbox; DELETE FROM customers WHERE id = 2",
+        "DELETE",
+    )
+    .await;
     c.simple_query("SET search_path = public, sandbox")
         .await
         .unwrap();
@@ -641,6 +649,19 @@ async fn a_temporary_view_does_not_stand_in_for_an_allowed_table() {
     // The same statement as before (its decision was cached) and another.
     assert_refused(&mallory, "DELETE FROM notes WHERE id = -1", "DELETE").await;
     assert_refused(&mallory, "DELETE FROM notes WHERE id = 1", "DELETE").await;
+    assert_eq!(inventory(pg, "guard_temp_view"), before);
+    // In one string: the DELETE after the CREATE means the view too.
+    let other = client(&p, "mallory", "mallory_pw", "guard_temp_view").await;
+    other
+        .simple_query("SET search_path = sandbox, public")
+        .await
+        .unwrap();
+    assert_refused(
+        &other,
+        "CREATE TEMP VIEW notes AS SELECT * FROM public.customers; DELETE FROM notes WHERE id = 1",
+        "DELETE",
+    )
+    .await;
     assert_eq!(inventory(pg, "guard_temp_view"), before);
     p.shutdown().await;
 }

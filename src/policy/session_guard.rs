@@ -153,10 +153,30 @@ impl SessionGuard {
                 format!("EXECUTE of {name}, which pgveil did not see prepared")
             });
         }
+        // What the string itself does to names (a relation it creates, schemas it puts on
+        // the search_path) holds for every statement in it.
+        let mut created = std::borrow::Cow::Borrowed(&self.created);
+        let mut search_path = std::borrow::Cow::Borrowed(&self.search_path);
+        for effect in &facts.effects {
+            match effect {
+                Effect::Created(name) if !created.contains(name) => {
+                    created.to_mut().insert(name.clone());
+                }
+                Effect::SearchPath(Some(schemas)) => {
+                    for s in schemas {
+                        let s = if s == "$user" { &self.role } else { s };
+                        if !search_path.contains(s) {
+                            search_path.to_mut().push(s.clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         let names = Names {
             catalog: &self.catalog,
-            search_path: &self.search_path,
-            created: &self.created,
+            search_path: &search_path,
+            created: &created,
         };
         self.policy
             .authorize(&facts, &executed, &names)
