@@ -66,7 +66,7 @@ pub type Analysed<'l> = Result<Analysis<'l>, &'l LexError>;
 /// A query string as the server reads it, parsed once, on first need.
 pub struct Analysis<'l> {
     lexed: &'l Lexed<'l>,
-    parts: Vec<Range<usize>>,
+    parts: OnceCell<Vec<Range<usize>>>,
     /// Each statement, parsed; `None` where sqlparser cannot read it as one statement.
     parsed: OnceCell<Vec<Option<Statement>>>,
     /// Each statement's shape (see `Lexed::shape_of`), one after the other.
@@ -83,7 +83,7 @@ impl<'l> Analysis<'l> {
     pub fn new(lexed: &'l Lexed<'l>) -> Analysis<'l> {
         Analysis {
             lexed,
-            parts: lexed.statements(),
+            parts: OnceCell::new(),
             parsed: OnceCell::new(),
             shapes: OnceCell::new(),
             facts: OnceCell::new(),
@@ -96,35 +96,38 @@ impl<'l> Analysis<'l> {
 
     /// The byte range of each statement in the text.
     pub fn parts(&self) -> &[Range<usize>] {
-        &self.parts
+        self.parts.get_or_init(|| self.lexed.statements())
     }
 
     fn parsed(&self) -> &[Option<Statement>] {
-        self.parsed.get_or_init(|| {
-            self.parts
-                .iter()
-                .map(
-                    |range| match super::parse_tokens(self.lexed.within(range)) {
-                        Ok(mut s) if s.len() == 1 => s.pop(),
-                        _ => None,
-                    },
-                )
-                .collect()
-        })
+        self.parsed
+            .get_or_init(|| self.parts().iter().map(|r| self.parse(r)).collect())
     }
 
-    /// The statements of the string, to be judged and rewritten; `None` when one of them
-    /// cannot be parsed as the server reads it.
+    /// The statements of the string, to be judged and rewritten (owned: a rewrite
+    /// changes them); `None` when one of them cannot be parsed as the server reads it.
+    /// Parsed here unless the facts needed the parse already.
     pub fn statements(&self) -> Option<Vec<Statement>> {
-        self.parsed().iter().cloned().collect()
+        match self.parsed.get() {
+            Some(parsed) => parsed.iter().cloned().collect(),
+            None => self.parts().iter().map(|r| self.parse(r)).collect(),
+        }
+    }
+
+    fn parse(&self, range: &Range<usize>) -> Option<Statement> {
+        match super::parse_tokens(self.lexed.within(range)) {
+            Ok(mut s) if s.len() == 1 => s.pop(),
+            _ => None,
+        }
     }
 
     /// The shape of statement `i`: what the server reads of it but for literal values,
     /// the key under which its facts, and decisions on them, are kept.
     pub fn shape(&self, i: usize) -> &str {
-        if self.parts.len() == 1 {
+        let parts = self.parts();
+        if parts.len() == 1 {
             // The usual string of one statement: the shape the lexer keeps.
-            let tokens = self.lexed.within(&self.parts[0]);
+            let tokens = self.lexed.within(&parts[0]);
             let whole = self.lexed.statement_tokens();
             if std::ptr::eq(tokens.as_ptr(), whole.as_ptr()) && tokens.len() == whole.len() {
                 return self.lexed.statement_shape();
@@ -133,8 +136,7 @@ impl<'l> Analysis<'l> {
         let (text, ranges) = self.shapes.get_or_init(|| {
             let mut text = String::new();
             let mut scratch = String::new();
-            let ranges = self
-                .parts
+            let ranges = parts
                 .iter()
                 .map(|part| {
                     let shape = self.lexed.shape_of(self.lexed.within(part), &mut scratch);
@@ -152,13 +154,14 @@ impl<'l> Analysis<'l> {
     /// string's one parse.
     pub fn facts(&self, cache: &mut FactsCache) -> &[Arc<Facts>] {
         self.facts.get_or_init(|| {
-            (0..self.parts.len())
+            let parts = self.parts();
+            (0..parts.len())
                 .map(|i| {
                     let shape = self.shape(i);
                     if let Some(f) = cache.by_shape.get(shape) {
                         return f.clone();
                     }
-                    let tokens = self.lexed.within(&self.parts[i]);
+                    let tokens = self.lexed.within(&parts[i]);
                     let f = Arc::new(Facts::of(self.parsed()[i].as_ref(), tokens));
                     if f.shape_independent() {
                         if cache.by_shape.len() >= CACHE {
