@@ -8,7 +8,7 @@
 //! Where sqlparser's reading disagrees with the server's split (one statement to the
 //! server, none or several to sqlparser), the statement is unanalysable.
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -67,8 +67,9 @@ pub type Analysed<'l> = Result<Analysis<'l>, &'l LexError>;
 pub struct Analysis<'l> {
     lexed: &'l Lexed<'l>,
     parts: OnceCell<Vec<Range<usize>>>,
-    /// Each statement, parsed; `None` where sqlparser cannot read it as one statement.
-    parsed: OnceCell<Vec<Option<Statement>>>,
+    /// Each statement, parsed (`None` where sqlparser cannot read it as one statement),
+    /// until masking takes them.
+    parsed: RefCell<Option<Vec<Option<Statement>>>>,
     /// Each statement's shape (see `Lexed::shape_of`), one after the other.
     shapes: OnceCell<(String, Vec<Range<usize>>)>,
     facts: OnceCell<Vec<Arc<Facts>>>,
@@ -84,7 +85,7 @@ impl<'l> Analysis<'l> {
         Analysis {
             lexed,
             parts: OnceCell::new(),
-            parsed: OnceCell::new(),
+            parsed: RefCell::new(None),
             shapes: OnceCell::new(),
             facts: OnceCell::new(),
         }
@@ -99,17 +100,20 @@ impl<'l> Analysis<'l> {
         self.parts.get_or_init(|| self.lexed.statements())
     }
 
-    fn parsed(&self) -> &[Option<Statement>] {
-        self.parsed
-            .get_or_init(|| self.parts().iter().map(|r| self.parse(r)).collect())
+    /// The facts of statement `i`, from its parse (made here if not yet).
+    fn facts_of(&self, i: usize) -> Facts {
+        let mut parsed = self.parsed.borrow_mut();
+        let parsed =
+            parsed.get_or_insert_with(|| self.parts().iter().map(|r| self.parse(r)).collect());
+        Facts::of(parsed[i].as_ref(), self.lexed.within(&self.parts()[i]))
     }
 
     /// The statements of the string, to be judged and rewritten (owned: a rewrite
     /// changes them); `None` when one of them cannot be parsed as the server reads it.
-    /// Parsed here unless the facts needed the parse already.
+    /// The facts' parse is handed over if there was one; else they are parsed here.
     pub fn statements(&self) -> Option<Vec<Statement>> {
-        match self.parsed.get() {
-            Some(parsed) => parsed.iter().cloned().collect(),
+        match self.parsed.borrow_mut().take() {
+            Some(parsed) => parsed.into_iter().collect(),
             None => self.parts().iter().map(|r| self.parse(r)).collect(),
         }
     }
@@ -161,8 +165,7 @@ impl<'l> Analysis<'l> {
                     if let Some(f) = cache.by_shape.get(shape) {
                         return f.clone();
                     }
-                    let tokens = self.lexed.within(&parts[i]);
-                    let f = Arc::new(Facts::of(self.parsed()[i].as_ref(), tokens));
+                    let f = Arc::new(self.facts_of(i));
                     if f.shape_independent() {
                         if cache.by_shape.len() >= CACHE {
                             cache.by_shape.clear();
