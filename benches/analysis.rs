@@ -98,7 +98,7 @@ fn session(toml: &str) -> SessionState {
 fn round_trip(st: &mut SessionState, sql: &str, out: &mut BytesMut) {
     let frame = write::query(sql);
     let msg = FrontendMessage::Query { sql };
-    screen(st, &msg, &frame, out);
+    screen(st, &msg, &frame, out, false);
     out.clear();
     if let Some(a) = st.audit.as_mut() {
         a.on_complete(Some("SELECT 1"));
@@ -114,7 +114,7 @@ type Case = (&'static str, &'static str, fn(u64) -> String);
 
 fn bench(c: &mut Criterion) {
     let mut out = BytesMut::new();
-    let cases: [Case; 4] = [
+    let cases: [Case; 6] = [
         ("masked session: SELECT masked in flight", MASKS, |n| {
             format!("SELECT id, name, phone FROM customers WHERE id = {n}")
         }),
@@ -130,6 +130,17 @@ fn bench(c: &mut Criterion) {
         ("guarded session: SELECT join", GUARD, |n| {
             format!("SELECT d.amount, c.name FROM deals d JOIN customers c ON c.id = d.customer_id WHERE d.id = {n}")
         }),
+        // A shape never seen before (an alias that changes): no cache helps.
+        (
+            "masked session: a statement never seen before",
+            MASKS,
+            |n| format!("SELECT c{n}.id, c{n}.phone FROM customers c{n} WHERE c{n}.id = 1"),
+        ),
+        (
+            "guarded session: a statement never seen before",
+            GUARD,
+            |n| format!("UPDATE deals d{n} SET amount = amount + 1 WHERE d{n}.id = 1"),
+        ),
     ];
     for (name, toml, sql) in cases {
         let mut st = session(toml);

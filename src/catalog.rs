@@ -14,7 +14,8 @@ SELECT 'c', n.nspname::text, c.relname::text, c.oid::text, c.relkind::text, a.at
  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
  WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') \
- AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_(toast|temp)' \
+ AND n.nspname <> 'information_schema' \
+ AND (n.nspname !~ '^pg_(toast|temp)' OR n.oid = pg_catalog.pg_my_temp_schema()) \
  AND (n.nspname <> 'pg_catalog' OR c.relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_statistic')); \
 SELECT DISTINCT 'v', r.ev_class::text, d.refobjid::text \
  FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d ON d.objid = r.oid \

@@ -3,7 +3,7 @@
 //! registry and the shutdown level. `server.rs` runs the accept loop over it; `session/`
 //! reads it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -190,12 +190,49 @@ impl Proxy {
     }
 }
 
-/// A database's catalog and a flag any session sets after a statement that may have
-/// changed the schema; the next session to start then reloads it.
+/// A database's catalog, with the version of the schema it was read at.
 #[derive(Clone)]
 pub struct CachedCatalog {
     pub catalog: Arc<Catalog>,
-    pub stale: Arc<AtomicBool>,
+    pub version: CatalogVersion,
+}
+
+/// How far a database's schema has changed as pgveil's sessions saw it: a counter shared
+/// by every session of the database, raised after each statement that may change the
+/// schema (and again when its transaction ends), and the value it had when a catalog was
+/// read. A catalog read at an older value may be out of date.
+#[derive(Clone, Debug)]
+pub struct CatalogVersion {
+    changes: Arc<std::sync::atomic::AtomicU64>,
+    read_at: u64,
+}
+
+impl CatalogVersion {
+    /// The first version of a database's schema.
+    pub fn first() -> CatalogVersion {
+        CatalogVersion {
+            changes: Default::default(),
+            read_at: 0,
+        }
+    }
+
+    /// The version now, for a catalog about to be read.
+    pub fn now(&self) -> CatalogVersion {
+        CatalogVersion {
+            changes: self.changes.clone(),
+            read_at: self.changes.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether no change was seen since the catalog was read.
+    pub fn is_current(&self) -> bool {
+        self.changes.load(Ordering::Acquire) == self.read_at
+    }
+
+    /// A statement may have changed the schema.
+    pub fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Shutdown as sessions see it: a level that only rises, and one waker per session in

@@ -1088,6 +1088,8 @@ function = "null"
     );
     for (line, needle) in [
         ("r.toml:1:", "does not exist"),
+        ("r.toml:1:", "warning"),
+        ("r.toml:21:", "warning"),
         ("r.toml:5:", "cannot apply to a column of type numeric"),
         ("r.toml:9:", "PGVEIL_TEST_UNSET_KEY"),
         ("r.toml:14:", "no_such_role"),

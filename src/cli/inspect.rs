@@ -51,15 +51,20 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
     let known_role = |r: &String| r == "*" || roles.contains(r);
     for m in &rules.masks {
         let c = &m.column;
+        // A migration may create it later: the mask takes effect when it does.
+        let later = "the mask takes effect once it does; until then, statements of masked roles that could read it are refused";
         let Some(rel) = catalog.relation(&c.schema, &c.table) else {
             out.push(format!(
-                "{}: table {}.{} does not exist",
+                "{}: warning: table {}.{} does not exist (yet): {later}",
                 m.origin, c.schema, c.table
             ));
             continue;
         };
         let Some(col) = rel.column(&c.column) else {
-            out.push(format!("{}: column {} does not exist", m.origin, c));
+            out.push(format!(
+                "{}: warning: column {} does not exist (yet): {later}",
+                m.origin, c
+            ));
             continue;
         };
         let class = TypeClass::of(col.type_oid, &col.type_name);

@@ -40,8 +40,10 @@ pub struct SessionMasks {
     by_attr: HashMap<(u32, i16), Arc<ColumnMask>>,
     /// Views (by OID) that read a masked table, with the first such table.
     masked_views: HashMap<u32, u32>,
-    /// Rule names (`file:line`) of masks whose column the catalog does not have.
-    pub unresolved: Vec<String>,
+    /// Masked columns the catalog does not have (yet: a migration may create the table or
+    /// add the column at any time), by `schema.table`, with the rule behind each. A
+    /// session with such masks is masked even if no other mask resolved.
+    pending: HashMap<(String, String), Vec<(String, Origin)>>,
 }
 
 /// Whether `rule` masks the column for a session with `identity`'s roles.
@@ -58,7 +60,11 @@ impl SessionMasks {
                 .relation(&c.schema, &c.table)
                 .and_then(|rel| rel.column(&c.column).map(|col| (rel, col)))
             else {
-                masks.unresolved.push(rule.origin.to_string());
+                masks
+                    .pending
+                    .entry((c.schema.clone(), c.table.clone()))
+                    .or_default()
+                    .push((c.column.clone(), rule.origin.clone()));
                 continue;
             };
             let class = TypeClass::of(col.type_oid, &col.type_name);
@@ -124,7 +130,23 @@ impl SessionMasks {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_table.is_empty()
+        self.by_table.is_empty() && self.pending.is_empty()
+    }
+
+    /// Masked columns of `schema.table` the catalog does not have, with their rules.
+    pub fn pending(&self, schema: &str, table: &str) -> &[(String, Origin)] {
+        self.pending
+            .get(&(schema.to_string(), table.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether a mask rule names a table called `name` (in any schema) that the catalog
+    /// does not have: a bare name may mean it once it exists.
+    pub fn pending_table(&self, name: &str, catalog: &Catalog) -> Option<&Origin> {
+        self.pending
+            .iter()
+            .find(|((schema, table), _)| table == name && catalog.relation(schema, table).is_none())
+            .and_then(|(_, cols)| cols.first().map(|(_, o)| o))
     }
 
     /// What the masks are, independent of build order: to tell whether a rules reload
@@ -135,6 +157,10 @@ impl SessionMasks {
             .values()
             .flat_map(|cols| cols.values())
             .map(|m| (m.column.to_string(), m.function, m.searchable))
+            .chain(self.pending.iter().flat_map(|((schema, table), cols)| {
+                cols.iter()
+                    .map(move |(c, _)| (format!("{schema}.{table}.{c}"), "pending", false))
+            }))
             .collect();
         out.sort();
         out.dedup();
@@ -170,6 +196,7 @@ impl SessionMasks {
                 self.by_table
                     .values()
                     .filter_map(first)
+                    .chain(self.pending.values().flatten().map(|(_, o)| o))
                     .min_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)))
             })
     }

@@ -57,6 +57,13 @@ impl SessionGuard {
         &self.policy
     }
 
+    /// Puts a catalog pgveil read again in force, with the rules built on it; what the
+    /// session defined stays known.
+    pub fn replace_catalog(&mut self, catalog: Arc<Catalog>, policy: GuardPolicy) {
+        self.catalog = catalog;
+        self.replace_policy(policy);
+    }
+
     /// Puts new rules in force (after a reload); what the session defined stays known.
     pub fn replace_policy(&mut self, policy: GuardPolicy) {
         self.policy = policy;

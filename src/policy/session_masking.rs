@@ -34,6 +34,13 @@ pub struct SessionPolicy {
     /// whether the server did (`take_staged`, `confirm_created`).
     staged: Vec<String>,
     verdicts: HashMap<Arc<str>, Verdict>,
+    /// A statement was refused because pgveil's catalog lacks a relation or a masked
+    /// column it names: the session should read the catalog again.
+    pub catalog_wanted: bool,
+    /// OIDs of relations the catalog does not have (the session's own above all, its
+    /// temporary tables), seen in results of statements that read no relation that is or
+    /// may be masked: rows from them are not taken for rows of a changed masked relation.
+    pub own_relations: HashSet<u32>,
 }
 
 impl SessionPolicy {
@@ -54,6 +61,8 @@ impl SessionPolicy {
             created: HashSet::new(),
             staged: Vec::new(),
             verdicts: HashMap::new(),
+            catalog_wanted: false,
+            own_relations: HashSet::new(),
         }
     }
 
@@ -73,6 +82,29 @@ impl SessionPolicy {
     /// The verdict on `sql` (with standard strings), uncached, as `explain` shows it.
     pub fn verdict(&self, sql: &str) -> Verdict {
         masking::check(sql, &self.context(Strings::Standard)).0
+    }
+
+    /// Whether a relation named `parts` (as written) is, or may be, masked: a masked
+    /// relation, or a view over one, bears its name in any schema, or a mask rule names a
+    /// table of that name the catalog does not have yet.
+    pub fn may_be_masked(&self, parts: &[String]) -> bool {
+        let masked = |r: &crate::catalog::Relation| {
+            self.masks.of_table(r.oid).is_some() || self.masks.view_reads_masked(r.oid).is_some()
+        };
+        match parts {
+            [name] => {
+                self.masks.pending_table(name, &self.catalog).is_some()
+                    || self.catalog.named(name).any(|r| masked(r))
+            }
+            [.., schema, name] => {
+                !self.masks.pending(schema, name).is_empty()
+                    || self.catalog.relation(schema, name).is_some_and(|r| masked(r))
+                    // pg_temp.x may be the session's x or, where it bears a masked name,
+                    // stand for it.
+                    || (schema == "pg_temp" && self.catalog.named(name).any(|r| masked(r)))
+            }
+            [] => true,
+        }
     }
 
     /// The tables the statement screened last would create.
@@ -101,10 +133,12 @@ impl SessionPolicy {
         // A text without a backslash reads alike whatever standard_conforming_strings is.
         let cacheable = strings == Strings::Standard || !sql.contains('\\');
         if let Some(v) = self.verdicts.get(sql).filter(|_| cacheable) {
+            self.catalog_wanted |= unknown_to_catalog(v);
             return screen_of(v, &self.role, sql);
         }
         let (verdict, created) = masking::check_analysed(sql, analysed, &self.context(strings));
         self.staged = created;
+        self.catalog_wanted |= unknown_to_catalog(&verdict);
         let message = screen_of(&verdict, &self.role, sql);
         if cacheable {
             if self.verdicts.len() >= VERDICT_CACHE {
@@ -124,6 +158,12 @@ pub enum Screen {
     Rewrite(String),
     /// Refuse, with this message and rule.
     Refuse(Denied),
+}
+
+/// Whether `v` refuses a statement for naming what pgveil's catalog does not have.
+fn unknown_to_catalog(v: &Verdict) -> bool {
+    matches!(v, Verdict::Refused(r)
+        if r.reason == masking::UNKNOWN_RELATION || r.reason.starts_with(masking::UNKNOWN_COLUMN))
 }
 
 fn screen_of(v: &Verdict, role: &str, sql: &str) -> Screen {

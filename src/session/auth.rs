@@ -4,7 +4,6 @@
 //! client gets the server's ReadyForQuery.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -24,7 +23,7 @@ use crate::protocol::frontend::{sasl_initial_response, ChannelBindingFlag};
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::write;
 use crate::protocol::{Frame, SqlState};
-use crate::proxy::{CachedCatalog, CancelRegistration, Proxy};
+use crate::proxy::{CachedCatalog, CancelRegistration, CatalogVersion, Proxy};
 
 /// What a completed startup hands to the relay.
 pub struct Established {
@@ -36,8 +35,8 @@ pub struct Established {
     pub policy: Option<SessionPolicy>,
     /// The statement guard, if anything can be refused to this session.
     pub guard: Option<SessionGuard>,
-    /// Set after schema changes, when any mask is configured at all.
-    pub catalog_stale: Option<Arc<AtomicBool>>,
+    /// The schema version the session's catalog was read at.
+    pub catalog_version: Option<CatalogVersion>,
     /// The database's catalog, when anything needs it (masks, guard, audit, alerts).
     pub catalog: Option<Arc<Catalog>>,
 }
@@ -85,7 +84,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
             }
             b'Z' => {
                 let identity = read_identity(legs, &startup).await?;
-                let (policy, guard, catalog_stale, catalog) =
+                let (policy, guard, catalog_version, catalog) =
                     session_policy(legs, &startup, &identity).await?;
                 out.extend_from_slice(frame.raw());
                 send(&mut legs.client_w, &out).await?;
@@ -95,7 +94,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
                     cancel,
                     policy,
                     guard,
-                    catalog_stale,
+                    catalog_version,
                     catalog,
                 });
             }
@@ -308,7 +307,7 @@ async fn session_policy(
     (
         Option<SessionPolicy>,
         Option<SessionGuard>,
-        Option<Arc<AtomicBool>>,
+        Option<CatalogVersion>,
         Option<Arc<Catalog>>,
     ),
     SessionError,
@@ -319,22 +318,22 @@ async fn session_policy(
     if rules.masks.is_empty() && !guarded && !audited {
         return Ok((None, None, None, None));
     }
-    let cached = startup
+    let known = startup
         .proxy
         .catalogs
         .get(&identity.database)
-        .map(|c| c.clone())
-        .filter(|c| !c.stale.load(Ordering::Relaxed))
+        .map(|c| c.clone());
+    let cached = known
+        .clone()
+        .filter(|c| c.version.is_current())
         // Until `pgveil trash init` has run, look again at every connection.
         .filter(|c| recycle_bin_ready(&rules, &c.catalog));
     let cached = match cached {
         Some(c) => c,
         None => {
+            let version = known.map_or_else(CatalogVersion::first, |c| c.version.now());
             let catalog = Arc::new(read_catalog(legs).await?);
-            let entry = CachedCatalog {
-                catalog,
-                stale: Arc::new(AtomicBool::new(false)),
-            };
+            let entry = CachedCatalog { catalog, version };
             startup
                 .proxy
                 .catalogs
@@ -347,7 +346,7 @@ async fn session_policy(
     Ok((
         built.masking,
         built.guard,
-        Some(cached.stale),
+        Some(cached.version),
         Some(cached.catalog.clone()),
     ))
 }

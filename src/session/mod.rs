@@ -213,7 +213,7 @@ async fn run_session(
     session_state.audit = session_audit;
     session_state.policy = established.policy;
     session_state.guard = established.guard;
-    session_state.catalog_stale = established.catalog_stale;
+    session_state.catalog_version = established.catalog_version;
     let refresh =
         reload::PolicyRefresh::new(proxy.clone(), established.identity.clone(), generation);
     if let Some(a) = &session_state.audit {

@@ -9,12 +9,13 @@ use std::time::Duration;
 use crate::proxy::{shutdown_level, ShutdownWatch};
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 
 use super::error::{already_reported, SessionError};
 use super::reload::PolicyRefresh;
 use super::rows::MaskPlan;
-use super::screen::{forward, screen};
-use super::state::{Reply, SessionState};
+use super::screen::{forward, screen, Screened};
+use super::state::{CatalogRead, Reply, SessionState, UnknownRows};
 use super::{BoxRead, Legs};
 use crate::protocol::backend::{self, TransactionStatus};
 use crate::protocol::frontend::FrontendMessage;
@@ -44,6 +45,8 @@ pub async fn run(
     // Set once shutdown begins; each pump then ends the session when nothing is running.
     let draining = AtomicBool::new(false);
     let client_partial = AtomicBool::new(false);
+    // Wakes the client side when pgveil's own catalog query has its answer.
+    let catalog_ready = Notify::new();
     let c2s = client_to_server(
         &mut legs.client_r,
         &mut legs.upstream_w,
@@ -52,6 +55,7 @@ pub async fn run(
         idle_timeout,
         &draining,
         &client_partial,
+        &catalog_ready,
     );
     let s2c = server_to_client(
         &mut legs.upstream_r,
@@ -59,6 +63,7 @@ pub async fn run(
         state,
         &client_dirty,
         &draining,
+        &catalog_ready,
     );
     tokio::pin!(c2s, s2c);
     let mut level = shutdown_level::RUNNING;
@@ -91,6 +96,7 @@ fn lock(state: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState> 
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn client_to_server(
     client: &mut FrameReader<BoxRead>,
     upstream: &mut (impl AsyncWrite + Unpin),
@@ -99,6 +105,7 @@ async fn client_to_server(
     idle_timeout: Option<Duration>,
     draining: &AtomicBool,
     client_partial: &AtomicBool,
+    catalog_ready: &Notify,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
@@ -121,7 +128,7 @@ async fn client_to_server(
         }
         .map_err(SessionError::from_client)?;
         let mut terminated = false;
-        {
+        let catalog = {
             let mut st = lock(state);
             if refresh.changed() {
                 refresh
@@ -131,24 +138,54 @@ async fn client_to_server(
                         message,
                     })?;
             }
-            let mut frame = Some(first);
-            while let Some(f) = frame {
-                let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
-                st.check_copy_stream(&msg).map_err(SessionError::Client)?;
-                if msg == FrontendMessage::Terminate {
-                    terminated = true;
-                    out.extend_from_slice(f.raw());
-                    break;
+            refresh.catalog_wanted(&mut st)
+        };
+        if catalog {
+            read_catalog(state, upstream, &mut refresh, catalog_ready).await?;
+        }
+        let mut frame = Some(first);
+        // Whether the message in `frame` was screened once already, before pgveil read
+        // the catalog again for it.
+        let mut again = false;
+        while frame.is_some() {
+            let wanted = {
+                let mut st = lock(state);
+                let mut wanted = false;
+                while let Some(f) = frame.take() {
+                    let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
+                    st.check_copy_stream(&msg).map_err(SessionError::Client)?;
+                    if msg == FrontendMessage::Terminate {
+                        terminated = true;
+                        out.extend_from_slice(f.raw());
+                        break;
+                    }
+                    if st.policy.is_some()
+                        || st.guard.is_some()
+                        || st.audit.as_ref().is_some_and(|a| a.may_block())
+                    {
+                        if screen(&mut st, &msg, &f, &mut out, !again) == Screened::CatalogWanted {
+                            // Refused for naming what the catalog does not have: read it
+                            // again, then screen the same message once more.
+                            frame = Some(f);
+                            wanted = true;
+                            break;
+                        }
+                    } else {
+                        forward(&mut st, &msg, f.raw(), &mut out);
+                    }
+                    again = false;
+                    frame = client.buffered().map_err(SessionError::Client)?;
                 }
-                if st.policy.is_some()
-                    || st.guard.is_some()
-                    || st.audit.as_ref().is_some_and(|a| a.may_block())
-                {
-                    screen(&mut st, &msg, &f, &mut out);
-                } else {
-                    forward(&mut st, &msg, f.raw(), &mut out);
-                }
-                frame = client.buffered().map_err(SessionError::Client)?;
+                wanted
+            };
+            if wanted {
+                upstream
+                    .write_all(&out)
+                    .await
+                    .map_err(SessionError::upstream)?;
+                out.clear();
+                read_catalog(state, upstream, &mut refresh, catalog_ready).await?;
+                again = true;
             }
         }
         client_partial.store(client.has_partial(), Ordering::Relaxed);
@@ -163,12 +200,41 @@ async fn client_to_server(
     }
 }
 
+/// Reads the catalog again on the session's connection (idle, outside a transaction
+/// block: see `PolicyRefresh::catalog_wanted`), with pgveil's own query whose replies the
+/// client never sees, and puts it in force for the session.
+async fn read_catalog(
+    state: &Mutex<SessionState>,
+    upstream: &mut (impl AsyncWrite + Unpin),
+    refresh: &mut PolicyRefresh,
+    catalog_ready: &Notify,
+) -> Result<(), SessionError> {
+    let version = {
+        let mut st = lock(state);
+        st.start_catalog_read();
+        refresh.version_now(&st)
+    };
+    upstream
+        .write_all(write::query(crate::catalog::CATALOG_QUERY).raw())
+        .await
+        .map_err(SessionError::upstream)?;
+    loop {
+        catalog_ready.notified().await;
+        let mut st = lock(state);
+        if let CatalogRead::Done(read) = std::mem::take(&mut st.catalog_read) {
+            refresh.adopt_catalog(&mut st, read.map(Arc::new), version);
+            return Ok(());
+        }
+    }
+}
+
 async fn server_to_client(
     upstream: &mut FrameReader<BoxRead>,
     client: &mut (impl AsyncWrite + Unpin),
     state: &Mutex<SessionState>,
     client_dirty: &AtomicBool,
     draining: &AtomicBool,
+    catalog_ready: &Notify,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut scratch = Vec::new();
@@ -204,6 +270,9 @@ async fn server_to_client(
                     break;
                 }
                 frame = upstream.buffered().map_err(SessionError::upstream)?;
+            }
+            if matches!(st.catalog_read, CatalogRead::Done(_)) {
+                catalog_ready.notify_one();
             }
             st.audit
                 .as_mut()
@@ -250,6 +319,29 @@ enum Action {
 
 /// Updates the state for one server frame and decides what reaches the client.
 fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError> {
+    if st.reading_catalog() {
+        // pgveil's own catalog query: nothing of it is the client's.
+        let row = match f.tag() {
+            b'D' => Some(backend::data_row(f).map_err(SessionError::upstream)?),
+            _ => None,
+        };
+        st.on_catalog_reply(f.tag(), row.as_deref());
+        return Ok(Action::Swallow);
+    }
+    let withholding = st.withholding;
+    let action = server_frame_action(st, f)?;
+    if !withholding || matches!(action, Action::Fatal) {
+        return Ok(action);
+    }
+    // After rows pgveil could not forward: nothing more until ReadyForQuery.
+    if f.tag() == b'Z' {
+        st.withholding = false;
+        return Ok(Action::Forward);
+    }
+    Ok(Action::Swallow)
+}
+
+fn server_frame_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError> {
     match f.tag() {
         // DataRow: the hot path. Sessions without masks forward it untouched.
         b'D' => {
@@ -259,10 +351,27 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
             if st.policy.is_none() {
                 return Ok(Action::Forward);
             }
+            if st.withholding {
+                return Ok(Action::Swallow);
+            }
             return match st.row_plan() {
                 Ok(Some(plan)) => Ok(Action::Mask(plan)),
                 Ok(None) => Ok(Action::Forward),
-                Err(_) => Err(SessionError::Refused {
+                Err(UnknownRows::UnknownOrigin) => {
+                    // The relation changed since pgveil read the catalog: its rows may be
+                    // masked under a name pgveil does not know yet. The client gets an
+                    // error instead of them; the catalog is read before the next statement.
+                    st.withholding = true;
+                    if let Some(p) = st.policy.as_mut() {
+                        p.catalog_wanted = true;
+                    }
+                    Ok(Action::Replace(write::error_response(
+                        write::Severity::Error,
+                        SqlState::INSUFFICIENT_PRIVILEGE,
+                        "pgveil: the result comes from a relation that changed since pgveil read the catalog; its rows are withheld and pgveil reads the catalog again: run the statement again",
+                    )))
+                }
+                Err(UnknownRows::Undescribed) => Err(SessionError::Refused {
                     code: SqlState::INSUFFICIENT_PRIVILEGE,
                     message: "pgveil: result rows arrived without a row description; a masked session cannot forward them".into(),
                 }),
@@ -276,6 +385,13 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
             let status = backend::ready_for_query(f).map_err(SessionError::upstream)?;
             if let Some(a) = st.audit.as_mut() {
                 a.on_ready();
+            }
+            // A schema change others may have read around before it committed.
+            if st.schema_changed && status != TransactionStatus::InBlock {
+                st.schema_changed = false;
+                if let Some(version) = &st.catalog_version {
+                    version.changed();
+                }
             }
             st.on_server(b'Z', None);
             st.on_ready(status);
@@ -305,10 +421,11 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
         }
         b'C' => {
             let tag = backend::command_tag(f).unwrap_or_default();
-            if let Some(stale) = &st.catalog_stale {
-                if changes_schema(tag) {
-                    stale.store(true, Ordering::Relaxed);
+            if changes_schema(tag) {
+                if let Some(version) = &st.catalog_version {
+                    version.changed();
                 }
+                st.schema_changed = true;
             }
             if let Some(a) = st.audit.as_mut() {
                 a.on_complete(Some(tag));

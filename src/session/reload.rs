@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use super::state::SessionState;
+use crate::catalog::Catalog;
 use crate::identity::SessionIdentity;
 use crate::policy::guard::GuardPolicy;
 use crate::policy::session_masking::SessionPolicy;
 use crate::policy::session_rules::SessionRuleSet;
-use crate::proxy::Proxy;
+use crate::proxy::{CachedCatalog, CatalogVersion, Proxy};
 
 /// Keeps a session's policy in step with rules reloads: checked before each batch of client
 /// messages (one atomic load when nothing changed).
@@ -116,6 +117,100 @@ impl PolicyRefresh {
         }
         st.guard = Some(guard);
         Ok(())
+    }
+}
+
+impl PolicyRefresh {
+    /// Whether the masked session should read the catalog again before its next
+    /// statement, and can: a statement was refused, or rows withheld, for what the catalog
+    /// lacks, or a statement through pgveil changed the schema since the session's catalog
+    /// was read. A newer catalog another session read since is taken as it is.
+    pub fn catalog_wanted(&mut self, st: &mut SessionState) -> bool {
+        let Some(policy) = st.policy.as_ref() else {
+            return false;
+        };
+        let stale = st.catalog_version.as_ref().is_some_and(|v| !v.is_current());
+        if !policy.catalog_wanted && !stale {
+            return false;
+        }
+        if !policy.catalog_wanted {
+            let newer = self
+                .proxy
+                .catalogs
+                .get(&self.identity.database)
+                .filter(|c| c.version.is_current())
+                .filter(|c| !Arc::ptr_eq(&c.catalog, &policy.catalog))
+                .map(|c| c.clone());
+            if let Some(newer) = newer {
+                self.put_in_force(st, newer.catalog, newer.version);
+                return false;
+            }
+        }
+        st.can_read_catalog()
+    }
+
+    /// The schema version a catalog read now is read at.
+    pub fn version_now(&self, st: &SessionState) -> CatalogVersion {
+        st.catalog_version
+            .as_ref()
+            .map_or_else(CatalogVersion::first, CatalogVersion::now)
+    }
+
+    /// Puts the catalog pgveil read on the session's connection in force (`None`: the
+    /// server refused the query; the session goes on with what it had), and offers it to
+    /// sessions that start later.
+    pub fn adopt_catalog(
+        &mut self,
+        st: &mut SessionState,
+        catalog: Option<Arc<Catalog>>,
+        version: CatalogVersion,
+    ) {
+        let Some(catalog) = catalog else {
+            tracing::warn!("pgveil could not read the catalog again; the session keeps its own");
+            if let Some(p) = st.policy.as_mut() {
+                p.catalog_wanted = false;
+            }
+            return;
+        };
+        self.proxy.catalogs.insert(
+            self.identity.database.clone(),
+            CachedCatalog {
+                catalog: catalog.clone(),
+                version: version.clone(),
+            },
+        );
+        self.put_in_force(st, catalog, version);
+    }
+
+    fn put_in_force(
+        &mut self,
+        st: &mut SessionState,
+        catalog: Arc<Catalog>,
+        version: CatalogVersion,
+    ) {
+        let rules = self.proxy.rules.load_full();
+        let built = SessionRuleSet::build(&rules, &self.identity, &catalog);
+        // What the session defined stays known under the new catalog.
+        st.policy = match (st.policy.take(), built.masking) {
+            (Some(old), Some(mut new)) => {
+                new.created = old.created;
+                new.own_relations = old.own_relations;
+                Some(new)
+            }
+            (_, new) => new,
+        };
+        st.guard = match (st.guard.take(), built.guard) {
+            (Some(mut old), Some(new)) => {
+                old.replace_catalog(catalog.clone(), new.policy().clone());
+                Some(old)
+            }
+            (_, new) => new,
+        };
+        if let Some(a) = st.audit.as_mut() {
+            let sensitive = super::audit::Sensitive::build(&rules, &self.identity, Some(&catalog));
+            a.replace_catalog(catalog, sensitive);
+        }
+        st.catalog_version = Some(version);
     }
 }
 

@@ -20,9 +20,27 @@ use crate::sql::analysis::{Analysed, Analysis};
 use crate::sql::lex::lex;
 use crate::sql::Strings;
 
+/// What became of a screened message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Screened {
+    /// Forwarded, rewritten or refused.
+    Done,
+    /// Refused for naming a relation or masked column pgveil's catalog does not have,
+    /// while the session could read the catalog again at once: nothing was sent or
+    /// recorded, so that the relay reads the catalog and screens the message again.
+    CatalogWanted,
+}
+
 /// For a masked session: forwards a client message, or replaces a refused one by a
 /// statement that makes the server raise the refusal (see `write::refusal_sql`).
-pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out: &mut BytesMut) {
+/// `may_retry`: whether a refusal for want of the catalog may be retried (once).
+pub fn screen(
+    st: &mut SessionState,
+    msg: &FrontendMessage<'_>,
+    raw: &Frame,
+    out: &mut BytesMut,
+    may_retry: bool,
+) -> Screened {
     if st.discarding.is_some() {
         // After a refused Parse, as after a server error: skip to Sync. The server raises
         // the refusal itself (unless an earlier error already has it skipping) at the
@@ -39,7 +57,7 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
             }
             _ => {}
         }
-        return;
+        return Screened::Done;
     }
     // The statement as the server reads it, when its client_encoding is not UTF-8, lexed
     // once for every decision and the audit.
@@ -53,6 +71,13 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
         .map(|sql| lex(sql, strings));
     let analysed = lexed.as_ref().map(Analysis::of);
     let decision = decide(st, read, &reading, analysed.as_ref(), strings);
+    if may_retry
+        && matches!(decision, Decision::Refused(_))
+        && st.policy.as_ref().is_some_and(|p| p.catalog_wanted)
+        && st.can_read_catalog()
+    {
+        return Screened::CatalogWanted;
+    }
     let refusal = match &decision {
         Decision::Refused(denied) => Some(denied),
         _ => None,
@@ -101,6 +126,7 @@ pub fn screen(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &Frame, out
             out.extend_from_slice(raw.raw());
         }
     }
+    Screened::Done
 }
 
 /// What happens to one client message.

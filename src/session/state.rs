@@ -107,6 +107,8 @@ pub enum Pending {
     FunctionCall,
     /// A message pgveil injected; its ParseComplete/BindComplete is not the client's.
     Internal,
+    /// pgveil's own reading of the catalog (a simple query): no reply is the client's.
+    Catalog,
     /// The client's CopyDone or CopyFail, sent before the server's CopyInResponse
     /// arrived: the end of the Syncs the server will ignore (see `on_copy_in`).
     CopyEnd,
@@ -116,7 +118,11 @@ impl Pending {
     fn is_extended(&self) -> bool {
         !matches!(
             self,
-            Pending::Query { .. } | Pending::Sync | Pending::FunctionCall | Pending::CopyEnd
+            Pending::Query { .. }
+                | Pending::Sync
+                | Pending::FunctionCall
+                | Pending::CopyEnd
+                | Pending::Catalog
         )
     }
 }
@@ -141,9 +147,35 @@ impl Discarding {
     }
 }
 
-/// Rows arrived for which no RowDescription is known.
+/// Why rows cannot be forwarded to a masked session.
 #[derive(Debug, PartialEq, Eq)]
-pub struct UnknownRows;
+pub enum UnknownRows {
+    /// No RowDescription is known for them.
+    Undescribed,
+    /// A column comes from a relation (or a column of one) pgveil's catalog does not
+    /// have: it may be masked under a name the catalog does not know yet.
+    UnknownOrigin,
+}
+
+/// pgveil's own catalog query in flight, then its result.
+#[derive(Default)]
+pub enum CatalogRead {
+    #[default]
+    Idle,
+    Reading(crate::catalog::CatalogRows, bool),
+    /// The catalog read, or `None` when the server refused the query.
+    Done(Option<crate::catalog::Catalog>),
+}
+
+impl std::fmt::Debug for CatalogRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CatalogRead::Idle => "Idle",
+            CatalogRead::Reading(..) => "Reading",
+            CatalogRead::Done(_) => "Done",
+        })
+    }
+}
 
 /// What the server side learned from one reply, for the relay to act on.
 #[derive(Debug, PartialEq)]
@@ -175,11 +207,19 @@ pub struct SessionState {
     plan: Option<Option<Arc<MaskPlan>>>,
     /// A refused extended-protocol message: client messages are dropped until Sync.
     pub discarding: Option<Discarding>,
-    /// Set when a statement may have changed the schema the cached catalog describes.
-    pub catalog_stale: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The schema version the session's catalog was read at.
+    pub catalog_version: Option<crate::proxy::CatalogVersion>,
+    /// A statement in the transaction now open may have changed the schema: the change
+    /// is seen again when the transaction ends.
+    pub schema_changed: bool,
     /// The facts of the statements this session sent, by shape: the one analysis the
     /// guard, masking, alerts and the audit read.
     pub facts: crate::sql::analysis::FactsCache,
+    /// pgveil's own reading of the catalog on this session's connection.
+    pub catalog_read: CatalogRead,
+    /// The rows of the result now arriving could not be forwarded: the client got an
+    /// error instead, and every reply until ReadyForQuery is withheld.
+    pub withholding: bool,
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
@@ -524,20 +564,108 @@ impl SessionState {
         let Some(policy) = &self.policy else {
             return Ok(None);
         };
-        let plan = if let Some(shape) = &self.current_rows {
-            MaskPlan::build(shape, &policy.masks, |i| shape[i].format)
-        } else {
-            let portal = match self.pending.front() {
-                Some(Pending::Execute { portal }) => self.portals.get(portal),
-                _ => None,
-            };
-            let Some((portal, Some(shape))) = portal.map(|p| (p, p.rows.clone().flatten())) else {
-                return Err(UnknownRows);
-            };
-            MaskPlan::build(&shape, &policy.masks, |i| portal.format_of(i))
+        let (shape, portal) = match &self.current_rows {
+            Some(shape) => (shape.clone(), None),
+            None => {
+                let portal = match self.pending.front() {
+                    Some(Pending::Execute { portal }) => self.portals.get(portal),
+                    _ => None,
+                };
+                let Some((portal, Some(shape))) = portal.map(|p| (p, p.rows.clone().flatten()))
+                else {
+                    return Err(UnknownRows::Undescribed);
+                };
+                (shape, Some(portal))
+            }
+        };
+        let unknown = unknown_origins(&shape, &policy.catalog, &policy.own_relations)?;
+        if !unknown.is_empty() {
+            // Unknown relations are harmless when the statement reads no relation that
+            // is or may be masked: they can only be the session's own, or unmasked ones.
+            if !self.reads_no_masked_relation() {
+                return Err(UnknownRows::UnknownOrigin);
+            }
+            if let Some(p) = self.policy.as_mut() {
+                p.own_relations.extend(unknown);
+            }
+        }
+        let masks = &self.policy.as_ref().expect("masked").masks;
+        let plan = match portal {
+            Some(portal) => MaskPlan::build(&shape, masks, |i| portal.format_of(i)),
+            None => MaskPlan::build(&shape, masks, |i| shape[i].format),
         };
         self.plan = Some(plan.clone());
         Ok(plan)
+    }
+
+    /// Whether no relation the statement now answering names is, or may be, masked (by
+    /// name, in any schema, or once a pending mask's table exists). A statement pgveil
+    /// cannot read counts as reading masked relations.
+    fn reads_no_masked_relation(&self) -> bool {
+        let (Some(policy), Some(sql)) = (&self.policy, self.answering_sql()) else {
+            return false;
+        };
+        let Ok(lexed) = crate::sql::lex::lex(&sql, self.lexing()) else {
+            return false;
+        };
+        let analysis = crate::sql::analysis::Analysis::new(&lexed);
+        let mut cache = crate::sql::analysis::FactsCache::default();
+        analysis.facts(&mut cache).iter().all(|f| {
+            !f.audit.unanalysed
+                && f.audit
+                    .relations
+                    .iter()
+                    .all(|parts| !policy.may_be_masked(parts))
+        })
+    }
+
+    /// The SQL of the request whose reply is arriving: a Query's string, or the statement
+    /// of the portal an Execute runs.
+    fn answering_sql(&self) -> Option<Arc<str>> {
+        match self.pending.front()? {
+            Pending::Query { sql, .. } => Some(sql.clone()),
+            Pending::Execute { portal } => self.portals.get(portal).map(|p| p.sql.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether pgveil may send its own catalog query now: nothing in flight, and outside
+    /// a transaction block (the query sets search_path for its own transaction only).
+    pub fn can_read_catalog(&self) -> bool {
+        self.pending.is_empty() && self.transaction == Some(TransactionStatus::Idle)
+    }
+
+    /// Starts pgveil's own reading of the catalog: the caller sends
+    /// [`crate::catalog::CATALOG_QUERY`] after every request in flight.
+    pub fn start_catalog_read(&mut self) {
+        self.pending.push_back(Pending::Catalog);
+        self.catalog_read = CatalogRead::Reading(Default::default(), false);
+    }
+
+    /// Whether the server's replies now arriving answer pgveil's catalog query.
+    pub fn reading_catalog(&self) -> bool {
+        self.pending.front() == Some(&Pending::Catalog)
+    }
+
+    /// One reply to pgveil's catalog query (see [`Self::reading_catalog`]); at its
+    /// ReadyForQuery the catalog is read.
+    pub fn on_catalog_reply(&mut self, tag: u8, row: Option<&[Option<&[u8]>]>) {
+        let CatalogRead::Reading(rows, failed) = &mut self.catalog_read else {
+            return;
+        };
+        match (tag, row) {
+            (b'D', Some(cols)) => rows.push(cols),
+            (b'E', _) => *failed = true,
+            (b'Z', _) => {
+                self.pending.pop_front();
+                let CatalogRead::Reading(rows, failed) = std::mem::take(&mut self.catalog_read)
+                else {
+                    return;
+                };
+                self.catalog_read = CatalogRead::Done((!failed).then(|| rows.finish()));
+            }
+            _ => {}
+        }
     }
 
     /// Sets the transaction status from ReadyForQuery; portals end with the transaction.
@@ -648,6 +776,32 @@ impl SessionState {
             }
         }
     }
+}
+
+/// The relations of result columns this catalog does not have, and cannot mask: a
+/// relation dropped and created again under a masked name, one the session created since
+/// the catalog was read (unless among `own`), or a known relation's column added since.
+/// A column added to a known relation counts as that relation, never the session's own.
+fn unknown_origins(
+    shape: &[FieldDescription],
+    catalog: &crate::catalog::Catalog,
+    own: &std::collections::HashSet<u32>,
+) -> Result<Vec<u32>, UnknownRows> {
+    // Relations below this OID are PostgreSQL's own.
+    const FIRST_NORMAL_OID: u32 = 16384;
+    let mut unknown = Vec::new();
+    for f in shape {
+        if f.table_oid < FIRST_NORMAL_OID || own.contains(&f.table_oid) {
+            continue;
+        }
+        match catalog.by_oid(f.table_oid) {
+            Some(r) if f.column <= 0 || r.columns.iter().any(|c| c.attnum == f.column) => {}
+            // A new column of a relation the catalog has: never the session's own.
+            Some(_) => return Err(UnknownRows::UnknownOrigin),
+            None => unknown.push(f.table_oid),
+        }
+    }
+    Ok(unknown)
 }
 
 /// Whether a statement could change the session's settings (client_encoding above all):

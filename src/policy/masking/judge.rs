@@ -290,7 +290,7 @@ fn deny_in_scope<'a>(scope: &Scope<'a>) -> Option<&'a Arc<ColumnMask>> {
         .find(|m| m.is_deny())
 }
 
-fn returning_wildcard(stmt: &Statement) -> Option<&'static str> {
+pub(super) fn returning_wildcard(stmt: &Statement) -> Option<&'static str> {
     let returning = match stmt {
         Statement::Insert(i) => i.returning.as_ref(),
         Statement::Update(u) => u.returning.as_ref(),

@@ -54,6 +54,12 @@ pub enum Verdict {
     Refused(Refusal),
 }
 
+/// Why a masked session's statement naming a relation pgveil's catalog does not have is
+/// refused (the session reads the catalog again and tries once more, when it can).
+pub const UNKNOWN_RELATION: &str = "the relation is unknown to pgveil's catalog";
+/// Likewise for a masked column the catalog does not have (followed by its name).
+pub const UNKNOWN_COLUMN: &str = "pgveil's catalog does not have column";
+
 const STATS_VIEWS: [&str; 4] = [
     "pg_stats",
     "pg_stats_ext",
@@ -210,11 +216,13 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
             });
         }
     }
-    let mut scope =
-        match check_functions(&facts, ctx, kind).and_then(|()| resolve_tables(&facts, ctx, kind)) {
-            Ok(scope) => scope,
-            Err(refused) => return refused,
-        };
+    let reads_all = reads_every_column(stmt, &facts);
+    let mut scope = match check_functions(&facts, ctx, kind)
+        .and_then(|()| resolve_tables(&facts, ctx, kind, reads_all))
+    {
+        Ok(scope) => scope,
+        Err(refused) => return refused,
+    };
     // EXCLUDED is the proposed row only in an INSERT's ON CONFLICT clause; anywhere else a
     // qualifier of that name is judged like any other.
     scope.excluded &= matches!(stmt, Statement::Insert(i) if i.on.is_some());
@@ -278,6 +286,7 @@ fn resolve_tables<'a>(
     facts: &Facts,
     ctx: &Context<'a>,
     kind: &'static str,
+    reads_all: bool,
 ) -> Result<Scope<'a>, Verdict> {
     let mut scope = Scope {
         by_alias: HashMap::new(),
@@ -292,6 +301,8 @@ fn resolve_tables<'a>(
             // masked relation: the creation may have failed, or the search path may put
             // the masked one first, so such a name is always taken as the masked one.
             [name] if ctx.temp_tables.contains(name) && !masked_name(ctx, name) => continue,
+            // A bare name may mean a masked table pgveil's catalog does not have yet.
+            [name] if ctx.masks.pending_table(name, ctx.catalog).is_some() => None,
             // The session may change search_path in ways the analysis cannot follow: a
             // bare name that could mean a masked relation in any schema is taken as it.
             [name] => ctx
@@ -309,9 +320,21 @@ fn resolve_tables<'a>(
             if ctx.catalog.is_system_relation(&t.parts) {
                 continue;
             }
-            let reason = "the relation is unknown to pgveil's catalog";
-            return Err(refuse(kind, t.parts.join("."), reason, None));
+            return Err(refuse(kind, t.parts.join("."), UNKNOWN_RELATION, None));
         };
+        // Masked columns the catalog does not have yet: the statement may read one under
+        // its name, or in every column of the table.
+        let pending = ctx.masks.pending(&rel.schema, &rel.name);
+        let named = |c: &str| {
+            facts
+                .idents
+                .iter()
+                .any(|(_, p, _)| p.last().is_some_and(|l| l == c))
+        };
+        if let Some((column, origin)) = pending.iter().find(|(c, _)| reads_all || named(c)) {
+            let reason = format!("{UNKNOWN_COLUMN} {column}, which a mask rule names");
+            return Err(refuse(kind, rel.qualified(), reason, Some(origin)));
+        }
         if rel.schema == "pg_catalog" && STATS_VIEWS.contains(&rel.name.as_str()) {
             let reason = "catalog statistics expose column values";
             return Err(refuse(kind, rel.qualified(), reason, None));
@@ -344,11 +367,36 @@ fn resolve_tables<'a>(
 }
 
 /// Whether a relation of this name anywhere in the catalog is masked or reads a masked
-/// table.
+/// table, or a mask rule names a table of this name the catalog does not have yet.
 fn masked_name(ctx: &Context<'_>, name: &str) -> bool {
-    ctx.catalog.named(name).any(|r| {
-        ctx.masks.of_table(r.oid).is_some() || ctx.masks.view_reads_masked(r.oid).is_some()
-    })
+    ctx.masks.pending_table(name, ctx.catalog).is_some()
+        || ctx.catalog.named(name).any(|r| {
+            ctx.masks.of_table(r.oid).is_some() || ctx.masks.view_reads_masked(r.oid).is_some()
+        })
+}
+
+/// Whether the statement may read every column of a table it names (`*`, `t.*`, a
+/// whole-row reference, `COPY t` without a column list, `RETURNING *`).
+fn reads_every_column(stmt: &Statement, facts: &Facts) -> bool {
+    let whole_row = facts.idents.iter().any(|(_, parts, _)| {
+        parts.len() == 1
+            && facts
+                .tables
+                .iter()
+                .any(|t| t.alias.as_ref().or(t.parts.last()) == parts.first())
+    });
+    whole_row
+        || !facts.wildcard_selects.is_empty()
+        || facts.expr_wildcard
+        || !facts.row_args.is_empty()
+        || judge::returning_wildcard(stmt).is_some()
+        || match stmt {
+            Statement::Copy {
+                source: sqlparser::ast::CopySource::Table { columns, .. },
+                ..
+            } => columns.is_empty(),
+            _ => false,
+        }
 }
 
 /// The name of a table a statement creates, for name resolution later in the session.

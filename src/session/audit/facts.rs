@@ -131,6 +131,12 @@ impl Resolutions {
         self.catalog.as_deref()
     }
 
+    /// After pgveil read the catalog again: names resolve in it, and cached facts go.
+    pub fn replace_catalog(&mut self, catalog: Arc<Catalog>, sensitive: Sensitive) {
+        self.catalog = Some(catalog);
+        self.replace_sensitive(sensitive);
+    }
+
     /// After a rules reload: other sensitive columns, so cached facts go.
     pub fn replace_sensitive(&mut self, sensitive: Sensitive) {
         self.sensitive = sensitive;

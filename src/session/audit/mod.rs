@@ -141,6 +141,11 @@ impl SessionAudit {
         self.alerts = alerts;
     }
 
+    /// After pgveil read the catalog again: names and sensitive columns as it has them.
+    pub fn replace_catalog(&mut self, catalog: Arc<Catalog>, sensitive: Sensitive) {
+        self.facts.replace_catalog(catalog, sensitive);
+    }
+
     /// Whether an alert rule may refuse this session's statements.
     pub fn may_block(&self) -> bool {
         self.alerts.is_some()
