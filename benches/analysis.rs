@@ -98,7 +98,7 @@ fn session(toml: &str) -> SessionState {
 fn round_trip(st: &mut SessionState, sql: &str, out: &mut BytesMut) {
     let frame = write::query(sql);
     let msg = FrontendMessage::Query { sql };
-    screen(st, &msg, &frame, out, false);
+    screen(st, &msg, &frame, out, false, None);
     out.clear();
     if let Some(a) = st.audit.as_mut() {
         a.on_complete(Some("SELECT 1"));

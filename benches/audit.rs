@@ -56,6 +56,7 @@ fn bench(c: &mut Criterion) {
         &mut facts,
         None,
         None,
+        None,
     );
     let portal = prepared.as_ref();
     c.bench_function(
@@ -72,6 +73,7 @@ fn bench(c: &mut Criterion) {
                     &mut facts,
                     None,
                     None,
+                    None,
                 );
                 a.on_client(
                     &FrontendMessage::Execute {
@@ -82,8 +84,9 @@ fn bench(c: &mut Criterion) {
                     &mut facts,
                     None,
                     portal,
+                    None,
                 );
-                a.on_client(&FrontendMessage::Sync, None, &mut facts, None, None);
+                a.on_client(&FrontendMessage::Sync, None, &mut facts, None, None, None);
                 a.on_data_row();
                 a.on_complete(Some("SELECT 1"));
                 a.on_ready();
@@ -101,6 +104,7 @@ fn bench(c: &mut Criterion) {
             &mut facts,
             None,
             portal,
+            None,
         );
         a.on_complete(Some("SELECT 1"));
         a.take_completed().pop().expect("a record")

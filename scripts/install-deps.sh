@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests, demo and benchmarks need on a fresh Debian machine:
 # PostgreSQL 15 server and client (initdb, pg_ctl, psql), pgbench (postgresql-contrib),
-# PgBouncer (for the benchmarks), and curl, jq and openssl (for the README walk-through).
+# PgBouncer (for the benchmarks), curl, jq and openssl (for the README walk-through), and
+# psycopg 3 (python3-psycopg, a driver the tests run through pgveil).
 # Does nothing when they are already there.
 set -euo pipefail
 need=()
@@ -11,6 +12,8 @@ command -v pgbench >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/pgbench" 
 command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 # The README walk-through (run by tests/readme.rs) uses these.
 for tool in curl jq openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
+# psycopg 3, a driver the encoding tests run through pgveil.
+python3 -c "import psycopg" 2>/dev/null || need+=(python3-psycopg)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2

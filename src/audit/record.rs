@@ -65,6 +65,10 @@ impl Decision {
 pub struct Record<'a> {
     pub application_name: &'a str,
     pub client_addr: &'a str,
+    /// The client_encoding `statement` was converted from (the log is UTF-8), with a word
+    /// when some of its bytes could not be converted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub converted_from: Option<&'a str>,
     pub database: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
@@ -178,6 +182,7 @@ mod tests {
         Record {
             application_name: "app \"x\"",
             client_addr: "127.0.0.1:5000",
+            converted_from: Some("LATIN9"),
             database: "crm",
             decision: Some(Decision::Masked),
             duration_us: Some(12),

@@ -165,6 +165,10 @@ fn table_row(r: &serde_json::Value) -> String {
     if !clear.is_empty() {
         statement = format!("{statement}  [read in clear: {clear}]");
     }
+    let converted = s("converted_from");
+    if !converted.is_empty() {
+        statement = format!("{statement}  [converted from {converted}]");
+    }
     format!(
         "{:<27} {:>5} {:<12} {:<8} {:<8} {:>6} {:<24} {}",
         s("ts"),

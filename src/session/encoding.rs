@@ -1,24 +1,31 @@
-//! What the server reads in a statement's bytes under a client_encoding other than UTF-8.
+//! What the server reads in a statement's bytes under its client_encoding.
 //!
-//! The server converts a statement from the client's encoding before it lexes it. The
-//! bytes pgveil receives are valid UTF-8 (the protocol reader requires it), but in SJIS,
-//! BIG5, GBK, UHC or GB18030 a byte after a non-ASCII one can belong to its character,
-//! a quote or a backslash included, so the server's statement can end its literals
-//! elsewhere. Analyses read the text decoded as the server decodes it.
-
-use std::borrow::Cow;
+//! The server converts a statement from the client's encoding before it lexes it: in
+//! LATIN9 or WIN1251 a byte above 0x7F is a character of its own (not valid UTF-8), and in
+//! SJIS, BIG5, GBK, UHC or GB18030 a byte after a non-ASCII one can belong to its
+//! character, a quote or a backslash included, so the statement's literals can end
+//! elsewhere than a UTF-8 reading says. The relay forwards the client's bytes as they are;
+//! the analyses and the audit read the text converted as the server converts it.
 
 use encoding_rs::Encoding;
 
-/// The text the server reads in `sql` under `client_encoding` (its name as the server
-/// reports it). `None` when pgveil cannot tell: an encoding it cannot decode, or bytes
-/// that are not valid in the encoding (which the server refuses too).
-pub fn server_text<'a>(sql: &'a str, client_encoding: &str) -> Option<Cow<'a, str>> {
-    if sql.is_ascii() {
-        return Some(Cow::Borrowed(sql));
-    }
+use crate::protocol::{write, Frame};
+
+/// How pgveil reads text under one client_encoding.
+enum Codec {
+    /// UTF8: the bytes are the text.
+    Utf8,
+    /// SQL_ASCII: bytes above 0x7F are taken as they are, whatever they mean.
+    Bytes,
+    Other(&'static Encoding),
+    /// An encoding pgveil cannot decode (MULE_INTERNAL, JOHAB, EUC_TW, ...).
+    Unsupported,
+}
+
+fn codec(client_encoding: &str) -> Codec {
     let label = match client_encoding.to_ascii_uppercase().as_str() {
-        "UTF8" | "UNICODE" | "SQL_ASCII" => return Some(Cow::Borrowed(sql)),
+        "UTF8" | "UNICODE" => return Codec::Utf8,
+        "SQL_ASCII" => return Codec::Bytes,
         "SJIS" => "shift_jis",
         "BIG5" => "big5",
         "GBK" | "EUC_CN" => "gbk",
@@ -50,10 +57,99 @@ pub fn server_text<'a>(sql: &'a str, client_encoding: &str) -> Option<Cow<'a, st
         "LATIN8" => "iso-8859-14",
         "LATIN9" => "iso-8859-15",
         "LATIN10" => "iso-8859-16",
-        _ => return None,
+        _ => return Codec::Unsupported,
     };
-    let encoding = Encoding::for_label(label.as_bytes())?;
-    encoding.decode_without_bom_handling_and_without_replacement(sql.as_bytes())
+    Encoding::for_label(label.as_bytes()).map_or(Codec::Unsupported, Codec::Other)
+}
+
+/// Text that had to be converted to be read as UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Converted {
+    pub text: String,
+    /// The client_encoding it was converted from.
+    pub from: String,
+    /// False when some bytes could not be converted (invalid in the encoding, or an
+    /// encoding pgveil cannot decode) and stand as U+FFFD in `text`.
+    pub lossless: bool,
+}
+
+/// `bytes` as the server reads them under `client_encoding`; `None` when the bytes are
+/// that text already (ASCII, or valid UTF-8 under UTF8 or SQL_ASCII).
+pub fn client_text(bytes: &[u8], client_encoding: &str) -> Option<Converted> {
+    if bytes.is_ascii() {
+        return None;
+    }
+    let lossy = |from: &str| Converted {
+        text: String::from_utf8_lossy(bytes).into_owned(),
+        from: from.to_string(),
+        lossless: false,
+    };
+    match codec(client_encoding) {
+        Codec::Utf8 | Codec::Bytes if std::str::from_utf8(bytes).is_ok() => None,
+        Codec::Utf8 | Codec::Bytes | Codec::Unsupported => Some(lossy(client_encoding)),
+        Codec::Other(encoding) => {
+            let (text, had_errors) = encoding.decode_without_bom_handling(bytes);
+            Some(Converted {
+                text: text.into_owned(),
+                from: client_encoding.to_string(),
+                lossless: !had_errors,
+            })
+        }
+    }
+}
+
+/// A Query or Parse whose text had to be converted: the frame as pgveil reads it (UTF-8)
+/// and what the conversion was. The client's own frame is what the server gets.
+#[derive(Debug)]
+pub struct Transcoded {
+    pub frame: Frame,
+    /// The statement's conversion (`None` if only a Parse's statement name needed one).
+    pub sql: Option<Converted>,
+}
+
+/// The Query or Parse `frame` read under `client_encoding`, when it is not already UTF-8
+/// text that means what the server reads (`None`: read it as it is).
+pub fn transcode(frame: &Frame, client_encoding: &str) -> Option<Transcoded> {
+    let body = frame.body();
+    let cstr = |from: usize| -> Option<(&[u8], usize)> {
+        let end = from + body.get(from..)?.iter().position(|&b| b == 0)?;
+        Some((&body[from..end], end + 1))
+    };
+    let text_of = |bytes: &[u8]| match client_text(bytes, client_encoding) {
+        Some(c) => (c.text.clone(), Some(c)),
+        None => (String::from_utf8_lossy(bytes).into_owned(), None),
+    };
+    match frame.tag() {
+        b'Q' => {
+            let (sql, _) = cstr(0)?;
+            let converted = client_text(sql, client_encoding)?;
+            Some(Transcoded {
+                frame: write::query(&converted.text),
+                sql: Some(converted),
+            })
+        }
+        b'P' => {
+            let (name, at) = cstr(0)?;
+            let (sql, rest) = cstr(at)?;
+            if name.is_ascii() && client_text(sql, client_encoding).is_none() {
+                return None;
+            }
+            let (name, _) = text_of(name);
+            let (sql, converted) = text_of(sql);
+            let tail = &body[rest..];
+            Some(Transcoded {
+                frame: write::frame(b'P', |b| {
+                    b.extend_from_slice(name.as_bytes());
+                    b.extend_from_slice(&[0]);
+                    b.extend_from_slice(sql.as_bytes());
+                    b.extend_from_slice(&[0]);
+                    b.extend_from_slice(tail);
+                }),
+                sql: converted,
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -64,12 +160,41 @@ mod tests {
     fn sjis_takes_the_backslash_into_a_character() {
         // C3 81 5C: a half-width katakana, then 81 5C (one character).
         let sql = "SELECT E'\u{c1}\\' OR true --'";
-        let read = server_text(sql, "SJIS").unwrap();
-        assert!(!read.contains('\\'), "{read}");
-        assert!(read.ends_with("' OR true --'"));
-        assert_eq!(server_text(sql, "UTF8").unwrap(), sql);
-        assert_eq!(server_text("SELECT 1", "JOHAB").unwrap(), "SELECT 1");
-        assert!(server_text(sql, "JOHAB").is_none());
-        assert!(server_text(sql, "possibly changing").is_none());
+        let read = client_text(sql.as_bytes(), "SJIS").unwrap();
+        assert!(read.lossless);
+        assert!(!read.text.contains('\\'), "{}", read.text);
+        assert!(read.text.ends_with("' OR true --'"));
+        assert_eq!(client_text(sql.as_bytes(), "UTF8"), None);
+        assert_eq!(client_text(b"SELECT 1", "JOHAB"), None);
+        assert!(!client_text(sql.as_bytes(), "JOHAB").unwrap().lossless);
+    }
+
+    #[test]
+    fn single_byte_encodings_and_bytes_that_are_not_text() {
+        // LATIN9: 0xE9 is \u{e9}, 0xA4 the euro sign.
+        let read = client_text(b"SELECT 'caf\xe9 \xa4'", "LATIN9").unwrap();
+        assert_eq!(read.text, "SELECT 'caf\u{e9} \u{20ac}'");
+        assert!(read.lossless);
+        // WIN1251: Cyrillic.
+        let read = client_text(b"SELECT '\xcf\xf0\xe8'", "WIN1251").unwrap();
+        assert_eq!(read.text, "SELECT '\u{41f}\u{440}\u{438}'");
+        // Not UTF-8 under UTF8 (the server refuses it): read with U+FFFD, said so.
+        let read = client_text(b"SELECT '\xe9'", "UTF8").unwrap();
+        assert!(!read.lossless);
+        assert!(read.text.contains('\u{fffd}'));
+        // A Parse keeps its parameter types; the text is converted.
+        let parse = write::frame(b'P', |b| {
+            b.extend_from_slice(b"s1\0SELECT '\xe9'\0\0\x01\0\0\0\x19");
+        });
+        let t = transcode(&parse, "LATIN1").unwrap();
+        let msg = crate::protocol::frontend::FrontendMessage::parse(&t.frame).unwrap();
+        assert_eq!(
+            msg,
+            crate::protocol::frontend::FrontendMessage::Parse {
+                statement: "s1",
+                sql: "SELECT '\u{e9}'",
+                param_types: vec![25],
+            }
+        );
     }
 }

@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use super::encoding::transcode;
 use super::error::{already_reported, SessionError};
 use super::reload::PolicyRefresh;
 use super::rows::MaskPlan;
@@ -152,7 +153,17 @@ async fn client_to_server(
                 let mut st = lock(state);
                 let mut wanted = false;
                 while let Some(f) = frame.take() {
-                    let msg = FrontendMessage::parse(&f).map_err(SessionError::Client)?;
+                    // Text in a client_encoding other than UTF-8 is read converted; the
+                    // client's bytes are what the server gets.
+                    let mut transcoded = st.client_encoding().and_then(|e| transcode(&f, e));
+                    if transcoded.is_none() && FrontendMessage::parse(&f).is_err() {
+                        // Not UTF-8 under UTF8: the server refuses it; read it as far as
+                        // it can be read, so that it is recorded and judged, not fatal.
+                        transcoded = transcode(&f, "UTF8");
+                    }
+                    let read = transcoded.as_ref().map_or(&f, |t| &t.frame);
+                    let converted = transcoded.as_ref().and_then(|t| t.sql.as_ref());
+                    let msg = FrontendMessage::parse(read).map_err(SessionError::Client)?;
                     st.check_copy_stream(&msg).map_err(SessionError::Client)?;
                     if msg == FrontendMessage::Terminate {
                         terminated = true;
@@ -163,7 +174,9 @@ async fn client_to_server(
                         || st.guard.is_some()
                         || st.audit.as_ref().is_some_and(|a| a.may_block())
                     {
-                        if screen(&mut st, &msg, &f, &mut out, !again) == Screened::CatalogWanted {
+                        if screen(&mut st, &msg, &f, &mut out, !again, converted)
+                            == Screened::CatalogWanted
+                        {
                             // Refused for naming what the catalog does not have: read it
                             // again, then screen the same message once more.
                             frame = Some(f);
@@ -171,7 +184,7 @@ async fn client_to_server(
                             break;
                         }
                     } else {
-                        forward(&mut st, &msg, f.raw(), &mut out);
+                        forward(&mut st, &msg, f.raw(), &mut out, converted);
                     }
                     again = false;
                     frame = client.buffered().map_err(SessionError::Client)?;

@@ -7,10 +7,8 @@
 
 use bytes::BytesMut;
 
-use std::borrow::Cow;
-
 use super::audit::Recorded;
-use super::encoding::server_text;
+use super::encoding::Converted;
 use super::state::{Discarding, Pending, SessionState};
 use crate::policy::authorize::{Permit, SessionRules};
 use crate::policy::Denied;
@@ -40,6 +38,7 @@ pub fn screen(
     raw: &Frame,
     out: &mut BytesMut,
     may_retry: bool,
+    converted: Option<&Converted>,
 ) -> Screened {
     if st.discarding.is_some() {
         // After a refused Parse, as after a server error: skip to Sync. The server raises
@@ -53,7 +52,7 @@ pub fn screen(
                 if *msg == FrontendMessage::Sync {
                     st.discarding = None;
                 }
-                forward(st, msg, raw.raw(), out);
+                forward(st, msg, raw.raw(), out, None);
             }
             _ => {}
         }
@@ -61,9 +60,8 @@ pub fn screen(
     }
     // The statement as the server reads it, when its client_encoding is not UTF-8, lexed
     // once for every decision and the audit.
-    let reading = server_reading(st, msg);
-    let mut decoded = None;
-    let read = reading.apply(msg, &mut decoded);
+    let reading = server_reading(st, msg, converted);
+    let read = msg;
     // (Only a Query or Parse has text to read, and asks how literals read.)
     let strings = st.lexing();
     let lexed = sql_of(read)
@@ -82,7 +80,7 @@ pub fn screen(
         Decision::Refused(denied) => Some(denied),
         _ => None,
     };
-    let recorded = record(st, read, refusal, analysed.as_ref());
+    let recorded = record(st, read, refusal, analysed.as_ref(), converted);
     let msg = read;
     match (decision, msg) {
         (
@@ -150,7 +148,7 @@ fn decide(
     let encoding = match reading {
         Reading::Same => None,
         Reading::Unknown(encoding) => Some(encoding.clone()),
-        Reading::Decoded(_) => st.foreign_encoding(),
+        Reading::Converted => st.foreign_encoding(),
     };
     let SessionState {
         guard,
@@ -178,7 +176,7 @@ fn decide(
                             .and_then(|a| a.alert_block(sql, analysed, facts))
                     });
                     match reading {
-                        Reading::Decoded(_) => rules.without_rewrite(sql, decided, || {
+                        Reading::Converted => rules.without_rewrite(sql, decided, || {
                             foreign("a rewritten statement would have to be encoded back into it")
                         }),
                         _ => decided,
@@ -213,73 +211,58 @@ fn decide(
 
 /// How the server reads the text of a Query or Parse (see `SessionState::foreign_encoding`).
 enum Reading {
-    /// As pgveil does.
+    /// As pgveil does: UTF-8 text under UTF8 (or SQL_ASCII).
     Same,
-    /// Decoded from the client's encoding as the server decodes it.
-    Decoded(String),
-    /// pgveil cannot tell: the encoding (so named) may be changing, or cannot be decoded.
+    /// Converted from the client's encoding as the server converts it (the message's text
+    /// is the converted one; a rewrite could not be encoded back).
+    Converted,
+    /// pgveil cannot tell: the encoding (so named) may be changing, or the bytes cannot
+    /// be converted.
     Unknown(String),
 }
 
-impl Reading {
-    /// `msg` as the server reads it: with the decoded text (kept in `slot`) where there
-    /// is one, else as it came.
-    fn apply<'a>(
-        &'a self,
-        msg: &'a FrontendMessage<'a>,
-        slot: &'a mut Option<FrontendMessage<'a>>,
-    ) -> &'a FrontendMessage<'a> {
-        match self {
-            Reading::Decoded(text) => slot.insert(with_sql(msg, text)),
-            _ => msg,
-        }
-    }
-}
-
-fn server_reading(st: &SessionState, msg: &FrontendMessage<'_>) -> Reading {
+/// How the server reads `msg`, whose text the relay converted (`converted`) from the
+/// client_encoding the server reported, if it had to.
+fn server_reading(
+    st: &SessionState,
+    msg: &FrontendMessage<'_>,
+    converted: Option<&Converted>,
+) -> Reading {
     let (FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. }) = msg else {
         return Reading::Same;
     };
-    if sql.is_ascii() {
+    if sql.is_ascii() && converted.is_none() {
         return Reading::Same;
     }
-    let Some(encoding) = st.foreign_encoding() else {
-        return Reading::Same;
-    };
-    match server_text(sql, &encoding) {
-        Some(Cow::Borrowed(_)) => Reading::Same,
-        Some(Cow::Owned(text)) => Reading::Decoded(text),
-        None => Reading::Unknown(encoding),
+    match (st.foreign_encoding(), converted) {
+        (None, None) => Reading::Same,
+        (None, Some(c)) if c.lossless => Reading::Converted,
+        (None, Some(c)) => Reading::Unknown(c.from.clone()),
+        // Converted under the encoding the server reads it in now.
+        (Some(encoding), Some(c)) if c.lossless && c.from.eq_ignore_ascii_case(&encoding) => {
+            Reading::Converted
+        }
+        (Some(encoding), _) => Reading::Unknown(encoding),
     }
 }
 
-/// `msg` with its SQL text replaced by `sql`.
-fn with_sql<'a>(msg: &FrontendMessage<'a>, sql: &'a str) -> FrontendMessage<'a> {
-    match msg {
-        FrontendMessage::Parse {
-            statement,
-            param_types,
-            ..
-        } => FrontendMessage::Parse {
-            statement,
-            sql,
-            param_types: param_types.clone(),
-        },
-        _ => FrontendMessage::Query { sql },
-    }
-}
-
-/// Forwards a client message unchanged.
-pub fn forward(st: &mut SessionState, msg: &FrontendMessage<'_>, raw: &[u8], out: &mut BytesMut) {
-    let reading = server_reading(st, msg);
-    let mut decoded = None;
-    let read = reading.apply(msg, &mut decoded);
+/// Forwards a client message unchanged; `converted`: how its text was converted to be
+/// read (see `encoding::transcode`).
+pub fn forward(
+    st: &mut SessionState,
+    msg: &FrontendMessage<'_>,
+    raw: &[u8],
+    out: &mut BytesMut,
+    converted: Option<&Converted>,
+) {
+    let reading = server_reading(st, msg, converted);
+    let read = msg;
     let readable = !matches!(reading, Reading::Unknown(_));
     let lexed = sql_of(read)
         .filter(|_| readable && st.audit.is_some())
         .map(|sql| lex(sql, st.lexing()));
     let analysed = lexed.as_ref().map(Analysis::of);
-    let recorded = record(st, read, None, analysed.as_ref());
+    let recorded = record(st, read, None, analysed.as_ref(), converted);
     st.on_client_recorded(read, recorded);
     out.extend_from_slice(raw);
 }
@@ -291,6 +274,7 @@ fn record(
     msg: &FrontendMessage<'_>,
     refusal: Option<&Denied>,
     analysed: Option<&Analysed<'_>>,
+    converted: Option<&Converted>,
 ) -> Option<Recorded> {
     if st.audit.is_none() || st.ignored_by_server(msg) {
         return None;
@@ -299,9 +283,14 @@ fn record(
         FrontendMessage::Execute { portal, .. } => st.portal_as_sent(portal).cloned(),
         _ => None,
     };
-    st.audit
-        .as_mut()?
-        .on_client(msg, analysed, &mut st.facts, refusal, portal.as_ref())
+    st.audit.as_mut()?.on_client(
+        msg,
+        analysed,
+        &mut st.facts,
+        refusal,
+        portal.as_ref(),
+        converted,
+    )
 }
 
 /// The SQL text of a Query or Parse.

@@ -255,6 +255,15 @@ impl SessionState {
         }
     }
 
+    /// The client_encoding the server last reported, when it is not UTF8: text in it is
+    /// converted to be read (see `encoding::transcode`).
+    pub fn client_encoding(&self) -> Option<&str> {
+        self.server_params
+            .get("client_encoding")
+            .map(String::as_str)
+            .filter(|e| !e.eq_ignore_ascii_case("UTF8") && !e.eq_ignore_ascii_case("UNICODE"))
+    }
+
     /// The client_encoding under which the server reads the text of a statement sent now,
     /// when pgveil's reading of non-ASCII text (UTF-8) could differ from the server's:
     /// any encoding but UTF8 and SQL_ASCII (the server converts the text first, and in

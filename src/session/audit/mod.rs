@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use time::OffsetDateTime;
 
+use super::encoding::Converted;
 use crate::audit::record::timestamp;
 use crate::audit::{AuditLog, Decision, Event, Record};
 use crate::catalog::Catalog;
@@ -33,6 +34,8 @@ use facts::{Facts, Resolutions};
 struct InFlight {
     text: Arc<str>,
     facts: Arc<Facts>,
+    /// The client_encoding the text was converted from (see `Recorded::converted`).
+    converted: Option<Arc<str>>,
     protocol: &'static str,
     ts: OffsetDateTime,
     started: Instant,
@@ -55,6 +58,9 @@ enum Slot {
 pub struct Recorded {
     pub text: Arc<str>,
     pub facts: Arc<Facts>,
+    /// The client_encoding the text was converted from to be recorded as UTF-8, with a
+    /// word when some bytes could not be converted.
+    pub converted: Option<Arc<str>>,
 }
 
 impl PartialEq for Recorded {
@@ -164,11 +170,23 @@ impl SessionAudit {
         cache: &mut FactsCache,
         refusal: Option<&Denied>,
         portal: Option<&Recorded>,
+        converted: Option<&Converted>,
     ) -> Option<Recorded> {
+        let converted: Option<Arc<str>> = converted.map(|c| {
+            if c.lossless {
+                Arc::from(c.from.as_str())
+            } else {
+                Arc::from(format!(
+                    "{} (bytes not valid in it stand as U+FFFD)",
+                    c.from
+                ))
+            }
+        });
         match msg {
             FrontendMessage::Query { sql } => {
                 for (text, facts) in self.facts.parts(sql, analysed, cache) {
-                    let f = self.in_flight(text, facts, "simple", refusal.cloned());
+                    let mut f = self.in_flight(text, facts, "simple", refusal.cloned());
+                    f.converted.clone_from(&converted);
                     self.slots.push_back(Slot::Statement(f));
                 }
                 self.slots.push_back(Slot::End);
@@ -176,18 +194,25 @@ impl SessionAudit {
             FrontendMessage::Parse { sql, .. } => {
                 let (text, facts) = self.facts.whole(sql, analysed, cache);
                 if refusal.is_some() {
-                    self.refused_parse =
-                        Some(self.in_flight(text, facts, "extended", refusal.cloned()));
+                    let mut f = self.in_flight(text, facts, "extended", refusal.cloned());
+                    f.converted = converted;
+                    self.refused_parse = Some(f);
                 } else {
-                    return Some(Recorded { text, facts });
+                    return Some(Recorded {
+                        text,
+                        facts,
+                        converted,
+                    });
                 }
             }
             FrontendMessage::Execute { .. } => {
                 let p = portal.cloned().unwrap_or_else(|| Recorded {
                     text: Arc::from(""),
                     facts: Arc::new(Facts::opaque("other")),
+                    converted: None,
                 });
-                let f = self.in_flight(p.text, p.facts, "extended", refusal.cloned());
+                let mut f = self.in_flight(p.text, p.facts, "extended", refusal.cloned());
+                f.converted = p.converted;
                 if refusal.is_some() {
                     self.refused_parse = Some(f);
                 } else {
@@ -359,6 +384,7 @@ impl SessionAudit {
             let record = Record {
                 application_name: &self.who.application_name,
                 client_addr: &self.who.client_addr,
+                converted_from: f.converted.as_deref(),
                 database: &self.who.database,
                 decision: Some(decision),
                 duration_us: Some(elapsed.as_micros() as u64),
@@ -427,6 +453,7 @@ impl SessionAudit {
         InFlight {
             text,
             facts,
+            converted: None,
             protocol,
             ts: OffsetDateTime::now_utc(),
             started: Instant::now(),
