@@ -137,7 +137,7 @@ proptest! {
                 let _ = analysis.whole(&mut cache);
             }
         }
-        let _ = pgveil::sql::guard::analyse(&sql, Strings::Unknown);
+        let _ = pgveil::sql::analysis::guard_facts(&sql, Strings::Unknown);
         crm_context(|ctx| { let _ = check(&sql, ctx); });
     }
 

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     crm_context(|ctx| {
-        let _ = pgveil::sql::guard::analyse(sql, Strings::Standard);
+        let _ = pgveil::sql::analysis::guard_facts(sql, Strings::Standard);
         if let (Verdict::Rewritten(out), _) = pgveil::policy::masking::check(sql, ctx) {
             assert!(pgveil::sql::parse(&out).is_ok(), "rewrite does not parse: {out}");
         }

@@ -228,7 +228,7 @@ fn explain_guard(
     sql: &str,
     out: &mut String,
 ) {
-    let mut facts = crate::sql::guard::analyse(sql, crate::sql::Strings::Standard);
+    let mut facts = crate::sql::analysis::guard_facts(sql, crate::sql::Strings::Standard);
     for a in facts
         .accesses
         .iter()

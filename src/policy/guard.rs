@@ -344,7 +344,7 @@ mod tests {
     use super::*;
     use crate::config::rules::Rules;
     use crate::policy::masking::testing::crm_context;
-    use crate::sql::guard::analyse;
+    use crate::sql::analysis::guard_facts as analyse;
 
     fn rules(toml: &str) -> Rules {
         let dir = tempfile::tempdir().unwrap();

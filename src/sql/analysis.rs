@@ -16,7 +16,7 @@ use std::sync::Arc;
 use sqlparser::ast::Statement;
 
 use super::audit::{analyse_statement as audit_facts, PartFacts};
-use super::guard::{analyse_statement as guard_facts, StatementFacts};
+use super::guard::{analyse_statement as statement_guard_facts, StatementFacts};
 use super::lex::{LexError, Lexed};
 
 /// Statement facts kept per session; past this the cache starts over.
@@ -35,7 +35,7 @@ impl Facts {
     fn of(stmt: Option<&Statement>, tokens: &[super::lex::Token<'_>]) -> Facts {
         Facts {
             audit: audit_facts(stmt, tokens),
-            guard: guard_facts(stmt),
+            guard: statement_guard_facts(stmt),
         }
     }
 
@@ -57,6 +57,18 @@ impl FactsCache {
     /// outgrew its use should not be kept).
     pub fn clear(&mut self) {
         self.by_shape = HashMap::new();
+    }
+}
+
+/// The guard's facts of a whole query string read under `strings`, analysed on its own
+/// (a session goes through its [`FactsCache`]; this is for `explain` and tests).
+pub fn guard_facts(sql: &str, strings: super::lex::Strings) -> StatementFacts {
+    match super::lex::lex(sql, strings) {
+        Ok(lexed) => Analysis::new(&lexed).guard_facts(&mut FactsCache::default()),
+        Err(e) => StatementFacts {
+            unanalysable: Some(format!("pgveil cannot read it as the server does: {e}")),
+            ..Default::default()
+        },
     }
 }
 

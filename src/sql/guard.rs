@@ -16,7 +16,6 @@ use sqlparser::ast::{
     TableWithJoins, Visit, Visitor,
 };
 
-use super::lex::{lex, Strings};
 use super::scope::CteScope;
 use super::{fold, is_dangerous, is_grammar_function, kind_of, name_parts};
 use crate::catalog::Catalog;
@@ -145,20 +144,6 @@ pub fn opaque_call(calls: &[Call], catalog: &Catalog) -> Option<String> {
             )
         })
     })
-}
-
-/// Analyses a whole query string read under `strings` (see `sql::analysis` for how a
-/// session does it, once for every decision).
-pub fn analyse(sql: &str, strings: Strings) -> StatementFacts {
-    match lex(sql, strings) {
-        Ok(lexed) => {
-            let analysis = super::analysis::Analysis::new(&lexed);
-            analysis.guard_facts(&mut super::analysis::FactsCache::default())
-        }
-        Err(e) => {
-            StatementFacts::unanalysable(format!("pgveil cannot read it as the server does: {e}"))
-        }
-    }
 }
 
 /// The facts of one parsed statement, or of one pgveil cannot parse (`None`).
@@ -560,6 +545,9 @@ fn search_path_values(values: &[Expr]) -> Option<Vec<String>> {
 mod tests {
     use super::*;
     use crate::catalog::testing::crm_catalog;
+
+    use crate::sql::analysis::guard_facts as analyse;
+    use crate::sql::lex::Strings;
 
     fn facts(sql: &str) -> StatementFacts {
         let mut f = analyse(sql, Strings::Standard);
