@@ -36,7 +36,7 @@ SELECT 'w', c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_cla
  WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema'); \
 SELECT DISTINCT 'k', conrelid::text, confrelid::text FROM pg_catalog.pg_constraint WHERE contype = 'f'; \
 SELECT 't', tgrelid::text, tgname::text FROM pg_catalog.pg_trigger \
- WHERE tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate') AND tgenabled <> 'D'";
+ WHERE tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate') AND tgenabled IN ('O', 'A')";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {

@@ -22,6 +22,17 @@ statements = ["delete"]
 tables = ["public.tasks"]
 require_where = true
 
+[[allow]]
+roles = ["crm_sales"]
+statements = ["delete"]
+tables = ["public.deals"]
+require_where = true
+
+[[allow]]
+roles = ["crm_sales"]
+statements = ["drop"]
+tables = ["public.deals"]
+
 [[recycle]]
 table = "public.customers"
 
@@ -330,5 +341,94 @@ async fn no_delete_of_a_recycled_table_without_its_triggers() {
         .await
         .is_err());
     assert_eq!(bin.sql("SELECT count(*) FROM customers WHERE id = 2"), "1");
+    p.shutdown().await;
+}
+
+/// The capture cannot be switched off, nor a column's contents wiped, by a role that owns
+/// a recycled table but has no rule for drops (issue: destruction has more forms than
+/// DELETE); a role whose rule allows drops may, and then its DELETEs are refused until the
+/// bin is set up again, because pgveil reads the catalog again after DDL it sees.
+#[tokio::test]
+async fn the_capture_cannot_be_switched_off_and_columns_cannot_be_wiped() {
+    let bin = Bin::new("trash_capture");
+    bin.init();
+    bin.sql("ALTER TABLE tasks OWNER TO alice; ALTER TABLE deals OWNER TO carol");
+    let p = bin.proxy().await;
+    let alice = bin.client(&p, "alice", "alice_pw").await;
+    let before = bin.sql("SELECT count(*), string_agg(note, ',' ORDER BY id) FROM tasks");
+    for sql in [
+        "ALTER TABLE tasks ENABLE REPLICA TRIGGER pgveil_trash_delete",
+        "ALTER TABLE tasks ENABLE REPLICA TRIGGER ALL",
+        "ALTER TABLE tasks DISABLE TRIGGER pgveil_trash_delete",
+        "ALTER TABLE tasks ALTER COLUMN note TYPE text USING 'wiped'",
+        "ALTER TABLE tasks ALTER COLUMN note SET DATA TYPE varchar(1) USING ''",
+        "ALTER TABLE tasks ALTER COLUMN due TYPE date USING NULL",
+        "ALTER TABLE tasks RENAME TO tasks_elsewhere",
+        "ALTER TABLE tasks RENAME COLUMN note TO old_note",
+        "ALTER TABLE tasks OWNER TO carol",
+        "ALTER TABLE tasks DROP COLUMN note",
+        "SET session_replication_role = replica",
+        "SET LOCAL session_replication_role TO 'replica'",
+    ] {
+        let err = alice
+            .simple_query(sql)
+            .await
+            .expect_err(&format!("not refused: {sql}"));
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+        assert_eq!(db.code().code(), "42501", "{sql}: {}", db.message());
+        assert!(
+            db.message().starts_with("pgveil: "),
+            "{sql}: {}",
+            db.message()
+        );
+    }
+    // Harmless forms still run.
+    alice
+        .simple_query("ALTER TABLE tasks ALTER COLUMN note SET DEFAULT 'n/a'")
+        .await
+        .unwrap();
+    assert_eq!(
+        bin.sql("SELECT tgenabled FROM pg_trigger WHERE tgname = 'pgveil_trash_delete' AND tgrelid = 'tasks'::regclass"),
+        "O"
+    );
+    assert_eq!(
+        bin.sql("SELECT count(*), string_agg(note, ',' ORDER BY id) FROM tasks"),
+        before
+    );
+    // carol may drop from deals: the ENABLE REPLICA runs, and her DELETE with a WHERE
+    // (allowed while the bin captures it) is then refused: the capture no longer fires.
+    let carol = bin.client(&p, "carol", "carol_pw").await;
+    carol
+        .simple_query("ALTER TABLE deals ENABLE REPLICA TRIGGER pgveil_trash_delete")
+        .await
+        .unwrap();
+    let deals = bin.sql("SELECT count(*) FROM deals");
+    let err = carol
+        .simple_query("DELETE FROM deals WHERE id = 1")
+        .await
+        .expect_err("a DELETE without the capture ran");
+    assert!(
+        err.as_db_error().unwrap().message().contains("recycle bin"),
+        "{err:?}"
+    );
+    assert_eq!(bin.sql("SELECT count(*) FROM deals"), deals);
+    // Set to replica mode behind pgveil's back: new sessions see it.
+    bin.sql("ALTER TABLE tasks ENABLE REPLICA TRIGGER pgveil_trash_delete");
+    p.proxy.catalogs.clear();
+    let alice = bin.client(&p, "alice", "alice_pw").await;
+    assert!(alice
+        .simple_query("DELETE FROM tasks WHERE id = 3")
+        .await
+        .is_err());
+    assert_eq!(bin.sql("SELECT count(*) FROM tasks WHERE id = 3"), "1");
+    // `trash init` puts the capture back in its ordinary mode.
+    bin.init();
+    p.proxy.catalogs.clear();
+    let alice = bin.client(&p, "alice", "alice_pw").await;
+    alice
+        .simple_query("DELETE FROM tasks WHERE id = 3")
+        .await
+        .unwrap();
+    assert_eq!(bin.kept(Some("tasks")).len(), 1);
     p.shutdown().await;
 }

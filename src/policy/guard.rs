@@ -70,6 +70,12 @@ impl GuardPolicy {
         })
     }
 
+    /// Whether the session deletes from recycled tables only while their capture is in
+    /// place (so its catalog must follow schema changes).
+    pub fn recycles(&self) -> bool {
+        !self.recycles.is_empty()
+    }
+
     /// Whether only the recycle-bin check can refuse anything to this session (so with
     /// the recycle bin in place, it needs no guard at all).
     pub fn allows_everything(&self) -> bool {

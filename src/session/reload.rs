@@ -126,20 +126,25 @@ impl PolicyRefresh {
     /// lacks, or a statement through pgveil changed the schema since the session's catalog
     /// was read. A newer catalog another session read since is taken as it is.
     pub fn catalog_wanted(&mut self, st: &mut SessionState) -> bool {
-        let Some(policy) = st.policy.as_ref() else {
-            return false;
+        // Masked sessions, and guarded ones that delete from recycled tables only while
+        // the capture is in place, follow the schema.
+        let current = match (&st.policy, &st.guard) {
+            (Some(p), _) => p.catalog.clone(),
+            (None, Some(g)) if g.policy().recycles() => g.catalog.clone(),
+            _ => return false,
         };
+        let asked = st.policy.as_ref().is_some_and(|p| p.catalog_wanted);
         let stale = st.catalog_version.as_ref().is_some_and(|v| !v.is_current());
-        if !policy.catalog_wanted && !stale {
+        if !asked && !stale {
             return false;
         }
-        if !policy.catalog_wanted {
+        if !asked {
             let newer = self
                 .proxy
                 .catalogs
                 .get(&self.identity.database)
                 .filter(|c| c.version.is_current())
-                .filter(|c| !Arc::ptr_eq(&c.catalog, &policy.catalog))
+                .filter(|c| !Arc::ptr_eq(&c.catalog, &current))
                 .map(|c| c.clone());
             if let Some(newer) = newer {
                 self.put_in_force(st, newer.catalog, newer.version);

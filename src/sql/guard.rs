@@ -334,18 +334,8 @@ impl Walk<'_> {
             }
             Statement::AlterTable(at) => {
                 self.relation(K::Alter, &at.name, false, false);
-                for op in &at.operations {
-                    // Losing a column's data, or switching off a trigger or rule (the
-                    // recycle bin's capture is a trigger), counts as a drop.
-                    if matches!(
-                        op,
-                        AlterTableOperation::DropColumn { .. }
-                            | AlterTableOperation::DisableTrigger { .. }
-                            | AlterTableOperation::DisableRule { .. }
-                            | AlterTableOperation::DropPartitions { .. }
-                    ) {
-                        self.relation(K::Drop, &at.name, false, false);
-                    }
+                if at.operations.iter().any(destroys) {
+                    self.relation(K::Drop, &at.name, false, false);
                 }
             }
             Statement::Grant(_) => self.access(K::Grant, Target::Everything, false),
@@ -375,6 +365,13 @@ impl Walk<'_> {
                 variable, values, ..
             }) => {
                 self.access(K::Set, Target::Everything, false);
+                if name_parts(variable)
+                    .is_some_and(|p| p.last().is_some_and(|v| v == "session_replication_role"))
+                {
+                    // In replica mode ordinary triggers (the recycle bin's capture among
+                    // them) do not fire.
+                    self.cannot("SET session_replication_role changes which triggers fire, the recycle bin's among them");
+                }
                 if name_parts(variable)
                     .is_some_and(|p| p.last().is_some_and(|v| v == "search_path"))
                 {
@@ -491,6 +488,33 @@ impl Visitor for Walk<'_> {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Whether an ALTER TABLE operation counts as a drop: it loses a column's contents
+/// (DROP COLUMN; ALTER COLUMN ... TYPE, which rewrites every value, `USING` a constant
+/// included), takes rows or the table out from under the rules that name it (DETACH or
+/// DROP PARTITION, RENAME, RENAME COLUMN, OWNER TO), or stops a trigger or rule from
+/// firing in ordinary sessions (DISABLE, ENABLE REPLICA): the recycle bin's capture is a
+/// trigger.
+fn destroys(op: &AlterTableOperation) -> bool {
+    use sqlparser::ast::AlterColumnOperation;
+    matches!(
+        op,
+        AlterTableOperation::DropColumn { .. }
+            | AlterTableOperation::AlterColumn {
+                op: AlterColumnOperation::SetDataType { .. },
+                ..
+            }
+            | AlterTableOperation::DisableTrigger { .. }
+            | AlterTableOperation::DisableRule { .. }
+            | AlterTableOperation::EnableReplicaTrigger { .. }
+            | AlterTableOperation::EnableReplicaRule { .. }
+            | AlterTableOperation::DropPartitions { .. }
+            | AlterTableOperation::DetachPartition { .. }
+            | AlterTableOperation::RenameTable { .. }
+            | AlterTableOperation::RenameColumn { .. }
+            | AlterTableOperation::OwnerTo { .. }
+    )
 }
 
 /// A WHERE clause that mentions a column: `WHERE true` or `WHERE 1 = 1` limit nothing.
