@@ -931,6 +931,78 @@ async fn later_portals_of_a_described_statement_need_no_describe() {
     }
 }
 
+/// A client that never describes (Parse, Bind, Execute, Sync: rows it decodes from its own
+/// knowledge) gets its rows masked, in text and binary format, a named portal fetched in
+/// parts included, and the session goes on: pgveil describes the portal itself and keeps
+/// the answer to itself.
+#[tokio::test]
+async fn statements_no_one_described_are_described_by_pgveil_unseen() {
+    use pgveil::protocol::write;
+    use tokio::io::AsyncWriteExt;
+    let (p, _d) = proxy().await;
+    cluster().psql_super("crm", "GRANT SELECT ON customers TO trust_user");
+    let mut s = common::raw_session(&p.addr_string(), "trust_user", "crm").await;
+    async fn reply(s: &mut tokio::net::TcpStream) -> (Vec<u8>, String) {
+        let mut tags = Vec::new();
+        let mut data = String::new();
+        while let Some((tag, body)) = common::read_message(s).await {
+            tags.push(tag);
+            if tag == b'D' || tag == b'E' {
+                data.push_str(&String::from_utf8_lossy(&body));
+            }
+            if tag == b'Z' {
+                break;
+            }
+        }
+        (tags, data)
+    }
+    let sql = "SELECT id, phone FROM customers WHERE id <= 3 ORDER BY id";
+    // Unnamed statement and portal, text results.
+    let mut batch = Vec::new();
+    batch.extend_from_slice(write::parse("", sql).raw());
+    batch.extend_from_slice(write::bind("", "").raw());
+    batch.extend_from_slice(write::execute("").raw());
+    batch.extend_from_slice(write::frame(b'S', |_| {}).raw());
+    s.write_all(&batch).await.unwrap();
+    let (tags, data) = reply(&mut s).await;
+    assert_eq!(tags, b"12DDDCZ", "{data}");
+    assert!(data.contains("139****"), "{data}");
+    assert_no_secret(&data, "never described");
+    // A named statement, a named portal with binary results, fetched two rows at a time.
+    let mut batch = Vec::new();
+    batch.extend_from_slice(write::parse("S_9", sql).raw());
+    batch.extend_from_slice(
+        write::frame(b'B', |b| {
+            b.extend_from_slice(b"P_9\0S_9\0");
+            b.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
+        })
+        .raw(),
+    );
+    batch.extend_from_slice(
+        write::frame(b'E', |b| {
+            b.extend_from_slice(b"P_9\0");
+            b.extend_from_slice(&2i32.to_be_bytes());
+        })
+        .raw(),
+    );
+    batch.extend_from_slice(
+        write::frame(b'E', |b| {
+            b.extend_from_slice(b"P_9\0");
+            b.extend_from_slice(&2i32.to_be_bytes());
+        })
+        .raw(),
+    );
+    batch.extend_from_slice(write::frame(b'S', |_| {}).raw());
+    s.write_all(&batch).await.unwrap();
+    let (tags, data) = reply(&mut s).await;
+    assert_eq!(tags, b"12DDsDCZ", "{data}");
+    assert!(data.contains("139****"), "{data}");
+    assert_no_secret(&data, "named portal, binary, in parts");
+    s.write_all(write::query("SELECT 1").raw()).await.unwrap();
+    let (tags, _) = reply(&mut s).await;
+    assert_eq!(tags, b"TDCZ");
+}
+
 #[tokio::test]
 async fn refusal_inside_a_transaction_aborts_it_like_a_server_error() {
     let (p, _d) = proxy().await;

@@ -121,6 +121,14 @@ pub fn bind(portal: &str, statement: &str) -> Frame {
     })
 }
 
+/// Describe of a portal (`b'P'`) or statement (`b'S'`).
+pub fn describe(target: u8, name: &str) -> Frame {
+    frame(b'D', |b| {
+        b.put_u8(target);
+        put_cstr(b, name);
+    })
+}
+
 /// Execute of portal `portal`, all rows.
 pub fn execute(portal: &str) -> Frame {
     frame(b'E', |b| {

@@ -392,7 +392,9 @@ fn server_frame_action(st: &mut SessionState, f: &Frame) -> Result<Action, Sessi
         }
         b'T' => {
             let rows = backend::row_description(f).map_err(SessionError::upstream)?;
-            st.on_server(b'T', Some(rows));
+            if st.on_server(b'T', Some(rows)) == Reply::Swallow {
+                return Ok(Action::Swallow);
+            }
         }
         b'Z' => {
             let status = backend::ready_for_query(f).map_err(SessionError::upstream)?;

@@ -120,6 +120,13 @@ pub fn screen(
             }
         },
         (Decision::Other, _) => {
+            // Rows a masked session cannot place are never forwarded: where the client
+            // described neither the portal nor its statement, pgveil does, unseen.
+            if let FrontendMessage::Execute { portal, .. } = msg {
+                if let Some(describe) = st.describe_before_execute(portal) {
+                    out.extend_from_slice(describe.raw());
+                }
+            }
             st.on_client_recorded(msg, recorded);
             out.extend_from_slice(raw.raw());
         }

@@ -19,7 +19,7 @@ use crate::policy::session_guard::SessionGuard;
 use crate::policy::session_masking::SessionPolicy;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
 use crate::protocol::frontend::{FormatCodes, FrontendMessage, Target};
-use crate::protocol::ProtocolError;
+use crate::protocol::{Frame, ProtocolError};
 use crate::sql::Strings;
 
 /// A statement or portal name: short names (the usual case) are held inline.
@@ -95,6 +95,9 @@ pub enum Pending {
     Describe {
         target: Target,
         name: Name,
+        /// pgveil's own Describe (see `describe_before_execute`): the reply is not the
+        /// client's.
+        hidden: bool,
     },
     Execute {
         portal: Name,
@@ -430,6 +433,7 @@ impl SessionState {
                 recorded: self.statement_as_sent(statement).cloned(),
             },
             FrontendMessage::Describe { target, name } => Pending::Describe {
+                hidden: false,
                 target: *target,
                 name: Name::new(name),
             },
@@ -502,6 +506,11 @@ impl SessionState {
             b'2' => self.complete_bind(),
             b'3' => self.complete_close(),
             b't' => {} // ParameterDescription: the Describe continues with T or n.
+            b'T' | b'n' if self.answering_hidden_describe() => {
+                self.complete_describe(Some(rows.map(Arc::new)).filter(|_| tag == b'T'));
+                self.plan = None;
+                return Reply::Swallow;
+            }
             b'T' => {
                 let shape = rows.map(Arc::new);
                 let for_statement = matches!(
@@ -580,8 +589,15 @@ impl SessionState {
                     Some(Pending::Execute { portal }) => self.portals.get(portal),
                     _ => None,
                 };
-                let Some((portal, Some(shape))) = portal.map(|p| (p, p.rows.clone().flatten()))
-                else {
+                // A portal bound before its statement was described takes the
+                // statement's description.
+                let rows = |p: &Portal| {
+                    p.rows
+                        .clone()
+                        .or_else(|| self.statements.get(&p.statement)?.rows.clone())
+                        .flatten()
+                };
+                let Some((portal, Some(shape))) = portal.map(|p| (p, rows(p))) else {
                     return Err(UnknownRows::Undescribed);
                 };
                 (shape, Some(portal))
@@ -636,6 +652,67 @@ impl SessionState {
             Pending::Execute { portal } => self.portals.get(portal).map(|p| p.sql.clone()),
             _ => None,
         }
+    }
+
+    fn answering_hidden_describe(&self) -> bool {
+        matches!(
+            self.pending.front(),
+            Some(Pending::Describe { hidden: true, .. })
+        )
+    }
+
+    /// For a masked session, before an Execute of `portal` is forwarded: when pgveil will
+    /// not know the shape of its rows (the client described neither the portal nor its
+    /// statement, as drivers do that cache descriptions), pgveil's own Describe of the
+    /// portal, whose reply the client never sees. `None` when the shape will be known.
+    pub fn describe_before_execute(&mut self, portal: &str) -> Option<Frame> {
+        if self.policy.is_none() || self.shape_will_be_known(portal) {
+            return None;
+        }
+        self.pending.push_back(Pending::Describe {
+            target: Target::Portal,
+            name: Name::new(portal),
+            hidden: true,
+        });
+        Some(crate::protocol::write::describe(b'P', portal))
+    }
+
+    /// Whether the rows of `portal`, run after every request sent so far, will have a
+    /// known shape: described as a portal, or its statement described, before then.
+    fn shape_will_be_known(&self, portal: &str) -> bool {
+        let mut statement = None;
+        for p in self.pending.iter().rev() {
+            match p {
+                Pending::Describe {
+                    target: Target::Portal,
+                    name,
+                    ..
+                } if name == portal && statement.is_none() => return true,
+                Pending::Bind {
+                    portal: bound,
+                    statement: s,
+                    ..
+                } if bound == portal && statement.is_none() => statement = Some(s.clone()),
+                Pending::Describe {
+                    target: Target::Statement,
+                    name,
+                    ..
+                } if statement.as_ref() == Some(name) => return true,
+                Pending::Parse(name, _) if statement.as_ref() == Some(name) => return false,
+                _ => {}
+            }
+        }
+        let statement = match statement {
+            Some(s) => s,
+            None => match self.portals.get(portal) {
+                Some(p) if p.rows.is_some() => return true,
+                Some(p) => p.statement.clone(),
+                None => return false,
+            },
+        };
+        self.statements
+            .get(&statement)
+            .is_some_and(|s| s.rows.is_some())
     }
 
     /// Whether pgveil may send its own catalog query now: nothing in flight, and outside
@@ -750,7 +827,7 @@ impl SessionState {
     fn complete_describe(&mut self, shape: Option<Option<RowShape>>) {
         let described = shape.unwrap_or(None);
         // A RowDescription inside a simple Query or an Execute is not a Describe reply.
-        let Some(Pending::Describe { target, name }) = self.pending.front() else {
+        let Some(Pending::Describe { target, name, .. }) = self.pending.front() else {
             return;
         };
         match target {
