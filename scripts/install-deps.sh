@@ -2,7 +2,7 @@
 # Installs what the tests, demo and benchmarks need on a fresh Debian machine:
 # PostgreSQL 15 server and client (initdb, pg_ctl, psql), pgbench (postgresql-contrib),
 # PgBouncer (for the benchmarks), curl, jq and openssl (for the README walk-through), and
-# psycopg 3 (python3-psycopg, a driver the tests run through pgveil).
+# the drivers the tests run through pgveil (psycopg 3, psycopg2, asyncpg, pgjdbc and a JDK).
 # Does nothing when they are already there.
 set -euo pipefail
 need=()
@@ -12,8 +12,13 @@ command -v pgbench >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/pgbench" 
 command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 # The README walk-through (run by tests/readme.rs) uses these.
 for tool in curl jq openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
-# psycopg 3, a driver the encoding tests run through pgveil.
-python3 -c "import psycopg" 2>/dev/null || need+=(python3-psycopg)
+# Drivers the tests run through pgveil: psycopg 3, psycopg2, asyncpg and pgjdbc (with a
+# JDK to compile its suite). The system Python is asked: a version manager's may differ.
+for module in psycopg psycopg2 asyncpg; do
+  /usr/bin/python3 -c "import $module" 2>/dev/null || need+=("python3-$module")
+done
+command -v javac >/dev/null || need+=(default-jdk-headless)
+[ -f /usr/share/java/postgresql.jar ] || need+=(libpostgresql-jdbc-java)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2

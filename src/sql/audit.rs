@@ -287,6 +287,12 @@ mod tests {
             ("MOVE ABSOLUTE 5 FROM c", "move"),
             ("MOVE FORWARD ALL IN c", "move"),
             ("MOVE c", "move"),
+            // psycopg2's scroll(-1) and scroll(1, 'absolute').
+            ("MOVE -1 FROM \"drivers_cursor\"", "move"),
+            ("MOVE ABSOLUTE 1 FROM c", "move"),
+            ("MOVE +2 IN c", "move"),
+            ("FETCH -3 c", "fetch"),
+            ("FETCH BACKWARD 2 FROM c", "fetch"),
         ] {
             let f = analyse(sql);
             assert!(!f.unanalysed, "{sql}");

@@ -170,6 +170,9 @@ fn cursor_statements<'a, 't>(tokens: &'t [lex::Token<'a>]) -> Cow<'t, [lex::Toke
         match segment.split_first() {
             Some((first, rest)) if cursor_op(first) => {
                 out.push(word(first, "fetch"));
+                // A signed count (`MOVE -1 FROM c`, psycopg2's scroll(-1)) is one number.
+                let signed = signed_counts(rest);
+                let rest = signed.as_ref();
                 let has_from = rest.iter().any(|t| t.is_word("from") || t.is_word("in"));
                 match rest.split_last() {
                     Some((cursor, direction))
@@ -187,6 +190,38 @@ fn cursor_statements<'a, 't>(tokens: &'t [lex::Token<'a>]) -> Cow<'t, [lex::Toke
                 }
             }
             _ => out.extend_from_slice(segment),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A cursor operation's tokens with each `+`/`-` before a number folded into the number.
+fn signed_counts<'a, 't>(tokens: &'t [lex::Token<'a>]) -> Cow<'t, [lex::Token<'a>]> {
+    let sign = |w: &[lex::Token<'_>]| {
+        (w[0].is_op("-") || w[0].is_op("+")) && w[1].kind == lex::Kind::Number
+    };
+    if !tokens.windows(2).any(sign) {
+        return Cow::Borrowed(tokens);
+    }
+    let mut out: Vec<lex::Token<'a>> = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        if i + 1 < tokens.len() && sign(&tokens[i..i + 2]) {
+            let number = &tokens[i + 1];
+            let value = format!(
+                "{}{}",
+                if tokens[i].is_op("-") { "-" } else { "" },
+                number.value
+            );
+            out.push(lex::Token {
+                kind: lex::Kind::Number,
+                span: tokens[i].span.start..number.span.end,
+                value: Cow::Owned(value),
+            });
+            i += 2;
+        } else {
+            out.push(tokens[i].clone());
+            i += 1;
         }
     }
     Cow::Owned(out)

@@ -1,0 +1,202 @@
+//! The drivers most CRM applications use, through pgveil, as a masked and as an exempt
+//! role: pgjdbc (statement reuse past its prepare threshold, fetch-size portals, batches,
+//! metadata calls, scrollable result sets, COPY), asyncpg (its statement cache, prepared
+//! statements, Cursor.forward, executemany, COPY) and psycopg2 (new literals each time, a
+//! scrollable named cursor moved with scroll(), executemany, COPY). Each suite prints one
+//! line per result: the exempt role's output through pgveil must equal a direct
+//! connection's, and the masked role's must hold masked values and no clear one.
+//!
+//! The drivers come from Debian (default-jdk-headless, libpostgresql-jdbc-java,
+//! python3-asyncpg, python3-psycopg2), installed by scripts/install-deps.sh.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{shared, stderr, stdout, PgCluster, TestProxy};
+
+const RULES: &str = r#"
+[[mask]]
+column = "public.customers.phone"
+function = "partial"
+keep_first = 3
+keep_last = 4
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "public.customers.email"
+function = "email"
+unmasked_for = ["crm_admin"]
+"#;
+
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+fn cluster() -> &'static PgCluster {
+    shared()
+}
+
+fn suites() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// The first Python with both drivers (the system's, where a version manager's shim comes
+/// first on PATH).
+fn python() -> &'static str {
+    static PYTHON: OnceLock<&'static str> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        ["python3", "/usr/bin/python3"]
+            .into_iter()
+            .find(|py| {
+                Command::new(py)
+                    .args(["-c", "import asyncpg, psycopg2"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .expect("asyncpg and psycopg2 are missing: run scripts/install-deps.sh")
+    })
+}
+
+/// The JDBC suite, compiled once per test run.
+fn java_classes() -> &'static Path {
+    static CLASSES: OnceLock<tempfile::TempDir> = OnceLock::new();
+    CLASSES
+        .get_or_init(|| {
+            assert!(
+                Path::new(JDBC_JAR).exists(),
+                "pgjdbc is missing: run scripts/install-deps.sh"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let out = Command::new("javac")
+                .args(["-cp", JDBC_JAR, "-d"])
+                .arg(dir.path())
+                .arg(suites().join("Drivers.java"))
+                .output()
+                .expect("javac (default-jdk-headless) is missing: run scripts/install-deps.sh");
+            assert!(out.status.success(), "javac: {}", stderr(&out));
+            dir
+        })
+        .path()
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+fn jdbc(addr: &str, user: &str, password: &str) -> String {
+    let url = format!("jdbc:postgresql://{addr}/crm?sslmode=disable");
+    let classpath = format!("{}:{JDBC_JAR}", java_classes().display());
+    run(
+        Command::new("java").args(["-cp", &classpath, "Drivers", &url, user, password]),
+        &format!("pgjdbc as {user} via {addr}"),
+    )
+}
+
+fn python_suite(script: &str, addr: &str, user: &str, password: &str) -> String {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let dsn = format!("postgresql://{user}:{password}@{host}:{port}/crm?sslmode=disable");
+    run(
+        Command::new(python()).arg(suites().join(script)).arg(&dsn),
+        &format!("{script} as {user} via {addr}"),
+    )
+}
+
+/// Distinctive fragments of every clear phone and e-mail.
+fn secrets() -> Vec<String> {
+    cluster()
+        .psql_super(
+            "crm",
+            "SELECT substr(phone, 4, 4) || '|' || split_part(email, '@', 1) FROM customers WHERE id <= 12",
+        )
+        .lines()
+        .flat_map(|l| l.split('|').map(str::to_string).collect::<Vec<_>>())
+        .filter(|s| s.len() >= 4)
+        .collect()
+}
+
+/// The exempt role through pgveil sees exactly what a direct connection sees; the masked
+/// role gets every line (the same statements ran), masked values, and no clear one.
+fn compare(suite: impl Fn(&str, &str, &str) -> String, p: &TestProxy) {
+    let direct = suite(&cluster().addr(), "crm_admin", "admin_pw");
+    let exempt = suite(&p.addr_string(), "crm_admin", "admin_pw");
+    assert_eq!(
+        exempt, direct,
+        "the exempt role's results differ through pgveil"
+    );
+    let masked = suite(&p.addr_string(), "alice", "alice_pw");
+    assert_eq!(
+        masked.lines().count(),
+        direct.lines().count(),
+        "{masked}\n---\n{direct}"
+    );
+    assert!(masked.contains("139****"), "{masked}");
+    assert!(masked.contains("***@example.com"), "{masked}");
+    for s in secrets() {
+        for l in masked.lines() {
+            // Metadata lines name columns, not values.
+            assert!(
+                !l.contains(&format!("{s}@")) && !l.contains(&format!("139{s}")),
+                "{s} in clear: {l}"
+            );
+        }
+    }
+}
+
+async fn proxy() -> (TestProxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let path = dir.path().to_path_buf();
+    let p = TestProxy::start(cluster(), move |s| s.rules = Some(path)).await;
+    (p, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc() {
+    let (p, _d) = proxy().await;
+    let p = std::sync::Arc::new(p);
+    let proxy = p.clone();
+    tokio::task::spawn_blocking(move || compare(jdbc, &proxy))
+        .await
+        .unwrap();
+    std::sync::Arc::into_inner(p).unwrap().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg() {
+    let (p, _d) = proxy().await;
+    let p = std::sync::Arc::new(p);
+    let proxy = p.clone();
+    tokio::task::spawn_blocking(move || {
+        compare(
+            |addr, user, password| python_suite("asyncpg_suite.py", addr, user, password),
+            &proxy,
+        )
+    })
+    .await
+    .unwrap();
+    std::sync::Arc::into_inner(p).unwrap().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg2() {
+    let (p, _d) = proxy().await;
+    let p = std::sync::Arc::new(p);
+    let proxy = p.clone();
+    tokio::task::spawn_blocking(move || {
+        compare(
+            |addr, user, password| python_suite("psycopg2_suite.py", addr, user, password),
+            &proxy,
+        )
+    })
+    .await
+    .unwrap();
+    std::sync::Arc::into_inner(p).unwrap().shutdown().await;
+}
