@@ -48,6 +48,16 @@ unmasked_for = ["crm_admin"]
 column = "public.renamed.secret"
 function = "redact"
 unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "public.renamed_here.secret"
+function = "redact"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "public.columns_renamed.secret"
+function = "redact"
+unmasked_for = ["crm_admin"]
 "#;
 
 fn database(name: &str) -> &'static PgCluster {
@@ -63,7 +73,14 @@ fn database(name: &str) -> &'static PgCluster {
          INSERT INTO plain VALUES (1, 'topsecret-renamed'); \
          GRANT SELECT ON plain TO crm_base; \
          CREATE VIEW plain_view AS SELECT id, secret FROM plain; \
-         GRANT SELECT ON plain_view TO crm_base",
+         GRANT SELECT ON plain_view TO crm_base; \
+         CREATE TABLE plain2 (id int, secret text); \
+         INSERT INTO plain2 VALUES (1, 'topsecret-renamed-directly'); \
+         CREATE VIEW plain2_view AS SELECT id, secret FROM plain2; \
+         CREATE TABLE columns_renamed (id int, other text); \
+         INSERT INTO columns_renamed VALUES (1, 'topsecret-column'); \
+         CREATE VIEW columns_view AS SELECT id, other FROM columns_renamed; \
+         GRANT SELECT ON plain2, plain2_view, columns_renamed, columns_view TO crm_base",
     );
     pg
 }
@@ -452,6 +469,47 @@ async fn the_sessions_own_tables_are_not_taken_for_changed_ones() {
         "SELECT m.*, r.* FROM mine m, recreated r",
     ] {
         answered(&alice, sql, "topsecret-new", false).await;
+    }
+    p.shutdown().await;
+}
+
+/// The same behind pgveil's back: a table, and a column, renamed into masked names
+/// directly on the server, read through views created under the old names by a session
+/// that was running across the rename. Nothing but the names changed (OIDs and attribute
+/// numbers stay), so the session asks the server, before each batch, whether what its
+/// pending masks name exists yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_renamed_into_masked_ones_behind_pgveils_back_are_masked() {
+    let db = "drift_renamed_directly";
+    let pg = database(db);
+    let (p, _rules) = proxy(pg).await;
+    let running = client(&p, "alice", "alice_pw", db).await;
+    let rows = simple(&running, "SELECT secret FROM plain2_view")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec!["topsecret-renamed-directly".to_string()]);
+    let rows = simple(&running, "SELECT other FROM columns_view")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec!["topsecret-column".to_string()]);
+    direct(
+        pg,
+        db,
+        "ALTER TABLE plain2 RENAME TO renamed_here; \
+         ALTER TABLE columns_renamed RENAME COLUMN other TO secret",
+    );
+    for ext in [false, true] {
+        for (sql, clear) in [
+            (
+                "SELECT secret FROM plain2_view",
+                "topsecret-renamed-directly",
+            ),
+            ("SELECT * FROM plain2_view", "topsecret-renamed-directly"),
+            ("SELECT other FROM columns_view", "topsecret-column"),
+            ("SELECT upper(other) FROM columns_view", "TOPSECRET-COLUMN"),
+        ] {
+            answered(&running, sql, clear, ext).await;
+        }
     }
     p.shutdown().await;
 }

@@ -140,6 +140,14 @@ impl SessionMasks {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Every masked column the catalog does not have, as (schema, table, column).
+    pub fn pending_columns(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.pending.iter().flat_map(|((schema, table), cols)| {
+            cols.iter()
+                .map(move |(c, _)| (schema.as_str(), table.as_str(), c.as_str()))
+        })
+    }
+
     /// Whether a mask rule names a table called `name` (in any schema) that the catalog
     /// does not have: a bare name may mean it once it exists.
     pub fn pending_table(&self, name: &str, catalog: &Catalog) -> Option<&Origin> {

@@ -139,9 +139,17 @@ async fn client_to_server(
                         message,
                     })?;
             }
-            refresh.catalog_wanted(&mut st)
+            match refresh.catalog_wanted(&mut st) {
+                true => Some(None),
+                false => refresh.pending_probe(&st).map(Some),
+            }
         };
-        if catalog {
+        let read = match catalog {
+            Some(None) => true,
+            Some(Some(probe)) => probe_pending(state, upstream, &probe, catalog_ready).await?,
+            None => false,
+        };
+        if read {
             read_catalog(state, upstream, &mut refresh, catalog_ready).await?;
         }
         let mut frame = Some(first);
@@ -241,6 +249,29 @@ async fn read_catalog(
     }
 }
 
+/// Runs pgveil's probe for what pending masks name (see `PolicyRefresh::pending_probe`),
+/// its replies hidden from the client: whether something they name exists now.
+async fn probe_pending(
+    state: &Mutex<SessionState>,
+    upstream: &mut (impl AsyncWrite + Unpin),
+    probe: &str,
+    catalog_ready: &Notify,
+) -> Result<bool, SessionError> {
+    lock(state).start_pending_probe();
+    upstream
+        .write_all(write::query(probe).raw())
+        .await
+        .map_err(SessionError::upstream)?;
+    loop {
+        catalog_ready.notified().await;
+        let mut st = lock(state);
+        if let CatalogRead::Probed(found) = st.catalog_read {
+            st.catalog_read = CatalogRead::Idle;
+            return Ok(found);
+        }
+    }
+}
+
 async fn server_to_client(
     upstream: &mut FrameReader<BoxRead>,
     client: &mut (impl AsyncWrite + Unpin),
@@ -284,7 +315,10 @@ async fn server_to_client(
                 }
                 frame = upstream.buffered().map_err(SessionError::upstream)?;
             }
-            if matches!(st.catalog_read, CatalogRead::Done(_)) {
+            if matches!(
+                st.catalog_read,
+                CatalogRead::Done(_) | CatalogRead::Probed(_)
+            ) {
                 catalog_ready.notify_one();
             }
             st.audit

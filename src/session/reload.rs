@@ -154,6 +154,42 @@ impl PolicyRefresh {
         st.can_read_catalog()
     }
 
+    /// For a masked session with masks the catalog does not have yet (when nothing is in
+    /// flight and no transaction block is open): the query that finds whether any of them
+    /// exists now, so that the catalog is read again first. A table renamed, or a column
+    /// renamed, into a masked name behind pgveil's back keeps its OID and attribute number
+    /// (a view created earlier reads it under them): only its name tells. One round trip
+    /// before each batch, for such sessions only.
+    pub fn pending_probe(&self, st: &SessionState) -> Option<String> {
+        let policy = st.policy.as_ref()?;
+        // E'' reads alike whatever standard_conforming_strings is.
+        let quote = |s: &str| format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
+        let conditions: Vec<String> = policy
+            .masks
+            .pending_columns()
+            .map(|(schema, table, column)| {
+                // Operators spelled out: the session's search_path may hold others.
+                format!(
+                    "(n.nspname OPERATOR(pg_catalog.=) {} AND c.relname OPERATOR(pg_catalog.=) {} \
+                     AND a.attname OPERATOR(pg_catalog.=) {})",
+                    quote(schema),
+                    quote(table),
+                    quote(column)
+                )
+            })
+            .collect();
+        if conditions.is_empty() || !st.can_read_catalog() {
+            return None;
+        }
+        Some(format!(
+            "SELECT 1 FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
+             AND NOT a.attisdropped WHERE {} LIMIT 1",
+            conditions.join(" OR ")
+        ))
+    }
+
     /// The schema version a catalog read now is read at.
     pub fn version_now(&self, st: &SessionState) -> CatalogVersion {
         st.catalog_version

@@ -168,6 +168,11 @@ pub enum CatalogRead {
     Reading(crate::catalog::CatalogRows, bool),
     /// The catalog read, or `None` when the server refused the query.
     Done(Option<crate::catalog::Catalog>),
+    /// pgveil's probe for what pending masks name (see `PolicyRefresh::pending_probe`):
+    /// whether a row (or an error) came back.
+    Probing(bool),
+    /// Whether something the pending masks name exists now (or the probe failed).
+    Probed(bool),
 }
 
 impl std::fmt::Debug for CatalogRead {
@@ -176,6 +181,8 @@ impl std::fmt::Debug for CatalogRead {
             CatalogRead::Idle => "Idle",
             CatalogRead::Reading(..) => "Reading",
             CatalogRead::Done(_) => "Done",
+            CatalogRead::Probing(_) => "Probing",
+            CatalogRead::Probed(_) => "Probed",
         })
     }
 }
@@ -728,6 +735,12 @@ impl SessionState {
         self.catalog_read = CatalogRead::Reading(Default::default(), false);
     }
 
+    /// Starts pgveil's probe for what pending masks name: the caller sends the probe.
+    pub fn start_pending_probe(&mut self) {
+        self.pending.push_back(Pending::Catalog);
+        self.catalog_read = CatalogRead::Probing(false);
+    }
+
     /// Whether the server's replies now arriving answer pgveil's catalog query.
     pub fn reading_catalog(&self) -> bool {
         self.pending.front() == Some(&Pending::Catalog)
@@ -736,6 +749,17 @@ impl SessionState {
     /// One reply to pgveil's catalog query (see [`Self::reading_catalog`]); at its
     /// ReadyForQuery the catalog is read.
     pub fn on_catalog_reply(&mut self, tag: u8, row: Option<&[Option<&[u8]>]>) {
+        if let CatalogRead::Probing(found) = &mut self.catalog_read {
+            match tag {
+                b'D' | b'E' => *found = true,
+                b'Z' => {
+                    self.pending.pop_front();
+                    self.catalog_read = CatalogRead::Probed(*found);
+                }
+                _ => {}
+            }
+            return;
+        }
         let CatalogRead::Reading(rows, failed) = &mut self.catalog_read else {
             return;
         };
