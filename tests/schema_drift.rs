@@ -513,3 +513,58 @@ async fn names_renamed_into_masked_ones_behind_pgveils_back_are_masked() {
     }
     p.shutdown().await;
 }
+
+/// The same DDL through pgveil (the schema owner's session): a masked column added, a
+/// masked table dropped and created again, a view created over a masked table. Running
+/// masked sessions read the catalog again before their next statement; new ones start
+/// from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_through_pgveil_is_followed_by_running_and_new_sessions() {
+    let db = "drift_through";
+    let pg = database(db);
+    let (p, _rules) = proxy(pg).await;
+    let running = client(&p, "alice", "alice_pw", db).await;
+    answered(
+        &running,
+        "SELECT secret FROM recreated",
+        "topsecret-old",
+        false,
+    )
+    .await;
+    let clear_phone = pg.psql_super(db, "SELECT phone FROM customers WHERE id = 7");
+    let owner = client(&p, "postgres", SUPERUSER_PASSWORD, db).await;
+    for ddl in [
+        "ALTER TABLE customers ADD COLUMN nickname text",
+        "DROP TABLE recreated",
+        "CREATE TABLE recreated (id int, secret text)",
+        "CREATE VIEW contact_view AS SELECT id, phone FROM customers",
+    ] {
+        simple(&owner, ddl)
+            .await
+            .unwrap_or_else(|e| panic!("{ddl}: {e}"));
+    }
+    direct(
+        pg,
+        db,
+        "UPDATE customers SET nickname = 'nick-secret-' || id; \
+         INSERT INTO recreated VALUES (1, 'topsecret-new'); \
+         GRANT SELECT ON recreated, contact_view TO crm_base",
+    );
+    let new = client(&p, "alice", "alice_pw", db).await;
+    for session in [&running, &new] {
+        for ext in [false, true] {
+            for (sql, clear) in [
+                ("SELECT nickname FROM customers WHERE id = 1", "nick-secret"),
+                ("SELECT * FROM customers WHERE id = 1", "nick-secret"),
+                ("SELECT secret FROM recreated", "topsecret-new"),
+                (
+                    "SELECT phone FROM contact_view WHERE id = 7",
+                    clear_phone.as_str(),
+                ),
+            ] {
+                answered(session, sql, clear, ext).await;
+            }
+        }
+    }
+    p.shutdown().await;
+}
