@@ -338,3 +338,37 @@ print("ok")
     }
     p.shutdown().await;
 }
+
+/// An application_name in the startup's client_encoding is recorded converted to UTF-8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_names_are_recorded_as_utf8() {
+    let (p, _d) = proxy(None).await;
+    let name = encode("LATIN9", "café €uro");
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    for (k, v) in [
+        (&b"user"[..], &b"trust_user"[..]),
+        (b"database", b"crm"),
+        (b"client_encoding", b"LATIN9"),
+        (b"application_name", &name),
+    ] {
+        body.extend_from_slice(&cstr(k));
+        body.extend_from_slice(&cstr(v));
+    }
+    body.push(0);
+    let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    let mut s = tokio::net::TcpStream::connect(p.addr_string())
+        .await
+        .unwrap();
+    s.write_all(&startup).await.unwrap();
+    rows_until_ready(&mut s, "startup").await;
+    s.write_all(&frame(b'Q', &cstr(b"SELECT 1"))).await.unwrap();
+    rows_until_ready(&mut s, "query").await;
+    s.write_all(&frame(b'X', &[])).await.unwrap();
+    let records = records_with(&p, "SELECT 1");
+    assert!(
+        records.iter().any(|r| r["application_name"] == "café €uro"),
+        "{records:?}"
+    );
+    p.shutdown().await;
+}

@@ -65,6 +65,22 @@ impl StartupMessage {
         &self.raw
     }
 
+    /// A parameter's value as the client sent it (the text of [`Self::param`] replaces
+    /// bytes that are not UTF-8).
+    pub fn param_bytes(&self, name: &str) -> Option<&[u8]> {
+        let mut fields = self.raw.get(8..)?.split(|&b| b == 0);
+        while let Some(key) = fields.next() {
+            let value = fields.next()?;
+            if key == name.as_bytes() {
+                return Some(value);
+            }
+            if key.is_empty() {
+                return None;
+            }
+        }
+        None
+    }
+
     /// Builds a protocol 3.0 StartupMessage (used by tests and tools).
     pub fn new(params: &[(&str, &str)]) -> StartupMessage {
         let mut b = BytesMut::new();
@@ -198,6 +214,8 @@ mod tests {
         };
         assert_eq!(got.param("user"), Some("alice"));
         assert_eq!(got.param("database"), Some("crm"));
+        assert_eq!(got.param_bytes("database"), Some(&b"crm"[..]));
+        assert_eq!(got.param_bytes("options"), None);
         assert_eq!(cursor.position() as usize, msg.raw().len());
     }
 

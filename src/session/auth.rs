@@ -287,11 +287,7 @@ async fn read_identity(
         },
     )
     .await?;
-    let app = startup
-        .message
-        .param("application_name")
-        .unwrap_or_default()
-        .to_string();
+    let app = super::encoding::startup_param(startup.message, "application_name");
     rows.finish(startup.session_id, startup.client_addr, app)
         .ok_or_else(|| SessionError::Upstream("the server did not report the session user".into()))
 }

@@ -98,6 +98,21 @@ pub fn client_text(bytes: &[u8], client_encoding: &str) -> Option<Converted> {
     }
 }
 
+/// A StartupMessage parameter (`application_name`) as UTF-8 text: converted from the
+/// startup's own client_encoding when it is not UTF-8, and saying so when some bytes
+/// could not be converted.
+pub fn startup_param(message: &crate::protocol::startup::StartupMessage, name: &str) -> String {
+    let Some(bytes) = message.param_bytes(name) else {
+        return String::new();
+    };
+    let encoding = message.param("client_encoding").unwrap_or("UTF8");
+    match client_text(bytes, encoding) {
+        None => String::from_utf8_lossy(bytes).into_owned(),
+        Some(c) if c.lossless => c.text,
+        Some(c) => format!("{} (bytes not valid in {} stand as U+FFFD)", c.text, c.from),
+    }
+}
+
 /// A Query or Parse whose text had to be converted: the frame as pgveil reads it (UTF-8)
 /// and what the conversion was. The client's own frame is what the server gets.
 #[derive(Debug)]

@@ -45,7 +45,7 @@ impl Who {
             user,
             database,
             client_addr: client_addr.to_string(),
-            application_name: param("application_name"),
+            application_name: crate::session::encoding::startup_param(message, "application_name"),
         }
     }
 
