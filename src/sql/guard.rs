@@ -122,28 +122,35 @@ impl StatementFacts {
 /// Why a statement that calls `calls` cannot be analysed: the first function the catalog
 /// does not know as built in (code pgveil cannot see into).
 pub fn opaque_call(calls: &[Call], catalog: &Catalog) -> Option<String> {
-    calls.iter().find_map(|Call { parts, in_from }| {
-        let bare = parts.last().map(String::as_str).unwrap_or_default();
-        let builtin = match parts.as_slice() {
-            [schema, _] if schema == "information_schema" => {
-                catalog.is_builtin_function(&parts.join("."))
-            }
-            _ => {
-                let qualified_builtin =
-                    parts.len() == 1 || (parts.len() == 2 && parts[0] == "pg_catalog");
-                qualified_builtin
-                    && (catalog.is_builtin_function(bare)
-                        || (!in_from && is_grammar_function(bare)))
-                    && !catalog.is_user_function(bare)
-            }
-        };
-        (!builtin).then(|| {
+    calls
+        .iter()
+        .find(|c| !is_builtin_call(&c.parts, c.in_from, catalog))
+        .map(|c| {
             format!(
                 "it calls {}, a function that is not built in",
-                parts.join(".")
+                c.parts.join(".")
             )
         })
-    })
+}
+
+/// Whether a call of the function named `parts` (folded, as written) is of one PostgreSQL
+/// ships: `information_schema`'s by the catalog's word, any other only unqualified or in
+/// `pg_catalog`, built in (or grammar-only, outside FROM) and not shadowed by a user
+/// function of the same name.
+pub fn is_builtin_call(parts: &[String], in_from: bool, catalog: &Catalog) -> bool {
+    let bare = parts.last().map(String::as_str).unwrap_or_default();
+    match parts {
+        [schema, _] if schema == "information_schema" => {
+            catalog.is_builtin_function(&parts.join("."))
+        }
+        _ => {
+            let qualified_builtin =
+                parts.len() == 1 || (parts.len() == 2 && parts[0] == "pg_catalog");
+            qualified_builtin
+                && (catalog.is_builtin_function(bare) || (!in_from && is_grammar_function(bare)))
+                && !catalog.is_user_function(bare)
+        }
+    }
 }
 
 /// The facts of one parsed statement, or of one pgveil cannot parse (`None`).

@@ -27,7 +27,7 @@ use crate::config::rules::{Origin, Unanalysable};
 pub use crate::policy::Refusal;
 use crate::policy::SessionMasks;
 use crate::sql::analysis::{Analysed, Analysis};
-use crate::sql::{fold, is_dangerous, is_grammar_function, kind_of, name_parts, Strings};
+use crate::sql::{fold, is_dangerous, kind_of, name_parts, Strings};
 
 /// What the session knows when a statement arrives.
 pub struct Context<'a> {
@@ -247,7 +247,6 @@ fn check_functions(facts: &Facts, ctx: &Context<'_>, kind: &'static str) -> Resu
         .map(|t| (t.parts.as_slice(), true));
     for (f, from) in calls.chain(in_from) {
         let name = f.last().map(String::as_str).unwrap_or("?");
-        let qualified_builtin = f.len() == 1 || (f.len() == 2 && f[0] == "pg_catalog") || from;
         let function = format!("function {}", f.join("."));
         if is_dangerous(name) {
             return Err(refuse(
@@ -257,18 +256,7 @@ fn check_functions(facts: &Facts, ctx: &Context<'_>, kind: &'static str) -> Resu
                 None,
             ));
         }
-        let builtin = match f {
-            [schema, _] if schema == "information_schema" => {
-                ctx.catalog.is_builtin_function(&f.join("."))
-            }
-            _ => {
-                qualified_builtin
-                    && (ctx.catalog.is_builtin_function(name)
-                        || (!from && is_grammar_function(name)))
-                    && !ctx.catalog.is_user_function(name)
-            }
-        };
-        if !builtin {
+        if !crate::sql::guard::is_builtin_call(f, from, ctx.catalog) {
             return Err(refuse(
                 kind,
                 function,
