@@ -44,6 +44,8 @@ pub struct SessionMasks {
     /// add the column at any time), by `schema.table`, with the rule behind each. A
     /// session with such masks is masked even if no other mask resolved.
     pending: HashMap<(String, String), Vec<(String, Origin)>>,
+    /// The query that finds whether anything `pending` names exists now (built once).
+    pending_probe: Option<Arc<str>>,
 }
 
 /// Whether `rule` masks the column for a session with `identity`'s roles.
@@ -126,7 +128,44 @@ impl SessionMasks {
                 masks.masked_views.insert(rel.oid, *t);
             }
         }
+        masks.pending_probe = masks.probe_sql().map(Arc::from);
         masks
+    }
+
+    /// The probe for pending masks (see [`Self::pending_probe`]).
+    fn probe_sql(&self) -> Option<String> {
+        // E'' reads alike whatever standard_conforming_strings is.
+        let quote = |s: &str| format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
+        let conditions: Vec<String> = self
+            .pending_columns()
+            .map(|(schema, table, column)| {
+                // Operators spelled out: the session's search_path may hold others.
+                format!(
+                    "(n.nspname OPERATOR(pg_catalog.=) {} AND c.relname OPERATOR(pg_catalog.=) {} \
+                     AND a.attname OPERATOR(pg_catalog.=) {})",
+                    quote(schema),
+                    quote(table),
+                    quote(column)
+                )
+            })
+            .collect();
+        (!conditions.is_empty()).then(|| {
+            format!(
+                "SELECT 1 FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
+                 AND NOT a.attisdropped WHERE {} LIMIT 1",
+                conditions.join(" OR ")
+            )
+        })
+    }
+
+    /// For masks the catalog does not have yet: a one-row query of pg_class and
+    /// pg_attribute that finds whether any of them exists now. A table or column renamed
+    /// into a masked name behind pgveil's back keeps its OID and attribute number (a view
+    /// created earlier reads it under them): only its name tells.
+    pub fn pending_probe(&self) -> Option<&Arc<str>> {
+        self.pending_probe.as_ref()
     }
 
     pub fn is_empty(&self) -> bool {

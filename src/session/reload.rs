@@ -129,8 +129,8 @@ impl PolicyRefresh {
         // Masked sessions, and guarded ones that delete from recycled tables only while
         // the capture is in place, follow the schema.
         let current = match (&st.policy, &st.guard) {
-            (Some(p), _) => p.catalog.clone(),
-            (None, Some(g)) if g.policy().recycles() => g.catalog.clone(),
+            (Some(p), _) => Arc::as_ptr(&p.catalog),
+            (None, Some(g)) if g.policy().recycles() => Arc::as_ptr(&g.catalog),
             _ => return false,
         };
         let asked = st.policy.as_ref().is_some_and(|p| p.catalog_wanted);
@@ -144,7 +144,7 @@ impl PolicyRefresh {
                 .catalogs
                 .get(&self.identity.database)
                 .filter(|c| c.version.is_current())
-                .filter(|c| !Arc::ptr_eq(&c.catalog, &current))
+                .filter(|c| !std::ptr::eq(Arc::as_ptr(&c.catalog), current))
                 .map(|c| c.clone());
             if let Some(newer) = newer {
                 self.put_in_force(st, newer.catalog, newer.version);
@@ -160,34 +160,9 @@ impl PolicyRefresh {
     /// renamed, into a masked name behind pgveil's back keeps its OID and attribute number
     /// (a view created earlier reads it under them): only its name tells. One round trip
     /// before each batch, for such sessions only.
-    pub fn pending_probe(&self, st: &SessionState) -> Option<String> {
-        let policy = st.policy.as_ref()?;
-        // E'' reads alike whatever standard_conforming_strings is.
-        let quote = |s: &str| format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
-        let conditions: Vec<String> = policy
-            .masks
-            .pending_columns()
-            .map(|(schema, table, column)| {
-                // Operators spelled out: the session's search_path may hold others.
-                format!(
-                    "(n.nspname OPERATOR(pg_catalog.=) {} AND c.relname OPERATOR(pg_catalog.=) {} \
-                     AND a.attname OPERATOR(pg_catalog.=) {})",
-                    quote(schema),
-                    quote(table),
-                    quote(column)
-                )
-            })
-            .collect();
-        if conditions.is_empty() || !st.can_read_catalog() {
-            return None;
-        }
-        Some(format!(
-            "SELECT 1 FROM pg_catalog.pg_class c \
-             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
-             AND NOT a.attisdropped WHERE {} LIMIT 1",
-            conditions.join(" OR ")
-        ))
+    pub fn pending_probe(&self, st: &SessionState) -> Option<Arc<str>> {
+        let probe = st.policy.as_ref()?.masks.pending_probe()?;
+        st.can_read_catalog().then(|| probe.clone())
     }
 
     /// The schema version a catalog read now is read at.
