@@ -124,14 +124,14 @@ fn secrets() -> Vec<String> {
 
 /// The exempt role through pgveil sees exactly what a direct connection sees; the masked
 /// role gets every line (the same statements ran), masked values, and no clear one.
-fn compare(suite: impl Fn(&str, &str, &str) -> String, p: &TestProxy) {
+fn compare(suite: impl Fn(&str, &str, &str) -> String, pgveil: &str) {
     let direct = suite(&cluster().addr(), "crm_admin", "admin_pw");
-    let exempt = suite(&p.addr_string(), "crm_admin", "admin_pw");
+    let exempt = suite(pgveil, "crm_admin", "admin_pw");
     assert_eq!(
         exempt, direct,
         "the exempt role's results differ through pgveil"
     );
-    let masked = suite(&p.addr_string(), "alice", "alice_pw");
+    let masked = suite(pgveil, "alice", "alice_pw");
     assert_eq!(
         masked.lines().count(),
         direct.lines().count(),
@@ -150,53 +150,35 @@ fn compare(suite: impl Fn(&str, &str, &str) -> String, p: &TestProxy) {
     }
 }
 
-async fn proxy() -> (TestProxy, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
-    let path = dir.path().to_path_buf();
-    let p = TestProxy::start(cluster(), move |s| s.rules = Some(path)).await;
-    (p, dir)
+/// Runs `suite` directly and through a pgveil with the masks above (see `compare`).
+async fn through_pgveil(suite: fn(&str, &str, &str) -> String) {
+    let p = TestProxy::with_rules(cluster(), RULES).await;
+    let addr = p.addr_string();
+    tokio::task::spawn_blocking(move || compare(suite, &addr))
+        .await
+        .unwrap();
+    p.shutdown().await;
+}
+
+fn asyncpg_suite(addr: &str, user: &str, password: &str) -> String {
+    python_suite("asyncpg_suite.py", addr, user, password)
+}
+
+fn psycopg2_suite(addr: &str, user: &str, password: &str) -> String {
+    python_suite("psycopg2_suite.py", addr, user, password)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc() {
-    let (p, _d) = proxy().await;
-    let p = std::sync::Arc::new(p);
-    let proxy = p.clone();
-    tokio::task::spawn_blocking(move || compare(jdbc, &proxy))
-        .await
-        .unwrap();
-    std::sync::Arc::into_inner(p).unwrap().shutdown().await;
+    through_pgveil(jdbc).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg() {
-    let (p, _d) = proxy().await;
-    let p = std::sync::Arc::new(p);
-    let proxy = p.clone();
-    tokio::task::spawn_blocking(move || {
-        compare(
-            |addr, user, password| python_suite("asyncpg_suite.py", addr, user, password),
-            &proxy,
-        )
-    })
-    .await
-    .unwrap();
-    std::sync::Arc::into_inner(p).unwrap().shutdown().await;
+    through_pgveil(asyncpg_suite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg2() {
-    let (p, _d) = proxy().await;
-    let p = std::sync::Arc::new(p);
-    let proxy = p.clone();
-    tokio::task::spawn_blocking(move || {
-        compare(
-            |addr, user, password| python_suite("psycopg2_suite.py", addr, user, password),
-            &proxy,
-        )
-    })
-    .await
-    .unwrap();
-    std::sync::Arc::into_inner(p).unwrap().shutdown().await;
+    through_pgveil(psycopg2_suite).await;
 }

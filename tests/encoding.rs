@@ -44,20 +44,12 @@ fn cluster() -> &'static PgCluster {
     pg
 }
 
-async fn proxy(rules: Option<&str>) -> (TestProxy, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    if let Some(rules) = rules {
-        std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+/// pgveil with these rules, or with the relay's own (no masks, no guard).
+async fn proxy(rules: Option<&str>) -> TestProxy {
+    match rules {
+        Some(rules) => TestProxy::with_rules(cluster(), rules).await,
+        None => TestProxy::start(cluster(), |_| {}).await,
     }
-    let masked = rules.is_some();
-    let p = TestProxy::start(cluster(), move |s| {
-        if masked {
-            s.rules = Some(path)
-        }
-    })
-    .await;
-    (p, dir)
 }
 
 fn encode(encoding: &str, text: &str) -> Vec<u8> {
@@ -139,34 +131,31 @@ async fn round_trips(p: &TestProxy, user: &str, masked: bool) {
         let mut sql = b"SELECT '".to_vec();
         sql.extend_from_slice(&bytes);
         sql.extend_from_slice(b"' AS t, phone FROM customers WHERE id = 1");
-        // Simple protocol.
-        s.write_all(&frame(b'Q', &cstr(&sql))).await.unwrap();
-        let rows = rows_until_ready(&mut s, &format!("{encoding} simple")).await;
-        assert_eq!(rows.len(), 1, "{encoding}");
-        assert_eq!(
-            rows[0][0], bytes,
-            "{encoding}: the literal came back changed"
-        );
-        let phone = String::from_utf8_lossy(&rows[0][1]).to_string();
-        assert_eq!(phone.contains("****"), masked, "{encoding}: {phone}");
-        // Extended protocol: a named statement, described, bound and run.
-        let mut batch = frame(b'P', &[cstr(b"s1"), cstr(&sql), vec![0, 0]].concat());
-        batch.extend(frame(
+        // Simple protocol; extended: a named statement, described, bound and run.
+        let simple = frame(b'Q', &cstr(&sql));
+        let mut extended = frame(b'P', &[cstr(b"s1"), cstr(&sql), vec![0, 0]].concat());
+        extended.extend(frame(
             b'B',
             &[cstr(b""), cstr(b"s1"), vec![0, 0, 0, 0, 0, 0]].concat(),
         ));
-        batch.extend(frame(b'D', &[vec![b'P'], cstr(b"")].concat()));
-        batch.extend(frame(b'E', &[cstr(b""), vec![0, 0, 0, 0]].concat()));
-        batch.extend(frame(b'S', &[]));
-        s.write_all(&batch).await.unwrap();
-        let rows = rows_until_ready(&mut s, &format!("{encoding} extended")).await;
-        assert_eq!(rows.len(), 1, "{encoding}");
-        assert_eq!(
-            rows[0][0], bytes,
-            "{encoding}: the literal came back changed"
-        );
-        let phone = String::from_utf8_lossy(&rows[0][1]).to_string();
-        assert_eq!(phone.contains("****"), masked, "{encoding}: {phone}");
+        extended.extend(frame(b'D', &[vec![b'P'], cstr(b"")].concat()));
+        extended.extend(frame(b'E', &[cstr(b""), vec![0, 0, 0, 0]].concat()));
+        extended.extend(frame(b'S', &[]));
+        for (protocol, batch) in [("simple", simple), ("extended", extended)] {
+            s.write_all(&batch).await.unwrap();
+            let rows = rows_until_ready(&mut s, &format!("{encoding} {protocol}")).await;
+            assert_eq!(rows.len(), 1, "{encoding} {protocol}");
+            assert_eq!(
+                rows[0][0], bytes,
+                "{encoding} {protocol}: the literal came back changed"
+            );
+            let phone = String::from_utf8_lossy(&rows[0][1]).to_string();
+            assert_eq!(
+                phone.contains("****"),
+                masked,
+                "{encoding} {protocol}: {phone}"
+            );
+        }
         s.write_all(&frame(b'X', &[])).await.unwrap();
     }
 }
@@ -181,7 +170,7 @@ fn records_with(p: &TestProxy, needle: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmasked_sessions_pass_every_encoding_through() {
-    let (p, _d) = proxy(None).await;
+    let p = proxy(None).await;
     round_trips(&p, "trust_user", false).await;
     // The audit log holds each statement as UTF-8 and says what it was converted from.
     for (encoding, text) in SAMPLES {
@@ -196,7 +185,7 @@ async fn unmasked_sessions_pass_every_encoding_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn masked_sessions_read_every_encoding_as_the_server_does() {
-    let (p, _d) = proxy(Some(RULES)).await;
+    let p = proxy(Some(RULES)).await;
     round_trips(&p, "trust_user", true).await;
     for (encoding, text) in SAMPLES {
         let records = records_with(&p, text);
@@ -214,7 +203,7 @@ async fn masked_sessions_read_every_encoding_as_the_server_does() {
 /// not be converted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_are_not_text_get_the_servers_error_not_a_fatal_one() {
-    let (p, _d) = proxy(None).await;
+    let p = proxy(None).await;
     let mut s = raw_session_with(
         &p.addr_string(),
         &[("user", "trust_user"), ("database", "crm")],
@@ -252,7 +241,7 @@ async fn bytes_that_are_not_text_get_the_servers_error_not_a_fatal_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_with_pgclientencoding() {
-    let (p, _d) = proxy(Some(RULES)).await;
+    let p = proxy(Some(RULES)).await;
     for (user, password, masked) in [
         ("crm_admin", "admin_pw", false),
         ("alice", "alice_pw", true),
@@ -295,7 +284,7 @@ async fn psycopg_in_latin9_and_win1251() {
                 .is_ok_and(|o| o.status.success())
         })
         .expect("psycopg 3 is missing: run scripts/install-deps.sh");
-    let (p, _d) = proxy(Some(RULES)).await;
+    let p = proxy(Some(RULES)).await;
     let script = r#"
 import sys, psycopg
 conn = psycopg.connect(sys.argv[1], client_encoding=sys.argv[2])
@@ -342,7 +331,7 @@ print("ok")
 /// An application_name in the startup's client_encoding is recorded converted to UTF-8.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_names_are_recorded_as_utf8() {
-    let (p, _d) = proxy(None).await;
+    let p = proxy(None).await;
     let name = encode("LATIN9", "café €uro");
     let mut body = 196608i32.to_be_bytes().to_vec();
     for (k, v) in [

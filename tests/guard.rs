@@ -65,14 +65,6 @@ fn database(name: &str) -> &'static PgCluster {
     pg
 }
 
-async fn proxy(pg: &PgCluster, rules: &str) -> (TestProxy, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
-    let path = dir.path().to_path_buf();
-    let p = TestProxy::start(pg, move |s| s.rules = Some(path)).await;
-    (p, dir)
-}
-
 async fn client(p: &TestProxy, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
     common::connect(&p.conn_str(user, password, db)).await
 }
@@ -127,7 +119,7 @@ async fn assert_refused(c: &tokio_postgres::Client, sql: &str, kind: &str) {
 async fn no_form_of_delete_truncate_or_drop_gets_through() {
     let pg = database("guard_forms");
     let before = inventory(pg, "guard_forms");
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let c = client(&p, "mallory", "mallory_pw", "guard_forms").await;
     for (sql, kind) in [
         ("DELETE FROM customers", "DELETE"),
@@ -241,7 +233,7 @@ async fn no_form_of_delete_truncate_or_drop_gets_through() {
 #[tokio::test]
 async fn allowed_roles_and_require_where() {
     let pg = database("guard_allow");
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     // alice (crm_support) may delete tasks, with a WHERE clause that names a column.
     let alice = client(&p, "alice", "alice_pw", "guard_allow").await;
     let n = alice
@@ -293,7 +285,7 @@ async fn allowed_roles_and_require_where() {
 
     // A DBA may protect more kinds.
     let strict = "[settings]\nprotected = [\"delete\", \"update\"]\n";
-    let (p, _rules) = proxy(pg, strict).await;
+    let p = TestProxy::with_rules(pg, strict).await;
     let alice = client(&p, "alice", "alice_pw", "guard_allow").await;
     let err = alice
         .simple_query("UPDATE tasks SET note = 'y' WHERE id = 3")
@@ -306,7 +298,7 @@ async fn allowed_roles_and_require_where() {
         .starts_with("pgveil: UPDATE on public.tasks"));
     // ... and with `protected = []` the guard is off.
     p.shutdown().await;
-    let (p, _rules) = proxy(pg, "[settings]\nprotected = []\n").await;
+    let p = TestProxy::with_rules(pg, "[settings]\nprotected = []\n").await;
     let alice = client(&p, "alice", "alice_pw", "guard_allow").await;
     alice
         .simple_query("DELETE FROM tasks WHERE id = 4")
@@ -318,7 +310,7 @@ async fn allowed_roles_and_require_where() {
 #[tokio::test]
 async fn fresh_pgveil_refuses_deletes_by_default() {
     let pg = database("guard_default");
-    let (p, _rules) = proxy(pg, "").await;
+    let p = TestProxy::with_rules(pg, "").await;
     let alice = client(&p, "alice", "alice_pw", "guard_default").await;
     let err = alice
         .simple_query("DELETE FROM tasks WHERE id = 1")
@@ -339,7 +331,7 @@ async fn fresh_pgveil_refuses_deletes_by_default() {
 #[tokio::test]
 async fn a_refusal_aborts_the_transaction_as_a_server_error_would() {
     let pg = database("guard_tx");
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let c = client(&p, "mallory", "mallory_pw", "guard_tx").await;
     // Simple protocol: BEGIN; INSERT; refused DELETE; COMMIT → rolled back.
     c.simple_query("BEGIN").await.unwrap();
@@ -492,7 +484,7 @@ async fn a_search_path_change_invalidates_cached_decisions() {
          ALTER TABLE sandbox.customers OWNER TO mallory; \
          ALTER ROLE mallory IN DATABASE guard_path SET search_path = sandbox",
     );
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let c = client(&p, "mallory", "mallory_pw", "guard_path").await;
     // sandbox.customers: allowed, and the decision is cached for this shape.
     c.simple_query("DELETE FROM customers WHERE id = 1")
@@ -522,7 +514,7 @@ async fn a_search_path_change_invalidates_cached_decisions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guard_reads_tokens_as_the_server_does() {
     let pg = database("guard_lexer");
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let alice = client(&p, "alice", "alice_pw", "guard_lexer").await;
     let tasks = || pg.psql_super("guard_lexer", "SELECT count(*) FROM tasks");
     let before = tasks();
@@ -579,7 +571,7 @@ async fn the_guard_reads_tokens_as_the_server_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_in_other_client_encodings_are_not_misread() {
     let pg = database("guard_encoding");
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let alice = client(&p, "alice", "alice_pw", "guard_encoding").await;
     let tasks = || pg.psql_super("guard_encoding", "SELECT count(*) FROM tasks");
     let before = tasks();
@@ -630,7 +622,7 @@ async fn statements_in_other_client_encodings_are_not_misread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_temporary_view_does_not_stand_in_for_an_allowed_table() {
     let pg = database("guard_temp_view");
-    let (p, _rules) = proxy(pg, RULES).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let mallory = client(&p, "mallory", "mallory_pw", "guard_temp_view").await;
     let before = inventory(pg, "guard_temp_view");
     mallory

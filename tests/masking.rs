@@ -876,6 +876,23 @@ async fn cursor_moves_and_catalog_helpers_run_masked() {
     assert!(is_refusal(&e), "{e:?}");
 }
 
+/// The tags of a raw session's replies up to ReadyForQuery (or a FATAL error), and the
+/// text of its DataRows and errors.
+async fn reply(s: &mut tokio::net::TcpStream) -> (Vec<u8>, String) {
+    let mut tags = Vec::new();
+    let mut data = String::new();
+    while let Some((tag, body)) = common::read_message(s).await {
+        tags.push(tag);
+        if tag == b'D' || tag == b'E' {
+            data.push_str(&String::from_utf8_lossy(&body));
+        }
+        if tag == b'Z' || tag == b'E' && body.starts_with(b"SFATAL") {
+            break;
+        }
+    }
+    (tags, data)
+}
+
 /// pgjdbc from a statement's sixth execution on: Bind and Execute of a server-prepared
 /// statement with no Describe, its columns known from the first portal's description.
 /// The rows come back masked instead of ending the session.
@@ -888,20 +905,6 @@ async fn later_portals_of_a_described_statement_need_no_describe() {
     let mut s = common::raw_session(&p.addr_string(), "trust_user", "crm").await;
     let sync = write::frame(b'S', |_| {});
     let describe_portal = write::frame(b'D', |b| b.extend_from_slice(b"P\0"));
-    async fn rows(s: &mut tokio::net::TcpStream) -> (Vec<u8>, String) {
-        let mut tags = Vec::new();
-        let mut data = String::new();
-        while let Some((tag, body)) = common::read_message(s).await {
-            tags.push(tag);
-            if tag == b'D' {
-                data.push_str(&String::from_utf8_lossy(&body));
-            }
-            if tag == b'Z' || tag == b'E' && body.starts_with(b"SFATAL") {
-                break;
-            }
-        }
-        (tags, data)
-    }
     let mut batch = Vec::new();
     batch.extend_from_slice(
         write::parse(
@@ -915,7 +918,7 @@ async fn later_portals_of_a_described_statement_need_no_describe() {
     batch.extend_from_slice(write::execute("").raw());
     batch.extend_from_slice(sync.raw());
     s.write_all(&batch).await.unwrap();
-    let (tags, data) = rows(&mut s).await;
+    let (tags, data) = reply(&mut s).await;
     assert_eq!(tags, b"12TDDCZ");
     assert_no_secret(&data, "described portal");
     for _ in 0..3 {
@@ -924,7 +927,7 @@ async fn later_portals_of_a_described_statement_need_no_describe() {
         batch.extend_from_slice(write::execute("").raw());
         batch.extend_from_slice(sync.raw());
         s.write_all(&batch).await.unwrap();
-        let (tags, data) = rows(&mut s).await;
+        let (tags, data) = reply(&mut s).await;
         assert_eq!(tags, b"2DDCZ", "{data}");
         assert!(data.contains("139****"), "{data}");
         assert_no_secret(&data, "portal without Describe");
@@ -942,20 +945,6 @@ async fn statements_no_one_described_are_described_by_pgveil_unseen() {
     let (p, _d) = proxy().await;
     cluster().psql_super("crm", "GRANT SELECT ON customers TO trust_user");
     let mut s = common::raw_session(&p.addr_string(), "trust_user", "crm").await;
-    async fn reply(s: &mut tokio::net::TcpStream) -> (Vec<u8>, String) {
-        let mut tags = Vec::new();
-        let mut data = String::new();
-        while let Some((tag, body)) = common::read_message(s).await {
-            tags.push(tag);
-            if tag == b'D' || tag == b'E' {
-                data.push_str(&String::from_utf8_lossy(&body));
-            }
-            if tag == b'Z' {
-                break;
-            }
-        }
-        (tags, data)
-    }
     let sql = "SELECT id, phone FROM customers WHERE id <= 3 ORDER BY id";
     // Unnamed statement and portal, text results.
     let mut batch = Vec::new();

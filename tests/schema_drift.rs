@@ -85,14 +85,6 @@ fn database(name: &str) -> &'static PgCluster {
     pg
 }
 
-async fn proxy(pg: &PgCluster) -> (TestProxy, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
-    let path = dir.path().to_path_buf();
-    let p = TestProxy::start(pg, move |s| s.rules = Some(path)).await;
-    (p, dir)
-}
-
 async fn client(p: &TestProxy, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
     common::connect(&p.conn_str(user, password, db)).await
 }
@@ -181,7 +173,7 @@ fn direct(pg: &PgCluster, db: &str, sql: &str) {
 async fn a_masked_table_created_after_pgveil_started_is_masked() {
     let db = "drift_created";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let running = client(&p, "alice", "alice_pw", db).await;
     // The session works before the table exists (its only other mask resolved).
     assert_eq!(
@@ -230,7 +222,7 @@ async fn a_masked_table_created_after_pgveil_started_is_masked() {
 async fn a_masked_table_the_session_creates_is_masked() {
     let db = "drift_made_here";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let alice = client(&p, "alice", "alice_pw", db).await;
     simple(&alice, "CREATE TABLE made_here (id int, secret text)")
         .await
@@ -259,7 +251,7 @@ async fn a_masked_table_the_session_creates_is_masked() {
 async fn a_masked_column_added_later_is_masked() {
     let db = "drift_column";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let running = client(&p, "alice", "alice_pw", db).await;
     simple(&running, "SELECT id FROM customers WHERE id = 1")
         .await
@@ -290,7 +282,7 @@ async fn a_masked_column_added_later_is_masked() {
 async fn a_masked_table_dropped_and_created_again_is_masked() {
     let db = "drift_recreated";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let simple_session = client(&p, "alice", "alice_pw", db).await;
     let extended_session = client(&p, "alice", "alice_pw", db).await;
     // Masked before: and the verdict on these texts is cached.
@@ -352,7 +344,7 @@ async fn a_masked_table_dropped_and_created_again_is_masked() {
 async fn a_view_created_over_a_masked_table_is_not_read_in_clear() {
     let db = "drift_view";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let running = client(&p, "alice", "alice_pw", db).await;
     simple(&running, "SELECT 1").await.unwrap();
     let phone = pg.psql_super(db, "SELECT substr(phone, 4, 4) FROM customers WHERE id = 7");
@@ -388,7 +380,7 @@ async fn a_view_created_over_a_masked_table_is_not_read_in_clear() {
 async fn a_table_renamed_into_a_masked_name_through_pgveil_is_masked() {
     let db = "drift_renamed";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let running = client(&p, "alice", "alice_pw", db).await;
     // Unmasked before the rename.
     let rows = simple(&running, "SELECT secret FROM plain_view")
@@ -426,7 +418,7 @@ async fn a_table_renamed_into_a_masked_name_through_pgveil_is_masked() {
 async fn the_sessions_own_tables_are_not_taken_for_changed_ones() {
     let db = "drift_own";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let alice = client(&p, "alice", "alice_pw", db).await;
     let clear = pg.psql_super(db, "SELECT phone FROM customers WHERE id = 1");
     simple(
@@ -482,7 +474,7 @@ async fn the_sessions_own_tables_are_not_taken_for_changed_ones() {
 async fn names_renamed_into_masked_ones_behind_pgveils_back_are_masked() {
     let db = "drift_renamed_directly";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let running = client(&p, "alice", "alice_pw", db).await;
     let rows = simple(&running, "SELECT secret FROM plain2_view")
         .await
@@ -522,7 +514,7 @@ async fn names_renamed_into_masked_ones_behind_pgveils_back_are_masked() {
 async fn ddl_through_pgveil_is_followed_by_running_and_new_sessions() {
     let db = "drift_through";
     let pg = database(db);
-    let (p, _rules) = proxy(pg).await;
+    let p = TestProxy::with_rules(pg, RULES).await;
     let running = client(&p, "alice", "alice_pw", db).await;
     answered(
         &running,

@@ -403,9 +403,22 @@ pub struct TestProxy {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _rules: tempfile::TempDir,
+    /// The rules directory of [`TestProxy::with_rules`].
+    rules_dir: Option<tempfile::TempDir>,
 }
 
 impl TestProxy {
+    /// Starts pgveil in front of `cluster` with `rules` (as `rules.toml` in a directory of
+    /// their own).
+    pub async fn with_rules(cluster: &PgCluster, rules: &str) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+        let path = dir.path().to_path_buf();
+        let mut p = TestProxy::start(cluster, move |s| s.rules = Some(path)).await;
+        p.rules_dir = Some(dir);
+        p
+    }
+
     /// Starts pgveil in front of `cluster`, with empty rules unless `tweak` says otherwise.
     pub async fn start(cluster: &PgCluster, tweak: impl FnOnce(&mut ServeSettings)) -> TestProxy {
         TestProxy::start_upstream(&cluster.addr(), tweak).await
@@ -444,6 +457,7 @@ impl TestProxy {
             stop: Some(stop),
             task: Some(task),
             _rules: rules,
+            rules_dir: None,
         }
     }
 
