@@ -990,6 +990,35 @@ async fn statements_no_one_described_are_described_by_pgveil_unseen() {
     s.write_all(write::query("SELECT 1").raw()).await.unwrap();
     let (tags, _) = reply(&mut s).await;
     assert_eq!(tags, b"TDCZ");
+    // An SQL cursor is a portal too: run by a protocol Execute of its name, which no Bind
+    // made, its rows are masked all the same.
+    s.write_all(
+        write::query(
+            "BEGIN; DECLARE sqlcur CURSOR FOR SELECT id, phone FROM customers ORDER BY id",
+        )
+        .raw(),
+    )
+    .await
+    .unwrap();
+    let (tags, data) = reply(&mut s).await;
+    assert_eq!(tags, b"CCZ", "{data}");
+    let mut batch = Vec::new();
+    batch.extend_from_slice(
+        write::frame(b'E', |b| {
+            b.extend_from_slice(b"sqlcur\0");
+            b.extend_from_slice(&3i32.to_be_bytes());
+        })
+        .raw(),
+    );
+    batch.extend_from_slice(write::frame(b'S', |_| {}).raw());
+    s.write_all(&batch).await.unwrap();
+    let (tags, data) = reply(&mut s).await;
+    assert!(tags.ends_with(b"Z"), "{tags:?} {data}");
+    assert!(!data.contains("SFATAL"), "{data}");
+    assert_no_secret(&data, "Execute of an SQL cursor");
+    s.write_all(write::query("COMMIT").raw()).await.unwrap();
+    let (tags, _) = reply(&mut s).await;
+    assert_eq!(tags, b"CZ");
 }
 
 #[tokio::test]

@@ -514,7 +514,11 @@ impl SessionState {
             b'3' => self.complete_close(),
             b't' => {} // ParameterDescription: the Describe continues with T or n.
             b'T' | b'n' if self.answering_hidden_describe() => {
-                self.complete_describe(Some(rows.map(Arc::new)).filter(|_| tag == b'T'));
+                let shape = rows.map(Arc::new).filter(|_| tag == b'T');
+                self.complete_describe(Some(shape.clone()));
+                // The rows of the Execute that follows: of a portal no Bind made (an SQL
+                // cursor run by name) too, which the portal table does not hold.
+                self.current_rows = shape;
                 self.plan = None;
                 return Reply::Swallow;
             }
