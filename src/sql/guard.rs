@@ -699,6 +699,30 @@ mod tests {
             kinds_on("ALTER TABLE customers DISABLE TRIGGER ALL"),
             vec![(Alter, "customers".into()), (Drop, "customers".into())]
         );
+        for sql in [
+            "ALTER TABLE ONLY customers ENABLE REPLICA TRIGGER pgveil_trash_delete",
+            "ALTER TABLE IF EXISTS customers ALTER COLUMN phone TYPE text USING ''",
+            "ALTER TABLE customers ALTER phone SET DATA TYPE varchar(3)",
+            "ALTER TABLE customers RENAME TO old_customers",
+            "ALTER TABLE customers RENAME COLUMN phone TO ph",
+            "ALTER TABLE customers OWNER TO someone",
+            "ALTER TABLE customers ADD COLUMN x int, DROP COLUMN phone",
+        ] {
+            assert!(kinds_on(sql).contains(&(Drop, "customers".into())), "{sql}");
+        }
+        for sql in [
+            "ALTER TABLE customers ALTER COLUMN phone SET DEFAULT ''",
+            "ALTER TABLE customers ENABLE TRIGGER pgveil_trash_delete",
+            "ALTER TABLE customers ADD COLUMN x int",
+        ] {
+            assert!(
+                !kinds_on(sql).contains(&(Drop, "customers".into())),
+                "{sql}"
+            );
+        }
+        assert!(facts("SET session_replication_role = replica")
+            .unanalysable
+            .is_some());
     }
 
     #[test]
