@@ -38,6 +38,24 @@ SELECT DISTINCT 'k', conrelid::text, confrelid::text FROM pg_catalog.pg_constrai
 SELECT 't', tgrelid::text, tgname::text FROM pg_catalog.pg_trigger \
  WHERE tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate') AND tgenabled IN ('O', 'A')";
 
+/// The savepoint [`catalog_query_in_block`] reads the catalog under.
+const SAVEPOINT: &str = "pgveil_catalog_read";
+
+/// [`CATALOG_QUERY`] for a session inside a transaction block: in a savepoint rolled back
+/// at the end, so that its search_path (set for the transaction) does not outlive it and
+/// the block goes on as it was. It sees what the block itself created or changed.
+pub fn catalog_query_in_block() -> String {
+    format!(
+        "SAVEPOINT {SAVEPOINT}; {CATALOG_QUERY}; ROLLBACK TO SAVEPOINT {SAVEPOINT}; \
+         RELEASE SAVEPOINT {SAVEPOINT}"
+    )
+}
+
+/// After [`catalog_query_in_block`] failed (the block is then aborted): puts the block
+/// back as it was before the savepoint.
+pub const CATALOG_RECOVERY: &str =
+    "ROLLBACK TO SAVEPOINT pgveil_catalog_read; RELEASE SAVEPOINT pgveil_catalog_read";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {
     pub name: String,

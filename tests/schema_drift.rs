@@ -55,6 +55,16 @@ function = "redact"
 unmasked_for = ["crm_admin"]
 
 [[mask]]
+column = "public.made_in_block.secret"
+function = "redact"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
+column = "public.later_in_block.secret"
+function = "redact"
+unmasked_for = ["crm_admin"]
+
+[[mask]]
 column = "public.columns_renamed.secret"
 function = "redact"
 unmasked_for = ["crm_admin"]
@@ -558,5 +568,103 @@ async fn ddl_through_pgveil_is_followed_by_running_and_new_sessions() {
             }
         }
     }
+    p.shutdown().await;
+}
+
+/// Inside a transaction block, a masked table the block itself creates, and one another
+/// session creates while the block is open, are answered masked at the first try (a
+/// refusal would abort the block): pgveil reads the catalog in a savepoint it rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_a_transaction_block_new_masked_tables_are_masked_not_refused() {
+    let db = "drift_in_block";
+    let pg = database(db);
+    let p = TestProxy::with_rules(pg, RULES).await;
+    let alice = client(&p, "alice", "alice_pw", db).await;
+    for ext in [false, true] {
+        simple(&alice, "BEGIN").await.unwrap();
+        simple(&alice, "CREATE TABLE made_in_block (id int, secret text)")
+            .await
+            .unwrap();
+        simple(
+            &alice,
+            "INSERT INTO made_in_block VALUES (1, 'topsecret-in-block')",
+        )
+        .await
+        .unwrap();
+        let sql = "SELECT id, secret FROM made_in_block";
+        let rows = match ext {
+            false => simple(&alice, sql).await,
+            true => extended(&alice, sql).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql} (extended: {ext}): {e}"));
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(!rows[0].contains("topsecret"), "{rows:?}");
+        // The block went on as it was: its search_path and its work.
+        assert_eq!(
+            simple(&alice, "SHOW search_path").await.unwrap(),
+            vec!["\"$user\", public".to_string()]
+        );
+        simple(&alice, "ROLLBACK").await.unwrap();
+    }
+    simple(&alice, "BEGIN").await.unwrap();
+    simple(&alice, "SELECT count(*) FROM deals").await.unwrap();
+    direct(
+        pg,
+        db,
+        "CREATE TABLE later_in_block (id int, secret text); \
+         INSERT INTO later_in_block VALUES (1, 'topsecret-later-in-block'); \
+         GRANT SELECT ON later_in_block TO crm_base",
+    );
+    for ext in [false, true] {
+        let sql = "SELECT secret FROM later_in_block";
+        let rows = match ext {
+            false => simple(&alice, sql).await,
+            true => extended(&alice, sql).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql} (extended: {ext}): {e}"));
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(!rows[0].contains("topsecret"), "{rows:?}");
+    }
+    simple(&alice, "COMMIT").await.unwrap();
+    p.shutdown().await;
+}
+
+/// When pgveil's catalog read inside a block fails (here a lock it cannot get in time),
+/// the block is put back as it was: the client's next statements run, its work commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_catalog_read_inside_a_block_leaves_the_block_usable() {
+    let db = "drift_block_failed";
+    let pg = database(db);
+    let p = TestProxy::with_rules(pg, RULES).await;
+    let alice = client(&p, "alice", "alice_pw", db).await;
+    simple(&alice, "BEGIN").await.unwrap();
+    simple(&alice, "SET LOCAL lock_timeout = '300ms'")
+        .await
+        .unwrap();
+    // Holds what pgveil's catalog query reads (and nothing the block's own work needs).
+    let holder = common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PASSWORD} dbname={db}",
+        pg.port
+    ))
+    .await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_rewrite IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // DDL through pgveil: the session reads the catalog again before its next statement.
+    simple(&alice, "CREATE TABLE kept_in_block (id int)")
+        .await
+        .unwrap();
+    for sql in ["SELECT 1", "SELECT count(*) FROM deals", "SELECT 2"] {
+        simple(&alice, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    simple(&alice, "COMMIT").await.unwrap();
+    assert_eq!(
+        pg.psql_super(db, "SELECT to_regclass('kept_in_block') IS NOT NULL"),
+        "t"
+    );
     p.shutdown().await;
 }

@@ -146,7 +146,7 @@ async fn client_to_server(
         };
         let read = match catalog {
             Some(None) => true,
-            Some(Some(probe)) => probe_pending(state, upstream, &probe, catalog_ready).await?,
+            Some(Some(probe)) => hidden_query(state, upstream, &probe, catalog_ready).await?,
             None => false,
         };
         if read {
@@ -221,45 +221,62 @@ async fn client_to_server(
     }
 }
 
-/// Reads the catalog again on the session's connection (idle, outside a transaction
-/// block: see `PolicyRefresh::catalog_wanted`), with pgveil's own query whose replies the
-/// client never sees, and puts it in force for the session.
+/// Reads the catalog again on the session's connection (nothing in flight: see
+/// `PolicyRefresh::catalog_wanted`), with pgveil's own query whose replies the client
+/// never sees, and puts it in force for the session. Inside a transaction block the query
+/// runs in a savepoint; if it fails there, the block is put back as it was.
 async fn read_catalog(
     state: &Mutex<SessionState>,
     upstream: &mut (impl AsyncWrite + Unpin),
     refresh: &mut PolicyRefresh,
     catalog_ready: &Notify,
 ) -> Result<(), SessionError> {
-    let version = {
+    let (version, in_block) = {
         let mut st = lock(state);
         st.start_catalog_read();
-        refresh.version_now(&st)
+        (refresh.version_now(&st), st.in_block())
+    };
+    let query = match in_block {
+        true => std::borrow::Cow::Owned(crate::catalog::catalog_query_in_block()),
+        false => std::borrow::Cow::Borrowed(crate::catalog::CATALOG_QUERY),
     };
     upstream
-        .write_all(write::query(crate::catalog::CATALOG_QUERY).raw())
+        .write_all(write::query(&query).raw())
         .await
         .map_err(SessionError::upstream)?;
-    loop {
+    let read = loop {
         catalog_ready.notified().await;
         let mut st = lock(state);
         if let CatalogRead::Done(read) = std::mem::take(&mut st.catalog_read) {
-            refresh.adopt_catalog(&mut st, read.map(Arc::new), version);
-            return Ok(());
+            break read;
         }
+    };
+    if in_block && read.is_none() {
+        hidden_query(
+            state,
+            upstream,
+            crate::catalog::CATALOG_RECOVERY,
+            catalog_ready,
+        )
+        .await?;
     }
+    // What a block reads may not be committed (or may never be): for this session only.
+    refresh.adopt_catalog(&mut lock(state), read.map(Arc::new), version, !in_block);
+    Ok(())
 }
 
-/// Runs pgveil's probe for what pending masks name (see `PolicyRefresh::pending_probe`),
-/// its replies hidden from the client: whether something they name exists now.
-async fn probe_pending(
+/// Runs a query of pgveil's own, its replies hidden from the client: whether a row (or
+/// an error) came back. The probe for what pending masks name (see
+/// `PolicyRefresh::pending_probe`) is one.
+async fn hidden_query(
     state: &Mutex<SessionState>,
     upstream: &mut (impl AsyncWrite + Unpin),
-    probe: &str,
+    query: &str,
     catalog_ready: &Notify,
 ) -> Result<bool, SessionError> {
     lock(state).start_pending_probe();
     upstream
-        .write_all(write::query(probe).raw())
+        .write_all(write::query(query).raw())
         .await
         .map_err(SessionError::upstream)?;
     loop {

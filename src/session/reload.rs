@@ -155,7 +155,7 @@ impl PolicyRefresh {
     }
 
     /// For a masked session with masks the catalog does not have yet (when nothing is in
-    /// flight and no transaction block is open): the query that finds whether any of them
+    /// flight and no failed transaction block is open): the query that finds whether any of them
     /// exists now, so that the catalog is read again first. A table renamed, or a column
     /// renamed, into a masked name behind pgveil's back keeps its OID and attribute number
     /// (a view created earlier reads it under them): only its name tells. One round trip
@@ -173,13 +173,14 @@ impl PolicyRefresh {
     }
 
     /// Puts the catalog pgveil read on the session's connection in force (`None`: the
-    /// server refused the query; the session goes on with what it had), and offers it to
-    /// sessions that start later.
+    /// server refused the query; the session goes on with what it had), and, when
+    /// `shared`, offers it to sessions that start later.
     pub fn adopt_catalog(
         &mut self,
         st: &mut SessionState,
         catalog: Option<Arc<Catalog>>,
         version: CatalogVersion,
+        shared: bool,
     ) {
         let Some(catalog) = catalog else {
             tracing::warn!("pgveil could not read the catalog again; the session keeps its own");
@@ -188,13 +189,15 @@ impl PolicyRefresh {
             }
             return;
         };
-        self.proxy.catalogs.insert(
-            self.identity.database.clone(),
-            CachedCatalog {
-                catalog: catalog.clone(),
-                version: version.clone(),
-            },
-        );
+        if shared {
+            self.proxy.catalogs.insert(
+                self.identity.database.clone(),
+                CachedCatalog {
+                    catalog: catalog.clone(),
+                    version: version.clone(),
+                },
+            );
+        }
         self.put_in_force(st, catalog, version);
     }
 

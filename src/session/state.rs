@@ -726,10 +726,20 @@ impl SessionState {
             .is_some_and(|s| s.rows.is_some())
     }
 
-    /// Whether pgveil may send its own catalog query now: nothing in flight, and outside
-    /// a transaction block (the query sets search_path for its own transaction only).
+    /// Whether pgveil may send its own catalog query now: nothing in flight, and the
+    /// session idle or in a transaction block that has not failed (inside a block the
+    /// query runs in a savepoint it rolls back: see [`Self::in_block`]).
     pub fn can_read_catalog(&self) -> bool {
-        self.pending.is_empty() && self.transaction == Some(TransactionStatus::Idle)
+        self.pending.is_empty()
+            && matches!(
+                self.transaction,
+                Some(TransactionStatus::Idle | TransactionStatus::InBlock)
+            )
+    }
+
+    /// Whether the session is inside a transaction block that has not failed.
+    pub fn in_block(&self) -> bool {
+        self.transaction == Some(TransactionStatus::InBlock)
     }
 
     /// Starts pgveil's own reading of the catalog: the caller sends
