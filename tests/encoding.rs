@@ -131,15 +131,20 @@ async fn round_trips(p: &TestProxy, user: &str, masked: bool) {
         let mut sql = b"SELECT '".to_vec();
         sql.extend_from_slice(&bytes);
         sql.extend_from_slice(b"' AS t, phone FROM customers WHERE id = 1");
-        // Simple protocol; extended: a named statement, described, bound and run.
+        // Simple protocol; extended: a statement and a portal named in the encoding,
+        // described, bound, run and closed.
         let simple = frame(b'Q', &cstr(&sql));
-        let mut extended = frame(b'P', &[cstr(b"s1"), cstr(&sql), vec![0, 0]].concat());
+        let statement = [b"s_".as_slice(), &bytes].concat();
+        let portal = [b"p_".as_slice(), &bytes].concat();
+        let mut extended = frame(b'P', &[cstr(&statement), cstr(&sql), vec![0, 0]].concat());
         extended.extend(frame(
             b'B',
-            &[cstr(b""), cstr(b"s1"), vec![0, 0, 0, 0, 0, 0]].concat(),
+            &[cstr(&portal), cstr(&statement), vec![0, 0, 0, 0, 0, 0]].concat(),
         ));
-        extended.extend(frame(b'D', &[vec![b'P'], cstr(b"")].concat()));
-        extended.extend(frame(b'E', &[cstr(b""), vec![0, 0, 0, 0]].concat()));
+        extended.extend(frame(b'D', &[vec![b'P'], cstr(&portal)].concat()));
+        extended.extend(frame(b'E', &[cstr(&portal), vec![0, 0, 0, 0]].concat()));
+        extended.extend(frame(b'C', &[vec![b'P'], cstr(&portal)].concat()));
+        extended.extend(frame(b'C', &[vec![b'S'], cstr(&statement)].concat()));
         extended.extend(frame(b'S', &[]));
         for (protocol, batch) in [("simple", simple), ("extended", extended)] {
             s.write_all(&batch).await.unwrap();

@@ -122,17 +122,40 @@ pub struct Transcoded {
     pub sql: Option<Converted>,
 }
 
-/// The Query or Parse `frame` read under `client_encoding`, when it is not already UTF-8
-/// text that means what the server reads (`None`: read it as it is).
+/// The client message `frame` read under `client_encoding`, when its text (a Query's or
+/// Parse's statement, the statement and portal names of Parse, Bind, Describe, Close and
+/// Execute) is not already UTF-8 that means what the server reads (`None`: read it as it
+/// is).
 pub fn transcode(frame: &Frame, client_encoding: &str) -> Option<Transcoded> {
     let body = frame.body();
     let cstr = |from: usize| -> Option<(&[u8], usize)> {
         let end = from + body.get(from..)?.iter().position(|&b| b == 0)?;
         Some((&body[from..end], end + 1))
     };
-    let text_of = |bytes: &[u8]| match client_text(bytes, client_encoding) {
-        Some(c) => (c.text.clone(), Some(c)),
-        None => (String::from_utf8_lossy(bytes).into_owned(), None),
+    // The names a message starts with (after `skip` bytes), each read as a name.
+    let names = |skip: usize, count: usize| -> Option<Transcoded> {
+        let mut at = skip;
+        let mut read = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (name, next) = cstr(at)?;
+            read.push(name);
+            at = next;
+        }
+        if read.iter().all(|n| n.is_ascii()) {
+            return None;
+        }
+        let tail = &body[at..];
+        Some(Transcoded {
+            frame: write::frame(frame.tag(), |b| {
+                b.extend_from_slice(&body[..skip]);
+                for name in &read {
+                    b.extend_from_slice(name_text(name, client_encoding).as_bytes());
+                    b.extend_from_slice(&[0]);
+                }
+                b.extend_from_slice(tail);
+            }),
+            sql: None,
+        })
     };
     match frame.tag() {
         b'Q' => {
@@ -149,8 +172,11 @@ pub fn transcode(frame: &Frame, client_encoding: &str) -> Option<Transcoded> {
             if name.is_ascii() && client_text(sql, client_encoding).is_none() {
                 return None;
             }
-            let (name, _) = text_of(name);
-            let (sql, converted) = text_of(sql);
+            let name = name_text(name, client_encoding);
+            let converted = client_text(sql, client_encoding);
+            let sql = converted
+                .as_ref()
+                .map_or_else(|| String::from_utf8_lossy(sql), |c| c.text.as_str().into());
             let tail = &body[rest..];
             Some(Transcoded {
                 frame: write::frame(b'P', |b| {
@@ -163,7 +189,25 @@ pub fn transcode(frame: &Frame, client_encoding: &str) -> Option<Transcoded> {
                 sql: converted,
             })
         }
+        b'B' => names(0, 2),
+        b'E' => names(0, 1),
+        b'D' | b'C' => names(1, 1),
         _ => None,
+    }
+}
+
+/// A statement or portal name as pgveil keys it: its text under `client_encoding`, or,
+/// when some of its bytes cannot be converted (the server refuses such a name in the
+/// encodings pgveil decodes), its bytes in hex between two U+FFFD, so that two different
+/// names never read as one.
+fn name_text(name: &[u8], client_encoding: &str) -> String {
+    match client_text(name, client_encoding) {
+        None => String::from_utf8_lossy(name).into_owned(),
+        Some(c) if c.lossless => c.text,
+        Some(_) => {
+            let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+            format!("\u{fffd}{hex}\u{fffd}")
+        }
     }
 }
 
@@ -211,5 +255,33 @@ mod tests {
                 param_types: vec![25],
             }
         );
+    }
+
+    #[test]
+    fn names_in_every_message_are_read_alike_and_never_merge() {
+        use crate::protocol::frontend::FrontendMessage;
+        let parse = write::frame(b'P', |b| b.extend_from_slice(b"caf\xe9\0SELECT 1\0\0\0"));
+        let bind = write::frame(b'B', |b| {
+            b.extend_from_slice(b"p\xe9\0caf\xe9\0\0\0\0\0\0\0");
+        });
+        let describe = write::frame(b'D', |b| b.extend_from_slice(b"Scaf\xe9\0"));
+        let close = write::frame(b'C', |b| b.extend_from_slice(b"Pp\xe9\0"));
+        let execute = write::frame(b'E', |b| b.extend_from_slice(b"p\xe9\0\0\0\0\0"));
+        let read = |f: &Frame| {
+            let t = transcode(f, "LATIN9").unwrap();
+            format!("{:?}", FrontendMessage::parse(&t.frame).unwrap())
+        };
+        assert!(read(&parse).contains("caf\u{e9}"), "{}", read(&parse));
+        assert!(read(&bind).contains("\"p\u{e9}\""), "{}", read(&bind));
+        assert!(read(&bind).contains("\"caf\u{e9}\""), "{}", read(&bind));
+        assert!(read(&describe).contains("caf\u{e9}"), "{}", read(&describe));
+        assert!(read(&close).contains("p\u{e9}"), "{}", read(&close));
+        assert!(read(&execute).contains("p\u{e9}"), "{}", read(&execute));
+        // ASCII names need nothing.
+        let plain = write::frame(b'E', |b| b.extend_from_slice(b"p\0\0\0\0\0"));
+        assert!(transcode(&plain, "LATIN9").is_none());
+        // Bytes that are not text in the encoding: two names stay two.
+        assert_ne!(name_text(b"\xff", "UTF8"), name_text(b"\xfe", "UTF8"));
+        assert_ne!(name_text(b"\xff", "UTF8"), "\u{fffd}");
     }
 }
