@@ -1029,3 +1029,116 @@ async fn alerts_count_rows_of_statements_pgveil_cannot_analyse() {
         assert_eq!(e.code().unwrap().code(), "42501", "{export}: {e:?}");
     }
 }
+
+/// Rows of an SQL cursor run by a protocol Execute of its name (a portal no Bind made)
+/// count toward alerts like those of FETCH, a blocked user's next such Execute is refused,
+/// and their record names the cursor's statement and tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_an_sql_cursor_run_by_protocol_execute_count_toward_alerts() {
+    use pgveil::protocol::write;
+    use tokio::io::AsyncWriteExt;
+    cluster().psql_super("crm", "GRANT crm_base TO trust_user");
+    let rules = format!(
+        "{RULES}\n[[alert]]\nroles = [\"trust_user\"]\nmax_rows_per_minute = 50\naction = \"block\"\n"
+    );
+    let (p, _rules) = proxy_with(&rules, |_| {}).await;
+    let mut s = common::raw_session_with(
+        &p.addr_string(),
+        &[("user", "trust_user"), ("database", "crm")],
+    )
+    .await;
+    // Everything up to ReadyForQuery: (tags, SQLSTATE of the first error).
+    async fn reply(s: &mut tokio::net::TcpStream) -> (Vec<u8>, String) {
+        let mut tags = Vec::new();
+        let mut code = String::new();
+        loop {
+            let (tag, body) =
+                tokio::time::timeout(Duration::from_secs(15), common::read_message(s))
+                    .await
+                    .expect("an answer")
+                    .expect("the connection open");
+            tags.push(tag);
+            if tag == b'E' && code.is_empty() {
+                code = common::sqlstate_of(&body);
+            }
+            if tag == b'Z' {
+                return (tags, code);
+            }
+        }
+    }
+    let execute = |cursor: &str| {
+        let mut batch = write::frame(b'E', |b| {
+            b.extend_from_slice(cursor.as_bytes());
+            b.extend_from_slice(&[0, 0, 0, 0, 0]);
+        })
+        .raw()
+        .to_vec();
+        batch.extend_from_slice(write::frame(b'S', |_| {}).raw());
+        batch
+    };
+    s.write_all(
+        write::query(
+            "BEGIN; DECLARE export CURSOR FOR SELECT * FROM customers; \
+             DECLARE later CURSOR FOR SELECT id, phone FROM customers",
+        )
+        .raw(),
+    )
+    .await
+    .unwrap();
+    let (_, code) = reply(&mut s).await;
+    assert_eq!(code, "");
+    s.write_all(&execute("export")).await.unwrap();
+    let (tags, code) = reply(&mut s).await;
+    assert_eq!(code, "");
+    let rows = tags.iter().filter(|&&t| t == b'D').count();
+    assert!(rows > 50, "{rows} rows");
+    let records = p.audit_records();
+    let record = records
+        .iter()
+        .find(|r| r["protocol"] == "extended" && r["user"] == "trust_user")
+        .expect("the Execute's record");
+    let statement = record["statement"].as_str().unwrap();
+    assert!(
+        statement.contains("DECLARE export CURSOR FOR SELECT * FROM customers"),
+        "{record}"
+    );
+    assert_eq!(
+        record["tables"],
+        serde_json::json!(["public.customers"]),
+        "{record}"
+    );
+    assert_eq!(record["rows"], rows as u64, "{record}");
+    assert_eq!(record["kind"], "fetch", "{record}");
+    // Counted as masked rows too.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pgveil::server::serve_metrics(listener, p.proxy.clone()));
+    let body = scrape(addr).await;
+    assert!(
+        body.contains(&format!("pgveil_rows_masked_total {rows}\n")),
+        "{body}"
+    );
+    assert_ne!(record["unanalysed"], true, "{record}");
+    assert!(
+        record["masked_columns"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("public.customers.phone")),
+        "{record}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "alert" && r["user"] == "trust_user"),
+        "no alert"
+    );
+    // Blocked now: the rows of a cursor declared before are refused, by the server's
+    // own error.
+    s.write_all(&execute("later")).await.unwrap();
+    let (tags, code) = reply(&mut s).await;
+    assert_eq!(code, "42501", "Execute of a cursor while blocked: {tags:?}");
+    assert!(!tags.contains(&b'D'), "{tags:?}");
+    s.write_all(write::query("ROLLBACK").raw()).await.unwrap();
+    reply(&mut s).await;
+    p.shutdown().await;
+}

@@ -198,7 +198,7 @@ fn decide(
         FrontendMessage::FunctionCall => rules.function_call(),
         // A statement prepared before the user's window filled up runs no more.
         FrontendMessage::Execute { portal, .. } => {
-            let runs = st.portal_as_sent(portal).cloned();
+            let runs = st.portal_as_sent(portal);
             return match st
                 .audit
                 .as_mut()
@@ -287,7 +287,7 @@ fn record(
         return None;
     }
     let portal = match msg {
-        FrontendMessage::Execute { portal, .. } => st.portal_as_sent(portal).cloned(),
+        FrontendMessage::Execute { portal, .. } => st.portal_as_sent(portal),
         _ => None,
     };
     st.audit.as_mut()?.on_client(

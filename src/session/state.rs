@@ -372,12 +372,12 @@ impl SessionState {
 
     /// What portal `name` runs once the server has handled every request sent so far, if
     /// all succeed: for the audit record of an Execute sent now.
-    pub fn portal_as_sent(&self, name: &str) -> Option<&Recorded> {
+    pub fn portal_as_sent(&self, name: &str) -> Option<Recorded> {
         for p in self.pending.iter().rev() {
             match p {
                 Pending::Bind {
                     portal, recorded, ..
-                } if portal == name => return recorded.as_ref(),
+                } if portal == name => return recorded.clone(),
                 Pending::Close {
                     target: Target::Portal,
                     name: n,
@@ -385,7 +385,11 @@ impl SessionState {
                 _ => {}
             }
         }
-        self.portals.get(name)?.recorded.as_ref()
+        match self.portals.get(name) {
+            Some(p) => p.recorded.clone(),
+            // No Bind made it: an SQL cursor (DECLARE), run by its name.
+            None => self.audit.as_ref()?.cursor(name),
+        }
     }
 
     /// [`Self::on_client`], with what the audit records of a Parse.

@@ -88,6 +88,21 @@ impl Facts {
 }
 
 impl Facts {
+    /// What a statement of `kind` that runs this one (a FETCH of its cursor, an EXECUTE
+    /// of its prepared statement) reads.
+    fn inherited(&self, kind: &'static str) -> Facts {
+        Facts {
+            kind,
+            tables: self.tables.clone(),
+            masked: self.masked.clone(),
+            clear: self.clear.clone(),
+            sensitive_table: self.sensitive_table,
+            unanalysed: self.unanalysed,
+            defines: None,
+            uses: None,
+        }
+    }
+
     /// For what cannot be analysed at all (a fast-path call, an unknown portal).
     pub fn opaque(kind: &'static str) -> Facts {
         Facts {
@@ -106,8 +121,8 @@ pub struct Resolutions {
     search_path: Vec<String>,
     pub sensitive: Sensitive,
     cache: HashMap<Box<str>, Arc<Facts>>,
-    /// Cursors and SQL prepared statements, by name.
-    named: HashMap<String, Arc<Facts>>,
+    /// Cursors and SQL prepared statements, by name, with the text that defined them.
+    named: HashMap<String, (Arc<str>, Arc<Facts>)>,
 }
 
 impl Resolutions {
@@ -161,10 +176,9 @@ impl Resolutions {
             Some(Ok(analysis)) if analysis.parts().len() == 1 => {
                 let lexed = analysis.lexed();
                 let facts = self.facts_of(analysis, 0, cache);
-                (
-                    self.text_of(sql, sql.trim(), lexed.statement_tokens()),
-                    facts,
-                )
+                let text = self.text_of(sql, sql.trim(), lexed.statement_tokens());
+                self.remember(&text, &facts);
+                (text, facts)
             }
             Some(Ok(analysis)) => {
                 let facts = Arc::new(self.resolve(&analysis.whole(cache).audit));
@@ -197,12 +211,29 @@ impl Resolutions {
             .enumerate()
             .map(|(i, range)| {
                 let facts = self.facts_of(analysis, i, cache);
-                (
-                    self.text_of(sql, &sql[range.clone()], lexed.within(range)),
-                    facts,
-                )
+                let text = self.text_of(sql, &sql[range.clone()], lexed.within(range));
+                self.remember(&text, &facts);
+                (text, facts)
             })
             .collect()
+    }
+
+    /// Cursors and SQL prepared statements carry their query's facts (and the text that
+    /// defined them) to FETCH, EXECUTE and the protocol Execute of a cursor.
+    fn remember(&mut self, text: &Arc<str>, facts: &Arc<Facts>) {
+        if let Some(name) = &facts.defines {
+            self.named
+                .insert(name.clone(), (text.clone(), facts.clone()));
+        }
+    }
+
+    /// What a protocol Execute of `portal` reads when no Bind made it: the SQL cursor of
+    /// that name (`DECLARE`), as the record of a `fetch` with the cursor's tables and
+    /// columns, and its text said to come from the cursor's declaration.
+    pub fn cursor(&self, portal: &str) -> Option<(Arc<str>, Arc<Facts>)> {
+        let (text, declared) = self.named.get(portal)?;
+        let text = format!("/* protocol Execute of cursor \"{portal}\" */ {text}");
+        Some((Arc::from(text), Arc::new(declared.inherited("fetch"))))
     }
 
     /// A statement pgveil cannot read as the server does: recorded unanalysed.
@@ -245,21 +276,8 @@ impl Resolutions {
                 f
             }
         };
-        // Cursors and SQL prepared statements carry their query's facts to FETCH/EXECUTE.
-        if let Some(name) = &facts.defines {
-            self.named.insert(name.clone(), facts.clone());
-        }
-        if let Some(used) = facts.uses.as_ref().and_then(|n| self.named.get(n)) {
-            let mut inherited = Facts {
-                kind: facts.kind,
-                tables: used.tables.clone(),
-                masked: used.masked.clone(),
-                clear: used.clear.clone(),
-                sensitive_table: used.sensitive_table,
-                unanalysed: used.unanalysed,
-                defines: None,
-                uses: None,
-            };
+        if let Some((_, used)) = facts.uses.as_ref().and_then(|n| self.named.get(n)) {
+            let mut inherited = used.inherited(facts.kind);
             inherited.unanalysed |= facts.unanalysed;
             return Arc::new(inherited);
         }

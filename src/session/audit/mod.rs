@@ -269,6 +269,17 @@ impl SessionAudit {
         Some(self.alert_refusal(facts, blocked))
     }
 
+    /// What a protocol Execute of `portal` runs when no Bind made it: the SQL cursor of
+    /// that name, if the session declared one.
+    pub fn cursor(&self, portal: &str) -> Option<Recorded> {
+        let (text, facts) = self.facts.cursor(portal)?;
+        Some(Recorded {
+            text,
+            facts,
+            converted: None,
+        })
+    }
+
     /// [`Self::alert_block`] for the Execute of a portal.
     pub fn alert_block_portal(&mut self, portal: Option<&Recorded>) -> Option<Denied> {
         let blocked = self.alerts.as_ref()?.blocked()?;
