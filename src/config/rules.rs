@@ -136,6 +136,9 @@ pub struct AllowRule {
     pub statements: Vec<StatementKind>,
     pub tables: Vec<String>,
     pub require_where: bool,
+    /// The most rows one DELETE (or UPDATE) this rule allows may remove (or change); a
+    /// statement over it is rolled back and refused.
+    pub max_rows: Option<u64>,
     pub origin: Origin,
 }
 
@@ -243,6 +246,7 @@ struct RawAllow {
     tables: Vec<String>,
     #[serde(default)]
     require_where: bool,
+    max_rows: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -373,11 +377,32 @@ impl FileCtx<'_> {
         }
         for a in raw.allow {
             if let Some((origin, a)) = self.entry::<RawAllow>(a, "allow") {
+                if let Some(max) = a.max_rows {
+                    let uncounted: Vec<&str> = a
+                        .statements
+                        .iter()
+                        .filter(|k| !matches!(k, StatementKind::Delete | StatementKind::Update))
+                        .map(|k| k.as_str())
+                        .collect();
+                    if max == 0 {
+                        self.problem(&origin, "max_rows must be at least 1");
+                    }
+                    if !uncounted.is_empty() {
+                        self.problem(
+                            &origin,
+                            format!(
+                                "max_rows limits delete and update, which pgveil can count; {} cannot be limited: put it in a rule of its own",
+                                uncounted.join(", ")
+                            ),
+                        );
+                    }
+                }
                 rules.allows.push(AllowRule {
                     roles: a.roles,
                     statements: a.statements,
                     tables: a.tables.iter().map(|t| t.to_ascii_lowercase()).collect(),
                     require_where: a.require_where,
+                    max_rows: a.max_rows,
                     origin,
                 });
             }
@@ -588,6 +613,21 @@ mod tests {
         let p = dir.path().join("r.toml");
         std::fs::write(&p, text).unwrap();
         Rules::load(&p)
+    }
+
+    #[test]
+    fn max_rows_limits_only_what_can_be_counted() {
+        let rule = |statements: &str, max: u64| {
+            format!("[[allow]]\nroles = [\"r\"]\nstatements = {statements}\ntables = [\"*\"]\nmax_rows = {max}\n")
+        };
+        let r = load_str(&rule(r#"["delete", "update"]"#, 10)).unwrap();
+        assert_eq!(r.allows[0].max_rows, Some(10));
+        let e = load_str(&rule(r#"["delete", "truncate"]"#, 10))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncate cannot be limited"), "{e}");
+        let e = load_str(&rule(r#"["delete"]"#, 0)).unwrap_err().to_string();
+        assert!(e.contains("max_rows must be at least 1"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! then masking, then `block` alerts. Forwarding a statement takes the [`Permit`] that only
 //! this module makes; a refusal is a [`Denied`] that names its rule.
 
+use super::guard::RowLimit;
 use super::session_guard::SessionGuard;
 use super::session_masking::{Screen, SessionPolicy};
 use super::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
@@ -13,9 +14,28 @@ use crate::sql::lex::Strings;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Permit {
     rewrite: Option<String>,
+    /// The row limit an `[[allow]]` rule's `max_rows` sets on it.
+    limit: Option<RowLimit>,
 }
 
 impl Permit {
+    fn plain() -> Permit {
+        Permit {
+            rewrite: None,
+            limit: None,
+        }
+    }
+
+    pub fn limit(&self) -> Option<&RowLimit> {
+        self.limit.as_ref()
+    }
+
+    /// The SQL to send instead of the client's (`None`: the client's), and the row limit
+    /// it runs under.
+    pub fn into_parts(self) -> (Option<String>, Option<RowLimit>) {
+        (self.rewrite, self.limit)
+    }
+
     /// The SQL to send instead of the client's, when masking rewrote the statement.
     pub fn rewrite(&self) -> Option<&str> {
         self.rewrite.as_deref()
@@ -54,9 +74,10 @@ impl SessionRules<'_> {
         strings: Strings,
         alerts: impl FnOnce(&mut FactsCache) -> Option<Denied>,
     ) -> Result<Permit, Denied> {
-        if let Some(g) = self.guard.as_deref_mut() {
-            g.screen_analysed(sql, analysed, self.facts)?;
-        }
+        let limit = match self.guard.as_deref_mut() {
+            Some(g) => g.screen_analysed(sql, analysed, self.facts)?,
+            None => None,
+        };
         let masking = self.masking.as_deref_mut();
         let rewrite = match masking.map(|p| p.screen_analysed(sql, analysed, strings)) {
             Some(Screen::Refuse(denied)) => return Err(denied),
@@ -65,7 +86,7 @@ impl SessionRules<'_> {
         };
         match alerts(self.facts) {
             Some(denied) => Err(denied),
-            None => Ok(Permit { rewrite }),
+            None => Ok(Permit { rewrite, limit }),
         }
     }
 
@@ -74,12 +95,12 @@ impl SessionRules<'_> {
     pub fn unreadable(&self, sql: &str, why: String) -> Result<Permit, Denied> {
         match self.role() {
             Some(role) => Err(Refusal::unanalysable(why, None).denied(role, sql)),
-            None => Ok(Permit { rewrite: None }),
+            None => Ok(Permit::plain()),
         }
     }
 
-    /// Refuses a permitted rewrite that cannot be sent (`why`), or lets a statement that
-    /// needs none go on.
+    /// Refuses a permitted rewrite (or a row limit, which is one) that cannot be sent
+    /// (`why`), or lets a statement that needs none go on.
     pub fn without_rewrite(
         &self,
         sql: &str,
@@ -87,7 +108,7 @@ impl SessionRules<'_> {
         why: impl FnOnce() -> String,
     ) -> Result<Permit, Denied> {
         match decided {
-            Ok(p) if p.rewrite.is_some() => self.unreadable(sql, why()),
+            Ok(p) if p.rewrite.is_some() || p.limit.is_some() => self.unreadable(sql, why()),
             other => other,
         }
     }
@@ -108,8 +129,8 @@ impl SessionRules<'_> {
             }),
             (None, Some(g)) => g
                 .screen_unanalysable("a fast-path call names its function by OID")
-                .map(|()| Permit { rewrite: None }),
-            (None, None) => Ok(Permit { rewrite: None }),
+                .map(|()| Permit::plain()),
+            (None, None) => Ok(Permit::plain()),
         }
     }
 }

@@ -13,9 +13,118 @@ use crate::config::rules::{AllowRule, Origin, RecycleRule, Rules, StatementKind,
 use crate::identity::SessionIdentity;
 use crate::sql::guard::{Access, StatementFacts, Target};
 
-/// Proof that a statement may run (the alternative is a [`Refusal`]).
+/// Proof that a statement may run (the alternative is a [`Refusal`]), and the row limit
+/// it runs under, if an `[[allow]]` rule with `max_rows` is what lets it run.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Permit;
+pub struct Permit {
+    pub limit: Option<RowLimit>,
+}
+
+/// What the server's error says when a statement limited by `max_rows` went over it.
+pub const LIMIT_MARKER: &str = "pgveil-max-rows:";
+
+/// The most rows a statement's top-level DELETE or UPDATE may remove or change: over it,
+/// the statement is rolled back and refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowLimit {
+    pub rows: u64,
+    pub kind: StatementKind,
+    /// The table as refusals name it.
+    pub table: String,
+    /// Whether the statement has a RETURNING list of its own.
+    pub returning: bool,
+    /// The `[[allow]]` rule that sets the limit.
+    pub rule: Origin,
+}
+
+impl RowLimit {
+    /// The refusal of a statement that removed (or changed) `rows` rows, over the limit.
+    pub fn exceeded(&self, rows: u64) -> Refusal {
+        let did = match self.kind {
+            StatementKind::Delete => "remove",
+            _ => "change",
+        };
+        Refusal {
+            kind: self.kind.as_str(),
+            table: self.table.clone(),
+            reason: format!(
+                "it would {did} {rows} rows, and the rule that allows it allows at most {} (max_rows); nothing was done",
+                self.rows
+            ),
+            rule: Some(self.rule.clone()),
+        }
+    }
+
+    /// The statement `sql` (one DELETE or UPDATE, as the server will read it) made to
+    /// count its own rows and fail, as a whole, when they are over the limit: in a WITH
+    /// whose query counts the rows it returns and raises an error carrying
+    /// [`LIMIT_MARKER`] and the count. The statement's effects (recycle-bin captures
+    /// included) are undone with it, in or out of a transaction block. Without RETURNING,
+    /// its one row is the count; with it, its rows are the statement's own.
+    pub fn wrap(&self, sql: &str) -> String {
+        let sql = sql.trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+        let over = format!(
+            "pg_catalog.count(*) OPERATOR(pg_catalog.>) {}::pg_catalog.int8",
+            self.rows
+        );
+        let raise = |ty: &str| {
+            format!(
+                "('{LIMIT_MARKER}' OPERATOR(pg_catalog.||) pg_catalog.count(*)::pg_catalog.text)::pg_catalog.{ty}"
+            )
+        };
+        if self.returning {
+            format!(
+                "WITH pgveil_rows AS (\n{sql}\n) SELECT * FROM pgveil_rows WHERE \
+                 (SELECT CASE WHEN {over} THEN {} ELSE true END FROM pgveil_rows)",
+                raise("bool")
+            )
+        } else {
+            format!(
+                "WITH pgveil_rows AS (\n{sql}\nRETURNING 1) SELECT CASE WHEN {over} THEN {} \
+                 ELSE pg_catalog.count(*) END FROM pgveil_rows",
+                raise("int8")
+            )
+        }
+    }
+
+    /// The command tag the client expects of the statement, for `rows` rows.
+    pub fn tag(&self, rows: u64) -> String {
+        format!("{} {rows}", self.kind.as_str().to_uppercase())
+    }
+
+    /// The rows counted in the server's error for a statement over its limit (see
+    /// [`Self::wrap`]); `None` for any other error.
+    pub fn counted(message: &str) -> Option<u64> {
+        let at = message.find(LIMIT_MARKER)? + LIMIT_MARKER.len();
+        let digits: String = message[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+
+    /// The refusal of a limited statement sent with others in one query string, whose
+    /// rows pgveil could not count apart.
+    pub fn not_alone(&self) -> Refusal {
+        Refusal {
+            kind: self.kind.as_str(),
+            table: self.table.clone(),
+            reason: format!(
+                "the rule that allows it limits it to {} rows (max_rows): send it as a query of its own, not with other statements in one string",
+                self.rows
+            ),
+            rule: Some(self.rule.clone()),
+        }
+    }
+
+    /// The tighter of two limits on one statement.
+    fn tighter(a: Option<RowLimit>, b: Option<RowLimit>) -> Option<RowLimit> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b.rows < a.rows { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+}
 
 /// What names mean in this session when a statement arrives.
 pub struct Names<'a> {
@@ -53,7 +162,10 @@ impl GuardPolicy {
             .collect();
         let unconditional = |k: &StatementKind| {
             allows.iter().any(|a| {
-                a.statements.contains(k) && !a.require_where && a.tables.iter().any(|t| t == "*")
+                a.statements.contains(k)
+                    && !a.require_where
+                    && a.max_rows.is_none()
+                    && a.tables.iter().any(|t| t == "*")
             })
         };
         let allows_everything = rules.settings.protected.iter().all(unconditional);
@@ -91,7 +203,7 @@ impl GuardPolicy {
                 g.protected,
                 g.allows
                     .iter()
-                    .map(|a| (&a.statements, &a.tables, a.require_where))
+                    .map(|a| (&a.statements, &a.tables, a.require_where, a.max_rows))
                     .collect::<Vec<_>>(),
                 g.recycles
                     .iter()
@@ -110,8 +222,9 @@ impl GuardPolicy {
         executed: &[Access],
         names: &Names<'_>,
     ) -> Result<Permit, Refusal> {
+        let mut limit = None;
         for access in facts.accesses.iter().chain(executed) {
-            self.check(access, names)?;
+            limit = RowLimit::tighter(limit, self.check(access, names)?);
         }
         if let Some(reason) = &facts.unanalysable {
             let applies = !self.protected.is_empty() || !self.recycles.is_empty();
@@ -124,17 +237,19 @@ impl GuardPolicy {
                 ));
             }
         }
-        Ok(Permit)
+        Ok(Permit { limit })
     }
 
-    fn check(&self, access: &Access, names: &Names<'_>) -> Result<(), Refusal> {
+    /// Whether `access` may run, and under which row limit.
+    fn check(&self, access: &Access, names: &Names<'_>) -> Result<Option<RowLimit>, Refusal> {
         let recycling = matches!(access.kind, StatementKind::Delete | StatementKind::Truncate)
             && !self.recycles.is_empty();
         let protected = self.protected.contains(&access.kind);
         if !protected && !recycling {
-            return Ok(());
+            return Ok(None);
         }
         let kind = access.kind.as_str();
+        let mut limit = None;
         for table in resolve(&access.target, access.kind, names) {
             if recycling {
                 self.check_recycle(kind, &table, names)?;
@@ -148,10 +263,37 @@ impl GuardPolicy {
                 .filter(|a| a.statements.contains(&access.kind))
                 .filter(|a| a.tables.iter().any(|p| glob_matches(p, &table)))
                 .collect();
-            if covering
+            let allowing: Vec<&&AllowRule> = covering
                 .iter()
-                .any(|a| !a.require_where || access.has_where)
-            {
+                .filter(|a| !a.require_where || access.has_where)
+                .collect();
+            if !allowing.is_empty() {
+                // The most the rules allow: unlimited if one of them sets no limit.
+                let most = match allowing.iter().any(|a| a.max_rows.is_none()) {
+                    true => None,
+                    false => allowing.iter().max_by_key(|a| a.max_rows),
+                };
+                if let Some(rule) = most {
+                    let rows = rule.max_rows.unwrap_or_default();
+                    if !access.top {
+                        return Err(Refusal {
+                            kind,
+                            table,
+                            reason: format!(
+                                "the rule that allows it limits it to {rows} rows (max_rows), which pgveil counts only for a DELETE or UPDATE sent as a statement of its own, not inside WITH, PREPARE, EXPLAIN, MERGE or INSERT ... ON CONFLICT"
+                            ),
+                            rule: Some(rule.origin.clone()),
+                        });
+                    }
+                    let this = RowLimit {
+                        rows,
+                        kind: access.kind,
+                        table,
+                        returning: access.returning,
+                        rule: rule.origin.clone(),
+                    };
+                    limit = RowLimit::tighter(limit, Some(this));
+                }
                 continue;
             }
             return Err(match covering.first() {
@@ -177,7 +319,7 @@ impl GuardPolicy {
                 },
             });
         }
-        Ok(())
+        Ok(limit)
     }
 
     /// A DELETE or TRUNCATE of a recycled table runs only while its recycle-bin trigger is
@@ -365,7 +507,7 @@ mod tests {
     fn decide(toml: &str, roles: &[&str], sql: &str) -> Result<Permit, Refusal> {
         let rules = rules(toml);
         let Some(guard) = GuardPolicy::for_session(&rules, &identity(roles)) else {
-            return Ok(Permit);
+            return Ok(Permit { limit: None });
         };
         crm_context(|ctx| {
             let mut facts = analyse(sql, crate::sql::Strings::Standard);
@@ -379,6 +521,89 @@ mod tests {
             };
             guard.authorize(&facts, &[], &names)
         })
+    }
+
+    const LIMITED: &str = r#"
+[settings]
+protected = ["delete", "update"]
+
+[[allow]]
+roles = ["crm_support"]
+statements = ["delete"]
+tables = ["public.deals"]
+max_rows = 5
+
+[[allow]]
+roles = ["crm_support"]
+statements = ["delete", "update"]
+tables = ["public.*"]
+max_rows = 20
+"#;
+
+    #[test]
+    fn max_rows_limits_a_top_level_delete_or_update_to_the_most_generous_rule() {
+        let support = ["alice", "crm_support"];
+        let limit = |toml: &str, sql: &str| decide(toml, &support, sql).unwrap().limit;
+        let l = limit(LIMITED, "DELETE FROM deals WHERE id > 0").unwrap();
+        assert_eq!(
+            (l.rows, l.kind, l.table.as_str()),
+            (20, StatementKind::Delete, "public.deals")
+        );
+        assert!(!l.returning);
+        assert!(l.rule.to_string().ends_with(":11"), "{}", l.rule);
+        let l = limit(
+            LIMITED,
+            "UPDATE public.tasks SET note = '' WHERE id > 0 RETURNING *",
+        )
+        .unwrap();
+        assert_eq!((l.rows, l.kind), (20, StatementKind::Update));
+        assert!(l.returning);
+        assert_eq!(limit(LIMITED, "SELECT * FROM deals"), None);
+        // A rule without max_rows that allows it too: no limit.
+        let unlimited = format!(
+            "{LIMITED}\n[[allow]]\nroles = [\"crm_support\"]\nstatements = [\"delete\"]\ntables = [\"deals\"]\n"
+        );
+        assert_eq!(limit(&unlimited, "DELETE FROM deals WHERE id > 0"), None);
+        // Rows pgveil could not count apart: refused.
+        for sql in [
+            "WITH d AS (DELETE FROM deals RETURNING 1) SELECT count(*) FROM d",
+            "PREPARE p AS DELETE FROM deals",
+            "EXPLAIN ANALYZE DELETE FROM deals",
+            "INSERT INTO deals (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET amount = 0",
+        ] {
+            let refusal = decide(LIMITED, &support, sql).unwrap_err();
+            assert!(
+                refusal.reason.contains("of its own"),
+                "{sql}: {}",
+                refusal.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_limited_statement_counts_its_rows_and_fails_as_a_whole_over_the_limit() {
+        let support = ["alice", "crm_support"];
+        let l = decide(LIMITED, &support, "DELETE FROM deals WHERE id > 0")
+            .unwrap()
+            .limit
+            .unwrap();
+        let wrapped = l.wrap("DELETE FROM deals WHERE id > 0 -- all of them\n ;\n");
+        assert!(wrapped.starts_with("WITH pgveil_rows AS (\nDELETE FROM deals WHERE id > 0 -- all of them\nRETURNING 1)"), "{wrapped}");
+        assert!(
+            wrapped.contains("OPERATOR(pg_catalog.>) 20::pg_catalog.int8"),
+            "{wrapped}"
+        );
+        assert_eq!(l.tag(3), "DELETE 3");
+        assert_eq!(
+            RowLimit::counted("invalid input syntax for type bigint: \"pgveil-max-rows:4711\""),
+            Some(4711)
+        );
+        assert_eq!(
+            RowLimit::counted("invalid input syntax for type bigint: \"x\""),
+            None
+        );
+        let message = l.exceeded(4711).message("alice");
+        assert!(message.contains("it would remove 4711 rows, and the rule that allows it allows at most 20 (max_rows); nothing was done"), "{message}");
     }
 
     const SUPPORT: &str = r#"

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::catalog::Catalog;
-use crate::policy::guard::{GuardPolicy, Names, Prepared};
+use crate::policy::guard::{GuardPolicy, Names, Prepared, RowLimit};
 use crate::policy::{Denied, Refusal};
 use crate::sql::analysis::{Analysed, Analysis, FactsCache};
 use crate::sql::guard::{opaque_call, Access, Effect, StatementFacts};
@@ -26,8 +26,8 @@ pub struct SessionGuard {
     search_path: Vec<String>,
     created: HashSet<String>,
     prepared: Prepared,
-    /// Decision by shape: `None` permitted, `Some(refusal)` refused.
-    decisions: HashMap<Box<str>, Option<Denied>>,
+    /// Decision by shape: permitted (under a row limit or none), or refused.
+    decisions: HashMap<Box<str>, Result<Option<RowLimit>, Denied>>,
 }
 
 impl SessionGuard {
@@ -74,16 +74,17 @@ impl SessionGuard {
     pub fn screen(&mut self, sql: &str, strings: Strings) -> Result<(), Denied> {
         let lexed = lex(sql, strings);
         self.screen_analysed(sql, &Analysis::of(&lexed), &mut FactsCache::default())
+            .map(|_| ())
     }
 
     /// [`Self::screen`] of a text already read as the server reads it, its statement facts
-    /// from the session's `cache`.
+    /// from the session's `cache`; `Ok` holds the row limit it runs under, if any.
     pub fn screen_analysed(
         &mut self,
         sql: &str,
         analysed: &Analysed<'_>,
         cache: &mut FactsCache,
-    ) -> Result<(), Denied> {
+    ) -> Result<Option<RowLimit>, Denied> {
         let analysis = match analysed {
             Ok(a) => a,
             Err(e) => {
@@ -98,7 +99,7 @@ impl SessionGuard {
         // values).
         let shape = analysis.lexed().statement_shape();
         if let Some(decision) = self.decisions.get(shape) {
-            return decision.clone().map_or(Ok(()), Err);
+            return decision.clone();
         }
         let facts = analysis.guard_facts(cache);
         let decision = self.decide(&facts, sql);
@@ -109,8 +110,7 @@ impl SessionGuard {
             if self.decisions.len() >= CACHE {
                 self.decisions.clear();
             }
-            self.decisions
-                .insert(Box::from(shape), decision.clone().err());
+            self.decisions.insert(Box::from(shape), decision.clone());
         }
         decision
     }
@@ -122,11 +122,11 @@ impl SessionGuard {
             unanalysable: Some(reason.to_string()),
             ..Default::default()
         };
-        self.decide(&facts, "")
+        self.decide(&facts, "").map(|_| ())
     }
 
     /// The decision on `facts`, the analysis of `sql` (named in refusals).
-    fn decide(&self, facts: &StatementFacts, sql: &str) -> Result<(), Denied> {
+    fn decide(&self, facts: &StatementFacts, sql: &str) -> Result<Option<RowLimit>, Denied> {
         // EXECUTE runs what PREPARE defined, possibly earlier in the same string.
         let mut local: HashMap<&str, &[Access]> = HashMap::new();
         let mut executed = Vec::new();
@@ -187,7 +187,7 @@ impl SessionGuard {
         };
         self.policy
             .authorize(&facts, &executed, &names)
-            .map(|_permit| ())
+            .map(|permit| permit.limit)
             .map_err(|d: Refusal| d.denied(&self.role, sql))
     }
 

@@ -89,6 +89,11 @@ pub fn query(sql: &str) -> Frame {
     frame(b'Q', |b| put_cstr(b, sql))
 }
 
+/// CommandComplete with `tag` (`DELETE 3`).
+pub fn command_complete(tag: &str) -> Frame {
+    frame(b'C', |b| put_cstr(b, tag))
+}
+
 pub fn terminate() -> Frame {
     frame(b'X', |_| {})
 }

@@ -16,7 +16,7 @@ use super::error::{already_reported, SessionError};
 use super::reload::PolicyRefresh;
 use super::rows::MaskPlan;
 use super::screen::{forward, screen, Screened};
-use super::state::{CatalogRead, Reply, SessionState, UnknownRows};
+use super::state::{CatalogRead, LimitedReply, Reply, SessionState, UnknownRows};
 use super::{BoxRead, Legs};
 use crate::protocol::backend::{self, TransactionStatus};
 use crate::protocol::frontend::FrontendMessage;
@@ -406,6 +406,24 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
 }
 
 fn server_frame_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError> {
+    if st.limits_in_use {
+        // A statement sent wrapped to count its rows: its replies become its own.
+        match st.limited_reply(f).map_err(SessionError::upstream)? {
+            LimitedReply::Same => {}
+            LimitedReply::Swallow => return Ok(Action::Swallow),
+            LimitedReply::Replace(frame) => {
+                return Ok(match reply_action(st, &frame)? {
+                    Action::Forward => Action::Replace(frame),
+                    other => other,
+                })
+            }
+        }
+    }
+    reply_action(st, f)
+}
+
+/// [`server_frame_action`] for a reply as the client is to see it.
+fn reply_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError> {
     match f.tag() {
         // DataRow: the hot path. Sessions without masks forward it untouched.
         b'D' => {

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 
 use super::audit::Recorded;
 use super::encoding::Converted;
-use super::state::{Discarding, Pending, SessionState};
+use super::state::{Discarding, Limited, Pending, SessionState};
 use crate::policy::authorize::{Permit, SessionRules};
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
@@ -91,6 +91,51 @@ pub fn screen(
             let sql = write::refusal_sql(&denied.message);
             st.on_client(&FrontendMessage::Query { sql: &sql });
             out.extend_from_slice(write::query(&sql).raw());
+        }
+        (Decision::Statement(permit), msg) if permit.limit().is_some() => {
+            let (rewrite, limit) = permit.into_parts();
+            let limit = limit.expect("a limit");
+            // The one statement as the server reads it (its own text, without a trailing
+            // semicolon or comment), or masking's rewrite of it, made to count its rows.
+            let text = match (&rewrite, analysed.as_ref()) {
+                (Some(sql), _) => sql.as_str(),
+                (None, Some(Ok(a))) => a
+                    .parts()
+                    .first()
+                    .map_or("", |r| &sql_of(msg).unwrap_or_default()[r.clone()]),
+                (None, _) => sql_of(msg).unwrap_or_default(),
+            };
+            let wrapped = limit.wrap(text);
+            let limited = Limited {
+                limit,
+                role: st
+                    .guard
+                    .as_ref()
+                    .map(|g| g.role().to_string())
+                    .unwrap_or_default(),
+            };
+            match msg {
+                FrontendMessage::Parse {
+                    statement,
+                    param_types,
+                    ..
+                } => {
+                    let parse = FrontendMessage::Parse {
+                        statement,
+                        sql: &wrapped,
+                        param_types: param_types.clone(),
+                    };
+                    st.on_client_recorded(&parse, recorded);
+                    out.extend_from_slice(
+                        write::parse_typed(statement, &wrapped, param_types).raw(),
+                    );
+                }
+                _ => {
+                    st.on_client_recorded(&FrontendMessage::Query { sql: &wrapped }, recorded);
+                    out.extend_from_slice(write::query(&wrapped).raw());
+                }
+            }
+            st.limit_sent(limited);
         }
         (Decision::Statement(permit), msg) => match (permit.into_rewrite(), msg) {
             (
@@ -211,7 +256,14 @@ fn decide(
         _ => return Decision::Other,
     };
     match decided {
-        Ok(permit) => Decision::Statement(permit),
+        // A row limit is counted on a statement of its own.
+        Ok(permit) => match (permit.limit(), msg, analysed) {
+            (Some(limit), FrontendMessage::Query { sql }, Some(Ok(a))) if a.parts().len() > 1 => {
+                let role = st.guard.as_ref().map(|g| g.role()).unwrap_or_default();
+                Decision::Refused(limit.not_alone().denied(role, sql))
+            }
+            _ => Decision::Statement(permit),
+        },
         Err(denied) => Decision::Refused(denied),
     }
 }

@@ -38,6 +38,27 @@ pub struct PreparedStatement {
     pub recorded: Option<Recorded>,
     /// Whether running it may change the session's settings.
     pub settings: SettingsChange,
+    /// The row limit it runs under (it was sent wrapped: see `RowLimit::wrap`).
+    pub limited: Option<Arc<Limited>>,
+}
+
+/// A statement sent wrapped to count its rows under a `max_rows` limit, for the session
+/// whose role is `role`: its replies are turned back into the statement's own.
+#[derive(Debug, PartialEq)]
+pub struct Limited {
+    pub limit: crate::policy::guard::RowLimit,
+    pub role: String,
+}
+
+/// What a server reply to a limited statement becomes (see [`SessionState::limited_reply`]).
+#[derive(Debug, PartialEq)]
+pub enum LimitedReply {
+    /// Not a reply to a limited statement, or one that stays as it is.
+    Same,
+    /// The wrapper's own RowDescription or row (its count): the client's statement has none.
+    Swallow,
+    /// Send this frame, handled as if the server had sent it.
+    Replace(Frame),
 }
 
 /// Whether a statement may change the session's settings (see `may_change_settings`),
@@ -62,6 +83,8 @@ pub struct Portal {
     pub recorded: Option<Recorded>,
     /// Its statement's.
     pub settings: SettingsChange,
+    /// Its statement's.
+    pub limited: Option<Arc<Limited>>,
 }
 
 impl Portal {
@@ -83,6 +106,8 @@ pub enum Pending {
         /// Tables it creates, for the masking policy once it completes without error.
         created: Vec<String>,
         settings: SettingsChange,
+        /// Sent wrapped to count its rows (a query of one statement).
+        limited: Option<Arc<Limited>>,
     },
     Parse(Name, PreparedStatement),
     Bind {
@@ -230,6 +255,11 @@ pub struct SessionState {
     /// The rows of the result now arriving could not be forwarded: the client got an
     /// error instead, and every reply until ReadyForQuery is withheld.
     pub withholding: bool,
+    /// Whether a statement was sent wrapped to count its rows (see [`Limited`]): only
+    /// then are server replies looked at for it.
+    pub limits_in_use: bool,
+    /// The count of rows the wrapper of the limited statement now answering returned.
+    limit_count: Option<u64>,
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
@@ -411,6 +441,7 @@ impl SessionState {
                     .map(SessionPolicy::take_staged)
                     .unwrap_or_default(),
                 settings: SettingsChange::default(),
+                limited: None,
             },
             FrontendMessage::Parse {
                 statement,
@@ -430,6 +461,7 @@ impl SessionState {
                         rows: None,
                         recorded,
                         settings: SettingsChange::default(),
+                        limited: None,
                     },
                 )
             }
@@ -580,6 +612,108 @@ impl SessionState {
             _ => {}
         }
         Reply::Other
+    }
+
+    /// The Query or Parse just sent (see [`Self::on_client`]) was the wrapper of a
+    /// statement under a row limit.
+    pub fn limit_sent(&mut self, limited: Limited) {
+        let limited = Some(Arc::new(limited));
+        match self.pending.back_mut() {
+            Some(Pending::Query { limited: l, .. }) => *l = limited,
+            Some(Pending::Parse(_, statement)) => statement.limited = limited,
+            _ => return,
+        }
+        self.limits_in_use = true;
+    }
+
+    /// The limited statement the server's reply `tag` answers, and whether its portal
+    /// returns binary results.
+    fn limited_answering(&self, tag: u8) -> Option<(Arc<Limited>, bool)> {
+        match (self.pending.front()?, tag) {
+            (Pending::Query { limited, .. }, _) => Some((limited.clone()?, false)),
+            (Pending::Execute { portal }, _) => {
+                let p = self.portals.get(portal)?;
+                Some((p.limited.clone()?, p.format_of(0) == 1))
+            }
+            (
+                Pending::Describe {
+                    target: Target::Statement,
+                    name,
+                    hidden: false,
+                },
+                b'T',
+            ) => Some((self.statements.get(name)?.limited.clone()?, false)),
+            (
+                Pending::Describe {
+                    target: Target::Portal,
+                    name,
+                    hidden: false,
+                },
+                b'T',
+            ) => Some((self.portals.get(name)?.limited.clone()?, false)),
+            _ => None,
+        }
+    }
+
+    /// What a server reply becomes when it answers a statement sent wrapped under a row
+    /// limit: the wrapper's count row and its description go (a description answers
+    /// NoData), its command tag is the statement's own with the count, and its error
+    /// for too many rows is pgveil's refusal naming the rule.
+    pub fn limited_reply(&mut self, f: &Frame) -> Result<LimitedReply, ProtocolError> {
+        let Some((limited, binary)) = self.limited_answering(f.tag()) else {
+            return Ok(LimitedReply::Same);
+        };
+        let limit = &limited.limit;
+        let counting = !limit.returning;
+        Ok(match f.tag() {
+            b'T' if counting => match self.pending.front() {
+                Some(Pending::Describe { .. }) => {
+                    LimitedReply::Replace(crate::protocol::write::frame(b'n', |_| {}))
+                }
+                _ => LimitedReply::Swallow,
+            },
+            b'D' if counting => {
+                let row = crate::protocol::backend::data_row(f)?;
+                self.limit_count = match row.first().copied().flatten() {
+                    Some(v) if binary => v.try_into().ok().map(u64::from_be_bytes),
+                    Some(v) => std::str::from_utf8(v).ok().and_then(|t| t.parse().ok()),
+                    None => None,
+                };
+                LimitedReply::Swallow
+            }
+            b'C' => {
+                let tag = crate::protocol::backend::command_tag(f)?;
+                let rows = match self.limit_count.take() {
+                    Some(n) if counting => n,
+                    _ => tag
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0),
+                };
+                LimitedReply::Replace(crate::protocol::write::command_complete(&limit.tag(rows)))
+            }
+            b'E' => {
+                self.limit_count = None;
+                let fields = crate::protocol::backend::error_fields(f)?;
+                let message = fields.iter().find(|(k, _)| *k == b'M').map(|(_, m)| *m);
+                match message.and_then(crate::policy::guard::RowLimit::counted) {
+                    Some(rows) => {
+                        let denied = limit.exceeded(rows).denied(&limited.role, "");
+                        if let Some(a) = self.audit.as_mut() {
+                            a.on_refused(denied.clone());
+                        }
+                        LimitedReply::Replace(crate::protocol::write::error_response(
+                            crate::protocol::write::Severity::Error,
+                            crate::protocol::sqlstate::SqlState::INSUFFICIENT_PRIVILEGE,
+                            &denied.message,
+                        ))
+                    }
+                    None => LimitedReply::Same,
+                }
+            }
+            _ => LimitedReply::Same,
+        })
     }
 
     /// Records messages pgveil injects ahead of a client's Sync.
@@ -832,9 +966,14 @@ impl SessionState {
                 result_formats,
                 recorded,
             }) => {
-                let (sql, rows, settings) = match self.statements.get(&statement) {
-                    Some(s) => (s.sql.clone(), s.rows.clone(), s.settings.clone()),
-                    None => (Arc::from(""), None, SettingsChange::default()),
+                let (sql, rows, settings, limited) = match self.statements.get(&statement) {
+                    Some(s) => (
+                        s.sql.clone(),
+                        s.rows.clone(),
+                        s.settings.clone(),
+                        s.limited.clone(),
+                    ),
+                    None => (Arc::from(""), None, SettingsChange::default(), None),
                 };
                 self.portals.insert(
                     portal,
@@ -845,6 +984,7 @@ impl SessionState {
                         rows,
                         recorded,
                         settings,
+                        limited,
                     },
                 );
             }

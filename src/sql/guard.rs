@@ -29,6 +29,12 @@ pub struct Access {
     /// For DELETE and UPDATE: a WHERE clause that references at least one column
     /// (`WHERE true` does not count).
     pub has_where: bool,
+    /// The target of the string's top-level DELETE or UPDATE itself (not of one in a
+    /// WITH, PREPARE, EXPLAIN, MERGE or INSERT ... ON CONFLICT): the rows of this access
+    /// are the ones its command tag counts.
+    pub top: bool,
+    /// For a top-level DELETE or UPDATE: whether it has a RETURNING list.
+    pub returning: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +171,8 @@ pub fn analyse_statement(stmt: Option<&Statement>) -> StatementFacts {
     let mut walk = Walk {
         facts: &mut facts,
         ctes: CteScope::default(),
+        seen: 0,
+        top: None,
     };
     let _ = stmt.visit(&mut walk);
     facts
@@ -173,6 +181,10 @@ pub fn analyse_statement(stmt: Option<&Statement>) -> StatementFacts {
 struct Walk<'a> {
     facts: &'a mut StatementFacts,
     ctes: CteScope,
+    /// Statements visited so far (the first is the top-level one).
+    seen: usize,
+    /// While the top-level DELETE or UPDATE is being read: whether it has RETURNING.
+    top: Option<bool>,
 }
 
 impl Walk<'_> {
@@ -181,6 +193,8 @@ impl Walk<'_> {
             kind,
             target,
             has_where,
+            top: self.top.is_some(),
+            returning: self.top.unwrap_or(false),
         });
     }
 
@@ -406,9 +420,12 @@ impl Walk<'_> {
                 // The prepared statement's accesses are counted here too (the visitor
                 // walks into it), so a PREPARE of what the role may not do is refused.
                 let mut inner = StatementFacts::default();
+                // (Run by EXECUTE, which no row limit can wrap: nothing in it is top-level.)
                 let mut walk = Walk {
                     facts: &mut inner,
                     ctes: CteScope::default(),
+                    seen: 1,
+                    top: None,
                 };
                 let _ = statement.visit(&mut walk);
                 if let Some(reason) = inner.unanalysable {
@@ -435,7 +452,14 @@ impl Visitor for Walk<'_> {
     type Break = ();
 
     fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
+        self.seen += 1;
+        self.top = match stmt {
+            Statement::Delete(d) if self.seen == 1 => Some(d.returning.is_some()),
+            Statement::Update(u) if self.seen == 1 => Some(u.returning.is_some()),
+            _ => None,
+        };
         self.statement(stmt);
+        self.top = None;
         ControlFlow::Continue(())
     }
 

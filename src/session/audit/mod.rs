@@ -306,6 +306,14 @@ impl SessionAudit {
         }
     }
 
+    /// The statement at the front was refused after it ran (its effects undone): a
+    /// statement over its `max_rows` limit. Its record says so, with the rule.
+    pub fn on_refused(&mut self, denied: Denied) {
+        if let Some(Slot::Statement(f)) = self.slots.front_mut() {
+            f.blocked = Some(denied);
+        }
+    }
+
     /// A DataRow of the statement at the front.
     pub fn on_data_row(&mut self) {
         if let Some(Slot::Statement(f)) = self.slots.front_mut() {
