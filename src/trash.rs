@@ -10,7 +10,7 @@
 //! copies a 100,000-row DELETE in one set-based INSERT of the rows as they are. pgveil's guard refuses a DELETE or
 //! TRUNCATE of a recycled table while the triggers are missing or disabled.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use thiserror::Error;
@@ -401,11 +401,23 @@ pub struct Restored {
     pub skipped: Vec<String>,
 }
 
+/// A kept row: its id and its bin.
+type KeptRow = (i64, String);
+
 /// `pgveil trash restore`: puts the selected rows back into their tables and removes
 /// them from the bin, in one transaction. A row whose key exists again in its table is
 /// not overwritten: the restore is refused, naming each such row, unless
 /// `skip_conflicts`, which restores the others. Rows go back parents first, whatever
-/// order they were deleted in (a cascade keeps children before their parent).
+/// order they were deleted in.
+///
+/// Nor is a row put under a parent that is not its own: when a foreign key of a restored
+/// row points at a key whose original row is kept in the referenced table's bin (deleted
+/// in the same transaction as the row or after it) and that kept row is not restored
+/// too, the key is held by another row now. That is a conflict as well, found after the
+/// inserts and before anything is committed; with `skip_conflicts` the restore is run
+/// again without such rows (their own children then wait for a parent that does not
+/// come back, and stay in the bin too), until no restored row is under a parent not its
+/// own.
 pub async fn restore(
     client: &mut Client,
     sel: &Selection,
@@ -420,7 +432,7 @@ pub async fn restore(
     let tx = client.transaction().await?;
     let (filter, params) = sel.filter();
     // Pending rows by table: (kept row id, its bin).
-    let mut pending: BTreeMap<(String, String), Vec<(i64, String)>> = BTreeMap::new();
+    let mut pending: BTreeMap<(String, String), Vec<KeptRow>> = BTreeMap::new();
     for (schema, table, bin) in all_bins {
         let rows = tx
             .query(
@@ -443,12 +455,102 @@ pub async fn restore(
     if pending.is_empty() {
         return Err(TrashError::Refused("no kept rows match".into()));
     }
-    let mut restored = Restored::default();
-    let mut done_ids: Vec<(i64, String)> = Vec::new();
-    let mut conflicts: Vec<String> = Vec::new();
+    let selected: BTreeSet<KeptRow> = pending.values().flatten().cloned().collect();
+    let fks = recycled_foreign_keys(&tx).await?;
+    // Each run restores what it can after this savepoint; a run that put rows under a
+    // parent not their own is rolled back to it and, with skip_conflicts, run again
+    // without them, until none is.
+    tx.batch_execute("SAVEPOINT pgveil_restore_run").await?;
+    let mut excluded: BTreeSet<KeptRow> = BTreeSet::new();
+    let mut not_their_parent: Vec<String> = Vec::new();
+    let run = loop {
+        let run = restore_passes(&tx, &pending, &excluded).await?;
+        let forged = forged_relationships(&tx, &fks, &run.done, &selected).await?;
+        if forged.is_empty() {
+            break run;
+        }
+        if !skip_conflicts {
+            let mut conflicts = run.conflicts;
+            conflicts.extend(forged.into_iter().map(|(_, why)| why));
+            tx.rollback().await?;
+            return Err(refused(&conflicts));
+        }
+        tx.batch_execute("ROLLBACK TO SAVEPOINT pgveil_restore_run")
+            .await?;
+        for (row, why) in forged {
+            excluded.insert(row);
+            not_their_parent.push(why);
+        }
+    };
+    let mut conflicts = run.conflicts;
+    conflicts.extend(not_their_parent);
+    if !conflicts.is_empty() && !skip_conflicts {
+        tx.rollback().await?;
+        return Err(refused(&conflicts));
+    }
+    let restored = Restored {
+        by_table: run.by_table,
+        skipped: conflicts,
+    };
+    let mut by_bin: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (id, bin) in &run.done {
+        by_bin.entry(bin.clone()).or_default().push(id.to_string());
+    }
+    for (bin, ids) in by_bin {
+        tx.execute(
+            &format!(
+                "DELETE FROM pgveil_trash.{} WHERE pgveil_id = ANY ($1::text::bigint[])",
+                quote_ident(&bin)
+            ),
+            &[&format!("{{{}}}", ids.join(","))],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(restored)
+}
+
+fn refused(conflicts: &[String]) -> TrashError {
+    TrashError::Refused(format!(
+        "restore refused, nothing was restored:\n{}\n(--skip-conflicts restores the other rows)",
+        conflicts.join("\n")
+    ))
+}
+
+/// One run of a restore's passes.
+struct Run {
+    by_table: BTreeMap<String, usize>,
+    /// The rows inserted.
+    done: Vec<KeptRow>,
+    /// The rows not inserted, with why.
+    conflicts: Vec<String>,
+}
+
+/// Inserts the `pending` rows but the `excluded` ones back into their tables, in passes:
+/// each pass restores what it can; rows whose parent is still in the bin wait for a
+/// later pass. Stops when a pass makes no progress.
+async fn restore_passes(
+    tx: &Transaction<'_>,
+    pending: &BTreeMap<(String, String), Vec<KeptRow>>,
+    excluded: &BTreeSet<KeptRow>,
+) -> Result<Run, TrashError> {
+    let mut pending: BTreeMap<(String, String), Vec<KeptRow>> = pending
+        .iter()
+        .map(|(table, rows)| {
+            let rows = rows
+                .iter()
+                .filter(|row| !excluded.contains(*row))
+                .cloned()
+                .collect();
+            (table.clone(), rows)
+        })
+        .collect();
+    let mut run = Run {
+        by_table: BTreeMap::new(),
+        done: Vec::new(),
+        conflicts: Vec::new(),
+    };
     let mut waiting_reason: BTreeMap<i64, String> = BTreeMap::new();
-    // Each pass restores what it can; rows whose parent is still in the bin wait for a
-    // later pass. Stops when a pass makes no progress.
     loop {
         let mut progress = false;
         let tables: Vec<(String, String)> = pending.keys().cloned().collect();
@@ -457,30 +559,28 @@ pub async fn restore(
             if batch.is_empty() {
                 continue;
             }
-            let columns = insertable_columns(&tx, &key.0, &key.1, &batch[0].1).await?;
-            match insert_rows(&tx, &key, &columns, &batch).await? {
+            let columns = insertable_columns(tx, &key.0, &key.1, &batch[0].1).await?;
+            match insert_rows(tx, &key, &columns, &batch).await? {
                 Outcome::Inserted => {
                     progress = true;
-                    *restored
-                        .by_table
+                    *run.by_table
                         .entry(format!("{}.{}", key.0, key.1))
                         .or_default() += batch.len();
-                    done_ids.extend(batch.iter().cloned());
+                    run.done.extend(batch.iter().cloned());
                 }
                 Outcome::Failed(_) => {
                     // Row by row: find which conflict and which wait for a parent.
                     let mut left = Vec::new();
                     for row in batch {
-                        match insert_rows(&tx, &key, &columns, std::slice::from_ref(&row)).await? {
+                        match insert_rows(tx, &key, &columns, std::slice::from_ref(&row)).await? {
                             Outcome::Inserted => {
                                 progress = true;
-                                *restored
-                                    .by_table
+                                *run.by_table
                                     .entry(format!("{}.{}", key.0, key.1))
                                     .or_default() += 1;
-                                done_ids.push(row.clone());
+                                run.done.push(row.clone());
                             }
-                            Outcome::Failed(Failure::Conflict(detail)) => conflicts.push(format!(
+                            Outcome::Failed(Failure::Conflict(detail)) => run.conflicts.push(format!(
                                 "kept row {} of {}.{}: {detail} Not restored: pgveil does not overwrite an existing row.",
                                 row.0, key.0, key.1
                             )),
@@ -503,35 +603,165 @@ pub async fn restore(
     for ((schema, table), rows) in &pending {
         for (id, _) in rows {
             let why = waiting_reason.get(id).cloned().unwrap_or_default();
-            conflicts.push(format!(
+            run.conflicts.push(format!(
                 "kept row {id} of {schema}.{table}: {why} Not restored: the row it references is neither in the table nor among the rows restored."
             ));
         }
     }
-    if !conflicts.is_empty() && !skip_conflicts {
-        tx.rollback().await?;
-        return Err(TrashError::Refused(format!(
-            "restore refused, nothing was restored:\n{}\n(--skip-conflicts restores the other rows)",
-            conflicts.join("\n")
-        )));
-    }
-    restored.skipped = conflicts;
-    let mut by_bin: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (id, bin) in &done_ids {
-        by_bin.entry(bin.clone()).or_default().push(id.to_string());
-    }
-    for (bin, ids) in by_bin {
-        tx.execute(
-            &format!(
-                "DELETE FROM pgveil_trash.{} WHERE pgveil_id = ANY ($1::text::bigint[])",
-                quote_ident(&bin)
-            ),
-            &[&format!("{{{}}}", ids.join(","))],
+    Ok(run)
+}
+
+/// A foreign key from one recycled table to another (or to itself), with both bins and
+/// the key's columns on each side, in the constraint's order.
+struct RecycledForeignKey {
+    child: String,
+    child_bin: String,
+    child_columns: Vec<String>,
+    parent: String,
+    parent_bin: String,
+    parent_columns: Vec<String>,
+}
+
+/// The foreign keys, as the catalog has them now (`conkey`, `confkey`), whose table and
+/// referenced table are both recycled and whose columns are all in both bins (a column
+/// a bin lacks was never captured, so there is no kept value to compare).
+async fn recycled_foreign_keys(
+    tx: &Transaction<'_>,
+) -> Result<Vec<RecycledForeignKey>, TrashError> {
+    let columns = |key: &str, rel: &str| {
+        format!(
+            "ARRAY(SELECT a.attname::text FROM unnest(k.{key}) WITH ORDINALITY AS u(attnum, i) \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = k.{rel} AND a.attnum = u.attnum \
+             ORDER BY u.i)"
         )
-        .await?;
+    };
+    let in_bin = |key: &str, rel: &str, bin: &str| {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM unnest(k.{key}) AS u(attnum) \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = k.{rel} AND a.attnum = u.attnum \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute b \
+                 WHERE b.attrelid = to_regclass(format('pgveil_trash.%I', {bin}.bin)) \
+                 AND b.attname = a.attname AND NOT b.attisdropped))"
+        )
+    };
+    let sql = format!(
+        "SELECT ct.table_schema || '.' || ct.table_name, ct.bin, {}, \
+         pt.table_schema || '.' || pt.table_name, pt.bin, {} \
+         FROM pg_catalog.pg_constraint k \
+         JOIN pg_catalog.pg_class cc ON cc.oid = k.conrelid \
+         JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
+         JOIN pgveil_trash.tables ct ON ct.table_schema = cn.nspname AND ct.table_name = cc.relname \
+         JOIN pg_catalog.pg_class pc ON pc.oid = k.confrelid \
+         JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
+         JOIN pgveil_trash.tables pt ON pt.table_schema = pn.nspname AND pt.table_name = pc.relname \
+         WHERE k.contype = 'f' AND k.conparentid = 0 AND {} AND {} \
+         ORDER BY 1, k.conname",
+        columns("conkey", "conrelid"),
+        columns("confkey", "confrelid"),
+        in_bin("conkey", "conrelid", "ct"),
+        in_bin("confkey", "confrelid", "pt"),
+    );
+    let mut out = Vec::new();
+    for r in tx.query(&sql, &[]).await? {
+        let fk = RecycledForeignKey {
+            child: r.try_get(0)?,
+            child_bin: r.try_get(1)?,
+            child_columns: r.try_get(2)?,
+            parent: r.try_get(3)?,
+            parent_bin: r.try_get(4)?,
+            parent_columns: r.try_get(5)?,
+        };
+        if !fk.child_columns.is_empty() && fk.child_columns.len() == fk.parent_columns.len() {
+            out.push(fk);
+        }
     }
-    tx.commit().await?;
-    Ok(restored)
+    Ok(out)
+}
+
+/// Restored rows (`done`, not yet removed from their bins) that a foreign key now
+/// attaches to a row that is not their parent, each with why.
+///
+/// A kept row's parent is the kept row of the referenced table's bin with the key its
+/// foreign key holds that was deleted in the same transaction as the row or after it
+/// (the earliest such, by deletion id: a cascade captures the parent first and its
+/// children after it in the same transaction; a row of that key deleted in an earlier
+/// transaction, before the child, was an older, unrelated one). If that kept parent is not
+/// among the rows restored (not selected, or selected but its key exists again), the
+/// restored row's key points at another row now: the row now holding the key.
+async fn forged_relationships(
+    tx: &Transaction<'_>,
+    fks: &[RecycledForeignKey],
+    done: &[KeptRow],
+    selected: &BTreeSet<KeptRow>,
+) -> Result<Vec<(KeptRow, String)>, TrashError> {
+    let mut by_bin: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for (id, bin) in done {
+        by_bin.entry(bin.as_str()).or_default().push(*id);
+    }
+    let mut out: Vec<(KeptRow, String)> = Vec::new();
+    for fk in fks {
+        let Some(children) = by_bin.get(fk.child_bin.as_str()) else {
+            continue;
+        };
+        let parents = by_bin
+            .get(fk.parent_bin.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let on = fk
+            .child_columns
+            .iter()
+            .zip(&fk.parent_columns)
+            .map(|(c, p)| format!("bp.{} = bc.{}", quote_ident(p), quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let key = fk
+            .child_columns
+            .iter()
+            .map(|c| format!("bc.{}::text", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT f.child, f.parent, f.key FROM (\
+                 SELECT DISTINCT ON (bc.pgveil_id) bc.pgveil_id AS child, bp.pgveil_id AS parent, \
+                 concat_ws(', ', {key}) AS key \
+                 FROM pgveil_trash.{} bc JOIN unnest($1::bigint[]) AS r(id) ON r.id = bc.pgveil_id \
+                 JOIN pgveil_trash.deletions dc ON dc.id = bc.pgveil_deletion \
+                 JOIN pgveil_trash.{} bp ON {on} \
+                 JOIN pgveil_trash.deletions dp ON dp.id = bp.pgveil_deletion \
+                 WHERE dp.id >= dc.id OR dp.txid = dc.txid \
+                 ORDER BY bc.pgveil_id, dp.id, bp.pgveil_id) f \
+             WHERE NOT EXISTS (SELECT 1 FROM unnest($2::bigint[]) AS r(id) WHERE r.id = f.parent) \
+             ORDER BY f.child",
+            quote_ident(&fk.child_bin),
+            quote_ident(&fk.parent_bin),
+        );
+        for r in tx.query(&sql, &[children, &parents]).await? {
+            let child: i64 = r.try_get(0)?;
+            let parent: i64 = r.try_get(1)?;
+            let key: String = r.try_get(2)?;
+            let state = if selected.contains(&(parent, fk.parent_bin.clone())) {
+                "is in this restore but could not be restored"
+            } else {
+                "is not in this restore"
+            };
+            out.push((
+                (child, fk.child_bin.clone()),
+                format!(
+                    "kept row {child} of {}: its key ({})=({key}) belonged to kept row {parent} of {}, \
+                     deleted with it or after it, which {state}. Not restored: the key would point at \
+                     another row of {} now, not at the row it belonged to. Restore kept row {parent} too, \
+                     or resolve the row now holding ({})=({key}) in {}.",
+                    fk.child,
+                    fk.child_columns.join(", "),
+                    fk.parent,
+                    fk.parent,
+                    fk.parent_columns.join(", "),
+                    fk.parent,
+                ),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 enum Outcome {

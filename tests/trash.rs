@@ -432,3 +432,278 @@ async fn the_capture_cannot_be_switched_off_and_columns_cannot_be_wiped() {
     assert_eq!(bin.kept(Some("tasks")).len(), 1);
     p.shutdown().await;
 }
+
+/// The kept id of the row of `table` whose column `id` is `id`.
+fn kept_id(kept: &[serde_json::Value], table: &str, id: i64) -> String {
+    kept.iter()
+        .find(|k| k["table"] == table && k["row"]["id"] == id)
+        .unwrap_or_else(|| panic!("no kept row {table} id={id} in {kept:?}"))["id"]
+        .to_string()
+}
+
+/// Restoring children whose parent stays in the bin while another row took the parent's
+/// key would put the real rows under the impostor (the foreign key is satisfied by it):
+/// the restore is refused, naming the kept parent, and nothing is put back; restoring the
+/// parent with them, once the impostor is gone, works.
+#[tokio::test]
+async fn restore_refuses_to_put_children_under_a_forged_parent() {
+    let bin = Bin::new("trash_forged_table");
+    bin.init();
+    // Customer 5 goes, with its deals 4 and 204 and contact 5 (ON DELETE CASCADE).
+    bin.sql("DELETE FROM customers WHERE id = 5");
+    bin.sql("INSERT INTO customers (id, full_name) VALUES (5, 'Forged')");
+    let kept = bin.kept(None);
+    let customer = kept_id(&kept, "public.customers", 5);
+    let deals = [
+        kept_id(&kept, "public.deals", 4),
+        kept_id(&kept, "public.deals", 204),
+    ];
+    let forged_children =
+        "SELECT (SELECT count(*) FROM deals WHERE customer_id = 5) + (SELECT count(*) FROM contacts WHERE customer_id = 5)";
+    let out = bin.pgveil(&["trash", "restore", "--table", "deals"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("nothing was restored"), "{err}");
+    for deal in &deals {
+        assert!(
+            err.contains(&format!(
+                "kept row {deal} of public.deals: its key (customer_id)=(5) belonged to kept row {customer} of public.customers"
+            )),
+            "{err}"
+        );
+    }
+    assert!(err.contains("which is not in this restore"), "{err}");
+    assert!(
+        err.contains(&format!("Restore kept row {customer} too, or resolve the row now holding (id)=(5) in public.customers")),
+        "{err}"
+    );
+    assert_eq!(bin.sql(forged_children), "0");
+    assert_eq!(bin.kept(Some("deals")).len(), 2);
+    // --skip-conflicts leaves them in the bin too (and the contact, restored alone).
+    for table in ["deals", "contacts"] {
+        let out = bin.pgveil(&["trash", "restore", "--table", table, "--skip-conflicts"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("restored 0 rows"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("belonged to kept row"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    assert_eq!(bin.sql(forged_children), "0");
+    assert_eq!(bin.kept(None).len(), 4);
+    // Once the impostor is gone (kept in the bin in its turn), the real customer goes back
+    // with its deals.
+    bin.sql("DELETE FROM customers WHERE id = 5");
+    let out = bin.pgveil(&[
+        "trash", "restore", "--id", &customer, "--id", &deals[0], "--id", &deals[1],
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 3 rows"), "{}", stdout(&out));
+    assert_eq!(
+        bin.sql("SELECT full_name || ' ' || (SELECT count(*) FROM deals WHERE customer_id = 5) FROM customers WHERE id = 5"),
+        "Customer 5 2"
+    );
+}
+
+/// A full restore with --skip-conflicts: the parent whose key was taken is a conflict, so
+/// its cascaded children stay in the bin with it instead of going under the impostor; the
+/// unrelated rows are restored. Without --skip-conflicts nothing is.
+#[tokio::test]
+async fn restore_skip_conflicts_leaves_children_of_a_conflicting_parent_in_the_bin() {
+    let bin = Bin::new("trash_forged_all");
+    bin.init();
+    let since =
+        bin.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin
+        .simple_query("DELETE FROM customers WHERE id = 5")
+        .await
+        .unwrap();
+    // Unrelated: deal 9 (customer 10) and task 7.
+    admin
+        .simple_query("DELETE FROM deals WHERE id = 9")
+        .await
+        .unwrap();
+    admin
+        .simple_query("DELETE FROM tasks WHERE id = 7")
+        .await
+        .unwrap();
+    p.shutdown().await;
+    bin.sql("INSERT INTO customers (id, full_name) VALUES (5, 'Forged')");
+    let kept = bin.kept(None);
+    assert_eq!(kept.len(), 6, "{kept:?}");
+    let customer = kept_id(&kept, "public.customers", 5);
+    let deal = kept_id(&kept, "public.deals", 4);
+    let contact = kept_id(&kept, "public.contacts", 5);
+    let state = "SELECT (SELECT count(*) FROM deals WHERE customer_id = 5) || ' ' || \
+                 (SELECT count(*) FROM contacts WHERE customer_id = 5) || ' ' || \
+                 (SELECT count(*) FROM deals WHERE id = 9) || ' ' || \
+                 (SELECT count(*) FROM tasks WHERE id = 7) || ' ' || \
+                 (SELECT full_name FROM customers WHERE id = 5)";
+    let out = bin.pgveil(&["trash", "restore", "--since", &since]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("Key (id)=(5) already exists"), "{err}");
+    assert!(
+        err.contains(&format!("kept row {deal} of public.deals: its key (customer_id)=(5) belonged to kept row {customer} of public.customers")),
+        "{err}"
+    );
+    assert_eq!(bin.sql(state), "0 0 0 0 Forged");
+    let out = bin.pgveil(&["trash", "restore", "--since", &since, "--skip-conflicts"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("restored 2 rows"), "{text}");
+    assert!(
+        text.contains("public.deals: 1") && text.contains("public.tasks: 1"),
+        "{text}"
+    );
+    for (row, table) in [(&deal, "deals"), (&contact, "contacts")] {
+        assert!(
+            text.contains(&format!(
+                "skipped: kept row {row} of public.{table}: its key (customer_id)=(5) belonged to kept row {customer} of public.customers, deleted with it or after it, which is in this restore but could not be restored"
+            )),
+            "{text}"
+        );
+    }
+    assert_eq!(bin.sql(state), "0 0 1 1 Forged");
+    let mut left: Vec<String> = bin
+        .kept(None)
+        .iter()
+        .map(|k| k["table"].as_str().unwrap().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "public.contacts",
+            "public.customers",
+            "public.deals",
+            "public.deals"
+        ]
+    );
+}
+
+/// What the check must not refuse: a parent restored with its children, and a child
+/// whose key was held, before it, by an older row kept in the bin (deleted before the
+/// child, so not its parent).
+#[tokio::test]
+async fn restore_puts_parents_and_children_back_and_ignores_older_rows_of_the_key() {
+    let bin = Bin::new("trash_forged_legit");
+    bin.init();
+    let before = bin.sql("SELECT count(*) FROM deals WHERE customer_id = 7");
+    bin.sql("DELETE FROM customers WHERE id = 7");
+    let kept = bin.kept(None);
+    let ids: Vec<String> = kept.iter().map(|k| k["id"].to_string()).collect();
+    let mut args = vec!["trash", "restore"];
+    for id in &ids {
+        args.extend(["--id", id]);
+    }
+    let out = bin.pgveil(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 4 rows"), "{}", stdout(&out));
+    assert_eq!(
+        bin.sql("SELECT count(*) FROM deals WHERE customer_id = 7"),
+        before
+    );
+    assert!(bin.kept(None).is_empty());
+    // Customer 8 goes (with its deals); a new customer takes id 8 and has a deal, which is
+    // deleted on its own later. The old customer 8 in the bin is not that deal's parent.
+    bin.sql("DELETE FROM customers WHERE id = 8");
+    bin.sql("INSERT INTO customers (id, full_name) VALUES (8, 'New 8')");
+    bin.sql("INSERT INTO deals (id, customer_id, title, amount) VALUES (1000, 8, 'New deal', 10)");
+    bin.sql("DELETE FROM deals WHERE id = 1000");
+    let deal = kept_id(&bin.kept(None), "public.deals", 1000);
+    let out = bin.pgveil(&["trash", "restore", "--id", &deal]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 1 rows"), "{}", stdout(&out));
+    assert_eq!(
+        bin.sql("SELECT c.full_name FROM deals d JOIN customers c ON c.id = d.customer_id WHERE d.id = 1000"),
+        "New 8"
+    );
+}
+
+/// Composite foreign keys, several foreign keys on one table, and grandchildren: a store
+/// references a region by (country, code) and a customer by owner_id; shelves reference
+/// stores.
+#[tokio::test]
+async fn restore_checks_composite_and_several_foreign_keys_down_to_grandchildren() {
+    let bin = Bin::new("trash_forged_composite");
+    std::fs::write(
+        bin.rules.path().join("rules.toml"),
+        format!(
+            "{RULES}\n[[recycle]]\ntable = \"public.regions\"\n\n[[recycle]]\ntable = \"public.stores\"\n\n[[recycle]]\ntable = \"public.shelves\"\n"
+        ),
+    )
+    .unwrap();
+    bin.sql(
+        "CREATE TABLE regions (country text, code text, name text, PRIMARY KEY (country, code)); \
+         CREATE TABLE stores (id int PRIMARY KEY, country text NOT NULL, region text NOT NULL, \
+             owner_id bigint NOT NULL REFERENCES customers (id) ON DELETE CASCADE, \
+             FOREIGN KEY (country, region) REFERENCES regions (country, code) ON DELETE CASCADE); \
+         CREATE TABLE shelves (id int PRIMARY KEY, store_id int NOT NULL REFERENCES stores (id) ON DELETE CASCADE); \
+         INSERT INTO regions VALUES ('fr', 'idf', 'Ile-de-France'), ('fr', 'ara', 'Auvergne'); \
+         INSERT INTO stores VALUES (1, 'fr', 'idf', 11), (2, 'fr', 'ara', 12), (3, 'fr', 'ara', 13); \
+         INSERT INTO shelves VALUES (10, 1), (11, 1), (20, 2), (30, 3)",
+    );
+    bin.init();
+    // The region goes with store 1 and its shelves; a new region takes its key.
+    bin.sql("DELETE FROM regions WHERE code = 'idf'");
+    bin.sql("INSERT INTO regions VALUES ('fr', 'idf', 'Forged')");
+    // Customer 12 goes with store 2 and shelf 20; a new customer takes id 12.
+    bin.sql("DELETE FROM customers WHERE id = 12");
+    bin.sql("INSERT INTO customers (id, full_name) VALUES (12, 'Forged')");
+    // Shelf 30 goes alone: restorable.
+    bin.sql("DELETE FROM shelves WHERE id = 30");
+    let kept = bin.kept(None);
+    let region = kept
+        .iter()
+        .find(|k| k["table"] == "public.regions")
+        .unwrap()["id"]
+        .to_string();
+    let store1 = kept_id(&kept, "public.stores", 1);
+    let store2 = kept_id(&kept, "public.stores", 2);
+    let customer = kept_id(&kept, "public.customers", 12);
+    let out = bin.pgveil(&["trash", "restore", "--table", "stores"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("kept row {store1} of public.stores: its key (country, region)=(fr, idf) belonged to kept row {region} of public.regions")),
+        "{err}"
+    );
+    assert!(
+        err.contains("resolve the row now holding (country, code)=(fr, idf) in public.regions"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("kept row {store2} of public.stores: its key (owner_id)=(12) belonged to kept row {customer} of public.customers")),
+        "{err}"
+    );
+    assert_eq!(bin.sql("SELECT count(*) FROM stores"), "1");
+    // A restore of the stores and shelves: the stores stay in the bin, so their shelves
+    // wait for a parent that does not come back; shelf 30 goes back.
+    let out = bin.pgveil(&["trash", "restore", "--table", "stores", "--skip-conflicts"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 0 rows"), "{}", stdout(&out));
+    let out = bin.pgveil(&["trash", "restore", "--table", "shelves", "--skip-conflicts"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 1 rows"), "{}", stdout(&out));
+    assert_eq!(
+        bin.sql("SELECT string_agg(s.id || ':' || s.store_id, ',' ORDER BY s.id) FROM shelves s"),
+        "30:3"
+    );
+    // With the forged store 1 too, shelves 10 and 11 would go under it: their kept parent
+    // (store 1) conflicts, so they are refused as well.
+    bin.sql("INSERT INTO stores VALUES (1, 'fr', 'ara', 13)");
+    let out = bin.pgveil(&["trash", "restore", "--table", "shelves"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "its key (store_id)=(1) belonged to kept row {store1} of public.stores"
+        )),
+        "{err}"
+    );
+    assert_eq!(bin.sql("SELECT count(*) FROM shelves"), "1");
+}

@@ -203,7 +203,8 @@ pub enum TrashCommand {
         upstream_url: String,
         #[command(flatten)]
         selection: TrashSelection,
-        /// Restore what can be restored and report rows whose key exists again.
+        /// Restore what can be restored and report the rest: rows whose key exists again,
+        /// and rows whose parent (kept in the bin) would not come back with them.
         #[arg(long)]
         skip_conflicts: bool,
     },
