@@ -1142,3 +1142,91 @@ async fn rows_of_an_sql_cursor_run_by_protocol_execute_count_toward_alerts() {
     reply(&mut s).await;
     p.shutdown().await;
 }
+
+/// The audit says what the server did, not what the client saw: a DELETE still running
+/// when its client went away runs to the end on the server (and commits), and its record
+/// says so, with its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_client_left_is_recorded_as_the_server_ran_it() {
+    use pgveil::protocol::write;
+    use tokio::io::AsyncWriteExt;
+    let db = "audit_fate";
+    cluster().create_crm_db(db);
+    cluster().psql_super(
+        db,
+        "GRANT DELETE ON tasks TO trust_user; GRANT crm_base TO trust_user",
+    );
+    let rules = format!(
+        "{RULES}\n[[allow]]\nroles = [\"trust_user\"]\nstatements = [\"delete\"]\ntables = [\"public.tasks\"]\n"
+    );
+    let (p, _rules) = proxy_with(&rules, |_| {}).await;
+    let mut s = common::raw_session_with(
+        &p.addr_string(),
+        &[("user", "trust_user"), ("database", db)],
+    )
+    .await;
+    let sql = "SELECT pg_sleep(0.5); DELETE FROM tasks WHERE id IN (5, 6)";
+    s.write_all(write::query(sql).raw()).await.unwrap();
+    s.flush().await.unwrap();
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let found = p
+            .audit_records()
+            .into_iter()
+            .find(|r| r["statement"] == "DELETE FROM tasks WHERE id IN (5, 6)");
+        if let Some(r) = found.filter(|_| {
+            p.audit_records()
+                .iter()
+                .any(|r| r["event"] == "disconnect" && r["user"] == "trust_user")
+        }) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The server's word: the rows are gone.
+    assert_eq!(
+        cluster().psql_super(db, "SELECT count(*) FROM tasks WHERE id IN (5, 6)"),
+        "0"
+    );
+    assert_eq!(record["decision"], "allowed", "{record}");
+    assert_eq!(record["rows"], 2, "{record}");
+    // A block left open is rolled back by the server: the disconnect record says so.
+    let mut s = common::raw_session_with(
+        &p.addr_string(),
+        &[("user", "trust_user"), ("database", db)],
+    )
+    .await;
+    s.write_all(write::query("BEGIN; DELETE FROM tasks WHERE id = 7").raw())
+        .await
+        .unwrap();
+    while let Some((tag, _)) = common::read_message(&mut s).await {
+        if tag == b'Z' {
+            break;
+        }
+    }
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let disconnect = loop {
+        let found = p
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["event"] == "disconnect" && r["user"] == "trust_user")
+            .nth(1);
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no disconnect record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        disconnect["message"], "the server rolled back the transaction block the session left open",
+        "{disconnect}"
+    );
+    assert_eq!(
+        cluster().psql_super(db, "SELECT count(*) FROM tasks WHERE id = 7"),
+        "1"
+    );
+    p.shutdown().await;
+}

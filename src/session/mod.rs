@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+use crate::protocol::backend::TransactionStatus;
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{FrameReader, SqlState};
 use crate::proxy::Proxy;
@@ -232,15 +233,23 @@ async fn run_session(
     )
     .await;
     drop(shutdown);
-    let audit = state
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .audit
-        .take();
-    if let Some(mut a) = audit {
+    if matches!(result, Err(SessionError::ClientGone)) {
+        relay::drain(&mut legs.upstream_r, &state, relay::DRAIN_LIMIT).await;
+    }
+    let mut state = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    // A transaction block left open ends with the connection: the server rolls it back.
+    let left_open = matches!(
+        state.transaction,
+        Some(TransactionStatus::InBlock | TransactionStatus::Failed)
+    )
+    .then_some("the server rolled back the transaction block the session left open");
+    if let Some(mut a) = state.audit.take() {
         a.abandon();
         let mut records = a.take_completed();
-        records.push(a.who.event(crate::audit::Event::Disconnect, None, None));
+        records.push(
+            a.who
+                .event(crate::audit::Event::Disconnect, left_open, None),
+        );
         if let Some(log) = a.log() {
             proxy.metrics.audit_records(1);
             if let Err(e) = log.write(records).await {

@@ -93,6 +93,34 @@ pub async fn run(
     result
 }
 
+/// How long pgveil waits, after the client went away, for the server to answer what it
+/// was already running.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// After the client went away with requests in flight: the server still runs them (it
+/// does not look at a connection while it executes), so pgveil reads its replies,
+/// forwarding nothing, until it has answered them all or `limit` passes. The records of
+/// those statements then say what the server did (a DELETE that committed is recorded
+/// with its rows), not that the client left.
+pub async fn drain(
+    upstream: &mut FrameReader<BoxRead>,
+    state: &Mutex<SessionState>,
+    limit: Duration,
+) {
+    let answered = async {
+        while !lock(state).is_idle() {
+            let Ok(frame) = upstream.next().await else {
+                return;
+            };
+            let mut st = lock(state);
+            if on_server_frame(&mut st, &frame).is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, answered).await;
+}
+
 fn lock(state: &Mutex<SessionState>) -> std::sync::MutexGuard<'_, SessionState> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
