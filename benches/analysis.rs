@@ -101,8 +101,8 @@ fn round_trip(st: &mut SessionState, sql: &str, out: &mut BytesMut) {
     screen(st, &msg, &frame, out, false, None);
     out.clear();
     if let Some(a) = st.audit.as_mut() {
-        a.on_complete(Some("SELECT 1"));
-        a.on_ready();
+        a.on_complete(Some("SELECT 1"), true);
+        a.on_ready(pgveil::protocol::backend::TransactionStatus::Idle);
         black_box(a.take_completed());
     }
     st.on_server(b'C', None);

@@ -88,8 +88,8 @@ fn bench(c: &mut Criterion) {
                 );
                 a.on_client(&FrontendMessage::Sync, None, &mut facts, None, None, None);
                 a.on_data_row();
-                a.on_complete(Some("SELECT 1"));
-                a.on_ready();
+                a.on_complete(Some("SELECT 1"), true);
+                a.on_ready(pgveil::protocol::backend::TransactionStatus::Idle);
                 black_box(a.take_completed())
             })
         },
@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
             portal,
             None,
         );
-        a.on_complete(Some("SELECT 1"));
+        a.on_complete(Some("SELECT 1"), false);
         a.take_completed().pop().expect("a record")
     };
     let mut out = Vec::with_capacity(1024);

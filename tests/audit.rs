@@ -1230,3 +1230,103 @@ async fn a_statement_whose_client_left_is_recorded_as_the_server_ran_it() {
     );
     p.shutdown().await;
 }
+
+/// Statements the server rolled back because a later statement of the same implicit
+/// transaction failed (a pipeline up to Sync, a query string) are recorded as rolled
+/// back, without rows; those it committed keep theirs. The server is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_a_failed_implicit_transaction_are_recorded_as_rolled_back() {
+    use pgveil::protocol::write;
+    use tokio::io::AsyncWriteExt;
+    let db = "audit_rolled_back";
+    cluster().create_crm_db(db);
+    cluster().psql_super(
+        db,
+        "GRANT DELETE ON tasks TO trust_user; GRANT crm_base TO trust_user",
+    );
+    let rules = format!(
+        "{RULES}\n[[allow]]\nroles = [\"trust_user\"]\nstatements = [\"delete\"]\ntables = [\"public.tasks\"]\n"
+    );
+    let (p, _rules) = proxy_with(&rules, |_| {}).await;
+    let mut s = common::raw_session_with(
+        &p.addr_string(),
+        &[("user", "trust_user"), ("database", db)],
+    )
+    .await;
+    async fn until_ready(s: &mut tokio::net::TcpStream) {
+        while let Some((tag, _)) = common::read_message(s).await {
+            if tag == b'Z' {
+                return;
+            }
+        }
+        panic!("the connection closed");
+    }
+    // A pipeline: the DELETE runs, then the division fails before Sync.
+    let mut batch = Vec::new();
+    for (sql, portal) in [
+        ("DELETE FROM tasks WHERE id IN (10, 11)", "a"),
+        ("SELECT 1 / 0", "b"),
+    ] {
+        batch.extend_from_slice(write::parse(portal, sql).raw());
+        batch.extend_from_slice(write::bind(portal, portal).raw());
+        batch.extend_from_slice(write::execute(portal).raw());
+    }
+    batch.extend_from_slice(write::frame(b'S', |_| {}).raw());
+    s.write_all(&batch).await.unwrap();
+    until_ready(&mut s).await;
+    // A query string, failing and not; and a block, which the client ends itself.
+    for sql in [
+        "DELETE FROM tasks WHERE id = 12; SELECT 1 / 0",
+        "DELETE FROM tasks WHERE id = 13; SELECT 1",
+    ] {
+        s.write_all(write::query(sql).raw()).await.unwrap();
+        until_ready(&mut s).await;
+    }
+    let remaining = cluster().psql_super(
+        db,
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM tasks WHERE id IN (10, 11, 12, 13)",
+    );
+    assert_eq!(remaining, "10,11,12", "the server's word");
+    let records = p.audit_records();
+    let record = |statement: &str| {
+        records
+            .iter()
+            .find(|r| r["statement"] == statement)
+            .unwrap_or_else(|| panic!("no record of {statement}"))
+            .clone()
+    };
+    for undone in [
+        "DELETE FROM tasks WHERE id IN (10, 11)",
+        "DELETE FROM tasks WHERE id = 12",
+    ] {
+        let r = record(undone);
+        assert_eq!(r["decision"], "error", "{r}");
+        assert_eq!(r["sqlstate"], "22012", "{r}");
+        assert!(
+            r["message"].as_str().unwrap().starts_with("rolled back"),
+            "{r}"
+        );
+        assert!(r.get("rows").is_none() || r["rows"].is_null(), "{r}");
+    }
+    let kept = record("DELETE FROM tasks WHERE id = 13");
+    assert_eq!(kept["decision"], "allowed", "{kept}");
+    assert_eq!(kept["rows"], 1, "{kept}");
+    // Records stay in the order the statements ran.
+    let order: Vec<&str> = records
+        .iter()
+        .filter(|r| r["user"] == "trust_user" && r["event"] == "statement")
+        .map(|r| r["statement"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "DELETE FROM tasks WHERE id IN (10, 11)",
+            "SELECT 1 / 0",
+            "DELETE FROM tasks WHERE id = 12",
+            "SELECT 1 / 0",
+            "DELETE FROM tasks WHERE id = 13",
+            "SELECT 1",
+        ]
+    );
+    p.shutdown().await;
+}

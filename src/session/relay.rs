@@ -317,6 +317,9 @@ async fn hidden_query(
     }
 }
 
+/// The most reply bytes held back while statement records wait for their batch's end.
+const HOLD_LIMIT: usize = 1024 * 1024;
+
 async fn server_to_client(
     upstream: &mut FrameReader<BoxRead>,
     client: &mut (impl AsyncWrite + Unpin),
@@ -365,6 +368,14 @@ async fn server_to_client(
                 CatalogRead::Done(_) | CatalogRead::Probed(_)
             ) {
                 catalog_ready.notify_one();
+            }
+            // Records that wait for their batch's end keep the replies after them waiting
+            // too (the end is on its way), up to a bound.
+            if let Some(a) = st.audit.as_mut().filter(|a| a.holding()) {
+                if !fatal && out.len() < HOLD_LIMIT {
+                    continue;
+                }
+                a.release_held();
             }
             st.audit
                 .as_mut()
@@ -496,7 +507,7 @@ fn reply_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError
         b'Z' => {
             let status = backend::ready_for_query(f).map_err(SessionError::upstream)?;
             if let Some(a) = st.audit.as_mut() {
-                a.on_ready();
+                a.on_ready(status);
             }
             // A schema change others may have read around before it committed.
             if st.schema_changed && status != TransactionStatus::InBlock {
@@ -539,8 +550,9 @@ fn reply_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError
                 }
                 st.schema_changed = true;
             }
+            let batch_ends = st.batch_end_sent();
             if let Some(a) = st.audit.as_mut() {
-                a.on_complete(Some(tag));
+                a.on_complete(Some(tag), batch_ends);
             }
             st.on_server(b'C', None);
         }
@@ -548,11 +560,14 @@ fn reply_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError
             let ignored = st.on_copy_in().map_err(SessionError::Client)?;
             if let Some(a) = st.audit.as_mut() {
                 a.on_copy_in(ignored);
+                // The server now waits for the client's data: nothing may wait for it.
+                a.release_held();
             }
         }
         b'I' | b's' | b'V' => {
+            let batch_ends = st.batch_end_sent();
             if let Some(a) = st.audit.as_mut() {
-                a.on_complete(None);
+                a.on_complete(None, batch_ends);
             }
             if st.on_server(f.tag(), None) == Reply::Swallow {
                 return Ok(Action::Swallow);

@@ -282,6 +282,17 @@ impl SessionState {
         self.pending.is_empty()
     }
 
+    /// Whether the end (ReadyForQuery) of the batch now answering will come without the
+    /// client sending anything more: a simple Query is answering, or a Sync is sent.
+    pub fn batch_end_sent(&self) -> bool {
+        self.pending.iter().any(|p| {
+            matches!(
+                p,
+                Pending::Query { .. } | Pending::Sync | Pending::FunctionCall
+            )
+        })
+    }
+
     /// How the server reads `'...'` literals: standard_conforming_strings as it last
     /// reported it (ParameterStatus), or unknown while a request it has not answered yet
     /// may change it (a `SET` pipelined before the statement being screened).

@@ -80,6 +80,28 @@ pub struct SessionAudit {
     refused_parse: Option<InFlight>,
     completed: Vec<Vec<u8>>,
     record_always: bool,
+    /// Statements done whose records wait for the end of their batch (its
+    /// ReadyForQuery, already on its way), in order: in an implicit transaction a later
+    /// error undoes them, and their records say so.
+    held: Vec<Settled>,
+    /// The batch now answering began outside a transaction block: it is one implicit
+    /// transaction, unless a statement in it controls transactions.
+    batch_implicit: bool,
+    /// A statement of the batch controls transactions (BEGIN, COMMIT, SAVEPOINT, ...).
+    batch_controls: bool,
+    /// The SQLSTATE of the batch's first error.
+    batch_failed: Option<String>,
+}
+
+/// A statement's outcome, as [`SessionAudit::finish`] takes it.
+#[derive(Debug)]
+struct Settled {
+    f: InFlight,
+    rows: Option<u64>,
+    sqlstate: Option<String>,
+    note: Option<&'static str>,
+    /// It completed without error (a later error of its implicit transaction undoes it).
+    done: bool,
 }
 
 /// How a session's audit is set up.
@@ -110,6 +132,10 @@ impl SessionAudit {
             refused_parse: None,
             completed: Vec::new(),
             record_always: false,
+            held: Vec::new(),
+            batch_implicit: true,
+            batch_controls: false,
+            batch_failed: None,
         }
     }
 
@@ -125,6 +151,7 @@ impl SessionAudit {
 
     /// The session is ending: statements still waiting for the server did not finish.
     pub fn abandon(&mut self) {
+        self.release_held();
         while let Some(slot) = self.slots.pop_front() {
             if let Slot::Statement(f) = slot {
                 self.finish(
@@ -322,8 +349,10 @@ impl SessionAudit {
     }
 
     /// CommandComplete (`tag`), EmptyQueryResponse, PortalSuspended or
-    /// FunctionCallResponse (`None`): the statement at the front is done.
-    pub fn on_complete(&mut self, tag: Option<&str>) {
+    /// FunctionCallResponse (`None`): the statement at the front is done. `batch_ends`:
+    /// the end of its batch (ReadyForQuery) will come without the client sending more,
+    /// so its record may wait for the batch's fate.
+    pub fn on_complete(&mut self, tag: Option<&str>, batch_ends: bool) {
         if !matches!(self.slots.front(), Some(Slot::Statement(_))) {
             return;
         }
@@ -331,30 +360,96 @@ impl SessionAudit {
             return;
         };
         let rows = tag.and_then(rows_of_tag).unwrap_or(f.rows);
-        self.finish(f, Some(rows), None, None);
+        self.batch_controls |= f.facts.kind == "transaction";
+        let hold = batch_ends && self.batch_implicit && f.blocked.is_none();
+        self.settle(Settled {
+            f,
+            rows: Some(rows),
+            sqlstate: None,
+            note: None,
+            done: hold,
+        });
     }
 
     /// ErrorResponse: the statement at the front failed, and the server skips the rest
     /// of the query string or batch.
     pub fn on_error(&mut self, sqlstate: &str) {
+        self.batch_failed
+            .get_or_insert_with(|| sqlstate.to_string());
         let mut first = true;
         while let Some(Slot::Statement(_)) = self.slots.front() {
             let Some(Slot::Statement(f)) = self.slots.pop_front() else {
                 break;
             };
             let note = (!first).then_some("not run: an earlier statement of the same batch failed");
-            self.finish(f, None, Some(sqlstate), note);
+            self.settle(Settled {
+                f,
+                rows: None,
+                sqlstate: Some(sqlstate.to_string()),
+                note,
+                done: false,
+            });
             first = false;
         }
     }
 
-    /// ReadyForQuery: whatever is still open in this query or batch did not run.
-    pub fn on_ready(&mut self) {
+    /// ReadyForQuery (`status`: the transaction status it reports): the batch is over.
+    /// What is still open in it did not run; what its implicit transaction did is undone
+    /// if an error ended it.
+    pub fn on_ready(&mut self, status: crate::protocol::backend::TransactionStatus) {
+        use crate::protocol::backend::TransactionStatus;
+        let undone = self.batch_failed.take().filter(|_| {
+            self.batch_implicit && !self.batch_controls && status == TransactionStatus::Idle
+        });
+        for mut held in std::mem::take(&mut self.held) {
+            // (What a read sent the client stays read: only changes are undone.)
+            let changed = matches!(
+                held.f.facts.kind,
+                "insert" | "update" | "delete" | "merge" | "truncate" | "ddl" | "grant" | "revoke"
+            );
+            if let Some(code) = undone.as_deref().filter(|_| held.done && changed) {
+                held.rows = None;
+                held.sqlstate = Some(code.to_string());
+                held.note =
+                    Some("rolled back: a later statement of the same implicit transaction failed");
+            }
+            self.finish(held.f, held.rows, held.sqlstate.as_deref(), held.note);
+        }
         while let Some(slot) = self.slots.pop_front() {
             match slot {
                 Slot::End => break,
                 Slot::Statement(f) => self.finish(f, None, None, Some("not run")),
             }
+        }
+        self.batch_implicit = status == TransactionStatus::Idle;
+        self.batch_controls = false;
+    }
+
+    /// Whether records wait for the end of their batch (so must the replies after them).
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Records that waited for their batch's end are made as the statements stand (the
+    /// replies held behind them grew too large to keep waiting).
+    pub fn release_held(&mut self) {
+        for held in std::mem::take(&mut self.held) {
+            self.finish(held.f, held.rows, held.sqlstate.as_deref(), held.note);
+        }
+    }
+
+    /// A statement's outcome: recorded now, or, while records wait for the batch's end
+    /// (from the first statement whose fate that end decides), in order after them.
+    fn settle(&mut self, settled: Settled) {
+        if settled.done || !self.held.is_empty() {
+            self.held.push(settled);
+        } else {
+            self.finish(
+                settled.f,
+                settled.rows,
+                settled.sqlstate.as_deref(),
+                settled.note,
+            );
         }
     }
 
