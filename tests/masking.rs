@@ -994,7 +994,7 @@ async fn statements_no_one_described_are_described_by_pgveil_unseen() {
     // made, its rows are masked all the same.
     s.write_all(
         write::query(
-            "BEGIN; DECLARE sqlcur CURSOR FOR SELECT id, phone FROM customers ORDER BY id",
+            "BEGIN; DECLARE sqlcur CURSOR FOR SELECT id, phone, card_number FROM customers ORDER BY id",
         )
         .raw(),
     )
@@ -1015,6 +1015,7 @@ async fn statements_no_one_described_are_described_by_pgveil_unseen() {
     let (tags, data) = reply(&mut s).await;
     assert!(tags.ends_with(b"Z"), "{tags:?} {data}");
     assert!(!data.contains("SFATAL"), "{data}");
+    assert!(data.contains("tok_"), "the keyed mask in flight: {data}");
     assert_no_secret(&data, "Execute of an SQL cursor");
     s.write_all(write::query("COMMIT").raw()).await.unwrap();
     let (tags, _) = reply(&mut s).await;
@@ -1417,4 +1418,69 @@ async fn refused_parse_answered_on_flush_without_sync() {
     s.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
     let (tag, _) = common::read_message(&mut s).await.unwrap();
     assert_eq!(tag, b'T');
+}
+
+/// Keyed masks (tokenize) where rows come back through an SQL cursor: DECLARE, then FETCH
+/// over the simple protocol, the extended protocol (binary results) and from a BINARY
+/// cursor (a protocol Execute of the cursor's name: see the test of portals in parts).
+/// Every form gives the token a plain
+/// SELECT gives; a keyed column passed through an expression inside the cursor's query
+/// stays refused.
+#[tokio::test]
+async fn keyed_masks_apply_to_rows_fetched_from_a_cursor() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let tokens: Vec<String> = alice
+        .query(
+            "SELECT card_number FROM customers WHERE id <= 3 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tokens.iter().all(|t| t.starts_with("tok_")), "{tokens:?}");
+    let declare = "DECLARE c CURSOR FOR SELECT id, card_number, phone FROM customers WHERE id <= 3 ORDER BY id";
+    // Simple protocol.
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice.batch_execute(declare).await.unwrap();
+    let rows = simple_rows(&alice, "FETCH 3 FROM c").await.unwrap();
+    assert_no_secret(&rows, "FETCH (simple)");
+    let fetched: Vec<&str> = rows.lines().map(|l| l.split('|').nth(1).unwrap()).collect();
+    assert_eq!(fetched, tokens, "{rows}");
+    alice.batch_execute("CLOSE c").await.unwrap();
+    // Extended protocol, binary results.
+    alice.batch_execute(declare).await.unwrap();
+    let rows = alice.query("FETCH 3 FROM c", &[]).await.unwrap();
+    let fetched: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(fetched, tokens);
+    assert!(rows.iter().all(|r| r.get::<_, String>(2).contains("****")));
+    alice.batch_execute("CLOSE c").await.unwrap();
+    // A BINARY cursor sends binary rows even over the simple protocol.
+    alice
+        .batch_execute(&declare.replace("DECLARE c CURSOR", "DECLARE c BINARY CURSOR"))
+        .await
+        .unwrap();
+    let msgs = alice.simple_query("FETCH 3 FROM c").await.unwrap();
+    let mut binary = Vec::new();
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            binary.push(r.get(1).unwrap_or_default().to_string());
+        }
+    }
+    assert_eq!(binary, tokens);
+    alice.batch_execute("COMMIT").await.unwrap();
+    // Adversarial: a keyed column through an expression inside the cursor is refused.
+    for sql in [
+        "DECLARE c CURSOR FOR SELECT upper(card_number) FROM customers",
+        "DECLARE c CURSOR FOR SELECT card_number || '' FROM customers",
+        "DECLARE c CURSOR FOR SELECT id FROM customers ORDER BY card_number",
+        "DECLARE c CURSOR FOR SELECT card_number FROM customers UNION SELECT 'x'",
+    ] {
+        alice.batch_execute("BEGIN").await.unwrap();
+        let e = alice.batch_execute(sql).await.unwrap_err();
+        assert!(is_refusal(&e), "{sql}: {e:?}");
+        alice.batch_execute("ROLLBACK").await.unwrap();
+    }
 }

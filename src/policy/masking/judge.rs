@@ -64,11 +64,20 @@ fn outermost_select<'s>(
             SetExpr::Select(s) => Some((q.as_ref(), s.as_ref())),
             _ => None,
         }),
+        // A cursor's rows come back described like a query's (FETCH's RowDescription
+        // carries the cursor query's column origins): its outermost SELECT list is masked
+        // in flight too.
+        Statement::Declare { stmts } => Ok(match stmts.as_slice() {
+            [d] => d.for_query.as_deref().and_then(|q| match q.body.as_ref() {
+                SetExpr::Select(s) => Some((q, s.as_ref())),
+                _ => None,
+            }),
+            _ => None,
+        }),
         Statement::Insert(_)
         | Statement::Update(_)
         | Statement::Delete(_)
         | Statement::Prepare { .. }
-        | Statement::Declare { .. }
         | Statement::Explain { .. }
         | Statement::CreateTable(_)
         | Statement::CreateView(_)
