@@ -277,7 +277,7 @@ const REFUSED: &[&str] = &[
     "SELECT x FROM customers AS c(a, b, x)",
     "COPY customers TO STDOUT",
     "COPY customers (id, card_number) TO STDOUT",
-    "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING *",
+    "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING customers",
     "SELECT query_to_xml('select phone from customers', true, true, '')",
     "SELECT * FROM pg_stats WHERE tablename = 'customers'",
     "SELECT most_common_vals::text FROM pg_catalog.pg_stats",
@@ -1482,5 +1482,71 @@ async fn keyed_masks_apply_to_rows_fetched_from_a_cursor() {
         let e = alice.batch_execute(sql).await.unwrap_err();
         assert!(is_refusal(&e), "{sql}: {e:?}");
         alice.batch_execute("ROLLBACK").await.unwrap();
+    }
+}
+
+/// Keyed masks (tokenize) and the others in RETURNING lists: returned bare or by `*`,
+/// masked in flight (the server marks each returned column's origin), over both
+/// protocols; the token is the one a SELECT gives. Expressions over a keyed column, and
+/// whole rows, stay refused.
+#[tokio::test]
+async fn keyed_masks_apply_to_returning_lists() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let token: String = alice
+        .query_one("SELECT card_number FROM customers WHERE id = 4", &[])
+        .await
+        .unwrap()
+        .get(0);
+    alice.batch_execute("BEGIN").await.unwrap();
+    for returning in [
+        "id, card_number, phone",
+        "*",
+        "c.card_number AS card, c.phone",
+    ] {
+        let sql = format!(
+            "UPDATE customers AS c SET full_name = c.full_name WHERE c.id = 4 RETURNING {returning}"
+        );
+        let rows = simple_rows(&alice, &sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_no_secret(&rows, &sql);
+        assert!(rows.contains(&token), "{sql}: {rows}");
+        assert!(rows.contains("139****"), "{sql}: {rows}");
+        let rows = alice
+            .query(&sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        let columns: Vec<String> = (0..row.len())
+            .filter_map(|i| row.try_get::<_, String>(i).ok())
+            .collect();
+        assert!(columns.contains(&token), "{sql}: {columns:?}");
+        assert_no_secret(&columns.join("|"), &sql);
+    }
+    // An INSERT's RETURNING masks what was just written.
+    let rows = simple_rows(
+        &alice,
+        "INSERT INTO customers (full_name, phone, card_number) \
+         VALUES ('New', '13955556666', '4111999988887777') RETURNING card_number, phone",
+    )
+    .await
+    .unwrap();
+    assert!(!rows.contains("4111999988887777"), "{rows}");
+    assert!(!rows.contains("13955556666"), "{rows}");
+    assert!(
+        rows.starts_with("tok_") && rows.contains("139****6666"),
+        "{rows}"
+    );
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    for sql in [
+        "UPDATE customers SET full_name = full_name WHERE id = 4 RETURNING upper(card_number)",
+        "UPDATE customers SET full_name = full_name WHERE id = 4 RETURNING card_number || ''",
+        "UPDATE customers SET full_name = full_name WHERE id = 4 RETURNING customers",
+        "UPDATE customers SET full_name = full_name WHERE id = 4 RETURNING row_to_json(customers)",
+    ] {
+        let e = simple_rows(&alice, sql).await.unwrap_err();
+        assert!(is_refusal(&e), "{sql}: {e:?}");
     }
 }

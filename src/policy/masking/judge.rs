@@ -29,10 +29,8 @@ pub(super) fn check_masked(
     let top = outermost_select(stmt, kind, first)?;
     let mut whole = WholeRows::new(scope, kind);
     whole_row_forms(facts, scope, &mut whole, first)?;
-    if let Some(v) = returning_wildcard(stmt) {
-        return Err(refuse(kind, first, v, None));
-    }
-    let zones = in_flight_zones(top, facts, scope, &mut whole, kind, first)?;
+    let mut zones = in_flight_zones(top, facts, scope, &mut whole, kind, first)?;
+    returning_zones(stmt, scope, &mut zones, kind)?;
     for (addr, parts, sql) in &facts.idents {
         judge_use(*addr, parts, sql, scope, &zones, &mut whole, kind, subs)?;
     }
@@ -299,22 +297,62 @@ fn deny_in_scope<'a>(scope: &Scope<'a>) -> Option<&'a Arc<ColumnMask>> {
         .find(|m| m.is_deny())
 }
 
-pub(super) fn returning_wildcard(stmt: &Statement) -> Option<&'static str> {
-    let returning = match stmt {
-        Statement::Insert(i) => i.returning.as_ref(),
-        Statement::Update(u) => u.returning.as_ref(),
-        Statement::Delete(d) => d.returning.as_ref(),
+/// The RETURNING list of an INSERT, UPDATE or DELETE.
+fn returning(stmt: &Statement) -> Option<&[SelectItem]> {
+    match stmt {
+        Statement::Insert(i) => i.returning.as_deref(),
+        Statement::Update(u) => u.returning.as_deref(),
+        Statement::Delete(d) => d.returning.as_deref(),
         _ => None,
-    }?;
-    returning
-        .iter()
-        .any(|i| {
+    }
+}
+
+pub(super) fn returning_wildcard(stmt: &Statement) -> bool {
+    returning(stmt).is_some_and(|items| {
+        items.iter().any(|i| {
             matches!(
                 i,
                 SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
             )
         })
-        .then_some("RETURNING * would return masked columns in clear")
+    })
+}
+
+/// A RETURNING list's rows come back described like a query's (the server marks each
+/// returned column's origin): masked columns returned bare, and `*`, are masked in
+/// flight; other uses are judged like any other (computed masked in SQL, or refused).
+fn returning_zones(
+    stmt: &Statement,
+    scope: &Scope<'_>,
+    zones: &mut Zones,
+    kind: &'static str,
+) -> Result<(), Verdict> {
+    let Some(items) = returning(stmt) else {
+        return Ok(());
+    };
+    for item in items {
+        let expr = match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                if let Some(d) = deny_in_scope(scope) {
+                    let table = d.column.to_string();
+                    let reason = "the column's mask is deny";
+                    return Err(refuse(kind, table, reason, Some(&d.origin)));
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let parts = match expr {
+            Expr::Identifier(i) => vec![fold(i)],
+            Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
+            _ => continue,
+        };
+        if let Use::Column(_) = classify(&parts, scope) {
+            zones.bare.insert(expr as *const Expr as usize);
+        }
+    }
+    Ok(())
 }
 
 /// DISTINCT, or ORDER BY / GROUP BY by position, would compute on clear values of the
