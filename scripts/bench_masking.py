@@ -8,7 +8,12 @@
 2. pgbench -S -M prepared, 8 clients, as a role whose pgbench_accounts.abalance carries a
    `round` mask, against an exempt role, both through pgveil.
 
-    scripts/bench_masking.py [--duration 10] [--rounds 3] [--fetch-reps 5]
+With --pending-mask the rules also mask a column of a table that does not exist yet, so
+every masked session asks the server, before each batch, whether it exists now (the probe
+that makes masks apply the moment a migration creates their table): its cost is the
+masked/exempt ratio against a run without it.
+
+    scripts/bench_masking.py [--duration 10] [--rounds 3] [--fetch-reps 5] [--pending-mask]
 """
 import argparse
 import os
@@ -93,6 +98,8 @@ def main():
     ap.add_argument("--fetch-reps", type=int, default=5)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--pgveil-args", default="")
+    ap.add_argument("--pending-mask", action="store_true",
+                    help="also mask a column of a table that does not exist yet")
     a = ap.parse_args()
     work = bench.prepare("pgveil-bench-masking.")
     veil = None
@@ -106,6 +113,9 @@ def main():
         os.makedirs(rules)
         with open(os.path.join(rules, "bench.toml"), "w") as f:
             f.write(RULES)
+            if a.pending_mask:
+                f.write('\n[[mask]]\ncolumn = "public.not_created_yet.secret"\nfunction = "redact"\n'
+                        'unmasked_for = ["bench_exempt"]\n')
         veil, veil_port = bench.start_pgveil(work, pg_port, rules, a.pgveil_args)
         # Sanity: the masked role really gets masked values.
         sample = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(veil_port), "-U", "masked_user",
