@@ -35,8 +35,18 @@ SELECT 'w', c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_cla
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
  WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema'); \
 SELECT DISTINCT 'k', conrelid::text, confrelid::text FROM pg_catalog.pg_constraint WHERE contype = 'f'; \
-SELECT 't', tgrelid::text, tgname::text FROM pg_catalog.pg_trigger \
- WHERE tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate') AND tgenabled IN ('O', 'A')";
+SELECT 't', t.tgrelid::text, t.tgname::text, t.tgenabled::text, t.tgtype::text, \
+ (t.tgqual IS NOT NULL)::text, t.tgisinternal::text, (t.tgconstraint <> 0)::text, \
+ COALESCE(t.tgoldtable::text, ''), fn.nspname::text, p.proname::text, l.lanname::text, \
+ p.prosecdef::text, pg_catalog.array_to_string(p.proconfig, pg_catalog.chr(10)), \
+ pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(p.prosrc, \
+ pg_catalog.getdatabaseencoding())), 'hex'), pg_catalog.pg_get_userbyid(p.proowner)::text, \
+ (SELECT pg_catalog.pg_get_userbyid(b.nspowner)::text FROM pg_catalog.pg_namespace b \
+ WHERE b.nspname = 'pgveil_trash') \
+ FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+ JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace \
+ JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+ WHERE t.tgname IN ('pgveil_trash_delete', 'pgveil_trash_truncate')";
 
 /// The savepoint [`catalog_query_in_block`] reads the catalog under.
 const SAVEPOINT: &str = "pgveil_catalog_read";
@@ -89,6 +99,152 @@ impl Relation {
     }
 }
 
+/// A trigger named like one of the recycle bin's, with what makes it the capture `pgveil
+/// trash init` installs or not: the trigger as `pg_trigger` has it and the function it
+/// calls as `pg_proc` has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct CaptureTrigger {
+    /// `tgenabled`: `O` and `A` fire in an ordinary session.
+    enabled: char,
+    /// `tgtype`: timing, events and level.
+    tgtype: i16,
+    /// A `WHEN` condition (`tgqual`).
+    has_when: bool,
+    internal: bool,
+    constraint: bool,
+    /// `tgoldtable`, empty when none.
+    old_table: String,
+    function_schema: String,
+    function_name: String,
+    language: String,
+    security_definer: bool,
+    /// `proconfig`, one setting a line.
+    config: String,
+    /// SHA-256 of `prosrc`, lowercase hex.
+    body_digest: String,
+    owner: String,
+    /// The owner of schema `pgveil_trash`.
+    bin_owner: String,
+}
+
+impl CaptureTrigger {
+    /// Why this trigger, `name` on `table`, is not the capture `trash init` installs:
+    /// every reason, empty when it is.
+    fn problems(&self, name: &str, table: &str) -> Vec<String> {
+        use crate::trash;
+        let this = format!("trigger {name} on {table}");
+        let mut out = Vec::new();
+        let (schema, function) = trash::CAPTURE_FUNCTION;
+        let calls_capture =
+            (self.function_schema.as_str(), self.function_name.as_str()) == (schema, function);
+        if !calls_capture {
+            out.push(format!(
+                "{this} calls {}.{}(), not {schema}.{function}()",
+                self.function_schema, self.function_name
+            ));
+        }
+        match self.enabled {
+            'O' | 'A' => {}
+            'D' => out.push(format!("{this} is disabled")),
+            'R' => out.push(format!("{this} is set to fire in replica mode only")),
+            c => out.push(format!("{this} is not enabled (tgenabled {c:?})")),
+        }
+        if self.internal {
+            out.push(format!("{this} is an internal trigger"));
+        }
+        if self.constraint {
+            out.push(format!("{this} is a constraint trigger"));
+        }
+        let expected = if name == trash::DELETE_TRIGGER {
+            trash::DELETE_TRIGGER_TYPE
+        } else {
+            trash::TRUNCATE_TRIGGER_TYPE
+        };
+        if self.tgtype != expected {
+            out.push(format!(
+                "{this} fires {}, not {} as pgveil installs it",
+                describe_trigger_type(self.tgtype),
+                describe_trigger_type(expected)
+            ));
+        }
+        if self.has_when {
+            out.push(format!("{this} has a WHEN condition"));
+        }
+        // The capture reads the deleted rows from this transition table (a TRUNCATE
+        // trigger cannot have one).
+        if name == trash::DELETE_TRIGGER && self.old_table != trash::TRANSITION_TABLE {
+            out.push(format!(
+                "{this} does not pass the deleted rows as transition table {}",
+                trash::TRANSITION_TABLE
+            ));
+        }
+        if !calls_capture {
+            return out;
+        }
+        let capture = format!("{schema}.{function}()");
+        if self.body_digest != trash::capture_body_digest() {
+            out.push(format!(
+                "{capture} was replaced: its body is not the one pgveil installs"
+            ));
+        }
+        if self.language != trash::CAPTURE_LANGUAGE {
+            out.push(format!(
+                "{capture} is written in {}, not {}",
+                self.language,
+                trash::CAPTURE_LANGUAGE
+            ));
+        }
+        if !self.security_definer {
+            out.push(format!("{capture} is not SECURITY DEFINER"));
+        }
+        if self.config != trash::CAPTURE_CONFIG {
+            let config = match self.config.as_str() {
+                "" => "no settings".to_string(),
+                c => format!("settings {:?}", c.replace('\n', "; ")),
+            };
+            out.push(format!(
+                "{capture} runs with {config}, not {:?} as pgveil installs it",
+                trash::CAPTURE_CONFIG
+            ));
+        }
+        if self.owner != self.bin_owner {
+            out.push(format!(
+                "{capture} is owned by {}, not by {}, the owner of schema {schema}",
+                self.owner, self.bin_owner
+            ));
+        }
+        out
+    }
+}
+
+/// `pg_trigger.tgtype` as SQL: `AFTER DELETE FOR EACH STATEMENT`.
+fn describe_trigger_type(tgtype: i16) -> String {
+    let timing = if tgtype & (1 << 6) != 0 {
+        "INSTEAD OF"
+    } else if tgtype & (1 << 1) != 0 {
+        "BEFORE"
+    } else {
+        "AFTER"
+    };
+    let events: Vec<&str> = [
+        (1 << 2, "INSERT"),
+        (1 << 3, "DELETE"),
+        (1 << 4, "UPDATE"),
+        (1 << 5, "TRUNCATE"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| tgtype & bit != 0)
+    .map(|(_, event)| event)
+    .collect();
+    let events = if events.is_empty() {
+        "no event".to_string()
+    } else {
+        events.join(" OR ")
+    };
+    let level = if tgtype & 1 != 0 { "ROW" } else { "STATEMENT" };
+    format!("{timing} {events} FOR EACH {level}")
+}
+
 /// A database's schema as pgveil needs it.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -104,8 +260,8 @@ pub struct Catalog {
     children: HashMap<u32, Vec<u32>>,
     /// Tables with a foreign key to a table, by the referenced table.
     referencing: HashMap<u32, Vec<u32>>,
-    /// Enabled recycle-bin triggers: (table, trigger name).
-    trash_triggers: HashSet<(u32, String)>,
+    /// Triggers named like the recycle bin's, by (table, trigger name).
+    trash_triggers: HashMap<(u32, String), CaptureTrigger>,
 }
 
 impl Catalog {
@@ -165,18 +321,50 @@ impl Catalog {
         transitive_reads(oid, &self.referencing)
     }
 
-    /// Whether `pgveil trash init` installed the recycle-bin trigger `name` on `oid` and it
-    /// is enabled.
-    pub fn has_trash_trigger(&self, oid: u32, name: &str) -> bool {
-        self.trash_triggers.contains(&(oid, name.to_string()))
+    /// Why the recycle-bin trigger `name` (`DELETE_TRIGGER` or `TRUNCATE_TRIGGER`) on table
+    /// `oid` would not keep the rows it should, every reason `; `-separated; `None` when
+    /// it is the capture `pgveil trash init` installs, intact: enabled (`O` or `A`), not
+    /// internal nor a constraint trigger, with init's timing, events and level, no `WHEN`
+    /// condition and its transition table, calling `pgveil_trash.capture()` whose body is
+    /// the one pgveil installs (by digest), in plpgsql, `SECURITY DEFINER` with init's
+    /// settings and owned by the owner of schema `pgveil_trash`.
+    pub fn trash_trigger_problem(&self, oid: u32, name: &str) -> Option<String> {
+        let problems = self.trash_trigger_problems(oid, name);
+        (!problems.is_empty()).then(|| problems.join("; "))
     }
 
-    /// Whether table `schema.name` exists with both recycle-bin triggers enabled.
+    fn trash_trigger_problems(&self, oid: u32, name: &str) -> Vec<String> {
+        let table = self
+            .by_oid(oid)
+            .map_or_else(|| format!("table {oid}"), |r| r.qualified());
+        match self.trash_triggers.get(&(oid, name.to_string())) {
+            None => vec![format!("trigger {name} on {table} is missing")],
+            Some(trigger) => trigger.problems(name, &table),
+        }
+    }
+
+    /// Why table `schema.name`'s recycle bin would not keep deleted or truncated rows (the
+    /// table is missing, or [`Catalog::trash_trigger_problem`] of either trigger), every
+    /// reason once, `; `-separated; `None` when its capture is intact.
+    pub fn recycle_bin_problem(&self, schema: &str, name: &str) -> Option<String> {
+        let Some(rel) = self.relation(schema, name) else {
+            return Some(format!("table {schema}.{name} does not exist"));
+        };
+        let mut problems: Vec<String> = Vec::new();
+        for trigger in [crate::trash::DELETE_TRIGGER, crate::trash::TRUNCATE_TRIGGER] {
+            for p in self.trash_trigger_problems(rel.oid, trigger) {
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
+        }
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+
+    /// Whether table `schema.name` exists with both recycle-bin triggers intact (see
+    /// [`Catalog::recycle_bin_problem`]).
     pub fn recycle_bin_ready(&self, schema: &str, name: &str) -> bool {
-        self.relation(schema, name).is_some_and(|rel| {
-            self.has_trash_trigger(rel.oid, crate::trash::DELETE_TRIGGER)
-                && self.has_trash_trigger(rel.oid, crate::trash::TRUNCATE_TRIGGER)
-        })
+        self.recycle_bin_problem(schema, name).is_none()
     }
 }
 
@@ -191,7 +379,7 @@ pub struct CatalogRows {
     builtins: HashSet<String>,
     system: HashSet<String>,
     references: Vec<(u32, u32)>,
-    trash_triggers: HashSet<(u32, String)>,
+    trash_triggers: HashMap<(u32, String), CaptureTrigger>,
 }
 
 impl CatalogRows {
@@ -256,9 +444,26 @@ impl CatalogRows {
                     self.references.push((from, to));
                 }
             }
+            // A value that cannot be read counts against the trigger.
             "t" => {
                 if let Ok(oid) = col(1).parse() {
-                    self.trash_triggers.insert((oid, col(2)));
+                    let trigger = CaptureTrigger {
+                        enabled: col(3).chars().next().unwrap_or('?'),
+                        tgtype: col(4).parse().unwrap_or(-1),
+                        has_when: col(5) != "false",
+                        internal: col(6) != "false",
+                        constraint: col(7) != "false",
+                        old_table: col(8),
+                        function_schema: col(9),
+                        function_name: col(10),
+                        language: col(11),
+                        security_definer: col(12) == "true",
+                        config: col(13),
+                        body_digest: col(14),
+                        owner: col(15),
+                        bin_owner: col(16),
+                    };
+                    self.trash_triggers.insert((oid, col(2)), trigger);
                 }
             }
             "s" => {
@@ -473,5 +678,191 @@ mod tests {
         let path = search_path_schemas("\"$user\", public", "alice");
         assert_eq!(path, vec!["pg_catalog", "alice", "public"]);
         assert_eq!(cat.resolve(&path, "customers").unwrap().oid, 100);
+    }
+
+    /// A `t` row of [`CATALOG_QUERY`] for trigger `name` on table 100 as `trash init`
+    /// installs it, with `change` applied to its columns.
+    fn capture_row(name: &str, change: impl FnOnce(&mut Vec<String>)) -> Vec<String> {
+        let tgtype = if name == crate::trash::DELETE_TRIGGER {
+            crate::trash::DELETE_TRIGGER_TYPE
+        } else {
+            crate::trash::TRUNCATE_TRIGGER_TYPE
+        };
+        let old_table = if name == crate::trash::DELETE_TRIGGER {
+            crate::trash::TRANSITION_TABLE
+        } else {
+            ""
+        };
+        let mut row: Vec<String> = [
+            "t",
+            "100",
+            name,
+            "O",
+            &tgtype.to_string(),
+            "false",
+            "false",
+            "false",
+            old_table,
+            "pgveil_trash",
+            "capture",
+            "plpgsql",
+            "true",
+            crate::trash::CAPTURE_CONFIG,
+            crate::trash::capture_body_digest(),
+            "crm_owner",
+            "crm_owner",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        change(&mut row);
+        row
+    }
+
+    /// The customers table with both capture triggers, `change` applied to the DELETE one.
+    fn bin_problem(change: impl FnOnce(&mut Vec<String>)) -> Option<String> {
+        let mut rows = CatalogRows::default();
+        rows.push(&row(&[
+            "c",
+            "public",
+            "customers",
+            "100",
+            "r",
+            "id",
+            "1",
+            "20",
+            "int8",
+        ]));
+        for r in [
+            capture_row(crate::trash::DELETE_TRIGGER, change),
+            capture_row(crate::trash::TRUNCATE_TRIGGER, |_| {}),
+        ] {
+            let r: Vec<&str> = r.iter().map(String::as_str).collect();
+            rows.push(&row(&r));
+        }
+        let cat = rows.finish();
+        assert_eq!(
+            cat.recycle_bin_ready("public", "customers"),
+            cat.recycle_bin_problem("public", "customers").is_none()
+        );
+        cat.recycle_bin_problem("public", "customers")
+    }
+
+    #[test]
+    fn the_recycle_bin_is_ready_only_with_the_capture_init_installs() {
+        assert_eq!(bin_problem(|_| {}), None);
+        let this = "trigger pgveil_trash_delete on public.customers";
+        type Change = Box<dyn FnOnce(&mut Vec<String>)>;
+        let cases: Vec<(Change, String)> = vec![
+            (Box::new(|r| r[3] = "D".into()), format!("{this} is disabled")),
+            (
+                Box::new(|r| r[3] = "R".into()),
+                format!("{this} is set to fire in replica mode only"),
+            ),
+            (Box::new(|r| r[3] = "A".into()), String::new()),
+            (
+                Box::new(|r| r[4] = "4".into()),
+                format!("{this} fires AFTER INSERT FOR EACH STATEMENT, not AFTER DELETE FOR EACH STATEMENT as pgveil installs it"),
+            ),
+            (
+                Box::new(|r| r[4] = "10".into()),
+                format!("{this} fires BEFORE DELETE FOR EACH STATEMENT, not AFTER DELETE"),
+            ),
+            (Box::new(|r| r[4] = "9".into()), "AFTER DELETE FOR EACH ROW, not".into()),
+            (Box::new(|r| r[4] = "x".into()), format!("{this} fires ")),
+            (
+                Box::new(|r| r[5] = "true".into()),
+                format!("{this} has a WHEN condition"),
+            ),
+            (
+                Box::new(|r| r[6] = "true".into()),
+                format!("{this} is an internal trigger"),
+            ),
+            (
+                Box::new(|r| r[7] = "true".into()),
+                format!("{this} is a constraint trigger"),
+            ),
+            (
+                Box::new(|r| r[8] = "other".into()),
+                format!("{this} does not pass the deleted rows as transition table pgveil_trash_old"),
+            ),
+            (
+                Box::new(|r| {
+                    r[9] = "public".into();
+                    r[10] = "noop".into();
+                    r[14] = "0".into();
+                }),
+                format!("{this} calls public.noop(), not pgveil_trash.capture()"),
+            ),
+            (
+                Box::new(|r| r[11] = "plpython3u".into()),
+                "pgveil_trash.capture() is written in plpython3u, not plpgsql".into(),
+            ),
+            (
+                Box::new(|r| r[12] = "false".into()),
+                "pgveil_trash.capture() is not SECURITY DEFINER".into(),
+            ),
+            (
+                Box::new(|r| r[13] = String::new()),
+                "pgveil_trash.capture() runs with no settings, not \"search_path=pg_catalog, pg_temp\"".into(),
+            ),
+            (
+                Box::new(|r| r[14] = "0".repeat(64)),
+                "pgveil_trash.capture() was replaced: its body is not the one pgveil installs".into(),
+            ),
+            (
+                Box::new(|r| r[15] = "mallory".into()),
+                "pgveil_trash.capture() is owned by mallory, not by crm_owner, the owner of schema pgveil_trash".into(),
+            ),
+        ];
+        for (change, expected) in cases {
+            let problem = bin_problem(change);
+            if expected.is_empty() {
+                assert_eq!(problem, None);
+            } else {
+                let problem = problem.unwrap_or_default();
+                assert!(problem.contains(&expected), "{problem} lacks {expected}");
+            }
+        }
+        // A function problem is named once for both triggers.
+        let mut rows = CatalogRows::default();
+        rows.push(&row(&[
+            "c",
+            "public",
+            "customers",
+            "100",
+            "r",
+            "id",
+            "1",
+            "20",
+            "int8",
+        ]));
+        for name in [crate::trash::DELETE_TRIGGER, crate::trash::TRUNCATE_TRIGGER] {
+            let r = capture_row(name, |r| r[12] = "false".into());
+            let r: Vec<&str> = r.iter().map(String::as_str).collect();
+            rows.push(&row(&r));
+        }
+        let cat = rows.finish();
+        assert_eq!(
+            cat.recycle_bin_problem("public", "customers").as_deref(),
+            Some("pgveil_trash.capture() is not SECURITY DEFINER")
+        );
+        assert_eq!(
+            cat.trash_trigger_problem(100, crate::trash::TRUNCATE_TRIGGER)
+                .as_deref(),
+            Some("pgveil_trash.capture() is not SECURITY DEFINER")
+        );
+        // Missing triggers, a missing table.
+        assert_eq!(
+            CatalogRows::default()
+                .finish()
+                .recycle_bin_problem("public", "customers"),
+            Some("table public.customers does not exist".into())
+        );
+        let cat = crate::catalog::testing::crm_catalog();
+        assert_eq!(
+            cat.recycle_bin_problem("public", "deals").as_deref(),
+            Some("trigger pgveil_trash_delete on public.deals is missing; trigger pgveil_trash_truncate on public.deals is missing")
+        );
     }
 }

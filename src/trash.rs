@@ -8,7 +8,9 @@
 //! by `ON DELETE CASCADE`, by functions and by clients that bypass pgveil, it keeps
 //! `DELETE n` and `RETURNING` exactly as the server produces them, and a transition table
 //! copies a 100,000-row DELETE in one set-based INSERT of the rows as they are. pgveil's guard refuses a DELETE or
-//! TRUNCATE of a recycled table while the triggers are missing or disabled.
+//! TRUNCATE of a recycled table while its capture is not intact: a trigger missing,
+//! disabled or altered, or `pgveil_trash.capture()` replaced or altered (see
+//! [`crate::catalog::Catalog::recycle_bin_problem`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -38,43 +40,11 @@ impl From<tokio_postgres::Error> for TrashError {
     }
 }
 
-/// The schema, the registry of recycled tables, the deletion log, and the capture and
-/// purge functions. Idempotent.
-///
-/// Each recycled table has its own bin table `pgveil_trash.t_<oid>` with the table's
-/// columns (typed, copied as they are: no per-row conversion, which is what keeps a large
-/// DELETE cheap) plus `pgveil_id` (the kept row's id) and `pgveil_deletion` (the
-/// deletion event in `pgveil_trash.deletions`: when, by whom, which statement). A column
-/// added to the table later is added to its bin at the next capture; the bin never loses
-/// one.
-const SCHEMA_SQL: &str = r#"
-CREATE SCHEMA IF NOT EXISTS pgveil_trash;
-REVOKE ALL ON SCHEMA pgveil_trash FROM PUBLIC;
-GRANT USAGE ON SCHEMA pgveil_trash TO PUBLIC;
-CREATE SEQUENCE IF NOT EXISTS pgveil_trash.ids;
-CREATE TABLE IF NOT EXISTS pgveil_trash.tables (
-    table_schema text NOT NULL,
-    table_name text NOT NULL,
-    bin text NOT NULL UNIQUE,
-    retention_days integer NOT NULL CHECK (retention_days > 0),
-    PRIMARY KEY (table_schema, table_name)
-);
-CREATE TABLE IF NOT EXISTS pgveil_trash.deletions (
-    id bigint PRIMARY KEY,
-    table_schema text NOT NULL,
-    table_name text NOT NULL,
-    operation text NOT NULL,
-    deleted_at timestamptz NOT NULL DEFAULT now(),
-    deleted_by text NOT NULL DEFAULT session_user,
-    txid bigint NOT NULL DEFAULT txid_current(),
-    statement text
-);
-CREATE INDEX IF NOT EXISTS deletions_by_time ON pgveil_trash.deletions (deleted_at);
-REVOKE ALL ON ALL TABLES IN SCHEMA pgveil_trash FROM PUBLIC;
-REVOKE ALL ON SEQUENCE pgveil_trash.ids FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION pgveil_trash.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+/// The body of `pgveil_trash.capture()` (its `prosrc`) as `trash init` installs it: the
+/// catalog compares the installed function's body with this text's digest.
+macro_rules! capture_body {
+    () => {
+        r#"
 DECLARE
     bin text;
     deletion bigint;
@@ -109,7 +79,59 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$fn$;
+"#
+    };
+}
+
+/// The `search_path` `pgveil_trash.capture()` runs with.
+macro_rules! capture_search_path {
+    () => {
+        "pg_catalog, pg_temp"
+    };
+}
+
+/// The schema, the registry of recycled tables, the deletion log, and the capture and
+/// purge functions. Idempotent.
+///
+/// Each recycled table has its own bin table `pgveil_trash.t_<oid>` with the table's
+/// columns (typed, copied as they are: no per-row conversion, which is what keeps a large
+/// DELETE cheap) plus `pgveil_id` (the kept row's id) and `pgveil_deletion` (the
+/// deletion event in `pgveil_trash.deletions`: when, by whom, which statement). A column
+/// added to the table later is added to its bin at the next capture; the bin never loses
+/// one.
+const SCHEMA_SQL: &str = concat!(
+    r#"
+CREATE SCHEMA IF NOT EXISTS pgveil_trash;
+REVOKE ALL ON SCHEMA pgveil_trash FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgveil_trash TO PUBLIC;
+CREATE SEQUENCE IF NOT EXISTS pgveil_trash.ids;
+CREATE TABLE IF NOT EXISTS pgveil_trash.tables (
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    bin text NOT NULL UNIQUE,
+    retention_days integer NOT NULL CHECK (retention_days > 0),
+    PRIMARY KEY (table_schema, table_name)
+);
+CREATE TABLE IF NOT EXISTS pgveil_trash.deletions (
+    id bigint PRIMARY KEY,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    operation text NOT NULL,
+    deleted_at timestamptz NOT NULL DEFAULT now(),
+    deleted_by text NOT NULL DEFAULT session_user,
+    txid bigint NOT NULL DEFAULT txid_current(),
+    statement text
+);
+CREATE INDEX IF NOT EXISTS deletions_by_time ON pgveil_trash.deletions (deleted_at);
+REVOKE ALL ON ALL TABLES IN SCHEMA pgveil_trash FROM PUBLIC;
+REVOKE ALL ON SEQUENCE pgveil_trash.ids FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION pgveil_trash.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = "#,
+    capture_search_path!(),
+    " AS $fn$",
+    capture_body!(),
+    r#"$fn$;
 REVOKE ALL ON FUNCTION pgveil_trash.capture() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION pgveil_trash.purge() RETURNS bigint
@@ -133,11 +155,42 @@ BEGIN
 END
 $fn$;
 GRANT EXECUTE ON FUNCTION pgveil_trash.purge() TO PUBLIC;
-"#;
+"#
+);
 
 /// The capture triggers `trash init` installs on each recycled table.
 pub const DELETE_TRIGGER: &str = "pgveil_trash_delete";
 pub const TRUNCATE_TRIGGER: &str = "pgveil_trash_truncate";
+
+/// `pg_trigger.tgtype` of [`DELETE_TRIGGER`] as `trash init` creates it: `AFTER DELETE ...
+/// FOR EACH STATEMENT` is `TRIGGER_TYPE_DELETE` (1 << 3) alone (no `TRIGGER_TYPE_ROW`
+/// 1 << 0, `TRIGGER_TYPE_BEFORE` 1 << 1 or `TRIGGER_TYPE_INSTEAD` 1 << 6 bit).
+pub const DELETE_TRIGGER_TYPE: i16 = 1 << 3;
+/// `pg_trigger.tgtype` of [`TRUNCATE_TRIGGER`]: `BEFORE TRUNCATE ... FOR EACH STATEMENT`
+/// is `TRIGGER_TYPE_BEFORE` (1 << 1) with `TRIGGER_TYPE_TRUNCATE` (1 << 5).
+pub const TRUNCATE_TRIGGER_TYPE: i16 = (1 << 1) | (1 << 5);
+/// The transition table of [`DELETE_TRIGGER`] (`REFERENCING OLD TABLE AS ...`), which
+/// [`CAPTURE_BODY`] reads the deleted rows from.
+pub const TRANSITION_TABLE: &str = "pgveil_trash_old";
+
+/// Schema and name of the function both capture triggers call.
+pub const CAPTURE_FUNCTION: (&str, &str) = ("pgveil_trash", "capture");
+/// The body `trash init` installs for `pgveil_trash.capture()`, as `pg_proc.prosrc` holds it.
+pub const CAPTURE_BODY: &str = capture_body!();
+/// The language of `pgveil_trash.capture()`.
+pub const CAPTURE_LANGUAGE: &str = "plpgsql";
+/// The settings of `pgveil_trash.capture()` as `pg_proc.proconfig` holds them (one entry).
+pub const CAPTURE_CONFIG: &str = concat!("search_path=", capture_search_path!());
+
+/// SHA-256 of [`CAPTURE_BODY`], lowercase hex: what the catalog compares the installed
+/// body's digest with.
+pub fn capture_body_digest() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| {
+        use sha2::Digest;
+        crate::audit::record::hex(&sha2::Sha256::digest(CAPTURE_BODY.as_bytes()))
+    })
+}
 
 /// What `serve` runs once a day per database (any session may call it: it only removes
 /// rows past their retention).
@@ -154,9 +207,33 @@ fn qualified(schema: &str, table: &str) -> String {
 
 /// `pgveil trash init`: installs the bin and the triggers of every `[[recycle]]` table,
 /// and removes pgveil's triggers from tables no longer recycled. Returns a report.
+///
+/// It also puts back a capture that was altered since: `pgveil_trash.capture()`'s body,
+/// `SECURITY DEFINER` and settings (`CREATE OR REPLACE`), its owner (the owner of schema
+/// `pgveil_trash`), and each table's two triggers as init creates them (`CREATE OR
+/// REPLACE TRIGGER` replaces function, timing, events, level and `WHEN`; a constraint
+/// trigger of the same name, which it cannot replace, is dropped first), enabled.
 pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashError> {
     let tx = client.transaction().await?;
     tx.batch_execute(SCHEMA_SQL).await?;
+    // CREATE OR REPLACE keeps the function's owner: give it back to the bin's.
+    let owners = tx
+        .query_one(
+            "SELECT pg_catalog.pg_get_userbyid(p.proowner)::text, \
+             pg_catalog.pg_get_userbyid(n.nspowner)::text \
+             FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0",
+            &[&CAPTURE_FUNCTION.0, &CAPTURE_FUNCTION.1],
+        )
+        .await?;
+    let (owner, bin_owner): (String, String) = (owners.try_get(0)?, owners.try_get(1)?);
+    if owner != bin_owner {
+        tx.batch_execute(&format!(
+            "ALTER FUNCTION pgveil_trash.capture() OWNER TO {}",
+            quote_ident(&bin_owner)
+        ))
+        .await?;
+    }
     let mut report = String::new();
     for r in &rules.recycles {
         let exists = tx
@@ -200,9 +277,21 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
             quote_ident(&bin)
         ))
         .await?;
+        let constraint_triggers = tx
+            .query(
+                "SELECT tgname::text FROM pg_catalog.pg_trigger \
+                 WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3) AND tgconstraint <> 0",
+                &[&table, &DELETE_TRIGGER, &TRUNCATE_TRIGGER],
+            )
+            .await?;
+        for row in constraint_triggers {
+            let name: String = row.try_get(0)?;
+            tx.batch_execute(&format!("DROP TRIGGER {} ON {table}", quote_ident(&name)))
+                .await?;
+        }
         tx.batch_execute(&format!(
             "CREATE OR REPLACE TRIGGER {DELETE_TRIGGER} AFTER DELETE ON {table} \
-             REFERENCING OLD TABLE AS pgveil_trash_old FOR EACH STATEMENT \
+             REFERENCING OLD TABLE AS {TRANSITION_TABLE} FOR EACH STATEMENT \
              EXECUTE FUNCTION pgveil_trash.capture(); \
              CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} BEFORE TRUNCATE ON {table} \
              FOR EACH STATEMENT EXECUTE FUNCTION pgveil_trash.capture(); \
@@ -857,5 +946,23 @@ async fn insert_rows(
                 _ => Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_checks_the_capture_init_installs() {
+        assert!(SCHEMA_SQL.contains(&format!(
+            "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger\nLANGUAGE {CAPTURE_LANGUAGE} \
+             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn${CAPTURE_BODY}$fn$;",
+            CAPTURE_FUNCTION.0, CAPTURE_FUNCTION.1
+        )));
+        assert_eq!(CAPTURE_CONFIG, "search_path=pg_catalog, pg_temp");
+        assert!(CAPTURE_BODY.contains(&format!(" FROM {TRANSITION_TABLE}'")));
+        assert_eq!(capture_body_digest().len(), 64);
+        assert_eq!((DELETE_TRIGGER_TYPE, TRUNCATE_TRIGGER_TYPE), (8, 34));
     }
 }

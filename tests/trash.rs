@@ -1,7 +1,8 @@
 //! The recycle bin (spec section 4): rows removed by allowed DELETEs and TRUNCATEs of
 //! recycled tables, cascades included, are kept with who removed them, listed, restored
 //! (parents before children, never over an existing key) and purged; the guard refuses to
-//! delete from a recycled table whose capture triggers are missing.
+//! delete from a recycled table whose capture is not intact (triggers missing, disabled or
+//! altered, `pgveil_trash.capture()` replaced or altered), naming why.
 
 mod common;
 
@@ -69,18 +70,29 @@ impl Bin {
     }
 
     fn url(&self) -> String {
+        self.url_as("postgres", SUPERUSER_PASSWORD)
+    }
+
+    fn url_as(&self, user: &str, password: &str) -> String {
         format!(
-            "postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/{}",
+            "postgres://{user}:{password}@127.0.0.1:{}/{}",
             cluster().port,
             self.db
         )
     }
 
     fn pgveil(&self, args: &[&str]) -> std::process::Output {
-        let url = self.url();
+        self.pgveil_at(&self.url(), args)
+    }
+
+    fn pgveil_at(&self, url: &str, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgveil"));
-        cmd.args(args).args(["--upstream-url", &url]);
+        cmd.args(args).args(["--upstream-url", url]);
         cmd.output().unwrap()
+    }
+
+    fn rules_dir(&self) -> String {
+        self.rules.path().to_str().unwrap().to_string()
     }
 
     fn init(&self) {
@@ -706,4 +718,328 @@ async fn restore_checks_composite_and_several_foreign_keys_down_to_grandchildren
         "{err}"
     );
     assert_eq!(bin.sql("SELECT count(*) FROM shelves"), "1");
+}
+
+/// Who changes the capture directly on the server.
+#[derive(Clone, Copy, PartialEq)]
+enum Actor {
+    /// crm_admin: owns the recycled tables and ran `trash init`, so it owns the bin and
+    /// `pgveil_trash.capture()` too.
+    Owner,
+    Superuser,
+}
+
+/// One way of making the capture keep nothing while its triggers keep their names.
+struct Tampering {
+    db: &'static str,
+    actor: Actor,
+    sql: &'static str,
+    /// What pgveil then refuses through a crm_admin session, and the rows it would remove.
+    statement: &'static str,
+    table: &'static str,
+    rows: &'static str,
+    /// What the refusal and `check` must name.
+    problem: &'static str,
+    /// Whether `trash init` must run as a superuser to repair it.
+    repair_as_superuser: bool,
+}
+
+/// A recycled CRM database whose tables crm_admin owns and where crm_admin ran `trash
+/// init` (the common setup: the bin and the capture function are then crm_admin's).
+fn owned_bin(db: &str) -> Bin {
+    let bin = Bin::new(db);
+    bin.sql(&format!(
+        "ALTER TABLE customers OWNER TO crm_admin; ALTER TABLE contacts OWNER TO crm_admin; \
+         ALTER TABLE deals OWNER TO crm_admin; ALTER TABLE tasks OWNER TO crm_admin; \
+         GRANT CREATE ON DATABASE {db} TO crm_admin; GRANT CREATE ON SCHEMA public TO crm_admin"
+    ));
+    bin.init_as_owner();
+    bin
+}
+
+impl Bin {
+    fn init_as_owner(&self) {
+        let url = self.url_as("crm_admin", "admin_pw");
+        let out = self.pgveil_at(&url, &["trash", "init", "--rules", &self.rules_dir()]);
+        assert!(out.status.success(), "trash init: {}", stderr(&out));
+    }
+
+    fn owner_sql(&self, sql: &str) {
+        let out = common::psql_cmd(&cluster().addr(), "crm_admin", "admin_pw", &self.db)
+            .args(["-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sql}: {}", stderr(&out));
+    }
+
+    /// `pgveil check --upstream-url`'s output; it passes (a missing or altered capture is
+    /// a warning, as before `trash init`).
+    fn check(&self) -> String {
+        let out = self.pgveil(&["check", "--rules", &self.rules_dir()]);
+        assert!(
+            out.status.success(),
+            "check: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+}
+
+/// After `t.sql`, a DELETE (or TRUNCATE) of the recycled table through pgveil is refused
+/// naming the problem, the rows are still there, and `check` names it; `trash init`
+/// repairs the capture, and then the statement runs and its rows are in the bin.
+async fn tampered_capture_is_refused_until_init(t: Tampering) {
+    let bin = owned_bin(t.db);
+    assert!(!bin.check().contains("warning"));
+    match t.actor {
+        Actor::Owner => bin.owner_sql(t.sql),
+        Actor::Superuser => {
+            bin.sql(t.sql);
+        }
+    }
+    let count = format!("SELECT count(*) FROM {} WHERE {}", t.table, t.rows);
+    let before = bin.sql(&count);
+    assert_ne!(before, "0");
+    // pgveil reads the catalog when it starts serving the database.
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    let err = admin
+        .simple_query(t.statement)
+        .await
+        .expect_err(&format!("not refused after {}: {}", t.sql, t.statement));
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(db.code().code(), "42501", "{}", db.message());
+    assert!(
+        db.message()
+            .contains("the recycle bin is not set up for this table")
+            && db.message().contains(t.problem),
+        "{}",
+        db.message()
+    );
+    assert_eq!(bin.sql(&count), before, "rows gone after {}", t.sql);
+    let out = bin.check();
+    assert!(
+        out.contains(&format!(
+            "warning: the recycle bin is not set up for public.{}",
+            t.table
+        )) && out.contains(t.problem),
+        "{out}"
+    );
+    // `trash init` puts the capture back.
+    if t.repair_as_superuser {
+        bin.init();
+    } else {
+        bin.init_as_owner();
+    }
+    assert!(!bin.check().contains("warning"));
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin.simple_query(t.statement).await.unwrap();
+    assert_eq!(bin.sql(&count), "0");
+    let kept = bin.kept(Some(t.table));
+    assert_eq!(kept.len().to_string(), before, "{kept:?}");
+    p.shutdown().await;
+}
+
+const DELETE_TWO: &str = "DELETE FROM customers WHERE id = 2";
+
+#[tokio::test]
+async fn a_capture_trigger_calling_another_function_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_function",
+        actor: Actor::Owner,
+        sql: "CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$; \
+              DROP TRIGGER pgveil_trash_delete ON customers; \
+              CREATE TRIGGER pgveil_trash_delete AFTER DELETE ON customers \
+              REFERENCING OLD TABLE AS pgveil_trash_old FOR EACH STATEMENT EXECUTE FUNCTION public.noop()",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "trigger pgveil_trash_delete on public.customers calls public.noop(), not pgveil_trash.capture()",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_capture_trigger_with_a_when_condition_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_when",
+        actor: Actor::Owner,
+        sql: "CREATE OR REPLACE TRIGGER pgveil_trash_delete AFTER DELETE ON customers \
+              REFERENCING OLD TABLE AS pgveil_trash_old FOR EACH STATEMENT WHEN (false) \
+              EXECUTE FUNCTION pgveil_trash.capture()",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "trigger pgveil_trash_delete on public.customers has a WHEN condition",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_capture_trigger_on_another_event_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_event",
+        actor: Actor::Owner,
+        sql: "CREATE OR REPLACE TRIGGER pgveil_trash_delete AFTER INSERT ON customers \
+              FOR EACH STATEMENT EXECUTE FUNCTION pgveil_trash.capture()",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "trigger pgveil_trash_delete on public.customers fires AFTER INSERT FOR EACH STATEMENT, \
+                  not AFTER DELETE FOR EACH STATEMENT as pgveil installs it",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_row_level_capture_trigger_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_level",
+        actor: Actor::Owner,
+        sql: "CREATE OR REPLACE TRIGGER pgveil_trash_delete AFTER DELETE ON customers \
+              REFERENCING OLD TABLE AS pgveil_trash_old FOR EACH ROW \
+              EXECUTE FUNCTION pgveil_trash.capture()",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "fires AFTER DELETE FOR EACH ROW, not AFTER DELETE FOR EACH STATEMENT",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+/// AFTER TRUNCATE, the capture would copy an empty table.
+#[tokio::test]
+async fn a_truncate_capture_moved_after_the_truncate_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_timing",
+        actor: Actor::Owner,
+        sql: "CREATE OR REPLACE TRIGGER pgveil_trash_truncate AFTER TRUNCATE ON tasks \
+              FOR EACH STATEMENT EXECUTE FUNCTION pgveil_trash.capture()",
+        statement: "TRUNCATE tasks",
+        table: "tasks",
+        rows: "true",
+        problem: "trigger pgveil_trash_truncate on public.tasks fires AFTER TRUNCATE FOR EACH STATEMENT, \
+                  not BEFORE TRUNCATE FOR EACH STATEMENT as pgveil installs it",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+/// Same language, SECURITY DEFINER and search_path: only the body tells.
+#[tokio::test]
+async fn a_replaced_capture_function_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_body",
+        actor: Actor::Owner,
+        sql: "CREATE OR REPLACE FUNCTION pgveil_trash.capture() RETURNS trigger LANGUAGE plpgsql \
+              SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$BEGIN RETURN NULL; END$fn$",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "pgveil_trash.capture() was replaced: its body is not the one pgveil installs",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_capture_function_no_longer_security_definer_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_invoker",
+        actor: Actor::Owner,
+        sql: "ALTER FUNCTION pgveil_trash.capture() SECURITY INVOKER",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "pgveil_trash.capture() is not SECURITY DEFINER",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_capture_function_with_another_search_path_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_path",
+        actor: Actor::Owner,
+        sql: "ALTER FUNCTION pgveil_trash.capture() SET search_path = public, pg_catalog",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "pgveil_trash.capture() runs with settings \"search_path=public, pg_catalog\", \
+                  not \"search_path=pg_catalog, pg_temp\"",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+/// Its new owner could replace it; `trash init` gives it back (as a superuser: the role
+/// that ran it no longer owns the function).
+#[tokio::test]
+async fn a_capture_function_given_to_another_owner_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_owner",
+        actor: Actor::Superuser,
+        sql: "ALTER FUNCTION pgveil_trash.capture() OWNER TO alice",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "pgveil_trash.capture() is owned by alice, not by crm_admin, the owner of schema pgveil_trash",
+        repair_as_superuser: true,
+    })
+    .await;
+}
+
+/// `CREATE OR REPLACE TRIGGER` cannot replace a constraint trigger: `trash init` drops it.
+#[tokio::test]
+async fn a_constraint_trigger_in_place_of_the_capture_is_refused() {
+    tampered_capture_is_refused_until_init(Tampering {
+        db: "tamper_constraint",
+        actor: Actor::Superuser,
+        sql: "DROP TRIGGER pgveil_trash_delete ON customers; \
+              CREATE CONSTRAINT TRIGGER pgveil_trash_delete AFTER DELETE ON customers \
+              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pgveil_trash.capture()",
+        statement: DELETE_TWO,
+        table: "customers",
+        rows: "id = 2",
+        problem: "trigger pgveil_trash_delete on public.customers is a constraint trigger",
+        repair_as_superuser: false,
+    })
+    .await;
+}
+
+/// Through pgveil, the same change is seen at once: the session that made it, and one
+/// whose rules allow it every DELETE, reads the catalog again before its next statement.
+#[tokio::test]
+async fn a_capture_replaced_through_pgveil_is_refused_in_the_same_session() {
+    let bin = owned_bin("tamper_through");
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    let other = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin.simple_query("SELECT 1").await.unwrap();
+    admin
+        .simple_query(
+            "CREATE OR REPLACE FUNCTION pgveil_trash.capture() RETURNS trigger LANGUAGE plpgsql \
+             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$BEGIN RETURN NULL; END$fn$",
+        )
+        .await
+        .unwrap();
+    for session in [&admin, &other] {
+        let err = session
+            .simple_query(DELETE_TWO)
+            .await
+            .expect_err("a DELETE ran after the capture was replaced");
+        let message = err.as_db_error().unwrap().message().to_string();
+        assert!(
+            message.contains("pgveil_trash.capture() was replaced"),
+            "{message}"
+        );
+    }
+    assert_eq!(bin.sql("SELECT count(*) FROM customers WHERE id = 2"), "1");
+    p.shutdown().await;
 }

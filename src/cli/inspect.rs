@@ -111,9 +111,9 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
                 "{}: table {}.{} does not exist",
                 r.origin, r.schema, r.table
             ));
-        } else if !catalog.recycle_bin_ready(&r.schema, &r.table) {
+        } else if let Some(problem) = catalog.recycle_bin_problem(&r.schema, &r.table) {
             out.push(format!(
-                "{}: warning: the recycle bin is not set up for {}.{} (a capture trigger is missing, disabled or set to fire in replica mode only): run `pgveil trash init`; until then pgveil refuses DELETE and TRUNCATE on it",
+                "{}: warning: the recycle bin is not set up for {}.{} ({problem}): run `pgveil trash init`; until then pgveil refuses DELETE and TRUNCATE on it",
                 r.origin, r.schema, r.table
             ));
         }

@@ -323,7 +323,10 @@ impl GuardPolicy {
     }
 
     /// A DELETE or TRUNCATE of a recycled table runs only while its recycle-bin trigger is
-    /// in place: without it, the rows would be gone for good.
+    /// in place and intact ([`Catalog::trash_trigger_problem`]): without it, the rows would
+    /// be gone for good. The refusal names what is wrong.
+    ///
+    /// [`Catalog::trash_trigger_problem`]: crate::catalog::Catalog::trash_trigger_problem
     fn check_recycle(
         &self,
         kind: &'static str,
@@ -340,15 +343,18 @@ impl GuardPolicy {
             .iter()
             .filter(|r| table == "*" || format!("{}.{}", r.schema, r.table) == table);
         for rule in concerned {
-            let installed = names
-                .catalog
-                .relation(&rule.schema, &rule.table)
-                .is_some_and(|r| names.catalog.has_trash_trigger(r.oid, trigger));
-            if !installed {
+            let problem = match names.catalog.relation(&rule.schema, &rule.table) {
+                Some(r) => names.catalog.trash_trigger_problem(r.oid, trigger),
+                None => Some(format!(
+                    "table {}.{} does not exist",
+                    rule.schema, rule.table
+                )),
+            };
+            if let Some(problem) = problem {
                 return Err(Refusal {
                     kind,
                     table: format!("{}.{}", rule.schema, rule.table),
-                    reason: "the recycle bin is not set up for this table (run `pgveil trash init`), so deleted rows could not be kept".into(),
+                    reason: format!("the recycle bin is not set up for this table ({problem}; run `pgveil trash init`), so deleted rows could not be kept"),
                     rule: Some(rule.origin.clone()),
                 });
             }

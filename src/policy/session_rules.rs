@@ -42,7 +42,8 @@ impl SessionRuleSet {
     }
 }
 
-/// Whether every `[[recycle]]` table has its recycle-bin triggers in this catalog.
+/// Whether every `[[recycle]]` table has its recycle-bin capture intact in this catalog
+/// ([`Catalog::recycle_bin_problem`]).
 pub fn recycle_bin_ready(rules: &Rules, catalog: &Catalog) -> bool {
     rules
         .recycles

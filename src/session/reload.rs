@@ -18,14 +18,20 @@ pub struct PolicyRefresh {
     proxy: Arc<Proxy>,
     identity: SessionIdentity,
     generation: u64,
+    /// Whether the session's rules guard its DELETEs of recycled tables (so it follows
+    /// the schema even while its guard is set aside because the bin is in place).
+    recycles: bool,
 }
 
 impl PolicyRefresh {
     pub fn new(proxy: Arc<Proxy>, identity: SessionIdentity, generation: u64) -> PolicyRefresh {
+        let recycles = GuardPolicy::for_session(&proxy.rules.load_full(), &identity)
+            .is_some_and(|g| g.recycles());
         PolicyRefresh {
             proxy,
             identity,
             generation,
+            recycles,
         }
     }
 
@@ -70,6 +76,7 @@ impl PolicyRefresh {
             .iter()
             .any(|r| crate::policy::masks::applies(r, &self.identity));
         let new_guard = GuardPolicy::for_session(&rules, &self.identity);
+        self.recycles = new_guard.as_ref().is_some_and(|g| g.recycles());
         let Some(catalog) = catalog else {
             if applies || new_guard.is_some() {
                 // Masks or a guard now apply to a session pgveil never read a catalog for.
@@ -127,10 +134,13 @@ impl PolicyRefresh {
     /// was read. A newer catalog another session read since is taken as it is.
     pub fn catalog_wanted(&mut self, st: &mut SessionState) -> bool {
         // Masked sessions, and guarded ones that delete from recycled tables only while
-        // the capture is in place, follow the schema.
+        // the capture is in place, follow the schema: also those whose guard only
+        // enforced the capture and was set aside because it was in place, so that a
+        // change to the capture puts the guard back before their next statement.
         let current = match (&st.policy, &st.guard) {
             (Some(p), _) => Arc::as_ptr(&p.catalog),
             (None, Some(g)) if g.policy().recycles() => Arc::as_ptr(&g.catalog),
+            (None, None) if self.recycles && st.catalog_version.is_some() => std::ptr::null(),
             _ => return false,
         };
         let asked = st.policy.as_ref().is_some_and(|p| p.catalog_wanted);
