@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     visit_expressions, Distinct, Expr, GroupByExpr, OrderByKind, Query, Select, SelectItem,
-    SetExpr, Statement, Value,
+    SetExpr, Statement, TableFactor, Value,
 };
 
 use super::facts::{classify, Facts, Scope, Use};
@@ -225,6 +225,8 @@ fn in_flight_zones(
     }
     if leak {
         zones.bare.clear();
+    } else {
+        passed_through(select, facts, scope, &mut zones);
     }
     if let Some(w) = &select.selection {
         let _ = visit_expressions(w, |e: &Expr| {
@@ -240,6 +242,120 @@ fn in_flight_zones(
         )?;
     }
     Ok(zones)
+}
+
+/// Derived tables in the outermost FROM (a view that reads a masked table is inlined as
+/// one) pass a masked column they return bare on unchanged when nothing else in the
+/// statement uses it: the outermost SELECT list returns it bare (or by `*`) or not at all,
+/// nothing filters, joins, sorts or groups by it, and the derived table's own query is a
+/// plain SELECT that neither de-duplicates nor sorts or groups by position. The server
+/// then reports the base column as the result column's origin (RowDescription follows a
+/// subquery's output to its source), and it is masked in flight like a bare column of the
+/// outermost SELECT, keyed masks included.
+fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut Zones) {
+    // Whole rows (passed to a function, `*` in an expression, compared by NATURAL JOIN or
+    // USING) would carry the clear values out with no origin: nothing passes through then.
+    if facts.expr_wildcard
+        || !facts.row_args.is_empty()
+        || facts.natural_join
+        || !facts.using_columns.is_empty()
+        || facts.select_into
+    {
+        return;
+    }
+    // Bare references in the outermost SELECT list, whatever they name.
+    let top_bare: HashSet<usize> = select
+        .projection
+        .iter()
+        .filter_map(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+            _ => None,
+        })
+        .filter(|e| matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)))
+        .map(|e| e as *const Expr as usize)
+        .collect();
+    // Output names of the outermost SELECT list, used elsewhere (ORDER BY an alias), would
+    // sort or filter by the clear value.
+    let top_names: HashSet<String> = select
+        .projection
+        .iter()
+        .filter_map(|item| match item {
+            SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
+            SelectItem::UnnamedExpr(Expr::CompoundIdentifier(p)) => p.last().map(fold),
+            _ => None,
+        })
+        .collect();
+    if facts
+        .idents
+        .iter()
+        .any(|(a, p, _)| !top_bare.contains(a) && p.len() == 1 && top_names.contains(&p[0]))
+    {
+        return;
+    }
+    let factors = select
+        .from
+        .iter()
+        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)));
+    for factor in factors {
+        let TableFactor::Derived {
+            lateral: false,
+            subquery,
+            alias,
+            ..
+        } = factor
+        else {
+            continue;
+        };
+        // Renamed columns cannot be followed by name; a whole-row reference to the derived
+        // table would carry its columns in clear.
+        let Some(alias) = alias.as_ref().filter(|a| a.columns.is_empty()) else {
+            continue;
+        };
+        let table = fold(&alias.name);
+        if facts
+            .idents
+            .iter()
+            .any(|(_, p, _)| p.len() == 1 && p[0] == table)
+        {
+            continue;
+        }
+        let SetExpr::Select(inner) = subquery.body.as_ref() else {
+            continue;
+        };
+        if ordering_leak(subquery, inner).is_some() || inner.into.is_some() {
+            continue;
+        }
+        for item in &inner.projection {
+            let (expr, alias) = match item {
+                SelectItem::UnnamedExpr(e) => (e, None),
+                SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
+                _ => continue,
+            };
+            let parts = match expr {
+                Expr::Identifier(i) => vec![fold(i)],
+                Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
+                _ => continue,
+            };
+            if !matches!(classify(&parts, scope), Use::Column(_)) {
+                continue;
+            }
+            let Some(name) = alias.or_else(|| parts.last().cloned()) else {
+                continue;
+            };
+            let addr = expr as *const Expr as usize;
+            // Any other reference by that name (or the source column's), anywhere but
+            // bare in the outermost SELECT list, could compute on the clear value.
+            let source = parts.last();
+            let used_elsewhere = facts.idents.iter().any(|(a, p, _)| {
+                *a != addr
+                    && !top_bare.contains(a)
+                    && p.last().is_some_and(|l| *l == name || Some(l) == source)
+            });
+            if !used_elsewhere {
+                zones.bare.insert(addr);
+            }
+        }
+    }
 }
 
 /// One column-like reference: left alone (in flight, or searchable), replaced by its SQL
