@@ -1042,11 +1042,7 @@ async fn rows_of_an_sql_cursor_run_by_protocol_execute_count_toward_alerts() {
         "{RULES}\n[[alert]]\nroles = [\"trust_user\"]\nmax_rows_per_minute = 50\naction = \"block\"\n"
     );
     let (p, _rules) = proxy_with(&rules, |_| {}).await;
-    let mut s = common::raw_session_with(
-        &p.addr_string(),
-        &[("user", "trust_user"), ("database", "crm")],
-    )
-    .await;
+    let mut s = trust_user_session(&p, "crm").await;
     // Everything up to ReadyForQuery: (tags, SQLSTATE of the first error).
     async fn reply(s: &mut tokio::net::TcpStream) -> (Vec<u8>, String) {
         let mut tags = Vec::new();
@@ -1143,14 +1139,18 @@ async fn rows_of_an_sql_cursor_run_by_protocol_execute_count_toward_alerts() {
     p.shutdown().await;
 }
 
-/// The audit says what the server did, not what the client saw: a DELETE still running
-/// when its client went away runs to the end on the server (and commits), and its record
-/// says so, with its rows.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_statement_whose_client_left_is_recorded_as_the_server_ran_it() {
-    use pgveil::protocol::write;
-    use tokio::io::AsyncWriteExt;
-    let db = "audit_fate";
+/// A raw session of trust_user (no password) in `db`, through `p`.
+async fn trust_user_session(p: &TestProxy, db: &str) -> tokio::net::TcpStream {
+    common::raw_session_with(
+        &p.addr_string(),
+        &[("user", "trust_user"), ("database", db)],
+    )
+    .await
+}
+
+/// pgveil in front of a fresh CRM database `db` in which trust_user may delete tasks, and
+/// a raw session of trust_user.
+async fn deleting_session(db: &str) -> (TestProxy, tempfile::TempDir, tokio::net::TcpStream) {
     cluster().create_crm_db(db);
     cluster().psql_super(
         db,
@@ -1159,12 +1159,20 @@ async fn a_statement_whose_client_left_is_recorded_as_the_server_ran_it() {
     let rules = format!(
         "{RULES}\n[[allow]]\nroles = [\"trust_user\"]\nstatements = [\"delete\"]\ntables = [\"public.tasks\"]\n"
     );
-    let (p, _rules) = proxy_with(&rules, |_| {}).await;
-    let mut s = common::raw_session_with(
-        &p.addr_string(),
-        &[("user", "trust_user"), ("database", db)],
-    )
-    .await;
+    let (p, dir) = proxy_with(&rules, |_| {}).await;
+    let s = trust_user_session(&p, db).await;
+    (p, dir, s)
+}
+
+/// The audit says what the server did, not what the client saw: a DELETE still running
+/// when its client went away runs to the end on the server (and commits), and its record
+/// says so, with its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_client_left_is_recorded_as_the_server_ran_it() {
+    use pgveil::protocol::write;
+    use tokio::io::AsyncWriteExt;
+    let db = "audit_fate";
+    let (p, _rules, mut s) = deleting_session(db).await;
     let sql = "SELECT pg_sleep(0.5); DELETE FROM tasks WHERE id IN (5, 6)";
     s.write_all(write::query(sql).raw()).await.unwrap();
     s.flush().await.unwrap();
@@ -1193,11 +1201,7 @@ async fn a_statement_whose_client_left_is_recorded_as_the_server_ran_it() {
     assert_eq!(record["decision"], "allowed", "{record}");
     assert_eq!(record["rows"], 2, "{record}");
     // A block left open is rolled back by the server: the disconnect record says so.
-    let mut s = common::raw_session_with(
-        &p.addr_string(),
-        &[("user", "trust_user"), ("database", db)],
-    )
-    .await;
+    let mut s = trust_user_session(&p, db).await;
     s.write_all(write::query("BEGIN; DELETE FROM tasks WHERE id = 7").raw())
         .await
         .unwrap();
@@ -1239,20 +1243,7 @@ async fn statements_of_a_failed_implicit_transaction_are_recorded_as_rolled_back
     use pgveil::protocol::write;
     use tokio::io::AsyncWriteExt;
     let db = "audit_rolled_back";
-    cluster().create_crm_db(db);
-    cluster().psql_super(
-        db,
-        "GRANT DELETE ON tasks TO trust_user; GRANT crm_base TO trust_user",
-    );
-    let rules = format!(
-        "{RULES}\n[[allow]]\nroles = [\"trust_user\"]\nstatements = [\"delete\"]\ntables = [\"public.tasks\"]\n"
-    );
-    let (p, _rules) = proxy_with(&rules, |_| {}).await;
-    let mut s = common::raw_session_with(
-        &p.addr_string(),
-        &[("user", "trust_user"), ("database", db)],
-    )
-    .await;
+    let (p, _rules, mut s) = deleting_session(db).await;
     async fn until_ready(s: &mut tokio::net::TcpStream) {
         while let Some((tag, _)) = common::read_message(s).await {
             if tag == b'Z' {

@@ -203,10 +203,8 @@ fn in_flight_zones(
             }
             _ => continue,
         };
-        let parts = match expr {
-            Expr::Identifier(i) => vec![fold(i)],
-            Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
-            _ => continue,
+        let Some(parts) = bare_parts(expr) else {
+            continue;
         };
         if let Use::Column(_) = classify(&parts, scope) {
             zones.bare.insert(expr as *const Expr as usize);
@@ -267,12 +265,9 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
     let top_bare: HashSet<usize> = select
         .projection
         .iter()
-        .filter_map(|item| match item {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
-            _ => None,
-        })
-        .filter(|e| matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)))
-        .map(|e| e as *const Expr as usize)
+        .filter_map(item_expr)
+        .filter(|(e, _)| bare_parts(e).is_some())
+        .map(|(e, _)| e as *const Expr as usize)
         .collect();
     // Output names of the outermost SELECT list, used elsewhere (ORDER BY an alias), would
     // sort or filter by the clear value.
@@ -325,16 +320,9 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
         if ordering_leak(subquery, inner).is_some() || inner.into.is_some() {
             continue;
         }
-        for item in &inner.projection {
-            let (expr, alias) = match item {
-                SelectItem::UnnamedExpr(e) => (e, None),
-                SelectItem::ExprWithAlias { expr, alias } => (expr, Some(fold(alias))),
-                _ => continue,
-            };
-            let parts = match expr {
-                Expr::Identifier(i) => vec![fold(i)],
-                Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
-                _ => continue,
+        for (expr, alias) in inner.projection.iter().filter_map(item_expr) {
+            let Some(parts) = bare_parts(expr) else {
+                continue;
             };
             if !matches!(classify(&parts, scope), Use::Column(_)) {
                 continue;
@@ -355,6 +343,24 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
                 zones.bare.insert(addr);
             }
         }
+    }
+}
+
+/// A SELECT-list item's expression and its output alias, if it is an expression.
+fn item_expr(item: &SelectItem) -> Option<(&Expr, Option<String>)> {
+    match item {
+        SelectItem::UnnamedExpr(e) => Some((e, None)),
+        SelectItem::ExprWithAlias { expr, alias } => Some((expr, Some(fold(alias)))),
+        _ => None,
+    }
+}
+
+/// The folded name parts of a bare column reference (`phone`, `c.phone`).
+fn bare_parts(expr: &Expr) -> Option<Vec<String>> {
+    match expr {
+        Expr::Identifier(i) => Some(vec![fold(i)]),
+        Expr::CompoundIdentifier(p) => Some(p.iter().map(fold).collect()),
+        _ => None,
     }
 }
 
@@ -459,12 +465,7 @@ fn returning_zones(
             }
             _ => continue,
         };
-        let parts = match expr {
-            Expr::Identifier(i) => vec![fold(i)],
-            Expr::CompoundIdentifier(p) => p.iter().map(fold).collect(),
-            _ => continue,
-        };
-        if let Use::Column(_) = classify(&parts, scope) {
+        if let Some(Use::Column(_)) = bare_parts(expr).map(|p| classify(&p, scope)) {
             zones.bare.insert(expr as *const Expr as usize);
         }
     }
