@@ -719,8 +719,8 @@ mod tests {
         row
     }
 
-    /// The customers table with both capture triggers, `change` applied to the DELETE one.
-    fn bin_problem(change: impl FnOnce(&mut Vec<String>)) -> Option<String> {
+    /// Catalog rows of a customers table with one column, to add triggers to.
+    fn customers_rows() -> CatalogRows {
         let mut rows = CatalogRows::default();
         rows.push(&row(&[
             "c",
@@ -733,6 +733,12 @@ mod tests {
             "20",
             "int8",
         ]));
+        rows
+    }
+
+    /// The customers table with both capture triggers, `change` applied to the DELETE one.
+    fn bin_problem(change: impl FnOnce(&mut Vec<String>)) -> Option<String> {
+        let mut rows = customers_rows();
         for r in [
             capture_row(crate::trash::DELETE_TRIGGER, change),
             capture_row(crate::trash::TRUNCATE_TRIGGER, |_| {}),
@@ -825,18 +831,7 @@ mod tests {
             }
         }
         // A function problem is named once for both triggers.
-        let mut rows = CatalogRows::default();
-        rows.push(&row(&[
-            "c",
-            "public",
-            "customers",
-            "100",
-            "r",
-            "id",
-            "1",
-            "20",
-            "int8",
-        ]));
+        let mut rows = customers_rows();
         for name in [crate::trash::DELETE_TRIGGER, crate::trash::TRUNCATE_TRIGGER] {
             let r = capture_row(name, |r| r[12] = "false".into());
             let r: Vec<&str> = r.iter().map(String::as_str).collect();
