@@ -132,32 +132,27 @@ impl SessionMasks {
         masks
     }
 
-    /// The probe for pending masks (see [`Self::pending_probe`]).
+    /// The probe for pending masks (see [`Self::pending_probe`]): one index lookup per
+    /// masked column, the relation found by its qualified name (`to_regclass`, no lock,
+    /// NULL when absent), so it costs the server next to nothing.
     fn probe_sql(&self) -> Option<String> {
         // E'' reads alike whatever standard_conforming_strings is.
         let quote = |s: &str| format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
+        let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
         let conditions: Vec<String> = self
             .pending_columns()
             .map(|(schema, table, column)| {
                 // Operators spelled out: the session's search_path may hold others.
                 format!(
-                    "(n.nspname OPERATOR(pg_catalog.=) {} AND c.relname OPERATOR(pg_catalog.=) {} \
-                     AND a.attname OPERATOR(pg_catalog.=) {})",
-                    quote(schema),
-                    quote(table),
+                    "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid \
+                     OPERATOR(pg_catalog.=) pg_catalog.to_regclass({}) \
+                     AND a.attname OPERATOR(pg_catalog.=) {} AND NOT a.attisdropped)",
+                    quote(&format!("{}.{}", ident(schema), ident(table))),
                     quote(column)
                 )
             })
             .collect();
-        (!conditions.is_empty()).then(|| {
-            format!(
-                "SELECT 1 FROM pg_catalog.pg_class c \
-                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-                 JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
-                 AND NOT a.attisdropped WHERE {} LIMIT 1",
-                conditions.join(" OR ")
-            )
-        })
+        (!conditions.is_empty()).then(|| format!("SELECT 1 WHERE {}", conditions.join(" OR ")))
     }
 
     /// For masks the catalog does not have yet: a one-row query of pg_class and
