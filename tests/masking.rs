@@ -411,11 +411,11 @@ async fn rewritten_forms_compute_on_masked_values() {
             .prepare(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-        let got = alice
-            .query(&stmt, &[])
+        assert!(alice.query(&stmt, &[]).await.is_ok(), "{sql}");
+        // Every column's raw bytes (a Row's Debug shows no values).
+        let text = extended_rows(&alice, sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-        let text = format!("{got:?}");
         assert_no_secret(&text, sql);
     }
     // Predicates compare masked values: a search by clear prefix finds nothing ...
@@ -1377,11 +1377,11 @@ async fn whole_rows_of_keyless_masked_tables_are_masked_whole() {
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         assert_eq!(rows, want, "{sql}");
         assert_no_secret(&rows, sql);
-        let got = alice
-            .query(sql, &[])
+        // Every column's raw bytes (a Row's Debug shows no values).
+        let got = extended_rows(&alice, sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-        assert_no_secret(&format!("{got:?}"), sql);
+        assert_no_secret(&got, sql);
     }
 }
 
@@ -1635,4 +1635,932 @@ async fn keyed_masks_apply_through_views() {
             Ok(rows) => assert_no_secret(&rows, sql),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attack on masked columns passed through derived tables (views inlined as derived
+// tables, and derived tables written by hand), over both protocols.
+// ---------------------------------------------------------------------------------------
+
+/// Any column's raw bytes, whatever its type and format (binary results included).
+struct AnyRaw(Option<Vec<u8>>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for AnyRaw {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(AnyRaw(Some(raw.to_vec())))
+    }
+    fn from_sql_null(
+        _: &tokio_postgres::types::Type,
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(AnyRaw(None))
+    }
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
+/// What one attempt gave: a pgveil refusal, a server error (the statement did not run),
+/// or rows (every column's bytes, lossily as text, `|`-separated).
+#[derive(Debug)]
+enum Outcome {
+    Refused,
+    ServerError(String),
+    Rows(String),
+}
+
+impl Outcome {
+    fn of(r: Result<String, tokio_postgres::Error>) -> Outcome {
+        match r {
+            Ok(rows) => Outcome::Rows(rows),
+            Err(e) if is_refusal(&e) => Outcome::Refused,
+            Err(e) => Outcome::ServerError(
+                e.as_db_error()
+                    .map(|d| format!("{} {}", d.code().code(), d.message()))
+                    .unwrap_or_else(|| e.to_string()),
+            ),
+        }
+    }
+
+    fn leaked(&self) -> Option<String> {
+        match self {
+            Outcome::Rows(rows) => secrets()
+                .iter()
+                .find(|s| rows.contains(s.as_str()))
+                .map(|s| format!("clear fragment {s:?} in {}", clip(rows))),
+            _ => None,
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    if s.len() > 300 {
+        let mut end = 300;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s.to_string()
+    }
+}
+
+/// The statement over the extended protocol (tokio-postgres asks for binary results),
+/// every column of every row as its raw bytes.
+async fn extended_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let rows = client.query(sql, &[]).await?;
+    let mut out = String::new();
+    for r in rows {
+        for i in 0..r.len() {
+            match r.get::<_, AnyRaw>(i).0 {
+                Some(b) => out.push_str(&String::from_utf8_lossy(&b)),
+                None => out.push_str("NULL"),
+            }
+            out.push('|');
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// How a form must come out for a masked role.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Must {
+    /// Refused, failed on the server, or rows with no clear value.
+    NotLeak,
+    /// Computes on (or orders, filters, groups by) a keyed column's clear value: must
+    /// not run (a pgveil refusal, or a server error).
+    NotRun,
+}
+
+async fn probe(client: &tokio_postgres::Client, sql: &str) -> (Outcome, Outcome) {
+    let simple = Outcome::of(simple_rows(client, sql).await);
+    let extended = Outcome::of(extended_rows(client, sql).await);
+    // The session stays usable whatever happened.
+    assert_eq!(
+        simple_rows(client, "SELECT 1").await.unwrap(),
+        "1|\n",
+        "after {sql}"
+    );
+    (simple, extended)
+}
+
+/// Problems with one form: each protocol's outcome against what it must be.
+fn judge_form(sql: &str, must: Must, simple: &Outcome, extended: &Outcome) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (proto, o) in [("simple", simple), ("extended/binary", extended)] {
+        if let Some(l) = o.leaked() {
+            problems.push(format!("LEAK [{proto}] {sql}\n    {l}"));
+        } else if must == Must::NotRun {
+            if let Outcome::Rows(rows) = o {
+                problems.push(format!(
+                    "INFERENCE RAN [{proto}] {sql}\n    returned {}",
+                    clip(rows)
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Attack forms on masked columns passed through derived tables (views inlined as
+/// derived tables, and derived tables written by hand) that pgveil withstands: each is
+/// refused, fails on the server, or returns no clear value; forms that compute on,
+/// filter, sort or group by a keyed column's value do not run.
+const DERIVED_TABLE_ATTACKS: &[(Must, &str)] = &[
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x WHERE true"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(x.c) FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x WHERE x.c LIKE '4111%'"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x WHERE x.c IS NULL"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY x.c LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY x.c COLLATE "C" LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY 1 LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT v.* FROM customer_view v ORDER BY 6 LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers ORDER BY card_number LIMIT 1) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers ORDER BY 1 LIMIT 1) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers ORDER BY 1 LIMIT 1) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers ORDER BY card_number FETCH FIRST 1 ROWS WITH TIES) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers ORDER BY id FETCH FIRST 3 ROWS WITH TIES) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers TABLESAMPLE BERNOULLI (100) REPEATABLE (1)) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers LIMIT 5 OFFSET 2) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.card_number FROM (SELECT card_number FROM customers WHERE id < 5 FOR UPDATE) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.card_number, y.card_number FROM (SELECT id, card_number FROM customers) x JOIN (SELECT id, card_number FROM customers) y ON x.id = y.id"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.id FROM (SELECT id, card_number FROM customers) x JOIN (SELECT id, card_number FROM customers) y ON x.card_number = y.card_number"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.card_number FROM (SELECT card_number AS phone, phone AS card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.a, x.b FROM (SELECT card_number AS a, card_number AS b FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT X.CARD_NUMBER FROM (SELECT CARD_NUMBER FROM CUSTOMERS) X"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(X.CARD_NUMBER) FROM (SELECT "card_number" FROM customers) "x""#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x."Card_Number" FROM (SELECT card_number AS "Card_Number" FROM customers) x ORDER BY "Card_Number""#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(x.card_number) FROM (SELECT public.customers.card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(deals.c) FROM (SELECT card_number AS c FROM customers) deals"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(customers.c) FROM (SELECT card_number AS c FROM customers) customers"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT customers.card_number FROM (SELECT card_number FROM customers) customers"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT unnest(ARRAY[x.c]) FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c, generate_series(1, 2) FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c, count(*) FROM (SELECT card_number AS c FROM customers) x GROUP BY GROUPING SETS ((x.c), ())"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c, v.n FROM (SELECT card_number AS c FROM customers) x, (VALUES (1), (2)) v(n)"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT * FROM (VALUES ((SELECT card_number FROM customers LIMIT 1))) v(c)"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT (v.card_number) FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT v.card_number COLLATE "C" FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT ARRAY[v.card_number] FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT ROW(v.card_number) FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT to_jsonb(v.card_number) FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT v.card_number::bytea FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT DISTINCT v.card_number FROM customer_view v"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT DISTINCT x.id, x.c FROM (SELECT id, card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c, lag(x.c) OVER (ORDER BY x.id) FROM (SELECT id, card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c, row_number() OVER w FROM (SELECT id, card_number AS c FROM customers) x WINDOW w AS (ORDER BY x.c)"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.id FROM (SELECT id, card_number FROM customers) x WHERE EXISTS (SELECT 1 WHERE x.card_number LIKE '4111%')"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x WHERE EXISTS (SELECT 1 FROM deals d WHERE c LIKE '4111%')"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x WHERE x IS NOT NULL"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.* FROM (SELECT id, card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT y.c FROM (SELECT x.c FROM (SELECT card_number AS c FROM customers) x) y"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT y.card_number FROM (SELECT * FROM customer_view) y"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"WITH w AS (SELECT card_number FROM customers) SELECT x.card_number FROM (SELECT card_number FROM w) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers UNION ALL SELECT 'x') x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c, l.u FROM (SELECT card_number AS c FROM customers) x, LATERAL (SELECT upper(x.c) AS u) l"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT max(x.c) FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT count(DISTINCT x) FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT json_agg(x) FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT jsonb_agg(x.*) FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT (x.*)::text FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT (x).row_to_json FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT (SELECT x.c) FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(x.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaay) FROM (SELECT card_number AS aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaax FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT upper(x.U&"\0063") FROM (SELECT card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY x LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY x.* LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.id FROM (SELECT id, card_number FROM customers) x GROUP BY x.id HAVING max(x.card_number) > '4'"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT (x.card_number).upper FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT (x.card_number).text FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT upper(x.card_number) FROM (TABLE customers) x"#,
+    ),
+    (Must::NotLeak, r#"TABLE customer_view"#),
+    (Must::NotLeak, r#"TABLE customers"#),
+    (Must::NotLeak, r#"SELECT * FROM (TABLE customer_view) x"#),
+    (
+        Must::NotRun,
+        r#"SELECT x.id AS c, x.c AS id FROM (SELECT id, card_number AS c FROM customers) x ORDER BY id LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT * FROM (SELECT card_number AS c FROM customers) x ORDER BY c LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x, (SELECT card_number AS c FROM customers) y WHERE y.c > x.c LIMIT 3"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x, LATERAL (SELECT 1) l"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x WHERE x.c IN (SELECT card_number FROM customers WHERE id = 1)"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT nv.mail FROM nested_view nv ORDER BY (1)"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT nv.row_to_json FROM nested_view nv"#,
+    ),
+    (Must::NotLeak, r#"SELECT * FROM nested_view"#),
+    (
+        Must::NotLeak,
+        r#"SELECT x.id, x.c FROM (SELECT id, card_number AS c FROM customers) x WHERE x.id < 3 ORDER BY x.id"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) AS x(c)"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c, y.c FROM (SELECT card_number AS c FROM customers) x, (SELECT phone AS c FROM customers) y LIMIT 3"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c, k FROM customers k) x"#,
+    ),
+    (Must::NotLeak, r#"SELECT m.row_to_json FROM customer_mv m"#),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x FETCH FIRST 2 ROWS ONLY"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT DISTINCT ON (id) card_number AS c FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT ALL card_number AS c FROM customers) x LIMIT 2"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers WINDOW w AS (ORDER BY (1))) x LIMIT 1"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT card_number AS c, row_number() OVER (ORDER BY (1)) FROM customers) x LIMIT 1"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT v.card_number FROM customer_view v WHERE v.id IN (SELECT id FROM customers ORDER BY (1) LIMIT 1)"#,
+    ),
+];
+
+/// Attack forms that leak today (see `leaks_found_by_the_attack`). Whole rows reach
+/// functions by attribute notation (`x.row_to_json` is `row_to_json(x)`: PostgreSQL
+/// calls a one-argument function named like a field of a row), which the analysis takes
+/// for a column `row_to_json` of `x` that no mask names; and a position in parentheses
+/// (`ORDER BY (1)`, `GROUP BY (1)`) is still a position to PostgreSQL, while the analysis
+/// only knows bare numbers.
+const LEAKING_ATTACKS: &[(Must, &str)] = &[
+    (
+        Must::NotLeak,
+        r#"SELECT x.row_to_json FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT v.row_to_json FROM customer_view v"#,
+    ),
+    (Must::NotLeak, r#"SELECT v.to_jsonb FROM customer_view v"#),
+    (Must::NotLeak, r#"SELECT v.record_out FROM customer_view v"#),
+    (
+        Must::NotLeak,
+        r#"SELECT v.quote_literal FROM customer_contact_view v"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.json_agg FROM (SELECT card_number FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.jsonb_build_array FROM (SELECT phone, email FROM customers) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.j FROM (SELECT k.row_to_json AS j FROM customers k) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT x.c FROM (SELECT c.to_jsonb->>'national_id' AS c FROM customers c) x"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"WITH w AS (SELECT c.row_to_json AS j FROM customers c) SELECT j FROM w"#,
+    ),
+    (Must::NotLeak, r#"SELECT c.row_to_json FROM customers c"#),
+    (Must::NotLeak, r#"SELECT customers.to_json FROM customers"#),
+    (
+        Must::NotLeak,
+        r#"SELECT public.customers.record_out FROM customers"#,
+    ),
+    (
+        Must::NotLeak,
+        r#"SELECT c.to_jsonb->>'card_number' FROM customers c"#,
+    ),
+    (Must::NotLeak, r#"SELECT k.row_to_json FROM contacts k"#),
+    (Must::NotLeak, r#"SELECT l.row_to_json FROM leads l"#),
+    (
+        Must::NotRun,
+        r#"SELECT v.card_number FROM customer_view v WHERE v.row_to_json::text LIKE '%"card_number":"4111000015%'"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT c.card_number AS c FROM customers c WHERE c.to_jsonb->>'card_number' LIKE '4111000015%') x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY (1) LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT * FROM (SELECT card_number FROM customers) x ORDER BY ((1)) DESC LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers ORDER BY (1) LIMIT 1) x"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT * FROM customer_view ORDER BY (6) LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT card_number FROM customers ORDER BY (1) LIMIT 3"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT id, card_number FROM customers ORDER BY (2)"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c, count(*) FROM (SELECT card_number AS c FROM customers) x GROUP BY (1)"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c, count(*) FROM (SELECT card_number AS c FROM customers) x GROUP BY ROLLUP (1)"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT x.c FROM (SELECT card_number AS c FROM customers) x GROUP BY GROUPING SETS ((1))"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT card_number, count(*) FROM customers GROUP BY (1)"#,
+    ),
+    (
+        Must::NotRun,
+        r#"SELECT card_number, count(*) FROM customers GROUP BY CUBE (1)"#,
+    ),
+];
+
+fn short(o: &Outcome) -> String {
+    match o {
+        Outcome::Refused => "refused".to_string(),
+        Outcome::ServerError(e) => format!("server error {}", clip(e)),
+        Outcome::Rows(r) => format!("rows {}", clip(r).replace('\n', "\\n")),
+    }
+}
+
+/// Each form over the simple and the extended protocol (binary results).
+async fn statement_forms(client: &tokio_postgres::Client, forms: &[(Must, &str)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (must, sql) in forms {
+        let (simple, extended) = probe(client, sql).await;
+        eprintln!(
+            "{sql}\n  simple: {}\n  extended: {}",
+            short(&simple),
+            short(&extended)
+        );
+        problems.extend(judge_form(sql, *must, &simple, &extended));
+    }
+    problems
+}
+
+async fn in_tx(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    extended: bool,
+) -> Result<String, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await.unwrap();
+    let r = if extended {
+        extended_rows(client, sql).await
+    } else {
+        simple_rows(client, sql).await
+    };
+    client.batch_execute("ROLLBACK").await.unwrap();
+    r
+}
+
+/// Statements that write (run in a transaction rolled back), over both protocols.
+async fn writing_forms(client: &tokio_postgres::Client, forms: &[(Must, &str)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (must, sql) in forms {
+        let simple = Outcome::of(in_tx(client, sql, false).await);
+        let extended = Outcome::of(in_tx(client, sql, true).await);
+        eprintln!(
+            "{sql}\n  simple: {}\n  extended: {}",
+            short(&simple),
+            short(&extended)
+        );
+        problems.extend(judge_form(sql, *must, &simple, &extended));
+    }
+    problems
+}
+
+async fn copy_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    use futures_util::StreamExt;
+    let stream = client.copy_out(sql).await?;
+    futures_util::pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `COPY (query) TO STDOUT`: no RowDescription, so nothing can be masked in flight.
+async fn copy_forms(client: &tokio_postgres::Client, forms: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for sql in forms {
+        let o = Outcome::of(copy_rows(client, sql).await);
+        eprintln!("{sql}\n  copy: {}", short(&o));
+        problems.extend(judge_form(sql, Must::NotLeak, &o, &Outcome::Refused));
+        assert_eq!(
+            simple_rows(client, "SELECT 1").await.unwrap(),
+            "1|\n",
+            "after {sql}"
+        );
+    }
+    problems
+}
+
+/// DECLARE (simple protocol), then FETCH over the simple and the extended protocol.
+async fn cursor_forms(client: &tokio_postgres::Client, forms: &[(Must, &str)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (must, declare) in forms {
+        let mut outcomes = Vec::new();
+        for extended in [false, true] {
+            client.batch_execute("BEGIN").await.unwrap();
+            let o = match simple_rows(client, declare).await {
+                Err(e) => Outcome::of(Err(e)),
+                Ok(_) => Outcome::of(if extended {
+                    extended_rows(client, "FETCH 3 FROM k").await
+                } else {
+                    simple_rows(client, "FETCH 3 FROM k").await
+                }),
+            };
+            client.batch_execute("ROLLBACK").await.unwrap();
+            outcomes.push(o);
+        }
+        let what = format!("{declare}; FETCH 3 FROM k");
+        eprintln!(
+            "{what}\n  simple: {}\n  extended: {}",
+            short(&outcomes[0]),
+            short(&outcomes[1])
+        );
+        problems.extend(judge_form(&what, *must, &outcomes[0], &outcomes[1]));
+    }
+    problems
+}
+
+/// A statement that stores rows in a table (CREATE TABLE AS, SELECT INTO, a view) named
+/// `stolen`, then the table read back.
+async fn stored_forms(client: &tokio_postgres::Client, forms: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for sql in forms {
+        let mut outcomes = Vec::new();
+        for extended in [false, true] {
+            client.batch_execute("BEGIN").await.unwrap();
+            let o = match simple_rows(client, sql).await {
+                Err(e) => Outcome::of(Err(e)),
+                Ok(_) => Outcome::of(if extended {
+                    extended_rows(client, "SELECT * FROM stolen").await
+                } else {
+                    simple_rows(client, "SELECT * FROM stolen").await
+                }),
+            };
+            client.batch_execute("ROLLBACK").await.unwrap();
+            outcomes.push(o);
+        }
+        let what = format!("{sql}; SELECT * FROM stolen");
+        eprintln!(
+            "{what}\n  simple: {}\n  extended: {}",
+            short(&outcomes[0]),
+            short(&outcomes[1])
+        );
+        problems.extend(judge_form(&what, Must::NotLeak, &outcomes[0], &outcomes[1]));
+    }
+    problems
+}
+
+/// Every attack form pgveil withstands today, over both protocols: refused, failed on
+/// the server, or no clear value returned; nothing that computes on, filters, sorts or
+/// groups by a keyed column's clear value runs.
+#[tokio::test]
+async fn attacks_on_masked_columns_through_derived_tables() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let mut problems = statement_forms(&alice, DERIVED_TABLE_ATTACKS).await;
+    problems.extend(
+        writing_forms(
+            &alice,
+            &[
+                (Must::NotLeak, "INSERT INTO tasks (owner, note) SELECT 'attack', x.c FROM (SELECT card_number AS c FROM customers WHERE id = 1) x RETURNING note"),
+                (Must::NotLeak, "UPDATE customers SET full_name = x.c FROM (SELECT id, card_number AS c FROM customers) x WHERE x.id = customers.id AND customers.id = 1 RETURNING customers.full_name"),
+                (Must::NotLeak, "UPDATE customers SET full_name = x.c FROM (SELECT id, phone AS c FROM customers) x WHERE x.id = customers.id AND customers.id = 1 RETURNING customers.full_name"),
+                (Must::NotLeak, "UPDATE customers c SET full_name = x.c FROM (SELECT id, card_number AS c FROM customers) x WHERE x.id = c.id AND c.id = 1 RETURNING x.c"),
+                (Must::NotLeak, "UPDATE customers c SET full_name = c.full_name FROM (SELECT id, card_number AS c FROM customers) x WHERE x.id = c.id AND c.id = 1 RETURNING x.row_to_json"),
+                (Must::NotLeak, "DELETE FROM tasks t USING (SELECT card_number AS c FROM customers) x WHERE false RETURNING x.row_to_json"),
+            ],
+        )
+        .await,
+    );
+    problems.extend(
+        copy_forms(
+            &alice,
+            &[
+                "COPY (SELECT v.record_out FROM customer_view v) TO STDOUT",
+                "COPY (SELECT x.c FROM (SELECT card_number AS c FROM customers) x) TO STDOUT",
+                "COPY (SELECT x.c FROM (SELECT phone AS c FROM customers) x) TO STDOUT",
+                "COPY (SELECT * FROM customer_view) TO STDOUT",
+            ],
+        )
+        .await,
+    );
+    problems.extend(
+        cursor_forms(
+            &alice,
+            &[
+                (Must::NotLeak, "DECLARE k CURSOR FOR SELECT x.c FROM (SELECT card_number AS c FROM customers) x"),
+                (Must::NotLeak, "DECLARE k CURSOR FOR SELECT * FROM customer_view"),
+                (Must::NotLeak, "DECLARE k BINARY CURSOR FOR SELECT v.id, v.card_number, v.phone FROM customer_view v"),
+                (Must::NotRun, "DECLARE k CURSOR FOR SELECT x.c FROM (SELECT card_number AS c FROM customers) x ORDER BY x.c"),
+            ],
+        )
+        .await,
+    );
+    problems.extend(
+        stored_forms(
+            &alice,
+            &[
+                "CREATE TEMP TABLE stolen AS SELECT x.c FROM (SELECT card_number AS c FROM customers) x",
+                "CREATE TEMP TABLE stolen AS SELECT x.c FROM (SELECT phone AS c FROM customers) x",
+                "SELECT x.c INTO TEMP stolen FROM (SELECT card_number AS c FROM customers) x",
+                "CREATE TEMP VIEW stolen AS SELECT x.c FROM (SELECT phone AS c FROM customers) x",
+            ],
+        )
+        .await,
+    );
+    // The pass-through itself still works: the tokens a plain SELECT gives.
+    let token: String = alice
+        .query_one("SELECT card_number FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let got: String = alice
+        .query_one(
+            "SELECT x.c FROM (SELECT id, card_number AS c FROM customers) x WHERE x.id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, token);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// What an attack pass found (each form returned a clear value, or ran an ordering or
+/// grouping on a keyed column's clear value) and what is fixed: a function called in
+/// attribute notation (`t.row_to_json` is `row_to_json(t)`, a whole row) is a whole-row
+/// use, and a position in parentheses (`ORDER BY (1)`, `GROUP BY ROLLUP (1)`) is a
+/// position. The message lists every form that still gets through.
+#[tokio::test]
+async fn whole_rows_in_attribute_notation_and_positions_in_parentheses_are_caught() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let mut problems = statement_forms(&alice, LEAKING_ATTACKS).await;
+    // Several statements in one simple query.
+    let sql = "SELECT 1; SELECT v.row_to_json FROM customer_view v";
+    let o = Outcome::of(simple_rows(&alice, sql).await);
+    problems.extend(judge_form(sql, Must::NotLeak, &o, &Outcome::Refused));
+    problems.extend(
+        writing_forms(
+            &alice,
+            &[
+                (Must::NotLeak, "UPDATE customers c SET full_name = c.full_name WHERE c.id = 1 RETURNING c.row_to_json"),
+                (Must::NotLeak, "INSERT INTO tasks (owner, note) SELECT 'attack', c.record_out FROM customers c WHERE c.id = 1 RETURNING note"),
+            ],
+        )
+        .await,
+    );
+    problems.extend(
+        copy_forms(
+            &alice,
+            &["COPY (SELECT c.row_to_json FROM customers c) TO STDOUT"],
+        )
+        .await,
+    );
+    problems.extend(
+        cursor_forms(
+            &alice,
+            &[
+                (Must::NotLeak, "DECLARE k CURSOR FOR SELECT v.to_jsonb FROM customer_view v"),
+                (Must::NotLeak, "DECLARE k BINARY CURSOR FOR SELECT x.row_to_json FROM (SELECT card_number FROM customers) x"),
+                (Must::NotRun, "DECLARE k CURSOR FOR SELECT card_number FROM customers ORDER BY (1)"),
+            ],
+        )
+        .await,
+    );
+    problems.extend(
+        stored_forms(
+            &alice,
+            &["CREATE TEMP TABLE stolen AS SELECT c.row_to_json AS c FROM customers c"],
+        )
+        .await,
+    );
+
+    // ORDER BY (position) sorts a keyless column by its clear value: the order differs
+    // from the one its masked values give (ORDER BY 2 is rewritten to sort masked values).
+    let ids = |rows: &str| -> Vec<String> {
+        rows.lines()
+            .map(|l| l.split('|').next().unwrap().to_string())
+            .collect()
+    };
+    let masked = simple_rows(&alice, "SELECT id, phone FROM customers ORDER BY 2, id")
+        .await
+        .unwrap();
+    let sql = "SELECT id, phone FROM customers ORDER BY (2), id";
+    if let Ok(paren) = simple_rows(&alice, sql).await {
+        let clear = cluster().psql_super("crm", "SELECT id FROM customers ORDER BY phone, id");
+        let clear: Vec<String> = clear.lines().map(|l| l.trim().to_string()).collect();
+        if ids(&paren) != ids(&masked) {
+            problems.push(format!(
+                "INFERENCE RAN [simple] {sql}\n    rows come in the order of the clear phone numbers ({}), not of the masked ones",
+                if ids(&paren) == clear { "exactly" } else { "not exactly" }
+            ));
+        }
+    }
+
+    // The same with a keyed column and rows the attacker inserts: bisection recovers a
+    // card number, digit for digit, from the order alone.
+    let clear_card = cluster()
+        .psql_super("crm", "SELECT card_number FROM customers WHERE id = 1")
+        .trim()
+        .to_string();
+    let (mut lo, mut hi) = (4_000_000_000_000_000u64, 4_999_999_999_999_999u64);
+    let mut ran = true;
+    while lo < hi {
+        let m = lo + (hi - lo) / 2;
+        alice.batch_execute("BEGIN").await.unwrap();
+        alice
+            .batch_execute(&format!(
+                "INSERT INTO customers (full_name, card_number) VALUES ('zz probe', '{m}')"
+            ))
+            .await
+            .unwrap();
+        let r = simple_rows(
+            &alice,
+            "SELECT full_name, card_number FROM customers WHERE id = 1 OR full_name = 'zz probe' ORDER BY (2), full_name",
+        )
+        .await;
+        alice.batch_execute("ROLLBACK").await.unwrap();
+        let Ok(rows) = r else {
+            ran = false;
+            break;
+        };
+        assert_no_secret(&rows, "bisection step");
+        if rows.starts_with("Customer 1|") {
+            hi = m;
+        } else {
+            lo = m + 1;
+        }
+    }
+    if ran {
+        let recovered = lo.to_string();
+        problems.push(format!(
+            "INFERENCE RAN [simple] INSERT INTO customers (full_name, card_number) VALUES ('zz probe', '<guess>'); \
+             SELECT full_name, card_number FROM customers WHERE id = 1 OR full_name = 'zz probe' ORDER BY (2), full_name\n    \
+             bisection over the order recovered card number {recovered} of customer 1 ({})",
+            if recovered == clear_card { "the clear value" } else { "not the clear value" }
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }

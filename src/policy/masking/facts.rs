@@ -12,7 +12,7 @@ use sqlparser::ast::{
 };
 
 use super::{fold, name_parts};
-use crate::catalog::Relation;
+use crate::catalog::{Catalog, Relation};
 use crate::policy::ColumnMask;
 use crate::sql::scope::CteScope;
 
@@ -195,6 +195,9 @@ pub(super) struct Scope<'a> {
     pub(super) masked: Vec<(Arc<Relation>, &'a TableMasks)>,
     /// Each reference to a masked table: (TableFactor address, relation, alias).
     pub(super) masked_refs: Vec<(usize, Arc<Relation>, Option<String>)>,
+    /// To tell a function called in attribute notation (`t.row_to_json` is
+    /// `row_to_json(t)`, a whole row) from a column.
+    pub(super) catalog: &'a Catalog,
 }
 
 impl<'a> Scope<'a> {
@@ -247,6 +250,9 @@ pub(super) fn classify<'a>(parts: &[String], scope: &Scope<'a>) -> Use<'a> {
         }
         return Use::None;
     }
+    // `q.f` where q is a row and f a function is `f(q)`, the whole row, when no relation
+    // q names has a column f (PostgreSQL tries the column first).
+    let function = scope.catalog.is_builtin_function(col) || scope.catalog.is_user_function(col);
     // A qualifier that names a non-masked relation makes the reference safe; anything
     // else (a masked relation, schema.table, a composite column) is judged by name.
     if parts.len() == 2 {
@@ -259,7 +265,17 @@ pub(super) fn classify<'a>(parts: &[String], scope: &Scope<'a>) -> Use<'a> {
                     found = Some(m);
                 }
             }
-            return found.map_or(Use::None, Use::Column);
+            if let Some(m) = found {
+                return Use::Column(m);
+            }
+            let called = function
+                && rels
+                    .iter()
+                    .any(|r| !r.columns.iter().any(|c| c.name == col));
+            return match rels.iter().find(|r| scope.masks_of(r).is_some()) {
+                Some(r) if called => Use::WholeRow(r.qualified()),
+                _ => Use::None,
+            };
         }
         if scope.excluded && parts[0] == "excluded" {
             return Use::None;
@@ -272,6 +288,12 @@ pub(super) fn classify<'a>(parts: &[String], scope: &Scope<'a>) -> Use<'a> {
     }
     match scope.masked_column(col) {
         Some(m) => Use::Column(m),
+        // A function called on a row pgveil cannot see into (a derived table, a CTE, a
+        // table named with its schema): taken as a whole row of the masked tables.
+        None if function => match scope.masked.first() {
+            Some((r, _)) => Use::WholeRow(r.qualified()),
+            None => Use::None,
+        },
         None => Use::None,
     }
 }

@@ -280,18 +280,33 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
             _ => None,
         })
         .collect();
-    if facts
-        .idents
-        .iter()
-        .any(|(a, p, _)| !top_bare.contains(a) && p.len() == 1 && top_names.contains(&p[0]))
-    {
+    let factors = || {
+        select
+            .from
+            .iter()
+            .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
+    };
+    // The SELECT lists of the derived tables themselves are not uses of an output name.
+    let inner_items: HashSet<usize> = factors()
+        .filter_map(|f| match f {
+            TableFactor::Derived { subquery, .. } => match subquery.body.as_ref() {
+                SetExpr::Select(inner) => Some(inner),
+                _ => None,
+            },
+            _ => None,
+        })
+        .flat_map(|inner| inner.projection.iter().filter_map(item_expr))
+        .map(|(e, _)| e as *const Expr as usize)
+        .collect();
+    if facts.idents.iter().any(|(a, p, _)| {
+        !top_bare.contains(a)
+            && !inner_items.contains(a)
+            && p.len() == 1
+            && top_names.contains(&p[0])
+    }) {
         return;
     }
-    let factors = select
-        .from
-        .iter()
-        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)));
-    for factor in factors {
+    for factor in factors() {
         let TableFactor::Derived {
             lateral: false,
             subquery,
@@ -481,7 +496,6 @@ fn ordering_leak(query: &Query, select: &Select) -> Option<&'static str> {
     ) {
         return Some("DISTINCT would compare masked columns in clear");
     }
-    let positional = |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Number(..)));
     if let Some(ob) = &query.order_by {
         match &ob.kind {
             OrderByKind::All(_) => return Some("ORDER BY ALL would sort by masked columns"),
@@ -498,5 +512,20 @@ fn ordering_leak(query: &Query, select: &Select) -> Option<&'static str> {
             Some("GROUP BY position would group by clear values")
         }
         _ => None,
+    }
+}
+
+/// Whether an ORDER BY or GROUP BY item names an output column by position, as the server
+/// reads it: a number, in parentheses too (`ORDER BY (1)`), and inside ROLLUP, CUBE and
+/// GROUPING SETS.
+fn positional(e: &Expr) -> bool {
+    match e {
+        Expr::Value(v) => matches!(v.value, Value::Number(..)),
+        Expr::Nested(inner) => positional(inner),
+        Expr::Rollup(sets) | Expr::Cube(sets) | Expr::GroupingSets(sets) => {
+            sets.iter().flatten().any(positional)
+        }
+        Expr::Tuple(items) => items.iter().any(positional),
+        _ => false,
     }
 }

@@ -281,6 +281,7 @@ fn resolve_tables<'a>(
         excluded: false,
         masked: Vec::new(),
         masked_refs: Vec::new(),
+        catalog: ctx.catalog,
     };
     for t in facts.tables.iter().filter(|t| !t.function) {
         let rel = match t.parts.as_slice() {
