@@ -657,3 +657,35 @@ async fn a_temporary_view_does_not_stand_in_for_an_allowed_table() {
     assert_eq!(inventory(pg, "guard_temp_view"), before);
     p.shutdown().await;
 }
+
+/// A function called in attribute notation (`t.wipe_all` is `wipe_all(t)`) runs like any
+/// other call: a user-defined one that deletes is code pgveil cannot see into, refused
+/// under `unanalysable = "deny"`; a column of the same name elsewhere is still a column.
+#[tokio::test]
+async fn functions_in_attribute_notation_do_not_slip_past_the_guard() {
+    let db = "guard_attribute";
+    let pg = database(db);
+    pg.psql_super(
+        db,
+        "CREATE FUNCTION public.wipe_all(anyelement) RETURNS int LANGUAGE sql AS \
+         'WITH d AS (DELETE FROM public.customers RETURNING 1) SELECT count(*)::int FROM d'; \
+         GRANT EXECUTE ON FUNCTION public.wipe_all(anyelement) TO mallory",
+    );
+    let before = inventory(pg, db);
+    let p = TestProxy::with_rules(pg, RULES).await;
+    let c = client(&p, "mallory", "mallory_pw", db).await;
+    for sql in [
+        "SELECT t.wipe_all FROM tasks t LIMIT 1",
+        "SELECT tasks.wipe_all FROM tasks LIMIT 1",
+        "SELECT x.wipe_all FROM (SELECT 1 AS a) x",
+        "SELECT public.tasks.wipe_all FROM tasks LIMIT 1",
+    ] {
+        assert_refused_for(&c, sql, "cannot analyse").await;
+        assert_eq!(inventory(pg, db), before, "{sql}");
+    }
+    // Qualified columns stay columns.
+    c.simple_query("SELECT t.note FROM tasks t LIMIT 1")
+        .await
+        .unwrap();
+    p.shutdown().await;
+}

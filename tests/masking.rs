@@ -2564,3 +2564,33 @@ async fn whole_rows_in_attribute_notation_and_positions_in_parentheses_are_caugh
         problems.join("\n")
     );
 }
+
+/// A user-defined function called in attribute notation (`l.leak_any` is `leak_any(l)`)
+/// is a call like any other: refused for masked roles. This one takes any row and reads
+/// the customers table with its owner's rights.
+#[tokio::test]
+async fn user_functions_in_attribute_notation_are_refused() {
+    cluster().psql_super(
+        "crm",
+        "CREATE OR REPLACE FUNCTION public.leak_any(anyelement) RETURNS text LANGUAGE sql \
+         SECURITY DEFINER AS 'SELECT phone FROM public.customers ORDER BY id LIMIT 1'; \
+         GRANT EXECUTE ON FUNCTION public.leak_any(anyelement) TO crm_base",
+    );
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for sql in [
+        "SELECT l.leak_any FROM leads l",
+        "SELECT leads.leak_any FROM leads",
+        "SELECT x.leak_any FROM (SELECT id, phone FROM leads) x",
+        "SELECT leak_any(l) FROM leads l",
+    ] {
+        match simple_rows(&alice, sql).await {
+            Err(e) => assert!(is_refusal(&e), "{sql}: {e:?}"),
+            Ok(rows) => panic!("{sql} ran: {rows}"),
+        }
+        match extended_rows(&alice, sql).await {
+            Err(e) => assert!(is_refusal(&e), "{sql} (extended): {e:?}"),
+            Ok(rows) => panic!("{sql} (extended) ran: {rows}"),
+        }
+    }
+}

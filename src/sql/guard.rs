@@ -80,6 +80,10 @@ pub struct Call {
     pub parts: Vec<String>,
     /// Called in FROM (a set-returning function), where grammar-only functions cannot be.
     pub in_from: bool,
+    /// Maybe called in attribute notation: `q.f` is `f(q)` when q has no column f. Only a
+    /// user-defined function of that name makes it a call that counts (the built-ins that
+    /// run SQL take no row); otherwise it is a column.
+    pub attribute: bool,
 }
 
 /// Everything the guard needs from one query string.
@@ -130,7 +134,16 @@ impl StatementFacts {
 pub fn opaque_call(calls: &[Call], catalog: &Catalog) -> Option<String> {
     calls
         .iter()
-        .find(|c| !is_builtin_call(&c.parts, c.in_from, catalog))
+        .find(|c| match c.attribute {
+            // (A column of that name anywhere is taken for the column.)
+            true => c.parts.last().is_some_and(|f| {
+                catalog.is_user_function(f)
+                    && !catalog
+                        .relations()
+                        .any(|r| r.columns.iter().any(|col| col.name == *f))
+            }),
+            false => !is_builtin_call(&c.parts, c.in_from, catalog),
+        })
         .map(|c| {
             format!(
                 "it calls {}, a function that is not built in",
@@ -236,7 +249,11 @@ impl Walk<'_> {
                 parts.join(".")
             ));
         }
-        self.facts.calls.push(Call { parts, in_from });
+        self.facts.calls.push(Call {
+            parts,
+            in_from,
+            attribute: false,
+        });
     }
 
     fn statement(&mut self, stmt: &Statement) {
@@ -514,8 +531,14 @@ impl Visitor for Walk<'_> {
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = e {
-            self.function(&f.name, false);
+        match e {
+            Expr::Function(f) => self.function(&f.name, false),
+            Expr::CompoundIdentifier(p) if p.len() >= 2 => self.facts.calls.push(Call {
+                parts: vec![fold(&p[p.len() - 1])],
+                in_from: false,
+                attribute: true,
+            }),
+            _ => {}
         }
         ControlFlow::Continue(())
     }

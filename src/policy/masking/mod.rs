@@ -239,6 +239,33 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
 /// Only built-in functions that neither run SQL nor read data behind the analysis may
 /// run for a masked role (a user-defined function could read any masked table).
 fn check_functions(facts: &Facts, ctx: &Context<'_>, kind: &'static str) -> Result<(), Verdict> {
+    // `q.f` is `f(q)` when q has no column f: a user-defined function called in attribute
+    // notation is a call too.
+    for (_, parts, _) in facts.idents.iter().filter(|(_, p, _)| p.len() >= 2) {
+        let name = parts[parts.len() - 1].as_str();
+        if !ctx.catalog.is_user_function(name) {
+            continue;
+        }
+        let qualifier = &parts[parts.len() - 2];
+        let table = facts
+            .tables
+            .iter()
+            .find(|t| t.alias.as_ref() == Some(qualifier) || t.parts.last() == Some(qualifier))
+            .and_then(|t| t.parts.last())
+            .unwrap_or(qualifier);
+        let column = ctx
+            .catalog
+            .named(table)
+            .any(|r| r.columns.iter().any(|c| c.name == name));
+        if !column {
+            return Err(refuse(
+                kind,
+                format!("function {name}"),
+                "a function called in attribute notation (q.f is f(q)) may not run for a masked role unless it is built in",
+                None,
+            ));
+        }
+    }
     let calls = facts.functions.iter().map(|f| (f.as_slice(), false));
     let in_from = facts
         .tables
