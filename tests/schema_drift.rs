@@ -668,3 +668,34 @@ async fn a_failed_catalog_read_inside_a_block_leaves_the_block_usable() {
     );
     p.shutdown().await;
 }
+
+/// The same over the extended protocol alone: the probe rides at the head of each batch,
+/// in its own implicit transaction, and when a name changed into a masked one it stops the
+/// batch (40001, "run it again": nothing ran); the next try reads the catalog first and is
+/// masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_batches_carry_the_probe_and_stop_when_a_name_changed() {
+    let db = "drift_pipelined_probe";
+    let pg = database(db);
+    let p = TestProxy::with_rules(pg, RULES).await;
+    let running = client(&p, "alice", "alice_pw", db).await;
+    let sql = "SELECT secret FROM plain2_view";
+    let rows = extended(&running, sql).await.unwrap();
+    assert_eq!(rows, vec!["topsecret-renamed-directly".to_string()]);
+    direct(pg, db, "ALTER TABLE plain2 RENAME TO renamed_here");
+    let e = extended(&running, sql).await.unwrap_err();
+    assert!(e.starts_with("40001: pgveil: "), "{e}");
+    assert!(!e.contains("topsecret"), "{e}");
+    let rows = extended(&running, sql).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!rows[0].contains("topsecret"), "{rows:?}");
+    // DISCARD ALL drops the probe's statement on the server: it is prepared again.
+    running.batch_execute("DISCARD ALL").await.unwrap();
+    for _ in 0..2 {
+        let rows = extended(&running, "SELECT secret FROM renamed_here")
+            .await
+            .unwrap();
+        assert!(!rows[0].contains("topsecret"), "{rows:?}");
+    }
+    p.shutdown().await;
+}

@@ -5,6 +5,8 @@
 pub struct SqlState(pub &'static str);
 
 impl SqlState {
+    /// 40001: nothing ran; running it again is expected to work (drivers retry it).
+    pub const SERIALIZATION_FAILURE: SqlState = SqlState("40001");
     /// 08P01: the peer broke the protocol.
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     /// 08006: the upstream connection failed or was lost.

@@ -174,6 +174,14 @@ async fn client_to_server(
         };
         let read = match catalog {
             Some(None) => true,
+            // An extended-protocol batch carries the probe at its head, in its own
+            // implicit transaction, with no round trip of its own.
+            Some(Some(probe))
+                if matches!(first.tag(), b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') =>
+            {
+                lock(state).pipeline_probe(&probe, &mut out);
+                false
+            }
             Some(Some(probe)) => hidden_query(state, upstream, &probe, catalog_ready).await?,
             None => false,
         };
@@ -445,6 +453,23 @@ fn on_server_frame(st: &mut SessionState, f: &Frame) -> Result<Action, SessionEr
 }
 
 fn server_frame_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError> {
+    if st.answering_probe() {
+        // pgveil's schema probe at the head of the batch: its error is the batch's.
+        match f.tag() {
+            b'E' => {
+                let frame = st.probe_failed(f);
+                return Ok(match reply_action(st, &frame)? {
+                    Action::Forward => Action::Replace(frame),
+                    other => other,
+                });
+            }
+            b'1' | b'2' | b'3' | b'C' => {
+                st.probe_replied();
+                return Ok(Action::Swallow);
+            }
+            _ => {}
+        }
+    }
     if st.limits_in_use {
         // A statement sent wrapped to count its rows: its replies become its own.
         match st.limited_reply(f).map_err(SessionError::upstream)? {

@@ -42,6 +42,10 @@ pub struct PreparedStatement {
     pub limited: Option<Arc<Limited>>,
 }
 
+/// What the server's error says when pgveil's pipelined schema probe found a masked name
+/// the catalog does not have (see [`SessionState::pipeline_probe`]).
+const PROBE_MARKER: &str = "pgveil-schema-changed";
+
 /// A statement sent wrapped to count its rows under a `max_rows` limit, for the session
 /// whose role is `role`: its replies are turned back into the statement's own.
 #[derive(Debug, PartialEq)]
@@ -135,6 +139,10 @@ pub enum Pending {
     FunctionCall,
     /// A message pgveil injected; its ParseComplete/BindComplete is not the client's.
     Internal,
+    /// One of the messages of pgveil's schema probe at the head of an extended-protocol
+    /// batch (see [`SessionState::pipeline_probe`]): its reply is not the client's, and
+    /// its error means nothing of the batch ran.
+    Probe,
     /// pgveil's own reading of the catalog (a simple query): no reply is the client's.
     Catalog,
     /// The client's CopyDone or CopyFail, sent before the server's CopyInResponse
@@ -260,6 +268,9 @@ pub struct SessionState {
     pub limits_in_use: bool,
     /// The count of rows the wrapper of the limited statement now answering returned.
     limit_count: Option<u64>,
+    /// pgveil's pipelined schema probe as prepared on the server: its query, and the
+    /// name of the statement (see [`Self::pipeline_probe`]).
+    probe_statement: Option<(Arc<str>, String)>,
     /// The server is in copy-in mode: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
@@ -291,6 +302,110 @@ impl SessionState {
                 Pending::Query { .. } | Pending::Sync | Pending::FunctionCall
             )
         })
+    }
+
+    /// Puts pgveil's probe for masks the catalog does not have yet (`probe`, a query that
+    /// returns a row when one of them exists) at the head of an extended-protocol batch,
+    /// in the same implicit transaction, instead of a round trip of its own: a named
+    /// statement (prepared once per session and probe) that raises when the probe finds
+    /// something, so that the server runs nothing of the batch, bound, executed and its
+    /// portal closed. Its replies are swallowed; its error is turned into the client's
+    /// (see [`Self::probe_failed`]).
+    pub fn pipeline_probe(&mut self, probe: &Arc<str>, out: &mut bytes::BytesMut) {
+        use crate::protocol::write;
+        let name = match &self.probe_statement {
+            Some((text, name)) if Arc::ptr_eq(text, probe) => name.clone(),
+            stale => {
+                // One name per session, unlikely to be a client's; closing a statement
+                // that does not exist is no error, so a dropped one is prepared again.
+                let name = stale.as_ref().map_or_else(
+                    || format!("pgveil_probe_{:016x}", rand::random::<u64>()),
+                    |(_, n)| n.clone(),
+                );
+                let sql = format!(
+                    "SELECT 1 WHERE CASE WHEN EXISTS ({probe}) THEN \
+                     (pg_catalog.current_database() OPERATOR(pg_catalog.||) ' {PROBE_MARKER}')::pg_catalog.int4 \
+                     OPERATOR(pg_catalog.=) 0 ELSE false END"
+                );
+                out.extend_from_slice(
+                    write::frame(b'C', |b| {
+                        b.extend_from_slice(b"S");
+                        b.extend_from_slice(name.as_bytes());
+                        b.extend_from_slice(&[0]);
+                    })
+                    .raw(),
+                );
+                out.extend_from_slice(write::parse(&name, &sql).raw());
+                self.pending.push_back(Pending::Probe);
+                self.pending.push_back(Pending::Probe);
+                self.probe_statement = Some((probe.clone(), name.clone()));
+                name
+            }
+        };
+        out.extend_from_slice(write::bind(&name, &name).raw());
+        out.extend_from_slice(write::execute(&name).raw());
+        out.extend_from_slice(
+            write::frame(b'C', |b| {
+                b.extend_from_slice(b"P");
+                b.extend_from_slice(name.as_bytes());
+                b.extend_from_slice(&[0]);
+            })
+            .raw(),
+        );
+        for _ in 0..3 {
+            self.pending.push_back(Pending::Probe);
+        }
+    }
+
+    /// Whether the reply now arriving answers pgveil's pipelined probe.
+    pub fn answering_probe(&self) -> bool {
+        self.pending.front() == Some(&Pending::Probe)
+    }
+
+    /// A reply of pgveil's pipelined probe other than an error: not the client's.
+    pub fn probe_replied(&mut self) {
+        self.pending.pop_front();
+    }
+
+    /// The pipelined probe's error (the server skips the rest of the batch): what the
+    /// client gets instead. The catalog is read again before the next batch.
+    pub fn probe_failed(&mut self, f: &Frame) -> Frame {
+        let fields = crate::protocol::backend::error_fields(f).unwrap_or_default();
+        let server = fields
+            .iter()
+            .find(|(k, _)| *k == b'M')
+            .map_or("", |(_, m)| *m);
+        let message = if server.contains(PROBE_MARKER) {
+            "pgveil: a relation or column now has a name a mask rule names (it changed behind pgveil); nothing of this batch ran: run it again".to_string()
+        } else {
+            // Say, without the server's words: they may name what the probe looked for.
+            if let Some((text, _)) = self.probe_statement.as_mut() {
+                *text = Arc::from("");
+            }
+            "pgveil: pgveil's check of the schema failed; nothing of this batch ran: run it again"
+                .to_string()
+        };
+        if let Some(p) = self.policy.as_mut() {
+            p.catalog_wanted = true;
+        }
+        crate::protocol::write::error_response(
+            crate::protocol::write::Severity::Error,
+            crate::protocol::sqlstate::SqlState::SERIALIZATION_FAILURE,
+            &message,
+        )
+    }
+
+    /// A client statement may have dropped pgveil's prepared probe (DISCARD ALL,
+    /// DEALLOCATE): it is prepared again before its next use.
+    fn note_forgetting(&mut self, sql: &str) {
+        if self.probe_statement.is_some() {
+            let lower = sql.to_ascii_lowercase();
+            if lower.contains("discard") || lower.contains("deallocate") {
+                if let Some((text, _)) = self.probe_statement.as_mut() {
+                    *text = Arc::from("");
+                }
+            }
+        }
     }
 
     /// How the server reads `'...'` literals: standard_conforming_strings as it last
@@ -435,6 +550,9 @@ impl SessionState {
 
     /// [`Self::on_client`], with what the audit records of a Parse.
     pub fn on_client_recorded(&mut self, msg: &FrontendMessage<'_>, recorded: Option<Recorded>) {
+        if let FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. } = msg {
+            self.note_forgetting(sql);
+        }
         let pending = match msg {
             FrontendMessage::CopyDone | FrontendMessage::CopyFail => {
                 if self.copy_in {
