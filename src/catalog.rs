@@ -34,7 +34,8 @@ SELECT 'i', inhrelid::text, inhparent::text FROM pg_catalog.pg_inherits; \
 SELECT 'w', c.oid::text, pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c \
  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
  WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema'); \
-SELECT DISTINCT 'k', conrelid::text, confrelid::text FROM pg_catalog.pg_constraint WHERE contype = 'f'; \
+SELECT DISTINCT 'k', conrelid::text, confrelid::text, confdeltype::text, confupdtype::text \
+ FROM pg_catalog.pg_constraint WHERE contype = 'f'; \
 SELECT 't', t.tgrelid::text, t.tgname::text, t.tgenabled::text, t.tgtype::text, \
  (t.tgqual IS NOT NULL)::text, t.tgisinternal::text, (t.tgconstraint <> 0)::text, \
  COALESCE(t.tgoldtable::text, ''), fn.nspname::text, p.proname::text, l.lanname::text, \
@@ -260,11 +261,24 @@ pub struct Catalog {
     children: HashMap<u32, Vec<u32>>,
     /// Tables with a foreign key to a table, by the referenced table.
     referencing: HashMap<u32, Vec<u32>>,
+    /// Tables whose deleted (and, apart, updated) rows change rows through a foreign key's
+    /// ON DELETE (ON UPDATE) CASCADE, SET NULL or SET DEFAULT.
+    cascading_deletes: HashSet<u32>,
+    cascading_updates: HashSet<u32>,
     /// Triggers named like the recycle bin's, by (table, trigger name).
     trash_triggers: HashMap<(u32, String), CaptureTrigger>,
 }
 
 impl Catalog {
+    /// Whether deleting rows of table `oid` (`update`: updating them) also changes rows
+    /// through a foreign key's action (CASCADE, SET NULL, SET DEFAULT).
+    pub fn cascades(&self, oid: u32, update: bool) -> bool {
+        match update {
+            false => self.cascading_deletes.contains(&oid),
+            true => self.cascading_updates.contains(&oid),
+        }
+    }
+
     pub fn relation(&self, schema: &str, name: &str) -> Option<&Arc<Relation>> {
         self.by_name.get(&(schema.to_string(), name.to_string()))
     }
@@ -379,6 +393,8 @@ pub struct CatalogRows {
     builtins: HashSet<String>,
     system: HashSet<String>,
     references: Vec<(u32, u32)>,
+    cascading_deletes: HashSet<u32>,
+    cascading_updates: HashSet<u32>,
     trash_triggers: HashMap<(u32, String), CaptureTrigger>,
 }
 
@@ -442,6 +458,15 @@ impl CatalogRows {
             "k" => {
                 if let (Ok(from), Ok(to)) = (col(1).parse(), col(2).parse()) {
                     self.references.push((from, to));
+                    // An action that is not NO ACTION or RESTRICT changes other rows (an
+                    // unknown one counts as changing).
+                    let changes = |action: String| !matches!(action.as_str(), "a" | "r");
+                    if changes(col(3)) {
+                        self.cascading_deletes.insert(to);
+                    }
+                    if changes(col(4)) {
+                        self.cascading_updates.insert(to);
+                    }
                 }
             }
             // A value that cannot be read counts against the trigger.
@@ -505,6 +530,8 @@ impl CatalogRows {
         Catalog {
             children,
             referencing,
+            cascading_deletes: self.cascading_deletes,
+            cascading_updates: self.cascading_updates,
             trash_triggers: self.trash_triggers,
             by_name,
             by_oid,

@@ -20,8 +20,13 @@ pub struct Permit {
     pub limit: Option<RowLimit>,
 }
 
-/// What the server's error says when a statement limited by `max_rows` went over it.
-pub const LIMIT_MARKER: &str = "pgveil-max-rows:";
+/// What the server's error says when a statement limited by `max_rows` went over it: with
+/// a word no client can know (drawn once per process), so that a client's own error
+/// cannot pass for a refusal.
+fn limit_marker() -> &'static str {
+    static MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARKER.get_or_init(|| format!("pgveil-max-rows-{:016x}:", rand::random::<u64>()))
+}
 
 /// The most rows a statement's top-level DELETE or UPDATE may remove or change: over it,
 /// the statement is rolled back and refused.
@@ -58,7 +63,7 @@ impl RowLimit {
     /// The statement `sql` (one DELETE or UPDATE, as the server will read it) made to
     /// count its own rows and fail, as a whole, when they are over the limit: in a WITH
     /// whose query counts the rows it returns and raises an error carrying
-    /// [`LIMIT_MARKER`] and the count. The statement's effects (recycle-bin captures
+    /// a marker and the count. The statement's effects (recycle-bin captures
     /// included) are undone with it, in or out of a transaction block. Without RETURNING,
     /// its one row is the count; with it, its rows are the statement's own.
     pub fn wrap(&self, sql: &str) -> String {
@@ -69,7 +74,8 @@ impl RowLimit {
         );
         let raise = |ty: &str| {
             format!(
-                "('{LIMIT_MARKER}' OPERATOR(pg_catalog.||) pg_catalog.count(*)::pg_catalog.text)::pg_catalog.{ty}"
+                "('{}' OPERATOR(pg_catalog.||) pg_catalog.count(*)::pg_catalog.text)::pg_catalog.{ty}",
+                limit_marker()
             )
         };
         if self.returning {
@@ -95,7 +101,8 @@ impl RowLimit {
     /// The rows counted in the server's error for a statement over its limit (see
     /// [`Self::wrap`]); `None` for any other error.
     pub fn counted(message: &str) -> Option<u64> {
-        let at = message.find(LIMIT_MARKER)? + LIMIT_MARKER.len();
+        let marker = limit_marker();
+        let at = message.find(marker)? + marker.len();
         let digits: String = message[at..]
             .chars()
             .take_while(char::is_ascii_digit)
@@ -186,6 +193,12 @@ impl GuardPolicy {
     /// place (so its catalog must follow schema changes).
     pub fn recycles(&self) -> bool {
         !self.recycles.is_empty()
+    }
+
+    /// Whether an `[[allow]]` rule of the session sets `max_rows` (whose check reads the
+    /// foreign keys, so the session's catalog must follow schema changes).
+    pub fn limits(&self) -> bool {
+        self.allows.iter().any(|a| a.max_rows.is_some())
     }
 
     /// Whether only the recycle-bin check can refuse anything to this session (so with
@@ -281,6 +294,26 @@ impl GuardPolicy {
                             table,
                             reason: format!(
                                 "the rule that allows it limits it to {rows} rows (max_rows), which pgveil counts only for a DELETE or UPDATE sent as a statement of its own, not inside WITH, PREPARE, EXPLAIN, MERGE or INSERT ... ON CONFLICT"
+                            ),
+                            rule: Some(rule.origin.clone()),
+                        });
+                    }
+                    // Rows a foreign key's action changes elsewhere are not the statement's
+                    // own: the limit could not hold.
+                    let cascades = table
+                        .split_once('.')
+                        .and_then(|(schema, name)| names.catalog.relation(schema, name));
+                    if cascades.is_some_and(|r| {
+                        names
+                            .catalog
+                            .cascades(r.oid, access.kind == StatementKind::Update)
+                    }) {
+                        return Err(Refusal {
+                            kind,
+                            table,
+                            reason: format!(
+                                "the rule that allows it limits it to {rows} rows (max_rows), and a foreign key's ON {} action (CASCADE, SET NULL or SET DEFAULT) changes rows beyond the ones pgveil counts",
+                                access.kind.as_str().to_uppercase()
                             ),
                             rule: Some(rule.origin.clone()),
                         });
@@ -601,9 +634,18 @@ max_rows = 20
         );
         assert_eq!(l.tag(3), "DELETE 3");
         assert_eq!(
-            RowLimit::counted("invalid input syntax for type bigint: \"pgveil-max-rows:4711\""),
+            RowLimit::counted(&format!(
+                "invalid input syntax for type bigint: \"{}4711\"",
+                limit_marker()
+            )),
             Some(4711)
         );
+        // A client's own error with a marker it made up is its own error.
+        assert_eq!(
+            RowLimit::counted("invalid input syntax for type bigint: \"pgveil-max-rows:4711\""),
+            None
+        );
+        assert!(wrapped.contains(limit_marker()));
         assert_eq!(
             RowLimit::counted("invalid input syntax for type bigint: \"x\""),
             None

@@ -72,9 +72,17 @@ impl SessionGuard {
 
     /// Whether `sql` may be forwarded; `Err` holds the client-facing refusal.
     pub fn screen(&mut self, sql: &str, strings: Strings) -> Result<(), Denied> {
+        self.screen_limited(sql, strings).map(|_| ())
+    }
+
+    /// [`Self::screen`], with the row limit the statement would run under.
+    pub fn screen_limited(
+        &mut self,
+        sql: &str,
+        strings: Strings,
+    ) -> Result<Option<RowLimit>, Denied> {
         let lexed = lex(sql, strings);
         self.screen_analysed(sql, &Analysis::of(&lexed), &mut FactsCache::default())
-            .map(|_| ())
     }
 
     /// [`Self::screen`] of a text already read as the server reads it, its statement facts

@@ -115,7 +115,9 @@ impl PolicyRefresh {
         };
         let scs = st.lexing();
         for sql in st.prepared_sql() {
-            if guard.screen(&sql, scs).is_err() {
+            // A statement prepared as it was (not wrapped to count its rows) that the new
+            // rules limit would run unlimited: as good as refused.
+            if !matches!(guard.screen_limited(&sql, scs), Ok(None)) {
                 tracing::info!(
                     "a rules reload refuses a statement the session prepared; ending it"
                 );
@@ -139,7 +141,9 @@ impl PolicyRefresh {
         // change to the capture puts the guard back before their next statement.
         let current = match (&st.policy, &st.guard) {
             (Some(p), _) => Arc::as_ptr(&p.catalog),
-            (None, Some(g)) if g.policy().recycles() => Arc::as_ptr(&g.catalog),
+            (None, Some(g)) if g.policy().recycles() || g.policy().limits() => {
+                Arc::as_ptr(&g.catalog)
+            }
             (None, None) if self.recycles && st.catalog_version.is_some() => std::ptr::null(),
             _ => return false,
         };

@@ -173,7 +173,28 @@ pub fn screen(
                 }
             }
             st.on_client_recorded(msg, recorded);
-            out.extend_from_slice(raw.raw());
+            match msg {
+                // A statement counting its rows has one result column (the count), where
+                // the client's DELETE has none: one format code for it, not the client's
+                // several (the server would refuse those).
+                FrontendMessage::Bind {
+                    statement,
+                    result_formats,
+                    ..
+                } if result_formats.len() > 1 && st.counting_statement(statement) => {
+                    let body = raw.body();
+                    let keep = body.len() - 2 - 2 * result_formats.len();
+                    out.extend_from_slice(
+                        write::frame(b'B', |b| {
+                            b.extend_from_slice(&body[..keep]);
+                            b.extend_from_slice(&1i16.to_be_bytes());
+                            b.extend_from_slice(&result_formats[0].to_be_bytes());
+                        })
+                        .raw(),
+                    );
+                }
+                _ => out.extend_from_slice(raw.raw()),
+            }
         }
     }
     Screened::Done
@@ -258,7 +279,11 @@ fn decide(
     match decided {
         // A row limit is counted on a statement of its own.
         Ok(permit) => match (permit.limit(), msg, analysed) {
-            (Some(limit), FrontendMessage::Query { sql }, Some(Ok(a))) if a.parts().len() > 1 => {
+            (
+                Some(limit),
+                FrontendMessage::Query { sql } | FrontendMessage::Parse { sql, .. },
+                Some(Ok(a)),
+            ) if a.parts().len() > 1 => {
                 let role = st.guard.as_ref().map(|g| g.role()).unwrap_or_default();
                 Decision::Refused(limit.not_alone().denied(role, sql))
             }

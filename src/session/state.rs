@@ -526,6 +526,24 @@ impl SessionState {
         self.statements.get(name)?.recorded.as_ref()
     }
 
+    /// Whether statement `name`, as sent, was wrapped to count its rows with no RETURNING
+    /// of its own (its one result column is pgveil's count).
+    pub fn counting_statement(&self, name: &str) -> bool {
+        let counting =
+            |s: &PreparedStatement| s.limited.as_ref().is_some_and(|l| !l.limit.returning);
+        for p in self.pending.iter().rev() {
+            match p {
+                Pending::Parse(n, s) if n == name => return counting(s),
+                Pending::Close {
+                    target: Target::Statement,
+                    name: n,
+                } if n == name => return false,
+                _ => {}
+            }
+        }
+        self.statements.get(name).is_some_and(counting)
+    }
+
     /// What portal `name` runs once the server has handled every request sent so far, if
     /// all succeed: for the audit record of an Execute sent now.
     pub fn portal_as_sent(&self, name: &str) -> Option<Recorded> {
@@ -809,6 +827,12 @@ impl SessionState {
                     None => None,
                 };
                 LimitedReply::Swallow
+            }
+            // The count row fills an Execute's row limit of 1: the statement is done all
+            // the same (a data-modifying WITH runs to its end at the first fetch).
+            b's' if counting => {
+                let rows = self.limit_count.take().unwrap_or(0);
+                LimitedReply::Replace(crate::protocol::write::command_complete(&limit.tag(rows)))
             }
             b'C' => {
                 let tag = crate::protocol::backend::command_tag(f)?;
