@@ -2311,27 +2311,7 @@ async fn copy_forms(client: &tokio_postgres::Client, forms: &[&str]) -> Vec<Stri
 async fn cursor_forms(client: &tokio_postgres::Client, forms: &[(Must, &str)]) -> Vec<String> {
     let mut problems = Vec::new();
     for (must, declare) in forms {
-        let mut outcomes = Vec::new();
-        for extended in [false, true] {
-            client.batch_execute("BEGIN").await.unwrap();
-            let o = match simple_rows(client, declare).await {
-                Err(e) => Outcome::of(Err(e)),
-                Ok(_) => Outcome::of(if extended {
-                    extended_rows(client, "FETCH 3 FROM k").await
-                } else {
-                    simple_rows(client, "FETCH 3 FROM k").await
-                }),
-            };
-            client.batch_execute("ROLLBACK").await.unwrap();
-            outcomes.push(o);
-        }
-        let what = format!("{declare}; FETCH 3 FROM k");
-        eprintln!(
-            "{what}\n  simple: {}\n  extended: {}",
-            short(&outcomes[0]),
-            short(&outcomes[1])
-        );
-        problems.extend(judge_form(&what, *must, &outcomes[0], &outcomes[1]));
+        problems.extend(setup_then_read(client, declare, "FETCH 3 FROM k", *must).await);
     }
     problems
 }
@@ -2341,29 +2321,40 @@ async fn cursor_forms(client: &tokio_postgres::Client, forms: &[(Must, &str)]) -
 async fn stored_forms(client: &tokio_postgres::Client, forms: &[&str]) -> Vec<String> {
     let mut problems = Vec::new();
     for sql in forms {
-        let mut outcomes = Vec::new();
-        for extended in [false, true] {
-            client.batch_execute("BEGIN").await.unwrap();
-            let o = match simple_rows(client, sql).await {
-                Err(e) => Outcome::of(Err(e)),
-                Ok(_) => Outcome::of(if extended {
-                    extended_rows(client, "SELECT * FROM stolen").await
-                } else {
-                    simple_rows(client, "SELECT * FROM stolen").await
-                }),
-            };
-            client.batch_execute("ROLLBACK").await.unwrap();
-            outcomes.push(o);
-        }
-        let what = format!("{sql}; SELECT * FROM stolen");
-        eprintln!(
-            "{what}\n  simple: {}\n  extended: {}",
-            short(&outcomes[0]),
-            short(&outcomes[1])
-        );
-        problems.extend(judge_form(&what, Must::NotLeak, &outcomes[0], &outcomes[1]));
+        problems.extend(setup_then_read(client, sql, "SELECT * FROM stolen", Must::NotLeak).await);
     }
     problems
+}
+
+/// In a transaction rolled back after: `setup` over the simple protocol, then `read` over
+/// the simple and (in a second transaction) the extended protocol, judged as `must` says.
+async fn setup_then_read(
+    client: &tokio_postgres::Client,
+    setup: &str,
+    read: &str,
+    must: Must,
+) -> Vec<String> {
+    let mut outcomes = Vec::new();
+    for extended in [false, true] {
+        client.batch_execute("BEGIN").await.unwrap();
+        let o = match simple_rows(client, setup).await {
+            Err(e) => Outcome::of(Err(e)),
+            Ok(_) => Outcome::of(if extended {
+                extended_rows(client, read).await
+            } else {
+                simple_rows(client, read).await
+            }),
+        };
+        client.batch_execute("ROLLBACK").await.unwrap();
+        outcomes.push(o);
+    }
+    let what = format!("{setup}; {read}");
+    eprintln!(
+        "{what}\n  simple: {}\n  extended: {}",
+        short(&outcomes[0]),
+        short(&outcomes[1])
+    );
+    judge_form(&what, must, &outcomes[0], &outcomes[1])
 }
 
 /// Every attack form pgveil withstands today, over both protocols: refused, failed on

@@ -905,11 +905,30 @@ async fn updatable_view_is_counted() -> Found {
     pg.psql_super(db, "CREATE VIEW tasks_open AS SELECT * FROM tasks WHERE note IS NOT NULL; GRANT ALL ON tasks_open TO crm_support, mallory");
     let p = TestProxy::with_rules(pg, &rules).await;
     let c = common::connect(&p.conn_str("alice", "alice_pw", db)).await;
+    let found = past_the_limit(
+        pg,
+        db,
+        &c,
+        &[
+            "DELETE FROM tasks_open WHERE id > 0",
+            "UPDATE tasks_open SET note = 'overwritten' WHERE id > 0 RETURNING id",
+        ],
+    )
+    .await;
+    p.shutdown().await;
+    (!found.is_empty()).then(|| found.join("; "))
+}
+
+/// Each of `forms` over the simple protocol, with what it did past a limit of 3 rows
+/// (removed or changed, by a direct count) and what the client saw.
+async fn past_the_limit(
+    pg: &PgCluster,
+    db: &str,
+    c: &tokio_postgres::Client,
+    forms: &[&str],
+) -> Vec<String> {
     let mut found = Vec::new();
-    for sql in [
-        "DELETE FROM tasks_open WHERE id > 0",
-        "UPDATE tasks_open SET note = 'overwritten' WHERE id > 0 RETURNING id",
-    ] {
+    for sql in forms {
         let before = counts(pg, db);
         let r = c
             .simple_query(sql)
@@ -919,12 +938,11 @@ async fn updatable_view_is_counted() -> Found {
         let (removed, changed) = removed_changed(before, counts(pg, db));
         if removed > 3 || changed > 3 {
             found.push(format!(
-                "`{sql}`: {removed} removed, {changed} changed ({r:?})"
+                "`{sql}`: {removed} removed, {changed} changed (client: {r:?})"
             ));
         }
     }
-    p.shutdown().await;
-    (!found.is_empty()).then(|| found.join("; "))
+    found
 }
 
 /// Reloads and rewrites that pgveil holds: a prepared statement sent wrapped under a limit
@@ -949,25 +967,17 @@ async fn unanalysable_allow_lifts_the_limit() -> Found {
     let rules = RULES.replace("[settings]\n", "[settings]\nunanalysable = \"allow\"\n");
     let (pg, p, _file, _dir) = attack_db(db, &rules).await;
     let c = common::connect(&p.conn_str("alice", "alice_pw", db)).await;
-    let mut found = Vec::new();
-    for sql in [
-        "DELETE FROM ONLY tasks WHERE id > 90",
-        "UPDATE ONLY tasks SET note = 'overwritten' WHERE id <= 10",
-        "DELETE FROM tasks* WHERE id BETWEEN 50 AND 60",
-    ] {
-        let before = counts(pg, db);
-        let r = c
-            .simple_query(sql)
-            .await
-            .map(|_| ())
-            .map_err(|e| error_of(&e));
-        let (removed, changed) = removed_changed(before, counts(pg, db));
-        if removed > 3 || changed > 3 {
-            found.push(format!(
-                "`{sql}`: {removed} removed, {changed} changed (client: {r:?})"
-            ));
-        }
-    }
+    let found = past_the_limit(
+        pg,
+        db,
+        &c,
+        &[
+            "DELETE FROM ONLY tasks WHERE id > 90",
+            "UPDATE ONLY tasks SET note = 'overwritten' WHERE id <= 10",
+            "DELETE FROM tasks* WHERE id BETWEEN 50 AND 60",
+        ],
+    )
+    .await;
     p.shutdown().await;
     (!found.is_empty()).then(|| {
         format!(
