@@ -28,6 +28,8 @@ pub struct Metrics {
     connections_refused: DashMap<&'static str, AtomicU64>,
     connections_total: AtomicU64,
     audit_records: AtomicU64,
+    /// The last rules reload failed (the rules in force are older than the files).
+    reload_failed: std::sync::atomic::AtomicBool,
 }
 
 fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K, by: u64) {
@@ -52,6 +54,11 @@ impl Metrics {
         self.duration_count.fetch_add(1, Ordering::Relaxed);
         self.duration_sum_us
             .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A rules reload succeeded (`true`) or was refused, keeping the old rules.
+    pub fn rules_reloaded(&self, ok: bool) {
+        self.reload_failed.store(!ok, Ordering::Relaxed);
     }
 
     pub fn rows_masked(&self, rows: u64) {
@@ -91,6 +98,24 @@ impl Metrics {
             header(o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");
         };
+        header(
+            &mut o,
+            "pgveil_build_info",
+            "gauge",
+            "Always 1; the version of this pgveil as a label.",
+        );
+        let _ = writeln!(
+            o,
+            "pgveil_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        single(
+            &mut o,
+            "pgveil_config_last_reload_successful",
+            "gauge",
+            "1 when the last rules reload (or the start) loaded the rules, 0 when it was refused and older rules stay in force.",
+            u64::from(!self.reload_failed.load(Ordering::Relaxed)),
+        );
         single(
             &mut o,
             "pgveil_connections_active",

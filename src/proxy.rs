@@ -130,6 +130,7 @@ impl Proxy {
             Ok(rules) => {
                 if let Err(e) = check_keys(&rules) {
                     tracing::error!("new rules are invalid, keeping the old ones: {e}");
+                    self.metrics.rules_reloaded(false);
                     return Err(RulesError {
                         problems: vec![e.to_string()],
                     });
@@ -138,10 +139,12 @@ impl Proxy {
                 // Running sessions notice this at their next statement.
                 self.rules_generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(path = %self.config.rules_path.display(), "rules reloaded");
+                self.metrics.rules_reloaded(true);
                 Ok(())
             }
             Err(e) => {
                 tracing::error!("new rules are invalid, keeping the old ones:\n{e}");
+                self.metrics.rules_reloaded(false);
                 Err(e)
             }
         }

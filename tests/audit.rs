@@ -1321,3 +1321,41 @@ async fn statements_of_a_failed_implicit_transaction_are_recorded_as_rolled_back
     );
     p.shutdown().await;
 }
+
+/// `pgveil_config_last_reload_successful` says whether the rules in force are the files'
+/// (a refused reload keeps older ones), and `pgveil_build_info` names the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_whether_the_last_reload_took_and_the_version() {
+    let (p, rules) = proxy_with(RULES, |_| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pgveil::server::serve_metrics(listener, p.proxy.clone()));
+    let body = scrape(addr).await;
+    assert!(
+        body.contains("pgveil_config_last_reload_successful 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "pgveil_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    let file = rules.path().join("rules.toml");
+    std::fs::write(&file, "[[mask]]\ncolumn = \"no dots\"\n").unwrap();
+    assert!(p.proxy.reload_rules().is_err());
+    let body = scrape(addr).await;
+    assert!(
+        body.contains("pgveil_config_last_reload_successful 0\n"),
+        "{body}"
+    );
+    std::fs::write(&file, RULES).unwrap();
+    p.proxy.reload_rules().unwrap();
+    let body = scrape(addr).await;
+    assert!(
+        body.contains("pgveil_config_last_reload_successful 1\n"),
+        "{body}"
+    );
+    p.shutdown().await;
+}
