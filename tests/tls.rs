@@ -109,6 +109,12 @@ async fn require_tls_refuses_plaintext() {
     ))
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // Counted by its reason.
+    let metrics = proxy.proxy.metrics.render(0);
+    assert!(
+        metrics.contains("pgveil_connections_refused_total{reason=\"tls_required\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

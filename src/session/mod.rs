@@ -132,12 +132,14 @@ fn admit(
     has_permit: bool,
 ) -> Result<(), SessionError> {
     if !has_permit {
+        proxy.metrics.connection_refused("max_connections");
         return Err(SessionError::Refused {
             code: SqlState::TOO_MANY_CONNECTIONS,
             message: "pgveil: sorry, too many clients already".into(),
         });
     }
     if msg.is_replication() {
+        proxy.metrics.connection_refused("replication");
         return Err(SessionError::Refused {
             code: SqlState::FEATURE_NOT_SUPPORTED,
             message:
@@ -146,6 +148,7 @@ fn admit(
         });
     }
     if proxy.config.require_tls && !stream.is_tls() {
+        proxy.metrics.connection_refused("tls_required");
         return Err(SessionError::Refused {
             code: SqlState::INVALID_AUTHORIZATION,
             message: "pgveil: this proxy accepts only TLS connections (sslmode=require)".into(),
