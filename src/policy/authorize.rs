@@ -35,15 +35,6 @@ impl Permit {
     pub fn into_parts(self) -> (Option<String>, Option<RowLimit>) {
         (self.rewrite, self.limit)
     }
-
-    /// The SQL to send instead of the client's, when masking rewrote the statement.
-    pub fn rewrite(&self) -> Option<&str> {
-        self.rewrite.as_deref()
-    }
-
-    pub fn into_rewrite(self) -> Option<String> {
-        self.rewrite
-    }
 }
 
 /// What decides for one session: its guard and its masking, each present when rules

@@ -131,6 +131,15 @@ pub fn error_fields(frame: &Frame) -> Result<Vec<(u8, &str)>, ProtocolError> {
     Ok(out)
 }
 
+/// The primary message (`M`) of an ErrorResponse or NoticeResponse.
+pub fn error_message(frame: &Frame) -> Option<String> {
+    error_fields(frame)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| *k == b'M')
+        .map(|(_, m)| m.to_string())
+}
+
 /// SQLSTATE and severity of an ErrorResponse.
 pub fn error_code_and_severity(frame: &Frame) -> (String, String) {
     let fields = error_fields(frame).unwrap_or_default();

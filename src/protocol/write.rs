@@ -126,6 +126,14 @@ pub fn bind(portal: &str, statement: &str) -> Frame {
     })
 }
 
+/// Close of a portal (`b'P'`) or statement (`b'S'`).
+pub fn close(target: u8, name: &str) -> Frame {
+    frame(b'C', |b| {
+        b.put_u8(target);
+        put_cstr(b, name);
+    })
+}
+
 /// Describe of a portal (`b'P'`) or statement (`b'S'`).
 pub fn describe(target: u8, name: &str) -> Frame {
     frame(b'D', |b| {

@@ -636,13 +636,12 @@ fn own_refusal(code: &str, f: &Frame) -> Option<Frame> {
     if code != SqlState::INSUFFICIENT_PRIVILEGE.code() {
         return None;
     }
-    let fields = backend::error_fields(f).ok()?;
-    let message = fields.iter().find(|(k, _)| *k == b'M').map(|(_, m)| *m)?;
+    let message = backend::error_message(f)?;
     message.starts_with("pgveil: ").then(|| {
         write::error_response(
             write::Severity::Error,
             SqlState::INSUFFICIENT_PRIVILEGE,
-            message,
+            &message,
         )
     })
 }

@@ -92,78 +92,53 @@ pub fn screen(
             st.on_client(&FrontendMessage::Query { sql: &sql });
             out.extend_from_slice(write::query(&sql).raw());
         }
-        (Decision::Statement(permit), msg) if permit.limit().is_some() => {
+        (Decision::Statement(permit), msg) => {
             let (rewrite, limit) = permit.into_parts();
-            let limit = limit.expect("a limit");
-            // The one statement as the server reads it (its own text, without a trailing
-            // semicolon or comment), or masking's rewrite of it, made to count its rows.
-            let text = match (&rewrite, analysed.as_ref()) {
-                (Some(sql), _) => sql.as_str(),
-                (None, Some(Ok(a))) => a
-                    .parts()
-                    .first()
-                    .map_or("", |r| &sql_of(msg).unwrap_or_default()[r.clone()]),
-                (None, _) => sql_of(msg).unwrap_or_default(),
+            // Under a row limit the statement (or masking's rewrite of it) is sent made to
+            // count its rows.
+            let (sent, limited) = match limit {
+                Some(limit) => {
+                    let text = statement_text(msg, rewrite.as_deref(), analysed.as_ref());
+                    let role = st.guard.as_ref().map(|g| g.role().to_string());
+                    let limited = Limited {
+                        role: role.unwrap_or_default(),
+                        limit,
+                    };
+                    (Some(limited.limit.wrap(text)), Some(limited))
+                }
+                None => (rewrite, None),
             };
-            let wrapped = limit.wrap(text);
-            let limited = Limited {
-                limit,
-                role: st
-                    .guard
-                    .as_ref()
-                    .map(|g| g.role().to_string())
-                    .unwrap_or_default(),
-            };
-            match msg {
-                FrontendMessage::Parse {
-                    statement,
-                    param_types,
-                    ..
-                } => {
+            match (sent, msg) {
+                (
+                    Some(sql),
+                    FrontendMessage::Parse {
+                        statement,
+                        param_types,
+                        ..
+                    },
+                ) => {
                     let parse = FrontendMessage::Parse {
                         statement,
-                        sql: &wrapped,
+                        sql: &sql,
                         param_types: param_types.clone(),
                     };
+                    // Recorded as the client wrote it.
                     st.on_client_recorded(&parse, recorded);
-                    out.extend_from_slice(
-                        write::parse_typed(statement, &wrapped, param_types).raw(),
-                    );
+                    out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
                 }
-                _ => {
-                    st.on_client_recorded(&FrontendMessage::Query { sql: &wrapped }, recorded);
-                    out.extend_from_slice(write::query(&wrapped).raw());
+                (Some(sql), _) => {
+                    st.on_client(&FrontendMessage::Query { sql: &sql });
+                    out.extend_from_slice(write::query(&sql).raw());
+                }
+                (None, _) => {
+                    st.on_client_recorded(msg, recorded);
+                    out.extend_from_slice(raw.raw());
                 }
             }
-            st.limit_sent(limited);
+            if let Some(limited) = limited {
+                st.limit_sent(limited);
+            }
         }
-        (Decision::Statement(permit), msg) => match (permit.into_rewrite(), msg) {
-            (
-                Some(sql),
-                FrontendMessage::Parse {
-                    statement,
-                    param_types,
-                    ..
-                },
-            ) => {
-                let parse = FrontendMessage::Parse {
-                    statement,
-                    sql: &sql,
-                    param_types: param_types.clone(),
-                };
-                // Recorded as the client wrote it.
-                st.on_client_recorded(&parse, recorded);
-                out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
-            }
-            (Some(sql), _) => {
-                st.on_client(&FrontendMessage::Query { sql: &sql });
-                out.extend_from_slice(write::query(&sql).raw());
-            }
-            (None, _) => {
-                st.on_client_recorded(msg, recorded);
-                out.extend_from_slice(raw.raw());
-            }
-        },
         (Decision::Other, _) => {
             // Rows a masked session cannot place are never forwarded: where the client
             // described neither the portal nor its statement, pgveil does, unseen.
@@ -375,6 +350,21 @@ fn record(
         portal.as_ref(),
         converted,
     )
+}
+
+/// The one statement of a Query or Parse as the server reads it (its own text, without a
+/// trailing semicolon or comment), or masking's `rewrite` of it.
+fn statement_text<'a>(
+    msg: &FrontendMessage<'a>,
+    rewrite: Option<&'a str>,
+    analysed: Option<&Analysed<'_>>,
+) -> &'a str {
+    let sql = sql_of(msg).unwrap_or_default();
+    match (rewrite, analysed) {
+        (Some(rewrite), _) => rewrite,
+        (None, Some(Ok(a))) => a.parts().first().map_or("", |r| &sql[r.clone()]),
+        (None, _) => sql,
+    }
 }
 
 /// The SQL text of a Query or Parse.

@@ -327,14 +327,7 @@ impl SessionState {
                      (pg_catalog.current_database() OPERATOR(pg_catalog.||) ' {PROBE_MARKER}')::pg_catalog.int4 \
                      OPERATOR(pg_catalog.=) 0 ELSE false END"
                 );
-                out.extend_from_slice(
-                    write::frame(b'C', |b| {
-                        b.extend_from_slice(b"S");
-                        b.extend_from_slice(name.as_bytes());
-                        b.extend_from_slice(&[0]);
-                    })
-                    .raw(),
-                );
+                out.extend_from_slice(write::close(b'S', &name).raw());
                 out.extend_from_slice(write::parse(&name, &sql).raw());
                 self.pending.push_back(Pending::Probe);
                 self.pending.push_back(Pending::Probe);
@@ -344,14 +337,7 @@ impl SessionState {
         };
         out.extend_from_slice(write::bind(&name, &name).raw());
         out.extend_from_slice(write::execute(&name).raw());
-        out.extend_from_slice(
-            write::frame(b'C', |b| {
-                b.extend_from_slice(b"P");
-                b.extend_from_slice(name.as_bytes());
-                b.extend_from_slice(&[0]);
-            })
-            .raw(),
-        );
+        out.extend_from_slice(write::close(b'P', &name).raw());
         for _ in 0..3 {
             self.pending.push_back(Pending::Probe);
         }
@@ -370,11 +356,7 @@ impl SessionState {
     /// The pipelined probe's error (the server skips the rest of the batch): what the
     /// client gets instead. The catalog is read again before the next batch.
     pub fn probe_failed(&mut self, f: &Frame) -> Frame {
-        let fields = crate::protocol::backend::error_fields(f).unwrap_or_default();
-        let server = fields
-            .iter()
-            .find(|(k, _)| *k == b'M')
-            .map_or("", |(_, m)| *m);
+        let server = crate::protocol::backend::error_message(f).unwrap_or_default();
         let message = if server.contains(PROBE_MARKER) {
             "pgveil: a relation or column now has a name a mask rule names (it changed behind pgveil); nothing of this batch ran: run it again".to_string()
         } else {
@@ -398,13 +380,16 @@ impl SessionState {
     /// A client statement may have dropped pgveil's prepared probe (DISCARD ALL,
     /// DEALLOCATE): it is prepared again before its next use.
     fn note_forgetting(&mut self, sql: &str) {
-        if self.probe_statement.is_some() {
-            let lower = sql.to_ascii_lowercase();
-            if lower.contains("discard") || lower.contains("deallocate") {
-                if let Some((text, _)) = self.probe_statement.as_mut() {
-                    *text = Arc::from("");
-                }
-            }
+        let Some((text, _)) = self.probe_statement.as_mut() else {
+            return;
+        };
+        let mentions = |word: &[u8]| {
+            sql.as_bytes()
+                .windows(word.len())
+                .any(|w| w.eq_ignore_ascii_case(word))
+        };
+        if mentions(b"discard") || mentions(b"deallocate") {
+            *text = Arc::from("");
         }
     }
 
@@ -513,9 +498,15 @@ impl SessionState {
     /// if all succeed: the latest Parse or Close of that name still waiting, or else what
     /// the server confirmed.
     fn statement_as_sent(&self, name: &str) -> Option<&Recorded> {
+        self.prepared_as_sent(name)?.recorded.as_ref()
+    }
+
+    /// Statement `name` once the server has handled every request sent so far, if all
+    /// succeed.
+    fn prepared_as_sent(&self, name: &str) -> Option<&PreparedStatement> {
         for p in self.pending.iter().rev() {
             match p {
-                Pending::Parse(n, s) if n == name => return s.recorded.as_ref(),
+                Pending::Parse(n, s) if n == name => return Some(s),
                 Pending::Close {
                     target: Target::Statement,
                     name: n,
@@ -523,25 +514,15 @@ impl SessionState {
                 _ => {}
             }
         }
-        self.statements.get(name)?.recorded.as_ref()
+        self.statements.get(name)
     }
 
     /// Whether statement `name`, as sent, was wrapped to count its rows with no RETURNING
     /// of its own (its one result column is pgveil's count).
     pub fn counting_statement(&self, name: &str) -> bool {
-        let counting =
-            |s: &PreparedStatement| s.limited.as_ref().is_some_and(|l| !l.limit.returning);
-        for p in self.pending.iter().rev() {
-            match p {
-                Pending::Parse(n, s) if n == name => return counting(s),
-                Pending::Close {
-                    target: Target::Statement,
-                    name: n,
-                } if n == name => return false,
-                _ => {}
-            }
-        }
-        self.statements.get(name).is_some_and(counting)
+        self.prepared_as_sent(name)
+            .and_then(|s| s.limited.as_ref())
+            .is_some_and(|l| !l.limit.returning)
     }
 
     /// What portal `name` runs once the server has handled every request sent so far, if
@@ -848,9 +829,11 @@ impl SessionState {
             }
             b'E' => {
                 self.limit_count = None;
-                let fields = crate::protocol::backend::error_fields(f)?;
-                let message = fields.iter().find(|(k, _)| *k == b'M').map(|(_, m)| *m);
-                match message.and_then(crate::policy::guard::RowLimit::counted) {
+                let message = crate::protocol::backend::error_message(f);
+                match message
+                    .as_deref()
+                    .and_then(crate::policy::guard::RowLimit::counted)
+                {
                     Some(rows) => {
                         let denied = limit.exceeded(rows).denied(&limited.role, "");
                         if let Some(a) = self.audit.as_mut() {
