@@ -100,7 +100,8 @@ struct Settled {
     rows: Option<u64>,
     sqlstate: Option<String>,
     note: Option<&'static str>,
-    /// It completed without error (a later error of its implicit transaction undoes it).
+    /// A change that completed without error (a later error of its implicit transaction
+    /// undoes it).
     done: bool,
 }
 
@@ -361,7 +362,15 @@ impl SessionAudit {
         };
         let rows = tag.and_then(rows_of_tag).unwrap_or(f.rows);
         self.batch_controls |= f.facts.kind == "transaction";
-        let hold = batch_ends && self.batch_implicit && f.blocked.is_none();
+        // Only a change can be undone by a later error (what a read sent the client stays
+        // read): reads are recorded at once, and hold nothing behind them.
+        let hold = batch_ends
+            && self.batch_implicit
+            && f.blocked.is_none()
+            && matches!(
+                f.facts.kind,
+                "insert" | "update" | "delete" | "merge" | "truncate" | "ddl" | "grant" | "revoke"
+            );
         self.settle(Settled {
             f,
             rows: Some(rows),
@@ -402,12 +411,7 @@ impl SessionAudit {
             self.batch_implicit && !self.batch_controls && status == TransactionStatus::Idle
         });
         for mut held in std::mem::take(&mut self.held) {
-            // (What a read sent the client stays read: only changes are undone.)
-            let changed = matches!(
-                held.f.facts.kind,
-                "insert" | "update" | "delete" | "merge" | "truncate" | "ddl" | "grant" | "revoke"
-            );
-            if let Some(code) = undone.as_deref().filter(|_| held.done && changed) {
+            if let Some(code) = undone.as_deref().filter(|_| held.done) {
                 held.rows = None;
                 held.sqlstate = Some(code.to_string());
                 held.note =
