@@ -152,6 +152,10 @@ proptest! {
                 Verdict::Masked | Verdict::Pass => {
                     prop_assert!(sound, "forwarded unchanged: {sql}");
                 }
+                Verdict::CopyOut(copy) => {
+                    prop_assert!(pgveil::sql::parse(&copy.sql).is_ok(), "{}", copy.sql);
+                    prop_assert!(pgveil::sql::parse(&copy.inner).is_ok(), "{}", copy.inner);
+                }
                 Verdict::Refused(_) => {}
             }
             Ok(())

@@ -183,6 +183,10 @@ pub async fn explain(
             out.push_str("decision: rewritten, masked columns computed masked by the server\n");
             out.push_str(&format!("rewritten: {sql}\n"));
         }
+        Verdict::CopyOut(ref copy) => {
+            out.push_str("decision: forwarded, COPY rows masked in flight\n");
+            out.push_str(&format!("rewritten: {}\n", copy.sql));
+        }
     }
     let masks = built.masking.as_ref().map(|p| &p.masks);
     if masks.is_none() {
@@ -191,6 +195,8 @@ pub async fn explain(
     // Describe (no execution) tells where each result column comes from.
     let described = match &verdict {
         Verdict::Rewritten(s) => s.as_str(),
+        // A COPY's rows are described by its inner query.
+        Verdict::CopyOut(copy) => copy.inner.as_str(),
         _ => sql,
     };
     if let Ok(stmt) = client.prepare(described).await {

@@ -2,7 +2,10 @@
 //! then masking, then `block` alerts. Forwarding a statement takes the [`Permit`] that only
 //! this module makes; a refusal is a [`Denied`] that names its rule.
 
+use std::sync::Arc;
+
 use super::guard::RowLimit;
+use super::masking::CopyOut;
 use super::session_guard::SessionGuard;
 use super::session_masking::{Screen, SessionPolicy};
 use super::{Denied, Refusal, UNANALYSABLE_BY_DEFAULT};
@@ -14,6 +17,8 @@ use crate::sql::lex::Strings;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Permit {
     rewrite: Option<String>,
+    /// A COPY whose rows are masked in flight (its `sql` is the rewrite).
+    copy: Option<Arc<CopyOut>>,
     /// The row limit an `[[allow]]` rule's `max_rows` sets on it.
     limit: Option<RowLimit>,
 }
@@ -22,6 +27,7 @@ impl Permit {
     fn plain() -> Permit {
         Permit {
             rewrite: None,
+            copy: None,
             limit: None,
         }
     }
@@ -30,10 +36,10 @@ impl Permit {
         self.limit.as_ref()
     }
 
-    /// The SQL to send instead of the client's (`None`: the client's), and the row limit
-    /// it runs under.
-    pub fn into_parts(self) -> (Option<String>, Option<RowLimit>) {
-        (self.rewrite, self.limit)
+    /// The SQL to send instead of the client's (`None`: the client's), the row limit it
+    /// runs under, and the COPY whose rows are masked in flight.
+    pub fn into_parts(self) -> (Option<String>, Option<RowLimit>, Option<Arc<CopyOut>>) {
+        (self.rewrite, self.limit, self.copy)
     }
 }
 
@@ -70,14 +76,19 @@ impl SessionRules<'_> {
             None => None,
         };
         let masking = self.masking.as_deref_mut();
-        let rewrite = match masking.map(|p| p.screen_analysed(sql, analysed, strings)) {
+        let (rewrite, copy) = match masking.map(|p| p.screen_analysed(sql, analysed, strings)) {
             Some(Screen::Refuse(denied)) => return Err(denied),
-            Some(Screen::Rewrite(sql)) => Some(sql),
-            Some(Screen::Forward) | None => None,
+            Some(Screen::Rewrite(sql)) => (Some(sql), None),
+            Some(Screen::CopyOut(copy)) => (Some(copy.sql.clone()), Some(copy)),
+            Some(Screen::Forward) | None => (None, None),
         };
         match alerts(self.facts) {
             Some(denied) => Err(denied),
-            None => Ok(Permit { rewrite, limit }),
+            None => Ok(Permit {
+                rewrite,
+                copy,
+                limit,
+            }),
         }
     }
 

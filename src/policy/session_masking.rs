@@ -156,6 +156,8 @@ pub enum Screen {
     Forward,
     /// Forward this SQL instead (masked columns computed masked by the server).
     Rewrite(String),
+    /// Forward this COPY (`sql`) and mask its rows in flight.
+    CopyOut(Arc<masking::CopyOut>),
     /// Refuse, with this message and rule.
     Refuse(Denied),
 }
@@ -170,6 +172,7 @@ fn screen_of(v: &Verdict, role: &str, sql: &str) -> Screen {
     match v {
         Verdict::Refused(r) => Screen::Refuse(r.denied(role, sql)),
         Verdict::Rewritten(sql) => Screen::Rewrite(sql.clone()),
+        Verdict::CopyOut(copy) => Screen::CopyOut(copy.clone()),
         Verdict::Pass | Verdict::Masked => Screen::Forward,
     }
 }

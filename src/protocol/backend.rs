@@ -100,6 +100,19 @@ pub fn row_description(frame: &Frame) -> Result<Vec<FieldDescription>, ProtocolE
     Ok(fields)
 }
 
+/// A CopyOutResponse's number of columns, and whether its format is binary (the
+/// overall format; the per-column codes all equal it).
+pub fn copy_response(frame: &Frame) -> Result<(usize, bool), ProtocolError> {
+    let mut r = BodyReader::new(frame.body(), "CopyOutResponse");
+    let format = r.u8()?;
+    let n = r.count(2)?;
+    for _ in 0..n {
+        r.i16()?;
+    }
+    r.finish()?;
+    Ok((n, format == 1))
+}
+
 /// The columns of a DataRow: `None` for SQL NULL.
 pub fn data_row(frame: &Frame) -> Result<Vec<Option<&[u8]>>, ProtocolError> {
     let mut r = BodyReader::new(frame.body(), "DataRow");

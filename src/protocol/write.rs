@@ -142,6 +142,10 @@ pub fn describe(target: u8, name: &str) -> Frame {
     })
 }
 
+pub fn sync() -> Frame {
+    frame(b'S', |_| {})
+}
+
 /// Execute of portal `portal`, all rows.
 pub fn execute(portal: &str) -> Frame {
     frame(b'E', |b| {

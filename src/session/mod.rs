@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod copy_out;
 pub mod encoding;
 pub mod error;
 pub mod relay;

@@ -364,6 +364,13 @@ async fn server_to_client(
                         plan.rewrite(&f, &mut out, &mut scratch)
                             .map_err(SessionError::upstream)?;
                     }
+                    Action::MaskCopy => {
+                        st.copy_data(&f, &mut out)
+                            .map_err(|e| SessionError::Refused {
+                                code: SqlState::INSUFFICIENT_PRIVILEGE,
+                                message: format!("pgveil: {e}"),
+                            })?;
+                    }
                 }
                 // Bound the batch so a fast server cannot grow it without limit.
                 if fatal || out.len() >= 256 * 1024 {
@@ -424,6 +431,8 @@ enum Action {
     Swallow,
     /// A DataRow to rewrite with this plan.
     Mask(Arc<MaskPlan>),
+    /// A CopyData of a masked session, to rewrite with its COPY's plan.
+    MaskCopy,
     /// Send this frame instead.
     Replace(Frame),
 }
@@ -580,6 +589,31 @@ fn reply_action(st: &mut SessionState, f: &Frame) -> Result<Action, SessionError
                 a.on_complete(Some(tag), batch_ends);
             }
             st.on_server(b'C', None);
+        }
+        // COPY TO rows of a masked session: masked in flight, or withheld.
+        b'H' if st.policy.is_some() => {
+            let (columns, binary) = backend::copy_response(f).map_err(SessionError::upstream)?;
+            if let Err(why) = st.on_copy_out(columns, binary) {
+                st.withholding = true;
+                return Ok(Action::Replace(write::error_response(
+                    write::Severity::Error,
+                    SqlState::INSUFFICIENT_PRIVILEGE,
+                    &format!("pgveil: {why}; the COPY's rows are withheld"),
+                )));
+            }
+        }
+        b'd' if st.policy.is_some() => {
+            return Ok(if st.withholding {
+                Action::Swallow
+            } else {
+                Action::MaskCopy
+            });
+        }
+        b'c' if st.policy.is_some() => {
+            st.copy_done().map_err(|e| SessionError::Refused {
+                code: SqlState::INSUFFICIENT_PRIVILEGE,
+                message: format!("pgveil: {e}"),
+            })?;
         }
         b'G' => {
             let ignored = st.on_copy_in().map_err(SessionError::Client)?;

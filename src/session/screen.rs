@@ -93,7 +93,7 @@ pub fn screen(
             out.extend_from_slice(write::query(&sql).raw());
         }
         (Decision::Statement(permit), msg) => {
-            let (rewrite, limit) = permit.into_parts();
+            let (rewrite, limit, copy) = permit.into_parts();
             // Under a row limit the statement (or masking's rewrite of it) is sent made to
             // count its rows.
             let (sent, limited) = match limit {
@@ -126,6 +126,22 @@ pub fn screen(
                     st.on_client_recorded(&parse, recorded);
                     out.extend_from_slice(write::parse_typed(statement, &sql, param_types).raw());
                 }
+                // A COPY masked in flight goes as Parse, Bind, Execute and Sync, behind
+                // pgveil's description of its query, in one transaction with it; the
+                // client sees the replies of a simple query.
+                (Some(sql), FrontendMessage::Query { .. }) if copy.is_some() => {
+                    let inner = copy.as_ref().map(|c| c.inner.as_str()).unwrap_or_default();
+                    for f in st.describe_copy(inner) {
+                        out.extend_from_slice(f.raw());
+                    }
+                    st.push_internal(Pending::Internal);
+                    st.push_internal(Pending::Internal);
+                    out.extend_from_slice(write::parse("", &sql).raw());
+                    out.extend_from_slice(write::bind("", "").raw());
+                    out.extend_from_slice(write::execute("").raw());
+                    out.extend_from_slice(write::sync().raw());
+                    st.on_client(&FrontendMessage::Query { sql: &sql });
+                }
                 (Some(sql), _) => {
                     st.on_client(&FrontendMessage::Query { sql: &sql });
                     out.extend_from_slice(write::query(&sql).raw());
@@ -138,6 +154,9 @@ pub fn screen(
             if let Some(limited) = limited {
                 st.limit_sent(limited);
             }
+            if let Some(copy) = copy {
+                st.copy_sent(copy);
+            }
         }
         (Decision::Other, _) => {
             // Rows a masked session cannot place are never forwarded: where the client
@@ -145,6 +164,10 @@ pub fn screen(
             if let FrontendMessage::Execute { portal, .. } = msg {
                 if let Some(describe) = st.describe_before_execute(portal) {
                     out.extend_from_slice(describe.raw());
+                }
+                // A COPY masked in flight: its query described just before it runs.
+                for f in st.copy_before_execute(portal).into_iter().flatten() {
+                    out.extend_from_slice(f.raw());
                 }
             }
             st.on_client_recorded(msg, recorded);

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use super::audit::Recorded;
+use super::copy_out::{CopyError, CopyRewriter};
 use super::rows::MaskPlan;
+use crate::policy::masking::{CopyKind, CopyOut};
 use crate::policy::session_guard::SessionGuard;
 use crate::policy::session_masking::SessionPolicy;
 use crate::protocol::backend::{FieldDescription, TransactionStatus};
@@ -40,6 +42,8 @@ pub struct PreparedStatement {
     pub settings: SettingsChange,
     /// The row limit it runs under (it was sent wrapped: see `RowLimit::wrap`).
     pub limited: Option<Arc<Limited>>,
+    /// A COPY whose rows are masked in flight (see [`SessionState::copy_before_execute`]).
+    pub copy: Option<Arc<CopyOut>>,
 }
 
 /// What the server's error says when pgveil's pipelined schema probe found a masked name
@@ -89,6 +93,8 @@ pub struct Portal {
     pub settings: SettingsChange,
     /// Its statement's.
     pub limited: Option<Arc<Limited>>,
+    /// Its statement's.
+    pub copy: Option<Arc<CopyOut>>,
 }
 
 impl Portal {
@@ -102,6 +108,14 @@ impl Portal {
     }
 }
 
+/// How the rows of a COPY now streaming reach a masked session.
+#[derive(Debug)]
+pub enum CopyStream {
+    /// As they are: the COPY reads no masked column in flight.
+    Plain,
+    Masked(Box<CopyRewriter>),
+}
+
 /// A client request still waiting for (the end of) its reply.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pending {
@@ -112,6 +126,8 @@ pub enum Pending {
         settings: SettingsChange,
         /// Sent wrapped to count its rows (a query of one statement).
         limited: Option<Arc<Limited>>,
+        /// A COPY whose rows are masked in flight (sent as Parse, Bind, Execute, Sync).
+        copy: Option<Arc<CopyOut>>,
     },
     Parse(Name, PreparedStatement),
     Bind {
@@ -145,6 +161,10 @@ pub enum Pending {
     Probe,
     /// pgveil's own reading of the catalog (a simple query): no reply is the client's.
     Catalog,
+    /// pgveil's Parse, Describe or Close of a COPY's inner query, sent ahead of the COPY
+    /// (see [`SessionState::copy_before_execute`]): the description is how its rows are
+    /// masked; no reply but an error is the client's.
+    CopyDescribe,
     /// The client's CopyDone or CopyFail, sent before the server's CopyInResponse
     /// arrived: the end of the Syncs the server will ignore (see `on_copy_in`).
     CopyEnd,
@@ -275,6 +295,13 @@ pub struct SessionState {
     copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
     request_failed: bool,
+    /// pgveil's description of the inner query of the COPY about to run (see
+    /// [`Self::copy_before_execute`]): `Some(None)` when it described no rows.
+    copy_described: Option<Option<RowShape>>,
+    /// The COPY whose rows are streaming to a masked session.
+    copy_out: Option<CopyStream>,
+    /// The name of pgveil's statement for describing COPY queries.
+    copy_statement: Option<String>,
     /// Audit records and alert accounting; `None` when neither is on.
     pub audit: Option<super::audit::SessionAudit>,
 }
@@ -570,6 +597,7 @@ impl SessionState {
                     .unwrap_or_default(),
                 settings: SettingsChange::default(),
                 limited: None,
+                copy: None,
             },
             FrontendMessage::Parse {
                 statement,
@@ -590,6 +618,7 @@ impl SessionState {
                         recorded,
                         settings: SettingsChange::default(),
                         limited: None,
+                        copy: None,
                     },
                 )
             }
@@ -668,6 +697,21 @@ impl SessionState {
         while self.pending.front() == Some(&Pending::CopyEnd) {
             self.pending.pop_front();
         }
+        if self.pending.front() == Some(&Pending::CopyDescribe) {
+            match tag {
+                b'1' | b'3' => {
+                    self.pending.pop_front();
+                    return Reply::Swallow;
+                }
+                b't' => return Reply::Swallow,
+                b'T' | b'n' => {
+                    self.pending.pop_front();
+                    self.copy_described = Some(rows.filter(|_| tag == b'T').map(Arc::new));
+                    return Reply::Swallow;
+                }
+                _ => {}
+            }
+        }
         match tag {
             b'1' | b'2' if matches!(self.pending.front(), Some(Pending::Internal)) => {
                 self.pending.pop_front();
@@ -714,6 +758,7 @@ impl SessionState {
             b'C' | b'I' | b's' => {
                 self.current_rows = None;
                 self.plan = None;
+                self.copy_out = None;
                 if matches!(self.pending.front(), Some(Pending::Execute { .. })) {
                     self.pending.pop_front();
                 }
@@ -725,6 +770,8 @@ impl SessionState {
             b'Z' => {
                 self.current_rows = None;
                 self.plan = None;
+                self.copy_out = None;
+                self.copy_described = None;
                 let failed = std::mem::take(&mut self.request_failed);
                 match self.pending.pop_front() {
                     Some(Pending::Query { created, .. }) => {
@@ -850,6 +897,141 @@ impl SessionState {
             }
             _ => LimitedReply::Same,
         })
+    }
+
+    /// The Query or Parse just sent (see [`Self::on_client`]) was a COPY whose rows are
+    /// masked in flight.
+    pub fn copy_sent(&mut self, copy: Arc<CopyOut>) {
+        match self.pending.back_mut() {
+            Some(Pending::Query { copy: c, .. }) => *c = Some(copy),
+            Some(Pending::Parse(_, statement)) => statement.copy = Some(copy),
+            _ => {}
+        }
+    }
+
+    /// Before an Execute of `portal` is forwarded: when it runs a COPY whose rows are
+    /// masked in flight, the Parse, Describe and Close of its inner query that pgveil sends
+    /// first, in the same transaction (the locks the Parse takes keep the schema it
+    /// describes until the COPY has run). Their replies are not the client's.
+    pub fn copy_before_execute(&mut self, portal: &str) -> Option<[Frame; 3]> {
+        let copy = self.portal_copy_as_sent(portal)?;
+        Some(self.describe_copy(&copy.inner))
+    }
+
+    /// pgveil's Parse, Describe and Close of a COPY's inner query `inner`.
+    pub fn describe_copy(&mut self, inner: &str) -> [Frame; 3] {
+        let name = self
+            .copy_statement
+            .get_or_insert_with(|| format!("pgveil_copy_{:016x}", rand::random::<u64>()))
+            .clone();
+        for _ in 0..3 {
+            self.pending.push_back(Pending::CopyDescribe);
+        }
+        use crate::protocol::write;
+        [
+            write::parse(&name, inner),
+            write::describe(b'S', &name),
+            write::close(b'S', &name),
+        ]
+    }
+
+    /// The COPY portal `name` runs once the server has handled every request sent so far.
+    fn portal_copy_as_sent(&self, name: &str) -> Option<Arc<CopyOut>> {
+        for p in self.pending.iter().rev() {
+            match p {
+                Pending::Bind {
+                    portal, statement, ..
+                } if portal == name => return self.prepared_as_sent(statement)?.copy.clone(),
+                Pending::Close {
+                    target: Target::Portal,
+                    name: n,
+                } if n == name => return None,
+                _ => {}
+            }
+        }
+        self.portals.get(name)?.copy.clone()
+    }
+
+    /// CopyOutResponse (`columns` columns, binary or text) in a masked session: how its
+    /// rows are masked, from pgveil's description of the COPY's query; `Err` (why) when
+    /// they cannot be, and must not be forwarded.
+    pub fn on_copy_out(&mut self, columns: usize, binary: bool) -> Result<(), String> {
+        let copy = match self.pending.front() {
+            Some(Pending::Query { copy, .. }) => copy.clone(),
+            Some(Pending::Execute { portal }) => {
+                self.portals.get(portal).and_then(|p| p.copy.clone())
+            }
+            _ => None,
+        };
+        let described = self.copy_described.take();
+        let Some(copy) = copy else {
+            // A COPY that reads no masked column (or computes them masked in SQL).
+            self.copy_out = Some(CopyStream::Plain);
+            return Ok(());
+        };
+        let Some(Some(shape)) = described else {
+            return Err("pgveil has no description of the COPY's columns".into());
+        };
+        let format = &copy.format;
+        if shape.len() != columns || binary != (format.kind == CopyKind::Binary) {
+            return Err("the COPY's columns are not those pgveil described".into());
+        }
+        if format.kind != CopyKind::Binary {
+            let encoding = match &format.encoding {
+                Some(e) => e.clone(),
+                None => self
+                    .server_params
+                    .get("client_encoding")
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            if !crate::policy::masking::ascii_safe_encoding(&encoding) {
+                return Err(format!(
+                    "COPY rows in {encoding} cannot be read to mask them; use client_encoding UTF8 or the binary format"
+                ));
+            }
+        }
+        let policy = self.policy.as_ref().ok_or("no masking policy")?;
+        let unknown = unknown_origins(&shape, &policy.catalog, &policy.own_relations)
+            .map_err(|_| "the COPY reads a relation pgveil's catalog does not have".to_string())?;
+        if !unknown.is_empty() {
+            if let Some(p) = self.policy.as_mut() {
+                p.catalog_wanted = true;
+            }
+            return Err(
+                "the COPY reads a relation that changed since pgveil read the catalog; pgveil reads the catalog again: run the COPY again"
+                    .into(),
+            );
+        }
+        let policy = self.policy.as_ref().ok_or("no masking policy")?;
+        let plan = shape
+            .iter()
+            .map(|f| policy.masks.of_attr(f.table_oid, f.column).cloned())
+            .collect();
+        let rewriter = CopyRewriter::new(plan, format.clone());
+        self.copy_out = Some(CopyStream::Masked(Box::new(rewriter)));
+        Ok(())
+    }
+
+    /// One CopyData (`f`) of a masked session's COPY, appended to `out` with its rows
+    /// masked.
+    pub fn copy_data(&mut self, f: &Frame, out: &mut bytes::BytesMut) -> Result<(), CopyError> {
+        match &mut self.copy_out {
+            Some(CopyStream::Plain) => {
+                out.extend_from_slice(f.raw());
+                Ok(())
+            }
+            Some(CopyStream::Masked(r)) => r.rewrite(f.body(), out),
+            None => Err(CopyError::unexpected()),
+        }
+    }
+
+    /// CopyDone: the rows of a masked COPY came whole.
+    pub fn copy_done(&mut self) -> Result<(), CopyError> {
+        match &self.copy_out {
+            Some(CopyStream::Masked(r)) => r.finish(),
+            _ => Ok(()),
+        }
     }
 
     /// Records messages pgveil injects ahead of a client's Sync.
@@ -1102,14 +1284,15 @@ impl SessionState {
                 result_formats,
                 recorded,
             }) => {
-                let (sql, rows, settings, limited) = match self.statements.get(&statement) {
+                let (sql, rows, settings, limited, copy) = match self.statements.get(&statement) {
                     Some(s) => (
                         s.sql.clone(),
                         s.rows.clone(),
                         s.settings.clone(),
                         s.limited.clone(),
+                        s.copy.clone(),
                     ),
-                    None => (Arc::from(""), None, SettingsChange::default(), None),
+                    None => (Arc::from(""), None, SettingsChange::default(), None, None),
                 };
                 self.portals.insert(
                     portal,
@@ -1121,6 +1304,7 @@ impl SessionState {
                         recorded,
                         settings,
                         limited,
+                        copy,
                     },
                 );
             }
@@ -1173,6 +1357,7 @@ impl SessionState {
     fn on_error(&mut self) {
         self.current_rows = None;
         self.plan = None;
+        self.copy_out = None;
         self.request_failed = true;
         if self.pending.front().is_some_and(Pending::is_extended) {
             while self.pending.front().is_some_and(Pending::is_extended) {

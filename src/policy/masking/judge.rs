@@ -17,7 +17,7 @@ use crate::sql::fold;
 use std::sync::Arc;
 
 /// Judges every use of a masked column in `stmt`, filling `subs` with the rewrites it
-/// needs; `Err` carries the refusal.
+/// needs; `Err` carries the refusal. `alone`: the statement is the only one of its string.
 pub(super) fn check_masked(
     stmt: &Statement,
     kind: &'static str,
@@ -25,8 +25,9 @@ pub(super) fn check_masked(
     scope: &Scope<'_>,
     first: &str,
     subs: &mut Substitutions,
+    alone: bool,
 ) -> Result<(), Verdict> {
-    let top = outermost_select(stmt, kind, first)?;
+    let top = outermost_select(stmt, kind, first, alone)?;
     let mut whole = WholeRows::new(scope, kind);
     whole_row_forms(facts, scope, &mut whole, first)?;
     let mut zones = in_flight_zones(top, facts, scope, &mut whole, kind, first)?;
@@ -56,7 +57,16 @@ fn outermost_select<'s>(
     stmt: &'s Statement,
     kind: &'static str,
     first: &str,
+    alone: bool,
 ) -> Result<Option<(&'s Query, &'s Select)>, Verdict> {
+    // `COPY (SELECT ...) TO STDOUT` sent on its own: its rows are masked in flight from
+    // pgveil's description of the inner query, which reports each column's origin as a
+    // query's RowDescription does.
+    if let Some(q) = super::copy::in_flight_query(stmt).filter(|_| alone) {
+        if let SetExpr::Select(s) = q.body.as_ref() {
+            return Ok(Some((q, s.as_ref())));
+        }
+    }
     match stmt {
         Statement::Query(q) => Ok(match q.body.as_ref() {
             SetExpr::Select(s) => Some((q.as_ref(), s.as_ref())),

@@ -9,11 +9,13 @@
 //! over masked tables, functions that are not built in or that run SQL, is refused: what
 //! cannot be proven safe does not run.
 
+mod copy;
 mod facts;
 mod judge;
 mod rewrite;
 pub mod testing;
 
+pub use copy::{ascii_safe_encoding, CopyFormat, CopyKind, CopyOut};
 use facts::{Facts, Scope, TableRef};
 use judge::check_masked;
 use rewrite::{expand_copy_of_masked_table, inline_masked_views, substitute, Substitutions};
@@ -51,6 +53,9 @@ pub enum Verdict {
     /// Forward this SQL instead: masked columns outside in-flight reach are replaced by
     /// their masks computed in SQL.
     Rewritten(String),
+    /// A `COPY (SELECT ...) TO STDOUT` (sent as `CopyOut::sql`) whose rows are masked in
+    /// flight, from pgveil's own description of the inner query.
+    CopyOut(std::sync::Arc<CopyOut>),
     Refused(Refusal),
 }
 
@@ -128,13 +133,26 @@ fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdi
     let mut verdict = Verdict::Pass;
     let mut created = Vec::new();
     let mut rewritten = false;
+    // A COPY's rows are masked in flight only when it is sent on its own (pgveil sends
+    // its description ahead of it).
+    let alone = statements.len() == 1;
+    let mut copy_format = None;
     for stmt in statements.iter_mut() {
         let expanded = expand_copy_of_masked_table(stmt, ctx) | inline_masked_views(stmt, ctx);
-        let (v, subs) = check_statement(stmt, ctx);
+        let (v, subs) = check_statement(stmt, ctx, alone);
         match v {
             Verdict::Refused(r) => return (Verdict::Refused(r), Vec::new()),
             Verdict::Pass => {}
             _ => verdict = Verdict::Masked,
+        }
+        if alone && verdict != Verdict::Pass && copy::in_flight_query(stmt).is_some() {
+            match copy::format_of(stmt) {
+                Ok(f) => copy_format = Some(f),
+                Err(reason) => {
+                    let reason = format!("pgveil cannot mask the rows of this COPY: {reason}");
+                    return (refuse(kind_of(stmt), "(copy)", reason, None), Vec::new());
+                }
+            }
         }
         if !subs.is_empty() {
             if let Err(r) = substitute(stmt, subs) {
@@ -145,12 +163,23 @@ fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdi
         rewritten |= expanded;
         created.extend(created_table(stmt));
     }
-    if rewritten {
+    if rewritten || copy_format.is_some() {
         let sql: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
         let sql = sql.join(";\n");
         if ctx.strings != Strings::Standard && sql.contains('\\') {
             let reason = "standard_conforming_strings may be off, and the rewritten statement holds a backslash the server could read as an escape";
             return (unanalysable(ctx, reason), Vec::new());
+        }
+        // A COPY masked in flight is always sent as pgveil wrote it, so that the query it
+        // describes is the very one the COPY runs.
+        if let Some(format) = copy_format {
+            let inner = statements
+                .first()
+                .and_then(copy::in_flight_query)
+                .map(|q| q.to_string())
+                .unwrap_or_default();
+            let copy = CopyOut { sql, inner, format };
+            return (Verdict::CopyOut(std::sync::Arc::new(copy)), created);
         }
         return (Verdict::Rewritten(sql), created);
     }
@@ -179,13 +208,19 @@ pub(super) fn refuse(
     })
 }
 
-fn check_statement(stmt: &Statement, ctx: &Context<'_>) -> (Verdict, Substitutions) {
+/// `alone`: the statement is the only one of its string.
+fn check_statement(stmt: &Statement, ctx: &Context<'_>, alone: bool) -> (Verdict, Substitutions) {
     let mut subs = Substitutions::default();
-    let verdict = judge_statement(stmt, ctx, &mut subs);
+    let verdict = judge_statement(stmt, ctx, &mut subs, alone);
     (verdict, subs)
 }
 
-fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions) -> Verdict {
+fn judge_statement(
+    stmt: &Statement,
+    ctx: &Context<'_>,
+    subs: &mut Substitutions,
+    alone: bool,
+) -> Verdict {
     let kind = kind_of(stmt);
     let mut facts = Facts::default();
     let _ = stmt.visit(&mut facts);
@@ -230,7 +265,7 @@ fn judge_statement(stmt: &Statement, ctx: &Context<'_>, subs: &mut Substitutions
         return Verdict::Pass;
     }
     let first = scope.masked[0].0.qualified();
-    match check_masked(stmt, kind, &facts, &scope, &first, subs) {
+    match check_masked(stmt, kind, &facts, &scope, &first, subs, alone) {
         Ok(()) => Verdict::Masked,
         Err(refused) => refused,
     }
