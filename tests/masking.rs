@@ -87,6 +87,14 @@ fn cluster() -> &'static PgCluster {
              GRANT SELECT ON leads, leads_eu, leads_asia TO crm_base; \
              CREATE VIEW keyed_copy_view AS SELECT id, full_name, phone, email, national_id, card_number FROM customers; \
              GRANT SELECT ON keyed_copy_view TO crm_base; \
+             CREATE VIEW keyed_view_2 AS SELECT * FROM keyed_copy_view WHERE id < 100; \
+             CREATE VIEW keyed_view_3 AS SELECT id, card_number AS card, phone FROM keyed_view_2; \
+             CREATE VIEW keyed_view_computed AS SELECT id, upper(card) AS card FROM keyed_view_3; \
+             CREATE VIEW keyed_view_sorted AS SELECT id, card FROM keyed_view_3 ORDER BY card; \
+             CREATE VIEW keyed_view_filtered AS SELECT id, card FROM keyed_view_3 WHERE card LIKE '4%'; \
+             CREATE VIEW keyed_view_distinct AS SELECT DISTINCT card FROM keyed_view_3; \
+             GRANT SELECT ON keyed_view_2, keyed_view_3, keyed_view_computed, keyed_view_sorted, \
+               keyed_view_filtered, keyed_view_distinct TO crm_base; \
              ANALYZE customers",
         );
     });
@@ -1604,7 +1612,6 @@ async fn keyed_masks_apply_through_views() {
         "SELECT * FROM customer_view ORDER BY 6",
         "SELECT a.id FROM customer_view a JOIN customer_view b ON a.card_number = b.card_number",
         "SELECT card_number, row_number() OVER (ORDER BY card_number) FROM customer_view",
-        "SELECT x.c FROM (SELECT card_number AS c FROM customer_view) x",
         "SELECT v FROM customer_view v",
         "SELECT row_to_json(v) FROM customer_view v",
         "SELECT (v).card_number FROM customer_view v",
@@ -2879,4 +2886,92 @@ async fn keyed_copy_forms_that_cannot_be_masked_stay_refused() {
     )
     .await;
     assert!(!ok && err.contains("no_such_column"), "{err}");
+}
+
+/// Views over views over the masked table (two and three levels, a column renamed on the
+/// way): a keyed column returned bare at every level is masked in flight with the token a
+/// SELECT of the table gives, in a SELECT, a cursor's FETCH and a COPY, over both
+/// protocols. A level that computes on it, sorts, filters or de-duplicates by it (in a view
+/// or in the statement, under any name it takes) stays refused.
+#[tokio::test]
+async fn keyed_masks_apply_through_views_over_views() {
+    let (p, _d) = proxy().await;
+    let alice = p.connect("alice", "alice_pw").await;
+    let tokens: Vec<String> = alice
+        .query(
+            "SELECT card_number FROM customers WHERE id <= 3 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let has_tokens = |text: &str, what: &str| {
+        assert_no_secret(text, what);
+        for t in &tokens {
+            assert!(text.contains(t.as_str()), "{what}: {t} not in {text}");
+        }
+    };
+    for sql in [
+        "SELECT * FROM keyed_view_2 WHERE id <= 3 ORDER BY id",
+        "SELECT id, card FROM keyed_view_3 WHERE id <= 3 ORDER BY id",
+        "SELECT v.card AS c, v.phone FROM keyed_view_3 v WHERE v.id <= 3 ORDER BY v.id",
+        "SELECT x.card FROM (SELECT id, card FROM keyed_view_3) x WHERE x.id <= 3 ORDER BY x.id",
+        "SELECT x.c FROM (SELECT id, card_number AS c FROM customer_view) x WHERE x.id <= 3 ORDER BY x.id",
+    ] {
+        let rows = simple_rows(&alice, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        has_tokens(&rows, sql);
+        let rows = alice
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let text: Vec<String> = rows
+            .iter()
+            .flat_map(|r| (0..r.len()).filter_map(|i| r.try_get::<_, String>(i).ok()))
+            .collect();
+        has_tokens(&text.join("|"), sql);
+    }
+    let copied = copy_rows(
+        &alice,
+        "COPY (SELECT id, card FROM keyed_view_3 WHERE id <= 3 ORDER BY id) TO STDOUT",
+    )
+    .await
+    .unwrap();
+    has_tokens(&copied, "COPY over a view over a view");
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice
+        .batch_execute(
+            "DECLARE k CURSOR FOR SELECT id, card FROM keyed_view_3 WHERE id <= 3 ORDER BY id",
+        )
+        .await
+        .unwrap();
+    let fetched = simple_rows(&alice, "FETCH 3 FROM k").await.unwrap();
+    has_tokens(&fetched, "FETCH over a view over a view");
+    alice.batch_execute("COMMIT").await.unwrap();
+    for sql in [
+        "SELECT card FROM keyed_view_computed",
+        "SELECT card FROM keyed_view_sorted",
+        "SELECT card FROM keyed_view_filtered",
+        "SELECT card FROM keyed_view_distinct",
+        "SELECT upper(card) FROM keyed_view_3",
+        "SELECT card FROM keyed_view_3 ORDER BY card",
+        "SELECT id FROM keyed_view_3 WHERE card LIKE '4111%'",
+        "SELECT card_number FROM keyed_view_2 ORDER BY 1",
+        "SELECT x.c FROM (SELECT y.card AS c FROM (SELECT card FROM keyed_view_3) y) x ORDER BY x.c",
+        "SELECT * FROM (SELECT v.card_number AS k FROM keyed_view_2 v) x WHERE x.k LIKE '4%'",
+        "SELECT x.k FROM (SELECT v.card AS k FROM keyed_view_3 v WHERE v.card > '4') x",
+        "SELECT x.k FROM (SELECT max(v.card) AS k FROM keyed_view_3 v) x",
+        "SELECT x.k FROM (SELECT v.card AS k FROM keyed_view_3 v GROUP BY v.card) x",
+        "SELECT a.card FROM keyed_view_3 a JOIN keyed_view_2 b ON a.card = b.card_number",
+        "SELECT count(*) FROM keyed_view_3 GROUP BY card",
+        "SELECT x FROM (SELECT card FROM keyed_view_3) x",
+    ] {
+        let e = simple_rows(&alice, sql).await.unwrap_err();
+        assert!(is_refusal(&e), "{sql}: {e:?}");
+        let e = alice.query(sql, &[]).await.unwrap_err();
+        assert!(is_refusal(&e), "{sql} (extended): {e:?}");
+    }
 }

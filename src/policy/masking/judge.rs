@@ -253,13 +253,14 @@ fn in_flight_zones(
 }
 
 /// Derived tables in the outermost FROM (a view that reads a masked table is inlined as
-/// one) pass a masked column they return bare on unchanged when nothing else in the
-/// statement uses it: the outermost SELECT list returns it bare (or by `*`) or not at all,
-/// nothing filters, joins, sorts or groups by it, and the derived table's own query is a
-/// plain SELECT that neither de-duplicates nor sorts or groups by position. The server
-/// then reports the base column as the result column's origin (RowDescription follows a
-/// subquery's output to its source), and it is masked in flight like a bare column of the
-/// outermost SELECT, keyed masks included.
+/// one), and derived tables in theirs, to any depth (a view over a view), pass a masked
+/// column they return bare on unchanged when nothing else in the statement uses it: every
+/// level returns it bare (or by `*` at the top) or not at all, nothing filters, joins,
+/// sorts or groups by it under any name it takes on the way, and each derived table's own
+/// query is a plain SELECT that neither de-duplicates nor sorts or groups by position. The
+/// server then reports the base column as the result column's origin (RowDescription
+/// follows a subquery's output to its source), and it is masked in flight like a bare
+/// column of the outermost SELECT, keyed masks included.
 fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut Zones) {
     // Whole rows (passed to a function, `*` in an expression, compared by NATURAL JOIN or
     // USING) would carry the clear values out with no origin: nothing passes through then.
@@ -290,33 +291,74 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
             _ => None,
         })
         .collect();
-    let factors = || {
-        select
-            .from
-            .iter()
-            .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)))
-    };
-    // The SELECT lists of the derived tables themselves are not uses of an output name.
-    let inner_items: HashSet<usize> = factors()
-        .filter_map(|f| match f {
-            TableFactor::Derived { subquery, .. } => match subquery.body.as_ref() {
-                SetExpr::Select(inner) => Some(inner),
-                _ => None,
-            },
-            _ => None,
-        })
+    let mut chain = Vec::new();
+    derived_selects(select, facts, &mut chain);
+    // The bare SELECT-list items of those derived tables: (address, output name, the
+    // name it reads, whether it is a masked column).
+    let items: Vec<(usize, String, String, bool)> = chain
+        .iter()
         .flat_map(|inner| inner.projection.iter().filter_map(item_expr))
-        .map(|(e, _)| e as *const Expr as usize)
+        .filter_map(|(expr, alias)| {
+            let parts = bare_parts(expr)?;
+            let source = parts.last().cloned()?;
+            let masked = matches!(classify(&parts, scope), Use::Column(_));
+            let name = alias.unwrap_or_else(|| source.clone());
+            Some((expr as *const Expr as usize, name, source, masked))
+        })
         .collect();
-    if facts.idents.iter().any(|(a, p, _)| {
-        !top_bare.contains(a)
-            && !inner_items.contains(a)
-            && p.len() == 1
-            && top_names.contains(&p[0])
-    }) {
+    let passing: HashSet<usize> = top_bare
+        .iter()
+        .copied()
+        .chain(items.iter().map(|(a, ..)| *a))
+        .collect();
+    if facts
+        .idents
+        .iter()
+        .any(|(a, p, _)| !passing.contains(a) && p.len() == 1 && top_names.contains(&p[0]))
+    {
         return;
     }
-    for factor in factors() {
+    for (addr, name, source, masked) in &items {
+        if !masked {
+            continue;
+        }
+        // Every name the value takes on its way up: its own, and (by name, which may
+        // take in more than the one path) the names of the items that pass it on.
+        let mut names: HashSet<&str> = [name.as_str(), source.as_str()].into();
+        loop {
+            let before = names.len();
+            for (_, n, s, _) in &items {
+                if names.contains(s.as_str()) {
+                    names.insert(n.as_str());
+                }
+            }
+            if names.len() == before {
+                break;
+            }
+        }
+        // Any other reference by one of those names, anywhere but bare in a SELECT list
+        // that passes it on, could compute on the clear value.
+        let used_elsewhere = facts.idents.iter().any(|(a, p, _)| {
+            a != addr
+                && !passing.contains(a)
+                && p.last().is_some_and(|l| names.contains(l.as_str()))
+        });
+        if !used_elsewhere {
+            zones.bare.insert(*addr);
+        }
+    }
+}
+
+/// The queries of the derived tables in `select`'s FROM, and in theirs, that can pass a
+/// column on unchanged: not LATERAL, their columns not renamed by the alias, no whole-row
+/// reference to them, a plain SELECT that does not de-duplicate, sort or group by
+/// position, nor store its rows.
+fn derived_selects<'q>(select: &'q Select, facts: &Facts, out: &mut Vec<&'q Select>) {
+    let factors = select
+        .from
+        .iter()
+        .flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)));
+    for factor in factors {
         let TableFactor::Derived {
             lateral: false,
             subquery,
@@ -326,8 +368,6 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
         else {
             continue;
         };
-        // Renamed columns cannot be followed by name; a whole-row reference to the derived
-        // table would carry its columns in clear.
         let Some(alias) = alias.as_ref().filter(|a| a.columns.is_empty()) else {
             continue;
         };
@@ -345,29 +385,8 @@ fn passed_through(select: &Select, facts: &Facts, scope: &Scope<'_>, zones: &mut
         if ordering_leak(subquery, inner).is_some() || inner.into.is_some() {
             continue;
         }
-        for (expr, alias) in inner.projection.iter().filter_map(item_expr) {
-            let Some(parts) = bare_parts(expr) else {
-                continue;
-            };
-            if !matches!(classify(&parts, scope), Use::Column(_)) {
-                continue;
-            }
-            let Some(name) = alias.or_else(|| parts.last().cloned()) else {
-                continue;
-            };
-            let addr = expr as *const Expr as usize;
-            // Any other reference by that name (or the source column's), anywhere but
-            // bare in the outermost SELECT list, could compute on the clear value.
-            let source = parts.last();
-            let used_elsewhere = facts.idents.iter().any(|(a, p, _)| {
-                *a != addr
-                    && !top_bare.contains(a)
-                    && p.last().is_some_and(|l| *l == name || Some(l) == source)
-            });
-            if !used_elsewhere {
-                zones.bare.insert(addr);
-            }
-        }
+        out.push(inner);
+        derived_selects(inner, facts, out);
     }
 }
 
