@@ -38,7 +38,8 @@ pub enum Masker {
         keep_last: usize,
     },
     Email,
-    Hash(Vec<u8>),
+    /// HMAC-SHA-256 with its key already absorbed: each value clones it.
+    Hash(Box<Hmac<Sha256>>),
     Tokenize(Box<[u8; 64]>),
     Null,
     Constant {
@@ -150,7 +151,10 @@ impl Masker {
                 keep_last: *keep_last,
             },
             MaskFunction::Email => Masker::Email,
-            MaskFunction::Hash { key_env } => Masker::Hash(key_from_env(key_env)?),
+            MaskFunction::Hash { key_env } => Masker::Hash(Box::new(
+                <Hmac<Sha256> as Mac>::new_from_slice(&key_from_env(key_env)?)
+                    .expect("HMAC takes any key"),
+            )),
             MaskFunction::Tokenize { key_env } => {
                 Masker::Tokenize(tokenize_key(&key_from_env(key_env)?))
             }
@@ -200,9 +204,8 @@ impl Masker {
                 keep_last,
             } => text_mask(value, out, |s, o| partial(s, *keep_first, *keep_last, o)),
             Masker::Email => text_mask(value, out, email),
-            Masker::Hash(key) => {
-                let mut mac =
-                    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
+            Masker::Hash(keyed) => {
+                let mut mac = (**keyed).clone();
                 mac.update(value);
                 let digest = mac.finalize().into_bytes();
                 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -212,27 +215,65 @@ impl Masker {
                 }
                 true
             }
-            Masker::Tokenize(key) => {
-                let mut cipher = Aes256Siv::new(key.as_slice().into());
-                match cipher.encrypt([b"pgveil"], value) {
-                    Ok(ct) => {
-                        // Encoded straight into the output, without a String per value.
-                        out.extend_from_slice(TOKEN_PREFIX.as_bytes());
-                        let start = out.len();
-                        let len = base64::encoded_len(ct.len(), false).unwrap_or(0);
-                        out.resize(start + len, 0);
-                        let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
-                        match engine.encode_slice(&ct, &mut out[start..]) {
-                            Ok(n) => out.truncate(start + n),
-                            Err(_) => return false,
-                        }
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }
+            Masker::Tokenize(key) => tokenize(key, value, out),
             Masker::DateTrunc(unit) => date_trunc(class, binary, value, *unit, out),
             Masker::Round { step, decimals } => round(class, binary, value, *step, *decimals, out),
+        }
+    }
+}
+
+thread_local! {
+    /// Each worker thread's AES-SIV instances, by key (setting one up costs as much as
+    /// encrypting a value): tokenize masks are few, so a short list.
+    static SIV: std::cell::RefCell<Vec<([u8; 64], Aes256Siv)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `tok_` and the URL-safe base64 of AES-SIV(`key`, `value`) (tag, then ciphertext),
+/// written straight into `out`.
+fn tokenize(key: &[u8; 64], value: &[u8], out: &mut Vec<u8>) -> bool {
+    const STACK: usize = 240;
+    let mut stack = [0u8; STACK + 16];
+    let mut heap = Vec::new();
+    let buffer: &mut [u8] = if value.len() <= STACK {
+        &mut stack[..value.len() + 16]
+    } else {
+        heap.resize(value.len() + 16, 0);
+        &mut heap
+    };
+    buffer[16..].copy_from_slice(value);
+    let tag = SIV.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let at = match cache.iter().position(|(k, _)| k == key) {
+            Some(at) => at,
+            None => {
+                if cache.len() >= 8 {
+                    cache.remove(0);
+                }
+                cache.push((*key, Aes256Siv::new(key.as_slice().into())));
+                cache.len() - 1
+            }
+        };
+        cache[at]
+            .1
+            .encrypt_in_place_detached([b"pgveil"], &mut buffer[16..])
+    });
+    let Ok(tag) = tag else {
+        return false;
+    };
+    buffer[..16].copy_from_slice(tag.as_slice());
+    out.extend_from_slice(TOKEN_PREFIX.as_bytes());
+    let start = out.len();
+    let len = base64::encoded_len(buffer.len(), false).unwrap_or(0);
+    out.resize(start + len, 0);
+    let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    match engine.encode_slice(&*buffer, &mut out[start..]) {
+        Ok(n) => {
+            out.truncate(start + n);
+            true
+        }
+        Err(_) => {
+            out.truncate(start - TOKEN_PREFIX.len());
+            false
         }
     }
 }

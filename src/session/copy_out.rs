@@ -152,9 +152,13 @@ impl CopyRewriter {
         }
     }
 
-    /// Masks one value (`field`) of column `mask` into `self.masked`: false for NULL.
-    fn mask_field(&mut self, mask: &ColumnMask, binary: bool) -> bool {
+    /// Masks one value (`self.field`) of masked column `column` into `self.masked`:
+    /// false for NULL.
+    fn mask_field(&mut self, column: usize, binary: bool) -> bool {
         self.masked.clear();
+        let Some(mask) = self.columns.get(column).and_then(Option::as_ref) else {
+            return false;
+        };
         match &mask.masker {
             Some(m) => m.apply(mask.class, binary, &self.field, &mut self.masked),
             None => false,
@@ -168,27 +172,35 @@ impl CopyRewriter {
         let mut copied = 0;
         let mut start = 0;
         let mut column = 0;
-        loop {
-            let end = text_field_end(body, start, delimiter);
-            if column < self.masked_end {
-                if let Some(mask) = self.columns[column].clone() {
-                    let raw = &body[start..end];
-                    if raw != self.format.null.as_slice() {
-                        out.put_slice(&body[copied..start]);
-                        unescape_text(raw, &mut self.field);
-                        if self.mask_field(&mask, false) {
-                            escape_text(&self.masked, delimiter, out);
-                        } else {
-                            out.put_slice(&self.format.null);
-                        }
-                        copied = end;
+        // One vectorised pass finds every delimiter not escaped by a backslash.
+        let mut escaped_until = 0;
+        let ends = memchr::memchr2_iter(b'\\', delimiter, body)
+            .filter(|&at| {
+                if at < escaped_until {
+                    return false;
+                }
+                if body[at] == b'\\' {
+                    escaped_until = at + 2;
+                    return false;
+                }
+                true
+            })
+            .chain(std::iter::once(body.len()));
+        for end in ends {
+            if column < self.masked_end && self.columns[column].is_some() {
+                let raw = &body[start..end];
+                if raw != self.format.null.as_slice() {
+                    out.put_slice(&body[copied..start]);
+                    unescape_text(raw, &mut self.field);
+                    if self.mask_field(column, false) {
+                        escape_text(&self.masked, delimiter, out);
+                    } else {
+                        out.put_slice(&self.format.null);
                     }
+                    copied = end;
                 }
             }
             column += 1;
-            if end == body.len() {
-                break;
-            }
             start = end + 1;
         }
         if column != self.columns.len() {
@@ -243,18 +255,16 @@ impl CopyRewriter {
         let mut column = 0;
         loop {
             let (end, quoted) = self.csv_field(body, start)?;
-            if column < self.masked_end {
-                if let Some(mask) = self.columns[column].clone() {
-                    let raw = &body[start..end];
-                    if quoted || raw != self.format.null.as_slice() {
-                        out.put_slice(&body[copied..start]);
-                        if self.mask_field(&mask, false) {
-                            self.write_csv(quoted, out);
-                        } else {
-                            out.put_slice(&self.format.null);
-                        }
-                        copied = end;
+            if column < self.masked_end && self.columns[column].is_some() {
+                let raw = &body[start..end];
+                if quoted || raw != self.format.null.as_slice() {
+                    out.put_slice(&body[copied..start]);
+                    if self.mask_field(column, false) {
+                        self.write_csv(quoted, out);
+                    } else {
+                        out.put_slice(&self.format.null);
                     }
+                    copied = end;
                 }
             }
             column += 1;
@@ -374,19 +384,17 @@ impl CopyRewriter {
             let len = i32::from_be_bytes([input[at], input[at + 1], input[at + 2], input[at + 3]]);
             let value_at = at + 4;
             let next = value_at + len.max(0) as usize;
-            if column < self.masked_end && len >= 0 {
-                if let Some(mask) = self.columns[column].clone() {
-                    out.put_slice(&input[copied..at]);
-                    self.field.clear();
-                    self.field.extend_from_slice(&input[value_at..next]);
-                    if self.mask_field(&mask, true) {
-                        out.put_i32(self.masked.len() as i32);
-                        out.put_slice(&self.masked);
-                    } else {
-                        out.put_i32(-1);
-                    }
-                    copied = next;
+            if column < self.masked_end && len >= 0 && self.columns[column].is_some() {
+                out.put_slice(&input[copied..at]);
+                self.field.clear();
+                self.field.extend_from_slice(&input[value_at..next]);
+                if self.mask_field(column, true) {
+                    out.put_i32(self.masked.len() as i32);
+                    out.put_slice(&self.masked);
+                } else {
+                    out.put_i32(-1);
                 }
+                copied = next;
             }
             at = next;
         }
@@ -413,23 +421,13 @@ fn binary_header(input: &[u8]) -> Result<Option<usize>, CopyError> {
     Ok((input.len() >= n).then_some(n))
 }
 
-/// Where the text-format field starting at `start` ends: its unescaped delimiter, or the
-/// row's end.
-fn text_field_end(body: &[u8], start: usize, delimiter: u8) -> usize {
-    let mut i = start;
-    while i < body.len() {
-        match body[i] {
-            b'\\' => i += 2,
-            b if b == delimiter => return i,
-            _ => i += 1,
-        }
-    }
-    body.len()
-}
-
 /// A text-format field's value: COPY's backslash escapes undone.
 fn unescape_text(raw: &[u8], out: &mut Vec<u8>) {
     out.clear();
+    if !raw.contains(&b'\\') {
+        out.extend_from_slice(raw);
+        return;
+    }
     let mut i = 0;
     while i < raw.len() {
         let b = raw[i];
@@ -454,6 +452,14 @@ fn unescape_text(raw: &[u8], out: &mut Vec<u8>) {
 
 /// A value written as COPY's text format writes it.
 fn escape_text(value: &[u8], delimiter: u8, out: &mut BytesMut) {
+    // Without early exit, so that it vectorises.
+    let plain = !value.iter().fold(false, |special, &b| {
+        special | (b < 0x20) | (b == b'\\') | (b == delimiter)
+    });
+    if plain {
+        out.put_slice(value);
+        return;
+    }
     for &b in value {
         let named = match b {
             0x08 => Some(b'b'),
