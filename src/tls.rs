@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use thiserror::Error;
@@ -40,7 +41,7 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_pem(path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::File {
             path: path.display().to_string(),
@@ -59,13 +60,13 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 pub fn client_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = load_certs(cert)?;
     let pem = read_pem(key)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::File {
-            path: key.display().to_string(),
-            message: "no private key found".into(),
-        })?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::File {
+        path: key.display().to_string(),
+        message: match e {
+            rustls::pki_types::pem::Error::NoItemsFound => "no private key found".into(),
+            other => other.to_string(),
+        },
+    })?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
