@@ -102,7 +102,10 @@ fn cluster() -> &'static PgCluster {
 }
 
 async fn proxy() -> (TestProxy, tempfile::TempDir) {
-    std::env::set_var("PGVEIL_TEST_TOKEN_KEY", "test-token-key");
+    std::env::set_var(
+        "PGVEIL_TEST_TOKEN_KEY",
+        "a test token key of thirty-two bytes or more",
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
     let path = dir.path().to_path_buf();
@@ -220,7 +223,9 @@ async fn masked_role_gets_masked_values_in_binary() {
     assert_eq!(row.get::<_, RawNumeric>(5).0, "0");
     // The token decodes to the clear card number for someone who holds the key.
     let clear = cluster().psql_super("crm", "SELECT card_number FROM customers WHERE id = 1");
-    let decoded = pgveil::policy::mask::decode_token(b"test-token-key", &token).unwrap();
+    let decoded =
+        pgveil::policy::mask::decode_token(b"a test token key of thirty-two bytes or more", &token)
+            .unwrap();
     assert_eq!(String::from_utf8(decoded).unwrap(), clear);
     let all = alice.query("SELECT * FROM customers", &[]).await.unwrap();
     assert_eq!(all.len(), 200);
@@ -533,7 +538,10 @@ async fn rules_reload_reaches_running_sessions() {
 
 #[tokio::test]
 async fn first_masks_end_sessions_that_cannot_apply_them() {
-    std::env::set_var("PGVEIL_TEST_TOKEN_KEY", "test-token-key");
+    std::env::set_var(
+        "PGVEIL_TEST_TOKEN_KEY",
+        "a test token key of thirty-two bytes or more",
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.toml"), "").unwrap();
     let path = dir.path().to_path_buf();
@@ -1229,7 +1237,13 @@ fn explain_shows_masks_per_column_and_refusals() {
             &url,
             sql,
         ];
-        let out = pgveil_cli(&args, &[("PGVEIL_TEST_TOKEN_KEY", "test-token-key")]);
+        let out = pgveil_cli(
+            &args,
+            &[(
+                "PGVEIL_TEST_TOKEN_KEY",
+                "a test token key of thirty-two bytes or more",
+            )],
+        );
         assert!(
             out.status.success(),
             "{sql}: {}",
@@ -1265,7 +1279,7 @@ fn token_decode_reverses_tokenize() {
         "text",
     );
     assert!(m.is_err(), "no key in the environment yet");
-    std::env::set_var("PGVEIL_TEST_CLI_KEY", "k1");
+    std::env::set_var("PGVEIL_TEST_CLI_KEY", "k1 k1 k1 k1 k1 k1 k1 k1 k1 k1 k1 k1");
     let m = pgveil::policy::mask::Masker::new(
         &pgveil::config::rules::MaskFunction::Tokenize {
             key_env: "PGVEIL_TEST_CLI_KEY".into(),
@@ -1283,7 +1297,10 @@ fn token_decode_reverses_tokenize() {
         &mut tok
     ));
     let tok = String::from_utf8(tok).unwrap();
-    let out = pgveil_cli(&["token", "decode", "--key-env", "K", &tok], &[("K", "k1")]);
+    let out = pgveil_cli(
+        &["token", "decode", "--key-env", "K", &tok],
+        &[("K", "k1 k1 k1 k1 k1 k1 k1 k1 k1 k1 k1 k1")],
+    );
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -2625,7 +2642,10 @@ unmasked_for = ["crm_admin"]
 "#;
 
 async fn keyed_proxy() -> TestProxy {
-    std::env::set_var("PGVEIL_TEST_TOKEN_KEY", "test-token-key");
+    std::env::set_var(
+        "PGVEIL_TEST_TOKEN_KEY",
+        "a test token key of thirty-two bytes or more",
+    );
     TestProxy::with_rules(cluster(), KEYED_RULES).await
 }
 

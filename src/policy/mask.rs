@@ -18,6 +18,8 @@ use crate::config::rules::{MaskFunction, TruncUnit};
 pub enum MaskError {
     #[error("environment variable {0} (the mask key) is not set")]
     MissingKey(String),
+    #[error("environment variable {env} (the mask key) holds {len} bytes; a key must hold at least {MIN_KEY_BYTES} (random bytes, e.g. `openssl rand -base64 32`)")]
+    ShortKey { env: String, len: usize },
     #[error("mask {function} cannot apply to a column of type {type_name}")]
     TypeMismatch { function: String, type_name: String },
     #[error("constant {value:?} is not a valid {type_name}")]
@@ -112,15 +114,58 @@ pub fn fits(f: &MaskFunction, class: TypeClass, type_name: &str) -> Result<(), M
     }
 }
 
-/// The key bytes named by `key_env`.
+/// The fewest bytes a keyed mask's secret may hold.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// The key bytes named by `key_env`: at least [`MIN_KEY_BYTES`] of them.
 pub fn key_from_env(key_env: &str) -> Result<Vec<u8>, MaskError> {
     match std::env::var(key_env) {
-        Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
+        Ok(v) if v.len() >= MIN_KEY_BYTES => Ok(v.into_bytes()),
+        Ok(v) if !v.is_empty() => Err(MaskError::ShortKey {
+            env: key_env.into(),
+            len: v.len(),
+        }),
         _ => Err(MaskError::MissingKey(key_env.into())),
     }
 }
 
+/// HKDF-SHA-256 (RFC 5869): `out.len()` bytes of key for one use (`info`), from `secret`.
+fn hkdf(salt: &[u8], secret: &[u8], info: &[u8], out: &mut [u8]) {
+    let hmac = |key: &[u8]| <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
+    let mut extract = hmac(salt);
+    extract.update(secret);
+    let prk = extract.finalize().into_bytes();
+    let mut block: Vec<u8> = Vec::new();
+    for (i, chunk) in out.chunks_mut(32).enumerate() {
+        let mut expand = hmac(&prk);
+        expand.update(&block);
+        expand.update(info);
+        expand.update(&[i as u8 + 1]);
+        block = expand.finalize().into_bytes().to_vec();
+        chunk.copy_from_slice(&block[..chunk.len()]);
+    }
+}
+
+/// Every keyed mask's salt: keys derived here are pgveil's alone.
+const KEY_SALT: &[u8] = b"pgveil mask keys";
+
+/// The AES-SIV-256 key of `tokenize`, derived from the secret with HKDF.
 fn tokenize_key(secret: &[u8]) -> Box<[u8; 64]> {
+    let mut key = Box::new([0u8; 64]);
+    hkdf(KEY_SALT, secret, b"tokenize", key.as_mut_slice());
+    key
+}
+
+/// The HMAC key of `hash`, derived from the secret with HKDF.
+fn hash_key(secret: &[u8]) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    hkdf(KEY_SALT, secret, b"hash", &mut key);
+    key
+}
+
+/// The key of tokens made before keys were derived with HKDF (pgveil 0.1), which
+/// `pgveil token decode` still reads.
+fn legacy_tokenize_key(secret: &[u8]) -> Box<[u8; 64]> {
     let mut h = Sha512::new();
     h.update(b"pgveil-tokenize\0");
     h.update(secret);
@@ -152,7 +197,7 @@ impl Masker {
             },
             MaskFunction::Email => Masker::Email,
             MaskFunction::Hash { key_env } => Masker::Hash(Box::new(
-                <Hmac<Sha256> as Mac>::new_from_slice(&key_from_env(key_env)?)
+                <Hmac<Sha256> as Mac>::new_from_slice(&hash_key(&key_from_env(key_env)?))
                     .expect("HMAC takes any key"),
             )),
             MaskFunction::Tokenize { key_env } => {
@@ -286,10 +331,15 @@ pub fn decode_token(secret: &[u8], token: &str) -> Result<Vec<u8>, MaskError> {
     let ct = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(body)
         .map_err(|_| MaskError::BadToken)?;
-    let mut cipher = Aes256Siv::new(tokenize_key(secret).as_slice().into());
-    cipher
-        .decrypt([b"pgveil"], &ct)
-        .map_err(|_| MaskError::BadToken)
+    // Tokens of earlier versions were made under another derivation of the same secret.
+    [tokenize_key(secret), legacy_tokenize_key(secret)]
+        .iter()
+        .find_map(|key| {
+            Aes256Siv::new(key.as_slice().into())
+                .decrypt([b"pgveil"], &ct)
+                .ok()
+        })
+        .ok_or(MaskError::BadToken)
 }
 
 fn text_mask(value: &[u8], out: &mut Vec<u8>, f: impl FnOnce(&str, &mut Vec<u8>)) -> bool {
@@ -788,7 +838,8 @@ mod tests {
 
     #[test]
     fn keyed_masks_need_their_key_and_tokens_decode() {
-        std::env::set_var("PGVEIL_TEST_KEY_A", "s3cret");
+        const SECRET: &[u8] = b"s3cret s3cret s3cret s3cret s3cret";
+        std::env::set_var("PGVEIL_TEST_KEY_A", std::str::from_utf8(SECRET).unwrap());
         let f = MaskFunction::Tokenize {
             key_env: "PGVEIL_TEST_KEY_A".into(),
         };
@@ -796,7 +847,7 @@ mod tests {
         let b = text(f, TypeClass::Text, "4111000015485863").unwrap();
         assert_eq!(a, b, "deterministic");
         assert!(a.starts_with("tok_") && !a.contains("4111"));
-        assert_eq!(decode_token(b"s3cret", &a).unwrap(), b"4111000015485863");
+        assert_eq!(decode_token(SECRET, &a).unwrap(), b"4111000015485863");
         assert_eq!(decode_token(b"other", &a), Err(MaskError::BadToken));
         let h = MaskFunction::Hash {
             key_env: "PGVEIL_TEST_KEY_A".into(),
@@ -811,6 +862,44 @@ mod tests {
             Masker::new(&missing, TypeClass::Text, "text"),
             Err(MaskError::MissingKey(_))
         ));
+        std::env::set_var("PGVEIL_TEST_KEY_SHORT", "s3cret");
+        let short = MaskFunction::Tokenize {
+            key_env: "PGVEIL_TEST_KEY_SHORT".into(),
+        };
+        assert!(matches!(
+            Masker::new(&short, TypeClass::Text, "text"),
+            Err(MaskError::ShortKey { len: 6, .. })
+        ));
+    }
+
+    #[test]
+    fn keys_are_derived_with_hkdf() {
+        // RFC 5869, test case 1.
+        let mut okm = [0u8; 42];
+        let salt: Vec<u8> = (0u8..=0x0c).collect();
+        let info: Vec<u8> = (0xf0u8..=0xf9).collect();
+        hkdf(&salt, &[0x0b; 22], &info, &mut okm);
+        let hex: String = okm.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+        );
+        // Each mask gets its own key, and neither is the secret.
+        let secret = [7u8; 32];
+        assert_ne!(&tokenize_key(&secret)[..32], &hash_key(&secret)[..]);
+        assert_ne!(&hash_key(&secret)[..], &secret[..]);
+    }
+
+    #[test]
+    fn tokens_of_the_earlier_key_derivation_still_decode() {
+        let secret = b"an old secret from before HKDF keys";
+        let mut cipher = Aes256Siv::new(legacy_tokenize_key(secret).as_slice().into());
+        let ct = cipher.encrypt([b"pgveil"], b"4111000015485863").unwrap();
+        let token = format!(
+            "{TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ct)
+        );
+        assert_eq!(decode_token(secret, &token).unwrap(), b"4111000015485863");
     }
 
     proptest! {

@@ -13,7 +13,10 @@ use crate::policy::SessionMasks;
 /// `catalog::testing::crm_catalog`: phone `partial`, email `email`, card `tokenize`
 /// (keyed).
 pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
-    std::env::set_var("PGVEIL_TESTING_KEY", "k");
+    std::env::set_var(
+        "PGVEIL_TESTING_KEY",
+        "a testing key of thirty-two bytes or more",
+    );
     let catalog = crm_catalog();
     let origin = Origin {
         file: "t.toml".into(),
