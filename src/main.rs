@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Decode { key_env, tokens }) => {
             cli::inspect::token_decode(&key_env, &tokens)
         }
+        Command::Health { addr, timeout } => cli::health::run(&addr, timeout),
     }
 }
 

@@ -124,7 +124,14 @@ fn dockerfile_builds_from_existing_paths_and_runs_unprivileged() {
         .find(|l| l.starts_with("USER "))
         .expect("a USER line");
     assert!(!user.contains("root") && !user.ends_with(" 0"), "{user}");
-    assert!(text.contains("HEALTHCHECK"));
+    let health = text
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .nth(1)
+        .expect("a HEALTHCHECK command");
+    assert!(health.contains("\"pgveil\", \"health\""), "{health}");
+    // No PostgreSQL client in the runtime image: the health check is pgveil's own.
+    assert!(!text.contains("postgresql-client") && !text.contains("pg_isready"));
     assert!(text.contains("--locked"), "the build uses Cargo.lock");
 }
 
@@ -235,4 +242,32 @@ async fn binary_serves_as_an_unprivileged_user_from_a_copied_directory() {
     let _ = child.wait();
     let records = std::fs::read_to_string(&audit).unwrap();
     assert!(records.contains("SELECT count(*) FROM customers"));
+}
+
+/// `pgveil health`, the image's health check, tells what pg_isready tells: 0 when a server
+/// answered through pgveil, 1 when pgveil answered but cannot reach its server, 2 when
+/// nothing listens.
+#[tokio::test]
+async fn health_probe_tells_accepting_rejecting_and_no_response() {
+    let probe = |addr: String| async move {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgveil"));
+        cmd.args(["health", "--addr", &addr, "--timeout", "5"]);
+        let out = cmd.output().await.unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let up = common::TestProxy::start(shared(), |_| {}).await;
+    let (code, text) = probe(up.addr_string()).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("accepting connections"), "{text}");
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let down = common::TestProxy::start_upstream(&nowhere, |_| {}).await;
+    let (code, text) = probe(down.addr_string()).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("rejecting connections (08"), "{text}");
+    let (code, text) = probe(format!("127.0.0.1:{}", free_port())).await;
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("no response"), "{text}");
 }

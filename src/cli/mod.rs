@@ -1,6 +1,7 @@
 //! The command line: `pgveil serve` and the review and maintenance subcommands of spec
 //! section 1. Flag names are part of the contract.
 
+pub mod health;
 pub mod inspect;
 pub mod pgconn;
 mod pgpass;
@@ -86,6 +87,21 @@ pub enum Command {
     /// Tokens of the `tokenize` mask.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Whether pgveil answers on ADDR and reaches its server, as pg_isready tells: exit 0
+    /// when a server answered through pgveil, 1 when pgveil answered but its server cannot
+    /// be reached or takes no connections now, 2 when nothing answered. For container and
+    /// load balancer health checks; it needs no role or password.
+    #[command(
+        after_help = "Examples:\n  pgveil health\n  pgveil health --addr 10.0.0.5:6432 --timeout 3"
+    )]
+    Health {
+        /// Where pgveil listens (host:port).
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        addr: String,
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
