@@ -271,3 +271,94 @@ async fn health_probe_tells_accepting_rejecting_and_no_response() {
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("no response"), "{text}");
 }
+
+/// deploy/pgveil.service, the systemd unit the README installs: the settings it runs with,
+/// its hardening, and, where systemd-analyze is installed, a unit systemd accepts without
+/// a warning and rates as well confined.
+#[test]
+fn systemd_unit_parses_and_is_hardened() {
+    let text = std::fs::read_to_string(repo().join("deploy/pgveil.service")).unwrap();
+    let mut section = String::new();
+    let mut keys: Vec<(String, String, String)> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (k, v) = line.split_once('=').expect("key=value");
+        keys.push((section.clone(), k.to_string(), v.to_string()));
+    }
+    let get = |s: &str, k: &str| {
+        keys.iter()
+            .filter(|(sec, key, _)| sec == s && key == k)
+            .map(|(_, _, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        get("Service", "ExecStart"),
+        ["/usr/local/bin/pgveil serve --config /etc/pgveil/pgveil.toml"]
+    );
+    assert_eq!(get("Service", "User"), ["pgveil"]);
+    assert_eq!(get("Service", "KillSignal"), ["SIGTERM"]);
+    assert_eq!(get("Install", "WantedBy"), ["multi-user.target"]);
+    for (k, v) in [
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("ProtectSystem", "strict"),
+        ("ReadWritePaths", "/var/lib/pgveil"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("SystemCallFilter", "@system-service"),
+    ] {
+        assert!(get("Service", k).contains(&v), "{k}={v} missing");
+    }
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("systemd-analyze is not installed: the unit's syntax alone was checked");
+        return;
+    };
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("pgveil.service");
+    std::fs::write(
+        &unit,
+        text.replace("/usr/local/bin/pgveil", env!("CARGO_BIN_EXE_pgveil")),
+    )
+    .unwrap();
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("pgveil.service"), "systemd warns: {err}");
+    let out = Command::new(&analyze)
+        .args(["security", "--offline=yes"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    if let Some(level) = report.lines().find_map(|l| {
+        l.split("Overall exposure level for pgveil.service: ")
+            .nth(1)
+    }) {
+        let level: f64 = level.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(level <= 2.0, "exposure {level}: {report}");
+    }
+}
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(program))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}
