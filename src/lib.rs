@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

@@ -173,3 +173,49 @@ async fn rules_reload_when_their_files_change() {
     }
     panic!("rules were not reloaded after the files changed");
 }
+
+/// `--log-format json`: pgveil's own log as JSON Lines on stderr, one object per event
+/// with its timestamp, level, target, message and fields; text stays the default.
+#[test]
+fn log_format_json_writes_one_object_per_event() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let spawn = |format: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgveil"))
+            .args(format)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", "127.0.0.1:1", "--rules"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/rules"))
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
+            .env("PGVEIL_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn(&["--log-format", "json"]);
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&first).expect(&first);
+    assert_eq!(v["level"], "INFO", "{first}");
+    assert_eq!(v["message"], "pgveil ready", "{first}");
+    assert_eq!(v["target"], "pgveil", "{first}");
+    assert_eq!(v["fields"]["upstream"], "127.0.0.1:1", "{first}");
+    assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{first}");
+    let mut child = spawn(&[]);
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        first.contains("pgveil ready") && !first.starts_with('{'),
+        "{first}"
+    );
+}

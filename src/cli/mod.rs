@@ -22,6 +22,11 @@ use crate::config::{ServeSettings, UpstreamTls};
     after_help = "Examples:\n  pgveil serve --upstream 127.0.0.1:5432 --rules rules/\n  pgveil serve --config /etc/pgveil/pgveil.toml\n  pgveil check --rules rules/ --upstream-url postgres://postgres@127.0.0.1/crm\n  pgveil explain --rules rules/ --role alice --upstream-url postgres://postgres@127.0.0.1/crm 'SELECT phone FROM customers'\n  pgveil audit search audit.jsonl --user alice --decision blocked\n  pgveil audit verify audit.*.jsonl audit.jsonl\n\nEach command has its own --help. Log level: PGVEIL_LOG=debug."
 )]
 pub struct Cli {
+    /// pgveil's own log on stderr (not the audit log): text, or JSON Lines for log
+    /// collectors (one object per event: timestamp, level, target, message, fields,
+    /// spans). The level comes from PGVEIL_LOG (info by default).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
