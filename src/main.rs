@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     pgveil::logging::init(cli.log_format);
     match cli.command {
-        Command::Serve(args) => match serve(args) {
+        Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("pgveil serve: {e:#}");

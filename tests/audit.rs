@@ -632,6 +632,72 @@ async fn rotation_continues_the_chain_across_files() {
     assert!(text.contains("a file is missing"), "{text}");
 }
 
+/// `--audit-keep` and `--audit-keep-days`: rotated files beyond the count, or older than
+/// the age, are removed (after each rotation, and at start); the live file and files that
+/// are not the log's rotated ones stay; what is kept still verifies, as a chain that
+/// continues from the files removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_rotated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    // An old rotated file, a file of another log and a look-alike that is not rotated.
+    let old = dir.path().join("audit.20200101T000000000000Z.jsonl");
+    std::fs::write(&old, "").unwrap();
+    let other = dir.path().join("other.20200101T000000000000Z.jsonl");
+    std::fs::write(&other, "").unwrap();
+    let notes = dir.path().join("audit.notes.jsonl");
+    std::fs::write(&notes, "").unwrap();
+    let log_str = log.display().to_string();
+    let (p, _rules) = proxy_with(RULES, move |s| {
+        s.audit_log = Some(log_str);
+        s.audit_keep_days = Some(30);
+    })
+    .await;
+    assert!(
+        !old.exists(),
+        "a rotated file older than 30 days is removed at start"
+    );
+    p.shutdown().await;
+    let log_str = log.display().to_string();
+    let (p, _rules) = proxy_with(RULES, move |s| {
+        s.audit_log = Some(log_str);
+        s.audit_max_bytes = Some(2000);
+        s.audit_keep = Some(2);
+    })
+    .await;
+    let alice = p.connect("alice", "alice_pw").await;
+    for i in 0..60 {
+        alice
+            .simple_query(&format!("SELECT {i} AS n"))
+            .await
+            .unwrap();
+    }
+    drop(alice);
+    p.shutdown().await;
+    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p != &log && p != &other && p != &notes)
+        .collect();
+    rotated.sort();
+    assert_eq!(rotated.len(), 2, "kept: {rotated:?}");
+    assert!(other.exists() && notes.exists() && log.exists());
+    // The newest were kept: the last statement is in the live file or the newest one.
+    let all: Vec<String> = rotated
+        .iter()
+        .chain([&log])
+        .flat_map(|f| lines_of(f))
+        .collect();
+    assert!(all.iter().any(|l| l.contains("SELECT 59 AS n")));
+    assert!(!all
+        .iter()
+        .any(|l| l.contains("\"statement\":\"SELECT 0 AS n\"")));
+    let mut files: Vec<&Path> = rotated.iter().map(PathBuf::as_path).collect();
+    files.push(&log);
+    let (code, text) = verify(&files);
+    assert_eq!(code, Some(0), "{text}");
+}
+
 fn spawn_pgveil(
     pg: &PgCluster,
     port: u16,

@@ -10,5 +10,5 @@ pub mod verify;
 pub mod writer;
 
 pub use record::{Decision, Event, Record};
-pub use sink::{AuditError, FlushPolicy, WriterConfig};
+pub use sink::{AuditError, FlushPolicy, Retention, WriterConfig};
 pub use writer::AuditLog;

@@ -41,12 +41,32 @@ pub struct WriterConfig {
     pub max_bytes: u64,
     /// Batches the channel holds before senders wait.
     pub queue: usize,
+    /// Which rotated files are kept.
+    pub retention: Retention,
+}
+
+/// Which rotated audit files are kept: pruned after each rotation and when the log opens.
+/// The live file is never removed, and `audit verify` reads a chain whose first files are
+/// gone (it reports the hash the remaining files continue from).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// At most this many rotated files (the newest); `None` keeps every one.
+    pub files: Option<usize>,
+    /// Rotated files younger than this (by the time in their names); `None`: any age.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl Retention {
+    fn prunes(&self) -> bool {
+        self.files.is_some() || self.max_age.is_some()
+    }
 }
 
 pub(super) enum Sink {
     Stdout,
     File {
         path: PathBuf,
+        retention: Retention,
         file: File,
         size: u64,
     },
@@ -99,7 +119,18 @@ impl Sink {
             })?,
         };
         let size = file.metadata().map_err(io)?.len();
-        Ok((Sink::File { path, file, size }, prev, recovered))
+        let retention = config.retention;
+        prune(&path, retention);
+        Ok((
+            Sink::File {
+                path,
+                retention,
+                file,
+                size,
+            },
+            prev,
+            recovered,
+        ))
     }
 
     pub(super) fn size(&self) -> u64 {
@@ -139,7 +170,13 @@ impl Sink {
     }
 
     pub(super) fn rotate(&mut self) -> std::io::Result<()> {
-        let Sink::File { path, file, size } = self else {
+        let Sink::File {
+            path,
+            retention,
+            file,
+            size,
+        } = self
+        else {
             return Ok(());
         };
         let rotated = rotated_name(path);
@@ -163,12 +200,74 @@ impl Sink {
                 }
             });
         tracing::info!(rotated = %rotated.display(), "audit log rotated");
+        prune(path, *retention);
         Ok(())
     }
 }
 
-/// `audit.jsonl` → `audit.20261123T055731123456Z.jsonl`, unused.
-fn rotated_name(path: &Path) -> PathBuf {
+/// Removes the rotated files of the log at `path` that `retention` does not keep.
+fn prune(path: &Path, retention: Retention) {
+    if !retention.prunes() {
+        return;
+    }
+    let mut rotated = rotated_files(path);
+    rotated.sort();
+    let cutoff = retention.max_age.map(|age| {
+        let at = time::OffsetDateTime::now_utc() - age;
+        compact_timestamp(at)
+    });
+    let over = retention
+        .files
+        .map_or(0, |keep| rotated.len().saturating_sub(keep));
+    for (i, (stamp, file)) in rotated.iter().enumerate() {
+        let too_old = cutoff.as_ref().is_some_and(|c| &stamp.0 < c);
+        if i < over || too_old {
+            match std::fs::remove_file(file) {
+                Ok(()) => {
+                    tracing::info!(removed = %file.display(), "rotated audit file removed (retention)")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "could not remove a rotated audit file: {e}")
+                }
+            }
+        }
+    }
+}
+
+/// The rotated files of the log at `path` (`audit.20261123T055731123456Z.jsonl`, with
+/// `-N` before the extension when several rotated within one microsecond), each with its
+/// name's time (and `-N`), which sort oldest first.
+fn rotated_files(path: &Path) -> Vec<((String, u32), PathBuf)> {
+    let (stem, ext) = stem_and_ext(path);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let prefix = format!("{stem}.");
+    let suffix = format!(".{ext}");
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let middle = name.strip_prefix(&prefix)?.strip_suffix(&suffix)?;
+            let (stamp, n) = match middle.split_once('-') {
+                Some((stamp, n)) => (stamp, n.parse().ok()?),
+                None => (middle, 0),
+            };
+            let b = stamp.as_bytes();
+            let shaped = b.len() == 22
+                && b[8] == b'T'
+                && b[21] == b'Z'
+                && b[..8].iter().chain(&b[9..21]).all(u8::is_ascii_digit);
+            shaped.then(|| ((stamp.to_string(), n), e.path()))
+        })
+        .collect()
+}
+
+fn stem_and_ext(path: &Path) -> (String, String) {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -177,7 +276,18 @@ fn rotated_name(path: &Path) -> PathBuf {
         .extension()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "jsonl".into());
-    let now = timestamp(time::OffsetDateTime::now_utc()).replace(['-', ':', '.'], "");
+    (stem, ext)
+}
+
+/// A rotated file's time as its name writes it: `20261123T055731123456Z`.
+fn compact_timestamp(at: time::OffsetDateTime) -> String {
+    timestamp(at).replace(['-', ':', '.'], "")
+}
+
+/// `audit.jsonl` → `audit.20261123T055731123456Z.jsonl`, unused.
+fn rotated_name(path: &Path) -> PathBuf {
+    let (stem, ext) = stem_and_ext(path);
+    let now = compact_timestamp(time::OffsetDateTime::now_utc());
     let mut n = 0;
     loop {
         let suffix = if n == 0 {

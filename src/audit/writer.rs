@@ -319,6 +319,7 @@ mod tests {
                 flush,
                 max_bytes: 0,
                 queue: 8,
+                retention: Default::default(),
             })
             .unwrap(),
         );

@@ -42,7 +42,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  pgveil serve --upstream db.internal:5432 --rules /etc/pgveil/rules\n  pgveil serve --listen 0.0.0.0:6432 --tls-cert server.crt --tls-key server.key --require-tls \\\n    --upstream db.internal:5432 --upstream-tls verify-full --upstream-ca ca.crt\n  pgveil serve --audit-log /var/log/pgveil/audit.jsonl --audit-flush always --metrics 127.0.0.1:9187"
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate rules; exit 0 when valid, 1 with each problem on its own line as file:line,
     /// 2 when the database given could not be read.
     ///
@@ -294,6 +294,14 @@ pub struct ServeArgs {
     /// 0 = never [default: 104857600]
     #[arg(long)]
     pub audit_max_bytes: Option<u64>,
+    /// Keep at most N rotated audit files (the oldest go, after each rotation and at
+    /// start); 0 = keep all [default: 0]
+    #[arg(long, value_name = "N")]
+    pub audit_keep: Option<usize>,
+    /// Remove rotated audit files older than D days (after each rotation and at start);
+    /// 0 = keep all [default: 0]
+    #[arg(long, value_name = "D")]
+    pub audit_keep_days: Option<u64>,
     /// Write statements with their literals ('...', numbers) replaced by ?.
     #[arg(long)]
     pub audit_redact: bool,
@@ -364,6 +372,8 @@ impl ServeArgs {
             audit_flush: self.audit_flush,
             audit_flush_interval_ms: self.audit_flush_interval_ms,
             audit_max_bytes: self.audit_max_bytes,
+            audit_keep: self.audit_keep,
+            audit_keep_days: self.audit_keep_days,
             audit_redact: self.audit_redact.then_some(true),
             auth_max_failures: self.auth_max_failures,
             auth_failure_window_secs: self.auth_failure_window_secs,

@@ -88,6 +88,8 @@ pub struct ServeSettings {
     pub audit_flush: Option<AuditFlush>,
     pub audit_flush_interval_ms: Option<u64>,
     pub audit_max_bytes: Option<u64>,
+    pub audit_keep: Option<usize>,
+    pub audit_keep_days: Option<u64>,
     pub audit_redact: Option<bool>,
     pub auth_max_failures: Option<u32>,
     pub auth_failure_window_secs: Option<u64>,
@@ -133,6 +135,8 @@ impl ServeSettings {
                 .audit_flush_interval_ms
                 .or(base.audit_flush_interval_ms),
             audit_max_bytes: self.audit_max_bytes.or(base.audit_max_bytes),
+            audit_keep: self.audit_keep.or(base.audit_keep),
+            audit_keep_days: self.audit_keep_days.or(base.audit_keep_days),
             audit_redact: self.audit_redact.or(base.audit_redact),
             auth_max_failures: self.auth_max_failures.or(base.auth_max_failures),
             auth_failure_window_secs: self
@@ -266,6 +270,13 @@ impl Config {
                 flush,
                 max_bytes: s.audit_max_bytes.unwrap_or(100 * 1024 * 1024),
                 queue: 4096,
+                retention: crate::audit::Retention {
+                    files: s.audit_keep.filter(|n| *n > 0),
+                    max_age: s
+                        .audit_keep_days
+                        .filter(|d| *d > 0)
+                        .map(|d| Duration::from_secs(d * 86_400)),
+                },
             },
             redact: s.audit_redact.unwrap_or(false),
         });
