@@ -35,42 +35,80 @@ pub struct Report {
 
 /// Verifies `files` as one chain, in the order given.
 pub fn verify(files: &[PathBuf]) -> std::io::Result<Report> {
+    verify_with_progress(files, |_, _| {})
+}
+
+/// [`verify`], reading each file as a stream (files of any size, in constant memory) and
+/// calling `progress(bytes read, bytes in all files)` every few megabytes and at the end.
+pub fn verify_with_progress(
+    files: &[PathBuf],
+    mut progress: impl FnMut(u64, u64),
+) -> std::io::Result<Report> {
     let mut report = Report {
         outcome: Outcome::Intact,
         records: 0,
         last_hash: String::new(),
         continues_from: None,
     };
+    let total = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let mut done = 0u64;
     let mut expected: Option<String> = None;
     for path in files {
-        let bytes = std::fs::read(path)?;
-        if let Some(outcome) = verify_file(path, &bytes, &mut expected, &mut report) {
+        let file = std::fs::File::open(path)?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let outcome = verify_file(path, &mut reader, &mut expected, &mut report, |n| {
+            done += n;
+            progress(done, total);
+        })?;
+        if let Some(outcome) = outcome {
             report.outcome = outcome;
             return Ok(report);
         }
     }
+    progress(total, total);
     Ok(report)
 }
 
 fn verify_file(
     path: &Path,
-    bytes: &[u8],
+    reader: &mut impl std::io::BufRead,
     expected: &mut Option<String>,
     report: &mut Report,
-) -> Option<Outcome> {
+    mut read: impl FnMut(u64),
+) -> std::io::Result<Option<Outcome>> {
     let broken = |line: usize, reason: String| {
-        Some(Outcome::Broken {
+        Ok(Some(Outcome::Broken {
             file: path.to_path_buf(),
             line,
             reason,
-        })
+        }))
     };
-    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
-    // The text after the last newline: empty for a complete file.
-    let rest = lines.pop().unwrap_or_default();
-    for (i, line) in lines.iter().enumerate() {
-        let n = i + 1;
-        let (prev, hash) = match check_line(line) {
+    let mut line = Vec::with_capacity(4096);
+    let mut n = 0;
+    let mut unreported = 0u64;
+    loop {
+        line.clear();
+        let got = reader.read_until(b'\n', &mut line)?;
+        if got == 0 {
+            break;
+        }
+        n += 1;
+        unreported += got as u64;
+        if unreported >= 8 << 20 {
+            read(std::mem::take(&mut unreported));
+        }
+        // The text after the last newline: a line an interrupted write cut short.
+        if line.last() != Some(&b'\n') {
+            read(unreported);
+            return Ok(Some(Outcome::Torn {
+                file: path.to_path_buf(),
+                line: n,
+            }));
+        }
+        let (prev, hash) = match check_line(&line[..line.len() - 1]) {
             Ok(v) => v,
             Err(reason) => return broken(n, reason),
         };
@@ -91,13 +129,8 @@ fn verify_file(
         report.last_hash = hash;
         report.records += 1;
     }
-    if !rest.is_empty() {
-        return Some(Outcome::Torn {
-            file: path.to_path_buf(),
-            line: lines.len() + 1,
-        });
-    }
-    None
+    read(unreported);
+    Ok(None)
 }
 
 /// A line's `prev_hash` and `hash`, once its hash is recomputed and matches.
@@ -166,6 +199,23 @@ mod tests {
     #[test]
     fn intact_chain_verifies() {
         assert_eq!(check(&chain(5)), Outcome::Intact);
+    }
+
+    #[test]
+    fn progress_counts_every_byte_read_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = chain(6);
+        let a = dir.path().join("a.jsonl");
+        let b = dir.path().join("b.jsonl");
+        std::fs::write(&a, lines[..3].concat()).unwrap();
+        std::fs::write(&b, lines[3..].concat()).unwrap();
+        let total = lines.concat().len() as u64;
+        let mut seen = Vec::new();
+        let r = verify_with_progress(&[a, b], |done, all| seen.push((done, all))).unwrap();
+        assert_eq!(r.outcome, Outcome::Intact);
+        assert_eq!(r.records, 6);
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+        assert_eq!(seen.last(), Some(&(total, total)));
     }
 
     #[test]

@@ -479,7 +479,28 @@ pub fn audit(command: AuditCommand) -> ExitCode {
     use crate::audit::{search, verify};
     match command {
         AuditCommand::Verify { files, last_hash } => {
-            let report = match verify::verify(&files) {
+            // On a terminal, how far the check is (files of many gigabytes take a while).
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut shown = None;
+            let progress = |done: u64, total: u64| {
+                if !terminal || total == 0 {
+                    return;
+                }
+                let percent = done * 100 / total;
+                if shown != Some(percent) {
+                    shown = Some(percent);
+                    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                    eprint!(
+                        "\rverifying: {:.0} of {:.0} MiB ({percent}%)",
+                        mib(done),
+                        mib(total)
+                    );
+                    if done >= total {
+                        eprintln!();
+                    }
+                }
+            };
+            let report = match verify::verify_with_progress(&files, progress) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("pgveil audit verify: {e}");
