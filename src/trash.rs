@@ -158,6 +158,91 @@ GRANT EXECUTE ON FUNCTION pgveil_trash.purge() TO PUBLIC;
 "#
 );
 
+/// The version of the recycle bin's schema this pgveil installs and works with;
+/// `pgveil_trash.meta` holds the installed one (`schema_version`). Version 1 is the schema
+/// before it carried a version (no `meta` table).
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// The steps that bring an installed bin from each version to the next, in order: the
+/// SQL that turns version `from` into `from + 1`. `trash init` runs those the installed
+/// bin needs, in its one transaction.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE IF NOT EXISTS pgveil_trash.meta (key text PRIMARY KEY, value text NOT NULL); \
+     REVOKE ALL ON pgveil_trash.meta FROM PUBLIC; \
+     GRANT SELECT ON pgveil_trash.meta TO PUBLIC",
+)];
+
+/// The installed bin's schema version: `None` when no bin is installed.
+pub async fn installed_version(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<i32>, TrashError> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.to_regnamespace('pgveil_trash') IS NOT NULL, \
+             pg_catalog.to_regclass('pgveil_trash.meta') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let (schema, meta): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
+    if !schema {
+        return Ok(None);
+    }
+    if !meta {
+        return Ok(Some(1));
+    }
+    let version = client
+        .query_opt(
+            "SELECT value FROM pgveil_trash.meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await?
+        .map(|r| r.try_get::<_, String>(0))
+        .transpose()?;
+    match version.map(|v| v.parse::<i32>()) {
+        Some(Ok(v)) => Ok(Some(v)),
+        Some(Err(_)) => Err(TrashError::Refused(
+            "pgveil_trash.meta holds a schema_version that is not a number".into(),
+        )),
+        None => Ok(Some(1)),
+    }
+}
+
+/// Brings the bin's schema to [`SCHEMA_VERSION`] (inside `init`'s transaction, before the
+/// idempotent install): what it did, for the report. A bin of a newer pgveil is refused.
+async fn upgrade(tx: &tokio_postgres::Transaction<'_>) -> Result<String, TrashError> {
+    let installed = installed_version(tx).await?;
+    if let Some(v) = installed.filter(|v| *v > SCHEMA_VERSION) {
+        return Err(TrashError::Refused(format!(
+            "the recycle bin was set up by a newer pgveil (schema version {v}; this pgveil knows up to {SCHEMA_VERSION}): run that version's trash init, or upgrade pgveil"
+        )));
+    }
+    tx.batch_execute(SCHEMA_SQL).await?;
+    let mut version = installed.unwrap_or(1);
+    while version < SCHEMA_VERSION {
+        let Some((_, sql)) = MIGRATIONS.iter().find(|(from, _)| *from == version) else {
+            return Err(TrashError::Refused(format!(
+                "no upgrade of the recycle bin from schema version {version}"
+            )));
+        };
+        tx.batch_execute(sql).await?;
+        version += 1;
+    }
+    tx.execute(
+        "INSERT INTO pgveil_trash.meta VALUES ('schema_version', $1) \
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        &[&SCHEMA_VERSION.to_string()],
+    )
+    .await?;
+    Ok(match installed {
+        None => format!("recycle bin schema version {SCHEMA_VERSION} installed\n"),
+        Some(v) if v < SCHEMA_VERSION => {
+            format!("recycle bin schema upgraded from version {v} to {SCHEMA_VERSION}\n")
+        }
+        Some(_) => String::new(),
+    })
+}
+
 /// The capture triggers `trash init` installs on each recycled table.
 pub const DELETE_TRIGGER: &str = "pgveil_trash_delete";
 pub const TRUNCATE_TRIGGER: &str = "pgveil_trash_truncate";
@@ -215,7 +300,7 @@ fn qualified(schema: &str, table: &str) -> String {
 /// trigger of the same name, which it cannot replace, is dropped first), enabled.
 pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashError> {
     let tx = client.transaction().await?;
-    tx.batch_execute(SCHEMA_SQL).await?;
+    let upgraded = upgrade(&tx).await?;
     // CREATE OR REPLACE keeps the function's owner: give it back to the bin's.
     let owners = tx
         .query_one(
@@ -234,7 +319,7 @@ pub async fn init(client: &mut Client, rules: &Rules) -> Result<String, TrashErr
         ))
         .await?;
     }
-    let mut report = String::new();
+    let mut report = upgraded;
     for r in &rules.recycles {
         let exists = tx
             .query_opt(

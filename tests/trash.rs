@@ -1043,3 +1043,59 @@ async fn a_capture_replaced_through_pgveil_is_refused_in_the_same_session() {
     assert_eq!(bin.sql("SELECT count(*) FROM customers WHERE id = 2"), "1");
     p.shutdown().await;
 }
+
+/// The bin's schema carries its version (pgveil_trash.meta); `trash init` installs the
+/// current one, upgrades an older bin in place (its kept rows stay), and refuses a bin
+/// set up by a newer pgveil; `check` says when an upgrade is due.
+#[tokio::test]
+async fn the_bin_schema_carries_a_version_and_upgrades_itself() {
+    let bin = Bin::new("trash_version");
+    bin.init();
+    let version = || {
+        bin.sql("SELECT value FROM pgveil_trash.meta WHERE key = 'schema_version'")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(version(), pgveil::trash::SCHEMA_VERSION.to_string());
+    let p = bin.proxy().await;
+    let admin = bin.client(&p, "crm_admin", "admin_pw").await;
+    admin
+        .batch_execute("DELETE FROM contacts WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(bin.kept(Some("contacts")).len(), 1);
+    // A bin from before versions: no meta table.
+    bin.sql("DROP TABLE pgveil_trash.meta");
+    let rules = bin.rules_dir();
+    let out = bin.pgveil(&["check", "--rules", &rules]);
+    assert!(
+        stdout(&out).contains("the recycle bin's schema is version 1; run `pgveil trash init`"),
+        "{}",
+        stdout(&out)
+    );
+    let out = bin.pgveil(&["trash", "init", "--rules", &rules]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("recycle bin schema upgraded from version 1 to 2"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(version(), "2");
+    assert_eq!(bin.kept(Some("contacts")).len(), 1, "kept rows survive");
+    // A newer pgveil's bin is left alone.
+    bin.sql("UPDATE pgveil_trash.meta SET value = '99' WHERE key = 'schema_version'");
+    let out = bin.pgveil(&["trash", "init", "--rules", &rules]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("newer pgveil (schema version 99"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(version(), "99");
+    let out = bin.pgveil(&["check", "--rules", &rules]);
+    assert!(
+        stdout(&out).contains("set up by a newer pgveil"),
+        "{}",
+        stdout(&out)
+    );
+}

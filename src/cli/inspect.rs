@@ -105,6 +105,22 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
             }
         }
     }
+    if let Some(first) = rules.recycles.first() {
+        let origin = &first.origin;
+        let current = crate::trash::SCHEMA_VERSION;
+        match crate::trash::installed_version(&client).await {
+            Ok(Some(v)) if v < current => out.push(format!(
+                "{origin}: warning: the recycle bin's schema is version {v}; run `pgveil trash init` to upgrade it to {current}"
+            )),
+            Ok(Some(v)) if v > current => out.push(format!(
+                "{origin}: warning: the recycle bin was set up by a newer pgveil (schema version {v}; this one knows up to {current})"
+            )),
+            Ok(_) => {}
+            Err(e) => out.push(format!(
+                "{origin}: warning: the recycle bin's schema version cannot be read: {e}"
+            )),
+        }
+    }
     for r in &rules.recycles {
         if catalog.relation(&r.schema, &r.table).is_none() {
             out.push(format!(
