@@ -450,3 +450,40 @@ fn only_whole_port_numbers_are_replaced() {
         "-p 50000 127.0.0.1:50000 16432 64321 :50001/metrics"
     );
 }
+
+/// Users have the repository and nothing beside it: the README, the code, the scripts and
+/// the deployment files never point at the developers' own files outside it.
+#[test]
+fn nothing_points_outside_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack: Vec<std::path::PathBuf> = [
+        "README.md",
+        "src",
+        "scripts",
+        "docker",
+        "deploy",
+        "rules",
+        "tests",
+        "benches",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .collect();
+    let needle = ["..", "/shared/"].concat();
+    let mut found = Vec::new();
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            for e in std::fs::read_dir(&path).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else if let Ok(text) = std::fs::read_to_string(&path) {
+            if text.contains(&needle) {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "files pointing outside the repository: {found:?}"
+    );
+}
