@@ -101,10 +101,20 @@ fn bench(c: &mut Criterion) {
         escape: b'"',
         header: false,
         encoding: None,
+        force_quote: Vec::new(),
     };
+    const NAMES: [&str; 7] = [
+        "id",
+        "name",
+        "phone",
+        "email",
+        "national_id",
+        "card",
+        "balance",
+    ];
     let text_row: &[u8] =
         b"1\tPerson 1\t13910007919\tuser1@example.com\tID000000001\t4111000000104729\t0.33\n";
-    let mut rewriter = CopyRewriter::new(plan.clone(), format(CopyKind::Text));
+    let mut rewriter = CopyRewriter::new(plan.clone(), &NAMES, format(CopyKind::Text));
     let mut buf = BytesMut::with_capacity(64 * 1024);
     c.bench_function("copy: text row, 4 masked columns", |b| {
         b.iter(|| {
@@ -118,7 +128,7 @@ fn bench(c: &mut Criterion) {
         binary_row.extend_from_slice(&(field.len() as i32).to_be_bytes());
         binary_row.extend_from_slice(field);
     }
-    let mut rewriter = CopyRewriter::new(plan, format(CopyKind::Binary));
+    let mut rewriter = CopyRewriter::new(plan, &NAMES, format(CopyKind::Binary));
     let mut header = b"PGCOPY\n\xff\r\n\0".to_vec();
     header.extend_from_slice(&[0; 8]);
     rewriter.rewrite(&header, &mut buf).unwrap();

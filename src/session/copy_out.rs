@@ -28,6 +28,8 @@ const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 pub struct CopyRewriter {
     /// Per output column, its mask.
     columns: Vec<Option<Arc<ColumnMask>>>,
+    /// Per output column, whether FORCE_QUOTE names it (CSV).
+    forced: Vec<bool>,
     /// One past the last masked column: the rest of a row is copied as it is.
     masked_end: usize,
     format: CopyFormat,
@@ -42,14 +44,25 @@ pub struct CopyRewriter {
 }
 
 impl CopyRewriter {
-    pub fn new(columns: Vec<Option<Arc<ColumnMask>>>, format: CopyFormat) -> CopyRewriter {
+    /// The rewriter of a COPY whose output columns are named `names` and masked by
+    /// `columns`.
+    pub fn new(
+        columns: Vec<Option<Arc<ColumnMask>>>,
+        names: &[&str],
+        format: CopyFormat,
+    ) -> CopyRewriter {
         let masked_end = columns
             .iter()
             .rposition(Option::is_some)
             .map_or(0, |i| i + 1);
         let header_left = format.header || format.kind == CopyKind::Binary;
+        let forced = names
+            .iter()
+            .map(|n| format.force_quote.iter().any(|f| f == n))
+            .collect();
         CopyRewriter {
             columns,
+            forced,
             masked_end,
             format,
             header_left,
@@ -260,7 +273,11 @@ impl CopyRewriter {
                 if quoted || raw != self.format.null.as_slice() {
                     out.put_slice(&body[copied..start]);
                     if self.mask_field(column, false) {
-                        self.write_csv(quoted, out);
+                        // Quoted as the masked value needs (or FORCE_QUOTE says), never
+                        // as the clear one was: the server's quoting tells whether the
+                        // clear value held the delimiter or equalled the NULL string.
+                        let forced = self.forced.get(column).copied().unwrap_or(false);
+                        self.write_csv(forced, out);
                     } else {
                         out.put_slice(&self.format.null);
                     }
@@ -325,15 +342,15 @@ impl CopyRewriter {
         }
     }
 
-    /// Writes `self.masked` as a CSV field, quoted when it was or when it must be.
-    fn write_csv(&self, quoted: bool, out: &mut BytesMut) {
+    /// Writes `self.masked` as a CSV field, quoted when `forced` or when it must be.
+    fn write_csv(&self, forced: bool, out: &mut BytesMut) {
         let f = &self.format;
         let v = &self.masked;
         let must = v.iter().any(|&b| {
             b == f.delimiter || b == f.quote || b == f.escape || b == b'\n' || b == b'\r'
         }) || *v == f.null
             || v.as_slice() == b"\\.";
-        if !(quoted || must) {
+        if !(forced || must) {
             out.put_slice(v);
             return;
         }
@@ -526,6 +543,7 @@ mod tests {
             escape: b'"',
             header: false,
             encoding: None,
+            force_quote: Vec::new(),
         }
     }
 
@@ -533,7 +551,7 @@ mod tests {
     fn run(kind: CopyKind, header: bool, chunks: &[&[u8]]) -> Vec<u8> {
         let mut f = format(kind);
         f.header = header;
-        let mut r = CopyRewriter::new(vec![None, Some(redact()), None], f);
+        let mut r = CopyRewriter::new(vec![None, Some(redact()), None], &["a", "b", "c"], f);
         let mut out = BytesMut::new();
         for c in chunks {
             r.rewrite(c, &mut out).unwrap();
@@ -612,10 +630,18 @@ mod tests {
 
     #[test]
     fn malformed_rows_are_errors_not_forwarded() {
-        let mut r = CopyRewriter::new(vec![None, Some(redact()), None], format(CopyKind::Text));
+        let mut r = CopyRewriter::new(
+            vec![None, Some(redact()), None],
+            &["a", "b", "c"],
+            format(CopyKind::Text),
+        );
         let mut out = BytesMut::new();
         assert!(r.rewrite(b"1\tsecret\n", &mut out).is_err());
-        let mut r = CopyRewriter::new(vec![None, Some(redact()), None], format(CopyKind::Text));
+        let mut r = CopyRewriter::new(
+            vec![None, Some(redact()), None],
+            &["a", "b", "c"],
+            format(CopyKind::Text),
+        );
         r.rewrite(b"1\tsecr", &mut out).unwrap();
         assert!(r.finish().is_err());
     }

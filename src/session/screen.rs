@@ -9,7 +9,7 @@ use bytes::BytesMut;
 
 use super::audit::Recorded;
 use super::encoding::Converted;
-use super::state::{Discarding, Limited, Pending, SessionState};
+use super::state::{Discarding, Limited, Pending, PreparedStatement, SessionState};
 use crate::policy::authorize::{Permit, SessionRules};
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
@@ -134,8 +134,26 @@ pub fn screen(
                     for f in st.describe_copy(inner) {
                         out.extend_from_slice(f.raw());
                     }
-                    st.push_internal(Pending::Internal);
-                    st.push_internal(Pending::Internal);
+                    // The unnamed statement and portal are the COPY's now, on the server
+                    // and in pgveil's books: a Bind of them later is masked as this is.
+                    st.push_internal(Pending::Hidden(Box::new(Pending::Parse(
+                        "".into(),
+                        PreparedStatement {
+                            sql: std::sync::Arc::from(sql.as_str()),
+                            param_types: Vec::new(),
+                            rows: Some(None),
+                            recorded: recorded.clone(),
+                            settings: Default::default(),
+                            limited: None,
+                            copy: copy.clone(),
+                        },
+                    ))));
+                    st.push_internal(Pending::Hidden(Box::new(Pending::Bind {
+                        portal: "".into(),
+                        statement: "".into(),
+                        result_formats: Default::default(),
+                        recorded,
+                    })));
                     out.extend_from_slice(write::parse("", &sql).raw());
                     out.extend_from_slice(write::bind("", "").raw());
                     out.extend_from_slice(write::execute("").raw());

@@ -168,6 +168,10 @@ pub enum Pending {
     /// The client's CopyDone or CopyFail, sent before the server's CopyInResponse
     /// arrived: the end of the Syncs the server will ignore (see `on_copy_in`).
     CopyEnd,
+    /// A Parse or Bind pgveil sent for the client (a simple-query COPY sent as extended
+    /// messages): the server's statement or portal is registered as the request says,
+    /// and its reply is not the client's.
+    Hidden(Box<Pending>),
 }
 
 impl Pending {
@@ -302,6 +306,10 @@ pub struct SessionState {
     copy_out: Option<CopyStream>,
     /// The name of pgveil's statement for describing COPY queries.
     copy_statement: Option<String>,
+    /// A statement that may change settings (client_encoding among them) completed since
+    /// the last ReadyForQuery: the server reports the new values only with that
+    /// ReadyForQuery, so until then `server_params` may be out of date.
+    settings_may_have_changed: bool,
     /// Audit records and alert accounting; `None` when neither is on.
     pub audit: Option<super::audit::SessionAudit>,
 }
@@ -490,6 +498,15 @@ impl SessionState {
         self.pending.iter()
     }
 
+    /// The requests in flight, newest first, pgveil's hidden Parse and Bind as what they
+    /// register: what statement and portal names mean once they are answered.
+    fn sent_newest_first(&self) -> impl Iterator<Item = &Pending> {
+        self.pending.iter().rev().map(|p| match p {
+            Pending::Hidden(inner) => inner.as_ref(),
+            other => other,
+        })
+    }
+
     /// Whether the server will ignore this client message: a Sync during copy-in
     /// ("for the convenience of client libraries", PostgreSQL's CopyGetData).
     pub fn ignored_by_server(&self, msg: &FrontendMessage<'_>) -> bool {
@@ -531,7 +548,7 @@ impl SessionState {
     /// Statement `name` once the server has handled every request sent so far, if all
     /// succeed.
     fn prepared_as_sent(&self, name: &str) -> Option<&PreparedStatement> {
-        for p in self.pending.iter().rev() {
+        for p in self.sent_newest_first() {
             match p {
                 Pending::Parse(n, s) if n == name => return Some(s),
                 Pending::Close {
@@ -555,7 +572,7 @@ impl SessionState {
     /// What portal `name` runs once the server has handled every request sent so far, if
     /// all succeed: for the audit record of an Execute sent now.
     pub fn portal_as_sent(&self, name: &str) -> Option<Recorded> {
-        for p in self.pending.iter().rev() {
+        for p in self.sent_newest_first() {
             match p {
                 Pending::Bind {
                     portal, recorded, ..
@@ -712,6 +729,16 @@ impl SessionState {
                 _ => {}
             }
         }
+        if matches!(self.pending.front(), Some(Pending::Hidden(_))) && matches!(tag, b'1' | b'2') {
+            if let Some(Pending::Hidden(inner)) = self.pending.pop_front() {
+                self.pending.push_front(*inner);
+            }
+            match tag {
+                b'1' => self.complete_parse(),
+                _ => self.complete_bind(),
+            }
+            return Reply::Swallow;
+        }
         match tag {
             b'1' | b'2' if matches!(self.pending.front(), Some(Pending::Internal)) => {
                 self.pending.pop_front();
@@ -759,6 +786,17 @@ impl SessionState {
                 self.current_rows = None;
                 self.plan = None;
                 self.copy_out = None;
+                if let Some(Pending::Execute { portal }) =
+                    self.pending.front().filter(|_| self.policy.is_some())
+                {
+                    if self
+                        .portals
+                        .get(portal)
+                        .is_none_or(|p| p.settings.of(&p.sql))
+                    {
+                        self.settings_may_have_changed = true;
+                    }
+                }
                 if matches!(self.pending.front(), Some(Pending::Execute { .. })) {
                     self.pending.pop_front();
                 }
@@ -772,6 +810,7 @@ impl SessionState {
                 self.plan = None;
                 self.copy_out = None;
                 self.copy_described = None;
+                self.settings_may_have_changed = false;
                 let failed = std::mem::take(&mut self.request_failed);
                 match self.pending.pop_front() {
                     Some(Pending::Query { created, .. }) => {
@@ -937,7 +976,7 @@ impl SessionState {
 
     /// The COPY portal `name` runs once the server has handled every request sent so far.
     fn portal_copy_as_sent(&self, name: &str) -> Option<Arc<CopyOut>> {
-        for p in self.pending.iter().rev() {
+        for p in self.sent_newest_first() {
             match p {
                 Pending::Bind {
                     portal, statement, ..
@@ -976,6 +1015,12 @@ impl SessionState {
         if shape.len() != columns || binary != (format.kind == CopyKind::Binary) {
             return Err("the COPY's columns are not those pgveil described".into());
         }
+        if format.kind != CopyKind::Binary
+            && format.encoding.is_none()
+            && self.settings_may_have_changed
+        {
+            return Err("a statement earlier in this batch may have changed client_encoding, which the server reports only at the batch's end, so pgveil cannot read the COPY's rows; end the batch (Sync) before the COPY, name its ENCODING, or use the binary format".into());
+        }
         if format.kind != CopyKind::Binary {
             let encoding = match &format.encoding {
                 Some(e) => e.clone(),
@@ -1008,7 +1053,8 @@ impl SessionState {
             .iter()
             .map(|f| policy.masks.of_attr(f.table_oid, f.column).cloned())
             .collect();
-        let rewriter = CopyRewriter::new(plan, format.clone());
+        let names: Vec<&str> = shape.iter().map(|f| f.name.as_str()).collect();
+        let rewriter = CopyRewriter::new(plan, &names, format.clone());
         self.copy_out = Some(CopyStream::Masked(Box::new(rewriter)));
         Ok(())
     }
@@ -1148,7 +1194,7 @@ impl SessionState {
     /// known shape: described as a portal, or its statement described, before then.
     fn shape_will_be_known(&self, portal: &str) -> bool {
         let mut statement = None;
-        for p in self.pending.iter().rev() {
+        for p in self.sent_newest_first() {
             match p {
                 Pending::Describe {
                     target: Target::Portal,

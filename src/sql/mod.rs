@@ -59,6 +59,14 @@ pub fn parse_tokens(tokens: &[lex::Token<'_>]) -> Result<Vec<Statement>, ParserE
             "ONLY before a table name, which sqlparser reads as a table named only".into(),
         ));
     }
+    if statements
+        .iter()
+        .any(|s| s.visit(&mut TableCommand).is_break())
+    {
+        return Err(ParserError::ParserError(
+            "the TABLE command, which sqlparser reads without its table as a reference".into(),
+        ));
+    }
     Ok(statements)
 }
 
@@ -244,6 +252,30 @@ impl Visitor for MisreadOnly {
                 ControlFlow::Break(())
             }
             _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+/// `TABLE name` (short for `SELECT * FROM name`): sqlparser keeps it as a bare name, not a
+/// table reference, so no analysis would see the table it reads. It is not analysed.
+struct TableCommand;
+
+impl Visitor for TableCommand {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &sqlparser::ast::Query) -> ControlFlow<()> {
+        fn has_table(set: &sqlparser::ast::SetExpr) -> bool {
+            use sqlparser::ast::SetExpr;
+            match set {
+                SetExpr::Table(_) => true,
+                SetExpr::SetOperation { left, right, .. } => has_table(left) || has_table(right),
+                _ => false,
+            }
+        }
+        if has_table(&q.body) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
         }
     }
 }

@@ -2,6 +2,7 @@
 //! query's, from a description of the inner query (COPY's own output carries no column
 //! origins). This module reads what the rows will look like from the COPY's options.
 
+use crate::sql::fold;
 use sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Query, SetExpr,
     Statement,
@@ -38,6 +39,9 @@ pub struct CopyFormat {
     pub header: bool,
     /// ENCODING: the rows come in this encoding instead of the client_encoding.
     pub encoding: Option<String>,
+    /// CSV: the columns FORCE_QUOTE names (as the server reads the names), whose non-NULL
+    /// values are always quoted.
+    pub force_quote: Vec<String>,
 }
 
 /// The inner query of a `COPY (SELECT ...) TO STDOUT`, whose outermost SELECT list is
@@ -72,6 +76,7 @@ pub(super) fn format_of(stmt: &Statement) -> Result<CopyFormat, String> {
     let mut escape = None;
     let mut header = false;
     let mut encoding = None;
+    let mut force_quote = Vec::new();
     for o in options {
         match o {
             CopyOption::Format(f) => {
@@ -88,8 +93,7 @@ pub(super) fn format_of(stmt: &Statement) -> Result<CopyFormat, String> {
             CopyOption::Quote(c) => quote = Some(*c),
             CopyOption::Escape(c) => escape = Some(*c),
             CopyOption::Encoding(e) => encoding = Some(e.clone()),
-            // Quoting is kept as the server chose it, value by value.
-            CopyOption::ForceQuote(_) => {}
+            CopyOption::ForceQuote(columns) => force_quote.extend(columns.iter().map(fold)),
             other => return Err(format!("COPY option {other} is not one pgveil masks under")),
         }
     }
@@ -105,7 +109,9 @@ pub(super) fn format_of(stmt: &Statement) -> Result<CopyFormat, String> {
                         CopyLegacyCsvOption::Header => header = true,
                         CopyLegacyCsvOption::Quote(q) => quote = Some(*q),
                         CopyLegacyCsvOption::Escape(e) => escape = Some(*e),
-                        CopyLegacyCsvOption::ForceQuote(_) => {}
+                        CopyLegacyCsvOption::ForceQuote(columns) => {
+                            force_quote.extend(columns.iter().map(fold))
+                        }
                         other => {
                             return Err(format!(
                                 "COPY option {other} is not one pgveil masks under"
@@ -158,6 +164,7 @@ pub(super) fn format_of(stmt: &Statement) -> Result<CopyFormat, String> {
         escape,
         header,
         encoding,
+        force_quote,
     })
 }
 
@@ -169,7 +176,8 @@ fn unambiguous_null(null: &[u8], delimiter: u8) -> bool {
     while i < null.len() {
         if null[i] == b'\\' {
             match null.get(i + 1) {
-                None => return true,
+                // A backslash at the end would escape the delimiter after the field.
+                None => return false,
                 Some(c) if b"bfnrtv\\".contains(c) || *c == delimiter => i += 2,
                 Some(_) => return true,
             }
@@ -263,6 +271,8 @@ mod tests {
         assert!(format("COPY (SELECT 1) TO STDOUT (NULL '\\\\')").is_err());
         assert!(format("COPY (SELECT 1) TO STDOUT (NULL '\\N')").is_ok());
         assert!(format("COPY (SELECT 1) TO STDOUT (NULL 'x\\y')").is_ok());
+        assert!(format("COPY (SELECT 1) TO STDOUT (NULL 'x\\')").is_err());
+        assert!(format("COPY (SELECT 1) TO STDOUT (NULL '\\')").is_err());
         // CSV quotes a value that reads like the NULL string.
         assert!(format("COPY (SELECT 1) TO STDOUT (FORMAT csv, NULL 'NULL')").is_ok());
     }

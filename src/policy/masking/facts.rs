@@ -47,10 +47,29 @@ pub(super) struct Facts {
     /// A bare `*` inside an expression: the whole row of every table in scope.
     pub(super) expr_wildcard: bool,
     pub(super) select_into: bool,
+    /// How deep the walk is in statements (a data-modifying CTE's or a COPY's statement
+    /// is one level down).
+    statement_depth: usize,
+    /// `RETURNING *` of a statement inside the statement (a data-modifying CTE, a COPY's
+    /// UPDATE): its rows have no outermost SELECT to be masked in.
+    pub(super) nested_returning_wildcard: bool,
 }
 
 impl Visitor for Facts {
     type Break = ();
+
+    fn pre_visit_statement(&mut self, s: &sqlparser::ast::Statement) -> ControlFlow<()> {
+        if self.statement_depth > 0 && super::judge::returning_wildcard(s) {
+            self.nested_returning_wildcard = true;
+        }
+        self.statement_depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, _: &sqlparser::ast::Statement) -> ControlFlow<()> {
+        self.statement_depth -= 1;
+        ControlFlow::Continue(())
+    }
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
         self.ctes.enter(q);

@@ -27,6 +27,10 @@ pub(super) fn check_masked(
     subs: &mut Substitutions,
     alone: bool,
 ) -> Result<(), Verdict> {
+    if facts.nested_returning_wildcard {
+        let reason = "RETURNING * of a statement inside a CTE or COPY would return masked columns in clear; name the columns";
+        return Err(refuse(kind, first, reason, None));
+    }
     let top = outermost_select(stmt, kind, first, alone)?;
     let mut whole = WholeRows::new(scope, kind);
     whole_row_forms(facts, scope, &mut whole, first)?;
