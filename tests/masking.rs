@@ -10,6 +10,7 @@ mod common;
 
 use std::sync::OnceLock;
 
+use common::keyed::{binary_copy_fields, copy_bytes};
 use common::{output, psql_cmd, shared, stderr, stdout, PgCluster, TestProxy};
 
 const RULES: &str = r#"
@@ -102,10 +103,7 @@ fn cluster() -> &'static PgCluster {
 }
 
 async fn proxy() -> (TestProxy, tempfile::TempDir) {
-    std::env::set_var(
-        "PGVEIL_TEST_TOKEN_KEY",
-        "a test token key of thirty-two bytes or more",
-    );
+    common::keyed::set_test_key();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
     let path = dir.path().to_path_buf();
@@ -224,8 +222,7 @@ async fn masked_role_gets_masked_values_in_binary() {
     // The token decodes to the clear card number for someone who holds the key.
     let clear = cluster().psql_super("crm", "SELECT card_number FROM customers WHERE id = 1");
     let decoded =
-        pgveil::policy::mask::decode_token(b"a test token key of thirty-two bytes or more", &token)
-            .unwrap();
+        pgveil::policy::mask::decode_token(common::keyed::TEST_KEY.as_bytes(), &token).unwrap();
     assert_eq!(String::from_utf8(decoded).unwrap(), clear);
     let all = alice.query("SELECT * FROM customers", &[]).await.unwrap();
     assert_eq!(all.len(), 200);
@@ -538,10 +535,7 @@ async fn rules_reload_reaches_running_sessions() {
 
 #[tokio::test]
 async fn first_masks_end_sessions_that_cannot_apply_them() {
-    std::env::set_var(
-        "PGVEIL_TEST_TOKEN_KEY",
-        "a test token key of thirty-two bytes or more",
-    );
+    common::keyed::set_test_key();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.toml"), "").unwrap();
     let path = dir.path().to_path_buf();
@@ -1239,10 +1233,7 @@ fn explain_shows_masks_per_column_and_refusals() {
         ];
         let out = pgveil_cli(
             &args,
-            &[(
-                "PGVEIL_TEST_TOKEN_KEY",
-                "a test token key of thirty-two bytes or more",
-            )],
+            &[(common::keyed::TEST_KEY_ENV, common::keyed::TEST_KEY)],
         );
         assert!(
             out.status.success(),
@@ -2615,38 +2606,9 @@ async fn user_functions_in_attribute_notation_are_refused() {
 // ---------------------------------------------------------------------------------------
 // Keyed masks in COPY ... TO STDOUT.
 
-const KEYED_RULES: &str = r#"
-[[mask]]
-column = "customers.card_number"
-function = "tokenize"
-key_env = "PGVEIL_TEST_TOKEN_KEY"
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "customers.email"
-function = "hash"
-key_env = "PGVEIL_TEST_TOKEN_KEY"
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "customers.phone"
-function = "partial"
-keep_first = 3
-keep_last = 4
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "customers.national_id"
-function = "redact"
-unmasked_for = ["crm_admin"]
-"#;
-
 async fn keyed_proxy() -> TestProxy {
-    std::env::set_var(
-        "PGVEIL_TEST_TOKEN_KEY",
-        "a test token key of thirty-two bytes or more",
-    );
-    TestProxy::with_rules(cluster(), KEYED_RULES).await
+    common::keyed::set_test_key();
+    TestProxy::with_rules(cluster(), common::keyed::KEYED_RULES).await
 }
 
 /// Per customer id (1 to 5): (card token, e-mail hash, masked phone) as a SELECT of the
@@ -2673,48 +2635,6 @@ fn copy_fields(text: &str, delimiter: char) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect()
-}
-
-/// Every field of a binary COPY, as text (lossy), row by row.
-fn binary_copy_fields(data: &[u8]) -> Vec<Vec<String>> {
-    assert!(data.starts_with(b"PGCOPY\n\xff\r\n\0"), "binary signature");
-    let ext = u32::from_be_bytes(data[15..19].try_into().unwrap()) as usize;
-    let mut at = 19 + ext;
-    let mut rows = Vec::new();
-    loop {
-        let n = i16::from_be_bytes(data[at..at + 2].try_into().unwrap());
-        at += 2;
-        if n == -1 {
-            assert_eq!(at, data.len(), "nothing after the trailer");
-            return rows;
-        }
-        let mut row = Vec::new();
-        for _ in 0..n {
-            let len = i32::from_be_bytes(data[at..at + 4].try_into().unwrap());
-            at += 4;
-            if len < 0 {
-                row.push("NULL".to_string());
-            } else {
-                row.push(String::from_utf8_lossy(&data[at..at + len as usize]).into_owned());
-                at += len as usize;
-            }
-        }
-        rows.push(row);
-    }
-}
-
-async fn copy_bytes(
-    client: &tokio_postgres::Client,
-    sql: &str,
-) -> Result<Vec<u8>, tokio_postgres::Error> {
-    use futures_util::StreamExt;
-    let stream = client.copy_out(sql).await?;
-    futures_util::pin_mut!(stream);
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        out.extend_from_slice(&chunk?);
-    }
-    Ok(out)
 }
 
 /// `psql -c` sends the COPY as a simple query.

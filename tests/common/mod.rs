@@ -4,6 +4,8 @@
 //! one, by a watchdog process when the test process exits, whether tests passed or not.
 #![allow(dead_code)]
 
+pub mod keyed;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
