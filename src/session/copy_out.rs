@@ -226,6 +226,12 @@ impl CopyRewriter {
     /// Where the CSV row at the start of `input` ends (its newline outside quotes).
     fn csv_row_end(&self, input: &[u8]) -> Option<usize> {
         let (quote, escape) = (self.format.quote, self.format.escape);
+        // Most rows quote nothing: their newline comes before any quote.
+        match memchr::memchr2(b'\n', quote, input) {
+            None => return None,
+            Some(i) if input[i] == b'\n' => return Some(i),
+            Some(_) => {}
+        }
         let mut quoted = false;
         let mut i = 0;
         while i < input.len() {
@@ -267,7 +273,8 @@ impl CopyRewriter {
         let mut start = 0;
         let mut column = 0;
         loop {
-            let (end, quoted) = self.csv_field(body, start)?;
+            let masked = column < self.masked_end && self.columns[column].is_some();
+            let (end, quoted) = self.csv_field(body, start, masked)?;
             if column < self.masked_end && self.columns[column].is_some() {
                 let raw = &body[start..end];
                 if quoted || raw != self.format.null.as_slice() {
@@ -298,14 +305,21 @@ impl CopyRewriter {
     }
 
     /// The CSV field starting at `start`: where it ends (its delimiter or the row's end),
-    /// and whether it was quoted; its value is left in `self.field`.
-    fn csv_field(&mut self, body: &[u8], start: usize) -> Result<(usize, bool), CopyError> {
+    /// and whether it was quoted; with `want`, its value is left in `self.field`.
+    fn csv_field(
+        &mut self,
+        body: &[u8],
+        start: usize,
+        want: bool,
+    ) -> Result<(usize, bool), CopyError> {
         let f = &self.format;
         self.field.clear();
         let mut i = start;
         if body.get(i) != Some(&f.quote) {
             let end = memchr::memchr(f.delimiter, &body[start..]).map_or(body.len(), |n| start + n);
-            self.field.extend_from_slice(&body[start..end]);
+            if want {
+                self.field.extend_from_slice(&body[start..end]);
+            }
             return Ok((end, false));
         }
         i += 1;

@@ -55,11 +55,34 @@ pub(super) struct Facts {
     pub(super) nested_returning_wildcard: bool,
 }
 
+/// The RETURNING list of an INSERT, UPDATE or DELETE.
+pub(super) fn returning(stmt: &sqlparser::ast::Statement) -> Option<&[SelectItem]> {
+    use sqlparser::ast::Statement;
+    match stmt {
+        Statement::Insert(i) => i.returning.as_deref(),
+        Statement::Update(u) => u.returning.as_deref(),
+        Statement::Delete(d) => d.returning.as_deref(),
+        _ => None,
+    }
+}
+
+/// Whether a statement returns `*` (or `t.*`).
+pub(super) fn returning_wildcard(stmt: &sqlparser::ast::Statement) -> bool {
+    returning(stmt).is_some_and(|items| {
+        items.iter().any(|i| {
+            matches!(
+                i,
+                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+            )
+        })
+    })
+}
+
 impl Visitor for Facts {
     type Break = ();
 
     fn pre_visit_statement(&mut self, s: &sqlparser::ast::Statement) -> ControlFlow<()> {
-        if self.statement_depth > 0 && super::judge::returning_wildcard(s) {
+        if self.statement_depth > 0 && returning_wildcard(s) {
             self.nested_returning_wildcard = true;
         }
         self.statement_depth += 1;

@@ -9,7 +9,7 @@ use sqlparser::ast::{
     SetExpr, Statement, TableFactor, Value,
 };
 
-use super::facts::{classify, Facts, Scope, Use};
+use super::facts::{classify, returning, Facts, Scope, Use};
 use super::rewrite::{masking_select, Substitution, Substitutions};
 use super::{refuse, Verdict};
 use crate::policy::{sqlmask, ColumnMask};
@@ -465,27 +465,6 @@ fn deny_in_scope<'a>(scope: &Scope<'a>) -> Option<&'a Arc<ColumnMask>> {
         .iter()
         .flat_map(|(_, cols)| cols.values())
         .find(|m| m.is_deny())
-}
-
-/// The RETURNING list of an INSERT, UPDATE or DELETE.
-fn returning(stmt: &Statement) -> Option<&[SelectItem]> {
-    match stmt {
-        Statement::Insert(i) => i.returning.as_deref(),
-        Statement::Update(u) => u.returning.as_deref(),
-        Statement::Delete(d) => d.returning.as_deref(),
-        _ => None,
-    }
-}
-
-pub(super) fn returning_wildcard(stmt: &Statement) -> bool {
-    returning(stmt).is_some_and(|items| {
-        items.iter().any(|i| {
-            matches!(
-                i,
-                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
-            )
-        })
-    })
 }
 
 /// A RETURNING list's rows come back described like a query's (the server marks each

@@ -440,7 +440,7 @@ fn reads_every_column(stmt: &Statement, facts: &Facts) -> bool {
         || !facts.wildcard_selects.is_empty()
         || facts.expr_wildcard
         || !facts.row_args.is_empty()
-        || judge::returning_wildcard(stmt)
+        || facts::returning_wildcard(stmt)
         || match stmt {
             Statement::Copy {
                 source: sqlparser::ast::CopySource::Table { columns, .. },
