@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use pgveil::cli::{self, Cli, Command, TokenCommand};
 use pgveil::config::Config;
 use pgveil::proxy::Proxy;
@@ -39,6 +39,14 @@ fn main() -> ExitCode {
             cli::inspect::token_decode(&key_env, &tokens)
         }
         Command::Health { addr, timeout } => cli::health::run(&addr, timeout),
+        Command::Completions { shell } => {
+            print!("{}", cli::docs::completions(shell, Cli::command()));
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            print!("{}", cli::docs::man(Cli::command()));
+            ExitCode::SUCCESS
+        }
     }
 }
 

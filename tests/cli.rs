@@ -219,3 +219,114 @@ fn log_format_json_writes_one_object_per_event() {
         "{first}"
     );
 }
+
+/// Every command and long flag of the binary, walked from its own definitions.
+fn every_command_and_flag() -> (Vec<String>, Vec<String>) {
+    use clap::CommandFactory;
+    fn walk(c: &clap::Command, path: String, cmds: &mut Vec<String>, flags: &mut Vec<String>) {
+        cmds.push(path.clone());
+        for a in c.get_arguments() {
+            if let Some(l) = a.get_long() {
+                flags.push(format!("--{l}"));
+            }
+        }
+        for s in c.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(s, format!("{path} {}", s.get_name()), cmds, flags);
+        }
+    }
+    let (mut cmds, mut flags) = (Vec::new(), Vec::new());
+    walk(
+        &pgveil::cli::Cli::command(),
+        "pgveil".into(),
+        &mut cmds,
+        &mut flags,
+    );
+    (cmds, flags)
+}
+
+/// `pgveil completions bash|zsh|fish`: scripts generated from the binary's own commands,
+/// naming every command and flag; the bash one completes commands, flags, and the values
+/// of flags and arguments that have a fixed set, as bash runs it.
+#[test]
+fn completions_name_every_command_and_flag_and_complete_in_bash() {
+    let (cmds, flags) = every_command_and_flag();
+    let script = |shell: &str| {
+        let out = pgveil(&["completions", shell]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = script("bash");
+    for c in &cmds {
+        assert!(bash.contains(&format!("\"{c}\"")), "bash: {c}");
+    }
+    for f in &flags {
+        assert!(bash.contains(f.as_str()), "bash: {f}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgveil.bash");
+    std::fs::write(&file, &bash).unwrap();
+    let complete = |words: &str, cword: usize| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; _pgveil; echo \"${{COMPREPLY[@]}}\"",
+                file.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(complete("pgveil se", 1), "serve");
+    assert_eq!(
+        complete("pgveil serve --audit-k", 2),
+        "--audit-keep --audit-keep-days"
+    );
+    assert_eq!(complete("pgveil --log-format ''", 2), "text json");
+    assert_eq!(complete("pgveil audit v", 2), "verify");
+    assert!(complete("pgveil completions ''", 2).contains("bash zsh fish"));
+    let zsh = script("zsh");
+    assert!(zsh.starts_with("#compdef pgveil") && zsh.contains("bashcompinit"));
+    let fish = script("fish");
+    for c in cmds
+        .iter()
+        .filter_map(|c| c.rsplit(' ').next())
+        .filter(|c| *c != "pgveil")
+    {
+        assert!(fish.contains(&format!(" -a {c} ")), "fish: {c}");
+    }
+    for f in &flags {
+        assert!(fish.contains(&format!(" -l {}", &f[2..])), "fish: {f}");
+    }
+}
+
+/// `pgveil man`: a manual page naming every command and flag, which groff renders without
+/// a warning (where groff is installed).
+#[test]
+fn man_page_names_every_command_and_flag_and_renders() {
+    let (cmds, flags) = every_command_and_flag();
+    let out = pgveil(&["man"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.starts_with(".TH PGVEIL 1"));
+    for c in cmds.iter().skip(1) {
+        assert!(page.contains(&format!(".SS \"{c}\"")), "man: {c}");
+    }
+    for f in &flags {
+        assert!(page.contains(&f.replace('-', "\\-")), "man: {f}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgveil.1");
+    std::fs::write(&file, &page).unwrap();
+    match std::process::Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .arg(&file)
+        .output()
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "{}", text(&out));
+            assert!(out.stderr.is_empty(), "groff warns: {}", text(&out));
+        }
+        Err(_) => eprintln!("groff is not installed: the page was checked as text only"),
+    }
+}

@@ -1,6 +1,7 @@
 //! The command line: `pgveil serve` and the review and maintenance subcommands of spec
 //! section 1. Flag names are part of the contract.
 
+pub mod docs;
 pub mod health;
 pub mod inspect;
 pub mod pgconn;
@@ -107,6 +108,21 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// Print the shell completion script for SHELL, generated from this binary's commands
+    /// and flags.
+    #[command(
+        after_help = "Examples:\n  pgveil completions bash > /etc/bash_completion.d/pgveil\n  pgveil completions zsh > \"${fpath[1]}/_pgveil\"\n  pgveil completions fish > ~/.config/fish/completions/pgveil.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Print the manual page, pgveil(1), in roff, generated from this binary's commands and
+    /// flags.
+    #[command(
+        after_help = "Examples:\n  pgveil man | man -l -\n  pgveil man > /usr/local/share/man/man1/pgveil.1"
+    )]
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
