@@ -317,6 +317,76 @@ async fn client_encoding_changed_in_the_same_pipeline_shifts_copy_fields() {
     assert_no_secret(&data, "COPY in SJIS read as UTF-8");
 }
 
+/// client_encoding changed by what the analysis cannot see as a setting change (a trigger
+/// of the session's own table, as a stand-in for `EXECUTE` of a prepared set_config, a
+/// function): a text COPY after any statement of the same batch is withheld, never read
+/// under an encoding that may be stale; in a batch of its own it is masked.
+#[tokio::test]
+async fn text_copy_after_any_statement_of_its_batch_is_withheld() {
+    let p = keyed_proxy().await;
+    let mut s = raw_masked(&p).await;
+    let copy = "COPY (SELECT id, card_number FROM customers WHERE id <= 3 ORDER BY id) TO STDOUT";
+    let (t, data) = roundtrip(
+        &mut s,
+        &[
+            write::parse("", "SELECT 1"),
+            write::bind("", ""),
+            write::execute(""),
+            write::parse("", copy),
+            write::bind("", ""),
+            write::execute(""),
+            write::sync(),
+        ],
+    )
+    .await;
+    eprintln!("SELECT 1 then COPY, one batch: {} {data}", tags(&t));
+    assert!(!data.contains("tok_"), "withheld: {data}");
+    assert!(data.contains("pgveil"), "{data}");
+    assert_no_secret(&data, "COPY after a statement of its batch");
+    let (_, data) = roundtrip(
+        &mut s,
+        &[
+            write::parse("", copy),
+            write::bind("", ""),
+            write::execute(""),
+            write::sync(),
+        ],
+    )
+    .await;
+    assert!(data.contains("tok_"), "alone in its batch: {data}");
+}
+
+/// A portal bound to the unnamed statement, then the unnamed statement parsed again as
+/// another COPY (other columns) before the portal runs: the portal's rows are masked by
+/// the description of its own COPY, not the later one's.
+#[tokio::test]
+async fn a_portal_runs_its_own_copy_not_the_one_parsed_after_it() {
+    let p = keyed_proxy().await;
+    let mut s = raw_masked(&p).await;
+    let (t, data) = roundtrip(
+        &mut s,
+        &[
+            write::parse(
+                "",
+                "COPY (SELECT card_number, full_name FROM customers WHERE id <= 3) TO STDOUT",
+            ),
+            write::bind("p1", ""),
+            write::parse(
+                "",
+                "COPY (SELECT full_name, card_number FROM customers WHERE id <= 3) TO STDOUT",
+            ),
+            write::execute("p1"),
+            write::sync(),
+        ],
+    )
+    .await;
+    eprintln!("portal of an earlier COPY: {} {data}", tags(&t));
+    assert_no_secret(
+        &data,
+        "a portal bound before its statement was parsed again",
+    );
+}
+
 /// The same with set_config() in a SELECT pipelined before the COPY.
 #[tokio::test]
 async fn set_config_client_encoding_in_the_same_pipeline_shifts_copy_fields() {

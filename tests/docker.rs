@@ -270,6 +270,23 @@ async fn health_probe_tells_accepting_rejecting_and_no_response() {
     let (code, text) = probe(format!("127.0.0.1:{}", free_port())).await;
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("no response"), "{text}");
+    // A listener that takes TLS only: the probe speaks TLS.
+    let tls = shared().tls.as_ref().unwrap();
+    let (cert, key) = (tls.cert.clone(), tls.key.clone());
+    let tls_only = common::TestProxy::start(shared(), move |s| {
+        s.tls_cert = Some(cert);
+        s.tls_key = Some(key);
+        s.require_tls = Some(true);
+    })
+    .await;
+    let (code, text) = probe(tls_only.addr_string()).await;
+    assert_eq!(code, Some(0), "{text}");
+    // pgveil turning connections away itself is no health.
+    let full = common::TestProxy::start(shared(), |s| s.max_client_conn = Some(1)).await;
+    let _held = common::connect(&full.conn_str("crm_admin", "admin_pw", "crm")).await;
+    let (code, text) = probe(full.addr_string()).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("pgveil:"), "{text}");
 }
 
 /// deploy/pgveil.service, the systemd unit the README installs: the settings it runs with,

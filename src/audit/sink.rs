@@ -212,10 +212,12 @@ fn prune(path: &Path, retention: Retention) {
     }
     let mut rotated = rotated_files(path);
     rotated.sort();
-    let cutoff = retention.max_age.map(|age| {
-        let at = time::OffsetDateTime::now_utc() - age;
-        compact_timestamp(at)
-    });
+    // An age past the calendar's range keeps everything.
+    let cutoff = retention
+        .max_age
+        .and_then(|age| time::Duration::try_from(age).ok())
+        .and_then(|age| time::OffsetDateTime::now_utc().checked_sub(age))
+        .map(compact_timestamp);
     let over = retention
         .files
         .map_or(0, |keep| rotated.len().saturating_sub(keep));
@@ -335,4 +337,47 @@ fn last_hash(line: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(line).ok()?;
     let h = v.get("hash")?.as_str()?;
     (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_by_count_and_age_and_never_panics_on_huge_ages() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.jsonl");
+        let names = [
+            "audit.20200101T000000000000Z.jsonl",
+            "audit.20200101T000000000000Z-1.jsonl",
+            "audit.29990101T000000000000Z.jsonl",
+            "audit.notes.jsonl",
+            "other.20200101T000000000000Z.jsonl",
+            "audit.jsonl",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), "").unwrap();
+        }
+        let exists = |n: &str| dir.path().join(n).exists();
+        // An age past the calendar keeps everything.
+        prune(
+            &log,
+            Retention {
+                files: None,
+                max_age: Some(std::time::Duration::from_secs(u64::MAX)),
+            },
+        );
+        assert!(names.iter().all(|n| exists(n)));
+        // By count: the newest rotated file stays.
+        prune(
+            &log,
+            Retention {
+                files: Some(1),
+                max_age: None,
+            },
+        );
+        assert!(!exists(names[0]) && !exists(names[1]) && exists(names[2]));
+        assert!(exists("audit.notes.jsonl") && exists("other.20200101T000000000000Z.jsonl"));
+        assert!(exists("audit.jsonl"));
+    }
 }

@@ -43,9 +43,49 @@ pub async fn probe(addr: &str, timeout: Duration) -> Health {
 }
 
 async fn exchange(addr: &str) -> Health {
-    let mut s = match tokio::net::TcpStream::connect(addr).await {
+    let mut tcp = match tokio::net::TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return Health::NoResponse(e.to_string()),
+    };
+    // TLS when pgveil offers it (a listener with --require-tls takes nothing else); the
+    // probe sends no secret, so the certificate is not checked.
+    let ssl = crate::protocol::startup::ssl_request_packet();
+    let mut answer = [0u8; 1];
+    if let Err(e) = async {
+        tcp.write_all(&ssl).await?;
+        tcp.read_exact(&mut answer).await
+    }
+    .await
+    {
+        return Health::NoResponse(format!("the connection closed: {e}"));
+    }
+    let mut s = match answer[0] {
+        b'S' => {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let tls =
+                crate::tls::UpstreamConnector::new(crate::config::UpstreamTls::Require, None, host)
+                    .or_else(|_| {
+                        crate::tls::UpstreamConnector::new(
+                            crate::config::UpstreamTls::Require,
+                            None,
+                            "localhost",
+                        )
+                    });
+            match tls {
+                Ok(c) => match c.connect(tcp).await {
+                    Ok(s) => s,
+                    Err(e) => return Health::NoResponse(format!("TLS: {e}")),
+                },
+                Err(e) => return Health::NoResponse(format!("TLS: {e}")),
+            }
+        }
+        b'N' => crate::tls::Stream::Plain(tcp),
+        other => {
+            return Health::NoResponse(format!(
+                "not a PostgreSQL server (answer {other:#04x} to SSLRequest)"
+            ))
+        }
     };
     let startup = StartupMessage::new(&[
         ("user", "pgveil_health"),
@@ -78,9 +118,12 @@ async fn exchange(addr: &str) -> Health {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default();
             match code {
-                // The server is starting, stopping or full, or pgveil cannot reach it.
-                Some(c) if c == "57P03" || c.starts_with("08") => {
-                    Health::Rejecting(format!("{c} {message}"))
+                // The server is starting, stopping or full, or pgveil cannot reach it, or
+                // pgveil itself turns connections away (full, or this address banned).
+                Some(c)
+                    if c == "57P03" || c.starts_with("08") || message.starts_with("pgveil:") =>
+                {
+                    Health::Rejecting(format!("{} {message}", c))
                 }
                 _ => Health::Accepting,
             }

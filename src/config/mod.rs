@@ -275,7 +275,7 @@ impl Config {
                     max_age: s
                         .audit_keep_days
                         .filter(|d| *d > 0)
-                        .map(|d| Duration::from_secs(d * 86_400)),
+                        .map(|d| Duration::from_secs(d.saturating_mul(86_400))),
                 },
             },
             redact: s.audit_redact.unwrap_or(false),

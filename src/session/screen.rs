@@ -130,9 +130,10 @@ pub fn screen(
                 // pgveil's description of its query, in one transaction with it; the
                 // client sees the replies of a simple query.
                 (Some(sql), FrontendMessage::Query { .. }) if copy.is_some() => {
-                    let inner = copy.as_ref().map(|c| c.inner.as_str()).unwrap_or_default();
-                    for f in st.describe_copy(inner) {
-                        out.extend_from_slice(f.raw());
+                    if let Some(c) = copy.as_ref() {
+                        for f in st.describe_copy(c) {
+                            out.extend_from_slice(f.raw());
+                        }
                     }
                     // The unnamed statement and portal are the COPY's now, on the server
                     // and in pgveil's books: a Bind of them later is masked as this is.
@@ -153,6 +154,7 @@ pub fn screen(
                         statement: "".into(),
                         result_formats: Default::default(),
                         recorded,
+                        copy: copy.clone(),
                     })));
                     out.extend_from_slice(write::parse("", &sql).raw());
                     out.extend_from_slice(write::bind("", "").raw());

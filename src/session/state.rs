@@ -136,6 +136,8 @@ pub enum Pending {
         result_formats: FormatCodes,
         /// The statement's audit record as it stood when the Bind was sent.
         recorded: Option<Recorded>,
+        /// The COPY the statement was when the Bind was sent (see `copy_before_execute`).
+        copy: Option<Arc<CopyOut>>,
     },
     Describe {
         target: Target,
@@ -164,7 +166,9 @@ pub enum Pending {
     /// pgveil's Parse, Describe or Close of a COPY's inner query, sent ahead of the COPY
     /// (see [`SessionState::copy_before_execute`]): the description is how its rows are
     /// masked; no reply but an error is the client's.
-    CopyDescribe,
+    /// (The Describe's entry holds the COPY described, to be matched with the one whose
+    /// rows come.)
+    CopyDescribe(Option<Arc<CopyOut>>),
     /// The client's CopyDone or CopyFail, sent before the server's CopyInResponse
     /// arrived: the end of the Syncs the server will ignore (see `on_copy_in`).
     CopyEnd,
@@ -301,13 +305,13 @@ pub struct SessionState {
     request_failed: bool,
     /// pgveil's description of the inner query of the COPY about to run (see
     /// [`Self::copy_before_execute`]): `Some(None)` when it described no rows.
-    copy_described: Option<Option<RowShape>>,
+    copy_described: Option<(Arc<CopyOut>, Option<RowShape>)>,
     /// The COPY whose rows are streaming to a masked session.
     copy_out: Option<CopyStream>,
     /// The name of pgveil's statement for describing COPY queries.
     copy_statement: Option<String>,
-    /// A statement that may change settings (client_encoding among them) completed since
-    /// the last ReadyForQuery: the server reports the new values only with that
+    /// A statement completed since the last ReadyForQuery: it may have changed settings
+    /// (client_encoding among them), which the server reports only with that
     /// ReadyForQuery, so until then `server_params` may be out of date.
     settings_may_have_changed: bool,
     /// Audit records and alert accounting; `None` when neither is on.
@@ -648,6 +652,9 @@ impl SessionState {
                 statement: Name::new(statement),
                 result_formats: result_formats.clone(),
                 recorded: self.statement_as_sent(statement).cloned(),
+                copy: self
+                    .prepared_as_sent(statement)
+                    .and_then(|s| s.copy.clone()),
             },
             FrontendMessage::Describe { target, name } => Pending::Describe {
                 hidden: false,
@@ -714,7 +721,7 @@ impl SessionState {
         while self.pending.front() == Some(&Pending::CopyEnd) {
             self.pending.pop_front();
         }
-        if self.pending.front() == Some(&Pending::CopyDescribe) {
+        if matches!(self.pending.front(), Some(Pending::CopyDescribe(_))) {
             match tag {
                 b'1' | b'3' => {
                     self.pending.pop_front();
@@ -722,8 +729,10 @@ impl SessionState {
                 }
                 b't' => return Reply::Swallow,
                 b'T' | b'n' => {
-                    self.pending.pop_front();
-                    self.copy_described = Some(rows.filter(|_| tag == b'T').map(Arc::new));
+                    if let Some(Pending::CopyDescribe(Some(copy))) = self.pending.pop_front() {
+                        let shape = rows.filter(|_| tag == b'T').map(Arc::new);
+                        self.copy_described = Some((copy, shape));
+                    }
                     return Reply::Swallow;
                 }
                 _ => {}
@@ -786,16 +795,12 @@ impl SessionState {
                 self.current_rows = None;
                 self.plan = None;
                 self.copy_out = None;
-                if let Some(Pending::Execute { portal }) =
-                    self.pending.front().filter(|_| self.policy.is_some())
+                // Any statement may change settings (EXECUTE of a prepared set_config, a
+                // function, a trigger): one ran in this batch.
+                if self.policy.is_some()
+                    && matches!(self.pending.front(), Some(Pending::Execute { .. }))
                 {
-                    if self
-                        .portals
-                        .get(portal)
-                        .is_none_or(|p| p.settings.of(&p.sql))
-                    {
-                        self.settings_may_have_changed = true;
-                    }
+                    self.settings_may_have_changed = true;
                 }
                 if matches!(self.pending.front(), Some(Pending::Execute { .. })) {
                     self.pending.pop_front();
@@ -954,21 +959,22 @@ impl SessionState {
     /// describes until the COPY has run). Their replies are not the client's.
     pub fn copy_before_execute(&mut self, portal: &str) -> Option<[Frame; 3]> {
         let copy = self.portal_copy_as_sent(portal)?;
-        Some(self.describe_copy(&copy.inner))
+        Some(self.describe_copy(&copy))
     }
 
-    /// pgveil's Parse, Describe and Close of a COPY's inner query `inner`.
-    pub fn describe_copy(&mut self, inner: &str) -> [Frame; 3] {
+    /// pgveil's Parse, Describe and Close of the inner query of `copy`.
+    pub fn describe_copy(&mut self, copy: &Arc<CopyOut>) -> [Frame; 3] {
         let name = self
             .copy_statement
             .get_or_insert_with(|| format!("pgveil_copy_{:016x}", rand::random::<u64>()))
             .clone();
-        for _ in 0..3 {
-            self.pending.push_back(Pending::CopyDescribe);
-        }
+        self.pending.push_back(Pending::CopyDescribe(None));
+        self.pending
+            .push_back(Pending::CopyDescribe(Some(copy.clone())));
+        self.pending.push_back(Pending::CopyDescribe(None));
         use crate::protocol::write;
         [
-            write::parse(&name, inner),
+            write::parse(&name, &copy.inner),
             write::describe(b'S', &name),
             write::close(b'S', &name),
         ]
@@ -978,9 +984,9 @@ impl SessionState {
     fn portal_copy_as_sent(&self, name: &str) -> Option<Arc<CopyOut>> {
         for p in self.sent_newest_first() {
             match p {
-                Pending::Bind {
-                    portal, statement, ..
-                } if portal == name => return self.prepared_as_sent(statement)?.copy.clone(),
+                // The statement as it was when the Bind ran, not as a later Parse of
+                // its name makes it.
+                Pending::Bind { portal, copy, .. } if portal == name => return copy.clone(),
                 Pending::Close {
                     target: Target::Portal,
                     name: n,
@@ -1008,8 +1014,10 @@ impl SessionState {
             self.copy_out = Some(CopyStream::Plain);
             return Ok(());
         };
-        let Some(Some(shape)) = described else {
-            return Err("pgveil has no description of the COPY's columns".into());
+        // The description must be this very COPY's (sent just before its Execute).
+        let shape = match described {
+            Some((of, Some(shape))) if Arc::ptr_eq(&of, &copy) => shape,
+            _ => return Err("pgveil has no description of the COPY's columns".into()),
         };
         let format = &copy.format;
         if shape.len() != columns || binary != (format.kind == CopyKind::Binary) {
@@ -1049,10 +1057,15 @@ impl SessionState {
             );
         }
         let policy = self.policy.as_ref().ok_or("no masking policy")?;
-        let plan = shape
+        let plan: Vec<_> = shape
             .iter()
             .map(|f| policy.masks.of_attr(f.table_oid, f.column).cloned())
             .collect();
+        if plan.iter().all(Option::is_none) {
+            // No masked column comes back (none at all, or all computed masked in SQL).
+            self.copy_out = Some(CopyStream::Plain);
+            return Ok(());
+        }
         let names: Vec<&str> = shape.iter().map(|f| f.name.as_str()).collect();
         let rewriter = CopyRewriter::new(plan, &names, format.clone());
         self.copy_out = Some(CopyStream::Masked(Box::new(rewriter)));
@@ -1329,16 +1342,16 @@ impl SessionState {
                 statement,
                 result_formats,
                 recorded,
+                copy,
             }) => {
-                let (sql, rows, settings, limited, copy) = match self.statements.get(&statement) {
+                let (sql, rows, settings, limited) = match self.statements.get(&statement) {
                     Some(s) => (
                         s.sql.clone(),
                         s.rows.clone(),
                         s.settings.clone(),
                         s.limited.clone(),
-                        s.copy.clone(),
                     ),
-                    None => (Arc::from(""), None, SettingsChange::default(), None, None),
+                    None => (Arc::from(""), None, SettingsChange::default(), None),
                 };
                 self.portals.insert(
                     portal,

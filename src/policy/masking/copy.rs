@@ -125,6 +125,8 @@ pub(super) fn format_of(stmt: &Statement) -> Result<CopyFormat, String> {
     }
     let byte = |c: Option<char>, default: u8, what: &str| match c {
         None => Ok(default),
+        // (sqlparser writes `'` back unescaped: the statement sent would not parse.)
+        Some('\'') => Err(format!("a COPY {what} of ' (write the option another way)")),
         Some(c) if c.is_ascii() && c != '\0' => Ok(c as u8),
         Some(_) => Err(format!("a COPY {what} that is not one ASCII character")),
     };
@@ -247,11 +249,12 @@ mod tests {
             (f.quote, f.escape, f.null.as_slice()),
             (b'"', b'"', &b""[..])
         );
-        let f = format("COPY (SELECT 1) TO STDOUT WITH CSV HEADER QUOTE '''' ESCAPE '\\'").unwrap();
+        let f = format("COPY (SELECT 1) TO STDOUT WITH CSV HEADER QUOTE '|' ESCAPE '\\'").unwrap();
         assert_eq!(
             (f.kind, f.header, f.quote, f.escape),
-            (CopyKind::Csv, true, b'\'', b'\\')
+            (CopyKind::Csv, true, b'|', b'\\')
         );
+        assert!(format("COPY (SELECT 1) TO STDOUT WITH CSV QUOTE ''''").is_err());
         assert_eq!(
             format("COPY (SELECT 1) TO STDOUT BINARY").unwrap().kind,
             CopyKind::Binary
