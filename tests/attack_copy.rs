@@ -1235,3 +1235,34 @@ async fn client_encoding_set_by_an_earlier_simple_query_is_seen() {
     eprintln!("{} {d1} / {} {d2}", tags(&t1), tags(&t2));
     assert_no_secret(&format!("{d1}{d2}"), "simple SET then simple COPY");
 }
+
+/// With `unanalysable = "allow"` a statement pgveil cannot read is forwarded and its
+/// result rows masked in flight by their origins; a COPY's rows carry none, so a COPY
+/// pgveil cannot read is refused even then.
+#[tokio::test]
+async fn unreadable_copy_is_refused_even_when_unanalysable_statements_are_allowed() {
+    common::keyed::set_test_key();
+    let rules = format!(
+        "[settings]\nunanalysable = \"allow\"\n{}",
+        common::keyed::KEYED_RULES
+    );
+    let p = TestProxy::with_rules(cluster(), &rules).await;
+    for sql in [
+        "COPY (SELECT card_number, email FROM customers WHERE id <= 3) TO STDOUT (FORMAT csv, FORCE_QUOTE *)",
+        "COPY (TABLE public.customers) TO STDOUT",
+    ] {
+        let alice = p.connect("alice", "alice_pw").await;
+        let outcome = copy_bytes(&alice, sql).await;
+        if let Ok(data) = &outcome {
+            assert_no_secret(&String::from_utf8_lossy(data), sql);
+        }
+        let (_, out, _) = psql_copy(&p, "alice", "alice_pw", sql).await;
+        assert_no_secret(&out, sql);
+    }
+    // Statements that are not COPY still run under "allow", masked in flight.
+    let alice = p.connect("alice", "alice_pw").await;
+    let rows = simple_rows(&alice, "SELECT card_number FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    assert!(rows.starts_with("tok_"), "{rows}");
+}

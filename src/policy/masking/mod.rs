@@ -119,13 +119,13 @@ fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdi
     // can be given one (a text without a backslash reads alike either way).
     if ctx.strings == Strings::Escaped && sql.contains('\\') {
         let reason = "standard_conforming_strings is off, so pgveil cannot read string literals as the server does";
-        return (unanalysable(ctx, reason), Vec::new());
+        return (unanalysable(ctx, reason, analysed), Vec::new());
     }
     let mut statements = match analysed.as_ref().ok().and_then(Analysis::statements) {
         Some(s) => s,
         None => {
             return (
-                unanalysable(ctx, "pgveil cannot analyse this statement"),
+                unanalysable(ctx, "pgveil cannot analyse this statement", analysed),
                 Vec::new(),
             )
         }
@@ -168,7 +168,7 @@ fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdi
         let sql = sql.join(";\n");
         if ctx.strings != Strings::Standard && sql.contains('\\') {
             let reason = "standard_conforming_strings may be off, and the rewritten statement holds a backslash the server could read as an escape";
-            return (unanalysable(ctx, reason), Vec::new());
+            return (unanalysable(ctx, reason, analysed), Vec::new());
         }
         // A COPY masked in flight is always sent as pgveil wrote it, so that the query it
         // describes is the very one the COPY runs.
@@ -186,11 +186,22 @@ fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdi
     (verdict, created)
 }
 
-fn unanalysable(ctx: &Context<'_>, reason: &str) -> Verdict {
+/// A statement pgveil cannot analyse (`reason`): refused, or forwarded when the DBA chose
+/// `unanalysable = "allow"` (in-flight masking still applies to its result rows). A COPY's
+/// rows carry no column origins to mask them by, so a text that holds a COPY (or that
+/// pgveil cannot even lex) is refused whatever the setting.
+fn unanalysable(ctx: &Context<'_>, reason: &str, analysed: &Analysed<'_>) -> Verdict {
+    let copies = analysed
+        .as_ref()
+        .map_or(true, |a| a.lexed().tokens.iter().any(|t| t.is_word("copy")));
     match ctx.unanalysable {
+        Unanalysable::Allow if !copies => Verdict::Masked,
+        Unanalysable::Allow => {
+            let reason =
+                format!("{reason}, and the rows of a COPY carry no column origins to mask them by");
+            Verdict::Refused(Refusal::unanalysable(reason, None))
+        }
         Unanalysable::Deny => Verdict::Refused(Refusal::unanalysable(reason.into(), None)),
-        // The DBA chose to forward it; in-flight masking still applies.
-        Unanalysable::Allow => Verdict::Masked,
     }
 }
 
