@@ -9,7 +9,7 @@ use bytes::BytesMut;
 
 use super::audit::Recorded;
 use super::encoding::Converted;
-use super::state::{Discarding, Limited, Pending, PreparedStatement, SessionState};
+use super::state::{Discarding, Limited, Pending, SessionState};
 use crate::policy::authorize::{Permit, SessionRules};
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
@@ -137,25 +137,7 @@ pub fn screen(
                     }
                     // The unnamed statement and portal are the COPY's now, on the server
                     // and in pgveil's books: a Bind of them later is masked as this is.
-                    st.push_internal(Pending::Hidden(Box::new(Pending::Parse(
-                        "".into(),
-                        PreparedStatement {
-                            sql: std::sync::Arc::from(sql.as_str()),
-                            param_types: Vec::new(),
-                            rows: Some(None),
-                            recorded: recorded.clone(),
-                            settings: Default::default(),
-                            limited: None,
-                            copy: copy.clone(),
-                        },
-                    ))));
-                    st.push_internal(Pending::Hidden(Box::new(Pending::Bind {
-                        portal: "".into(),
-                        statement: "".into(),
-                        result_formats: Default::default(),
-                        recorded,
-                        copy: copy.clone(),
-                    })));
+                    st.hidden_unnamed(&sql, recorded, copy.clone());
                     out.extend_from_slice(write::parse("", &sql).raw());
                     out.extend_from_slice(write::bind("", "").raw());
                     out.extend_from_slice(write::execute("").raw());
@@ -420,15 +402,16 @@ fn sql_of<'a>(msg: &FrontendMessage<'a>) -> Option<&'a str> {
 
 /// Has the server raise `message` within an extended-protocol batch: an unnamed
 /// statement that raises it, bound and executed. Its ParseComplete and BindComplete are
-/// pgveil's and are swallowed; its error is the client's.
+/// pgveil's and are swallowed (the unnamed statement and portal are the refusal's now, in
+/// pgveil's books as on the server); its error is the client's.
 fn raise_refusal(st: &mut SessionState, message: &str, out: &mut BytesMut) {
     if let Some(a) = st.audit.as_mut() {
         a.on_refusal_raised();
     }
-    out.extend_from_slice(write::parse("", &write::refusal_sql(message)).raw());
+    let sql = write::refusal_sql(message);
+    out.extend_from_slice(write::parse("", &sql).raw());
     out.extend_from_slice(write::bind("", "").raw());
     out.extend_from_slice(write::execute("").raw());
-    st.push_internal(Pending::Internal);
-    st.push_internal(Pending::Internal);
+    st.hidden_unnamed(&sql, None, None);
     st.push_internal(Pending::Execute { portal: "".into() });
 }

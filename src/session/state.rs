@@ -155,8 +155,6 @@ pub enum Pending {
     },
     Sync,
     FunctionCall,
-    /// A message pgveil injected; its ParseComplete/BindComplete is not the client's.
-    Internal,
     /// One of the messages of pgveil's schema probe at the head of an extended-protocol
     /// batch (see [`SessionState::pipeline_probe`]): its reply is not the client's, and
     /// its error means nothing of the batch ran.
@@ -313,7 +311,7 @@ pub struct SessionState {
     /// A statement completed since the last ReadyForQuery: it may have changed settings
     /// (client_encoding among them), which the server reports only with that
     /// ReadyForQuery, so until then `server_params` may be out of date.
-    settings_may_have_changed: bool,
+    ran_in_batch: bool,
     /// Audit records and alert accounting; `None` when neither is on.
     pub audit: Option<super::audit::SessionAudit>,
 }
@@ -749,10 +747,6 @@ impl SessionState {
             return Reply::Swallow;
         }
         match tag {
-            b'1' | b'2' if matches!(self.pending.front(), Some(Pending::Internal)) => {
-                self.pending.pop_front();
-                return Reply::Swallow;
-            }
             b'1' => self.complete_parse(),
             b'2' => self.complete_bind(),
             b'3' => self.complete_close(),
@@ -800,7 +794,7 @@ impl SessionState {
                 if self.policy.is_some()
                     && matches!(self.pending.front(), Some(Pending::Execute { .. }))
                 {
-                    self.settings_may_have_changed = true;
+                    self.ran_in_batch = true;
                 }
                 if matches!(self.pending.front(), Some(Pending::Execute { .. })) {
                     self.pending.pop_front();
@@ -815,7 +809,7 @@ impl SessionState {
                 self.plan = None;
                 self.copy_out = None;
                 self.copy_described = None;
-                self.settings_may_have_changed = false;
+                self.ran_in_batch = false;
                 let failed = std::mem::take(&mut self.request_failed);
                 match self.pending.pop_front() {
                     Some(Pending::Query { created, .. }) => {
@@ -1023,10 +1017,7 @@ impl SessionState {
         if shape.len() != columns || binary != (format.kind == CopyKind::Binary) {
             return Err("the COPY's columns are not those pgveil described".into());
         }
-        if format.kind != CopyKind::Binary
-            && format.encoding.is_none()
-            && self.settings_may_have_changed
-        {
+        if format.kind != CopyKind::Binary && format.encoding.is_none() && self.ran_in_batch {
             return Err("a statement earlier in this batch may have changed client_encoding, which the server reports only at the batch's end, so pgveil cannot read the COPY's rows; end the batch (Sync) before the COPY, name its ENCODING, or use the binary format".into());
         }
         if format.kind != CopyKind::Binary {
@@ -1091,6 +1082,40 @@ impl SessionState {
             Some(CopyStream::Masked(r)) => r.finish(),
             _ => Ok(()),
         }
+    }
+
+    /// pgveil's own Parse and Bind of the unnamed statement and portal as `sql` (a refusal
+    /// raised by the server, a simple-query COPY sent as extended messages): registered
+    /// as the server will hold them, so a later Bind of either is judged for what it
+    /// really runs; their replies are not the client's.
+    pub fn hidden_unnamed(
+        &mut self,
+        sql: &str,
+        recorded: Option<Recorded>,
+        copy: Option<Arc<CopyOut>>,
+    ) {
+        let statement = PreparedStatement {
+            sql: Arc::from(sql),
+            param_types: Vec::new(),
+            rows: None,
+            recorded: recorded.clone(),
+            settings: SettingsChange::default(),
+            limited: None,
+            copy: copy.clone(),
+        };
+        self.pending
+            .push_back(Pending::Hidden(Box::new(Pending::Parse(
+                "".into(),
+                statement,
+            ))));
+        self.pending
+            .push_back(Pending::Hidden(Box::new(Pending::Bind {
+                portal: "".into(),
+                statement: "".into(),
+                result_formats: FormatCodes::default(),
+                recorded,
+                copy,
+            })));
     }
 
     /// Records messages pgveil injects ahead of a client's Sync.
