@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::keyed::copy_bytes;
+use common::simple_rows;
 use common::{output, shared, stderr, stdout, PgCluster, TestProxy};
 use pgveil::protocol::write;
 use tokio::io::AsyncWriteExt;
@@ -95,24 +96,6 @@ fn is_refusal(e: &tokio_postgres::Error) -> bool {
         .is_some_and(|d| d.code().code() == "42501" && d.message().starts_with("pgveil:"))
 }
 
-async fn simple_rows(
-    client: &tokio_postgres::Client,
-    sql: &str,
-) -> Result<String, tokio_postgres::Error> {
-    let msgs = client.simple_query(sql).await?;
-    let mut out = String::new();
-    for m in msgs {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            for i in 0..r.len() {
-                out.push_str(r.get(i).unwrap_or("NULL"));
-                out.push('|');
-            }
-            out.push('\n');
-        }
-    }
-    Ok(out)
-}
-
 /// `psql -c` sends the COPY as a simple query.
 async fn psql_copy(p: &TestProxy, user: &str, password: &str, sql: &str) -> (bool, String, String) {
     let addr = p.addr_string();
@@ -163,6 +146,21 @@ async fn reply(s: &mut tokio::net::TcpStream) -> Option<(Vec<u8>, String)> {
         .await
         .ok()?;
     Some((tags, data))
+}
+
+/// Each statement as Parse, Bind and Execute of the unnamed statement and portal, then
+/// one Sync: one batch.
+fn batch(statements: &[&str]) -> Vec<pgveil::protocol::Frame> {
+    let mut frames = Vec::new();
+    for sql in statements {
+        frames.extend([
+            write::parse("", sql),
+            write::bind("", ""),
+            write::execute(""),
+        ]);
+    }
+    frames.push(write::sync());
+    frames
 }
 
 /// Sends `frames` at once and reads the replies up to ReadyForQuery.
@@ -297,19 +295,7 @@ async fn client_encoding_changed_in_the_same_pipeline_shifts_copy_fields() {
     // U+30BD (SJIS 83 5C: a "backslash" escaping the delimiter after it) before the card
     // number, U+30DD (SJIS 83 7C: a "delimiter") after it.
     let copy = "COPY (SELECT chr(12477) AS a, card_number, chr(12509) || 'y' AS c FROM customers WHERE id <= 3 ORDER BY id) TO STDOUT (DELIMITER '|')";
-    let (t, data) = roundtrip(
-        &mut s,
-        &[
-            write::parse("", "SET client_encoding TO 'SJIS'"),
-            write::bind("", ""),
-            write::execute(""),
-            write::parse("", copy),
-            write::bind("", ""),
-            write::execute(""),
-            write::sync(),
-        ],
-    )
-    .await;
+    let (t, data) = roundtrip(&mut s, &batch(&["SET client_encoding TO 'SJIS'", copy])).await;
     eprintln!(
         "SET client_encoding then COPY, one batch: {} {data}",
         tags(&t)
@@ -326,33 +312,12 @@ async fn text_copy_after_any_statement_of_its_batch_is_withheld() {
     let p = keyed_proxy().await;
     let mut s = raw_masked(&p).await;
     let copy = "COPY (SELECT id, card_number FROM customers WHERE id <= 3 ORDER BY id) TO STDOUT";
-    let (t, data) = roundtrip(
-        &mut s,
-        &[
-            write::parse("", "SELECT 1"),
-            write::bind("", ""),
-            write::execute(""),
-            write::parse("", copy),
-            write::bind("", ""),
-            write::execute(""),
-            write::sync(),
-        ],
-    )
-    .await;
+    let (t, data) = roundtrip(&mut s, &batch(&["SELECT 1", copy])).await;
     eprintln!("SELECT 1 then COPY, one batch: {} {data}", tags(&t));
     assert!(!data.contains("tok_"), "withheld: {data}");
     assert!(data.contains("pgveil"), "{data}");
     assert_no_secret(&data, "COPY after a statement of its batch");
-    let (_, data) = roundtrip(
-        &mut s,
-        &[
-            write::parse("", copy),
-            write::bind("", ""),
-            write::execute(""),
-            write::sync(),
-        ],
-    )
-    .await;
+    let (_, data) = roundtrip(&mut s, &batch(&[copy])).await;
     assert!(data.contains("tok_"), "alone in its batch: {data}");
 }
 
@@ -395,15 +360,7 @@ async fn set_config_client_encoding_in_the_same_pipeline_shifts_copy_fields() {
     let copy = "COPY (SELECT chr(12477) AS a, card_number, chr(12509) || 'y' AS c FROM customers WHERE id <= 3 ORDER BY id) TO STDOUT (DELIMITER '|')";
     let (t, data) = roundtrip(
         &mut s,
-        &[
-            write::parse("", "SELECT set_config('client_encoding', 'SJIS', false)"),
-            write::bind("", ""),
-            write::execute(""),
-            write::parse("", copy),
-            write::bind("", ""),
-            write::execute(""),
-            write::sync(),
-        ],
+        &batch(&["SELECT set_config('client_encoding', 'SJIS', false)", copy]),
     )
     .await;
     eprintln!("set_config then COPY, one batch: {} {data}", tags(&t));

@@ -11,6 +11,7 @@ mod common;
 use std::sync::OnceLock;
 
 use common::keyed::{binary_copy_fields, copy_bytes};
+use common::simple_rows;
 use common::{output, psql_cmd, shared, stderr, stdout, PgCluster, TestProxy};
 
 const RULES: &str = r#"
@@ -147,24 +148,6 @@ fn assert_no_secret(text: &str, context: &str) {
             "{context}: clear value fragment {s:?} leaked in {text:?}"
         );
     }
-}
-
-async fn simple_rows(
-    client: &tokio_postgres::Client,
-    sql: &str,
-) -> Result<String, tokio_postgres::Error> {
-    let msgs = client.simple_query(sql).await?;
-    let mut out = String::new();
-    for m in msgs {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            for i in 0..r.len() {
-                out.push_str(r.get(i).unwrap_or("NULL"));
-                out.push('|');
-            }
-            out.push('\n');
-        }
-    }
-    Ok(out)
 }
 
 #[tokio::test]

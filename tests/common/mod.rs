@@ -609,3 +609,22 @@ pub fn pgveil(args: &[&str]) -> Output {
 pub fn output_text(out: &Output) -> String {
     format!("{}{}", stdout(out), stderr(out))
 }
+
+/// The rows of a simple query, each field followed by `|` (NULL as `NULL`), a line per row.
+pub async fn simple_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let msgs = client.simple_query(sql).await?;
+    let mut out = String::new();
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            for i in 0..r.len() {
+                out.push_str(r.get(i).unwrap_or("NULL"));
+                out.push('|');
+            }
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
