@@ -12,9 +12,9 @@ command -v pgbench >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/pgbench" 
 command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 # The README walk-through (run by tests/readme.rs) uses these.
 for tool in curl jq openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
-# Drivers the tests run through pgveil: psycopg 3, psycopg2, asyncpg and pgjdbc (with a
-# JDK to compile its suite). The system Python is asked: a version manager's may differ.
-for module in psycopg psycopg2 asyncpg; do
+# Drivers the tests run through pgveil: psycopg 3, psycopg2, asyncpg, SQLAlchemy (an ORM
+# application flow) and pgjdbc (with a JDK to compile its suite). The system Python is asked: a version manager's may differ.
+for module in psycopg psycopg2 asyncpg sqlalchemy; do
   /usr/bin/python3 -c "import $module" 2>/dev/null || need+=("python3-$module")
 done
 command -v javac >/dev/null || need+=(default-jdk-headless)

@@ -2,12 +2,15 @@
 //! role: pgjdbc (statement reuse past its prepare threshold, fetch-size portals, batches,
 //! metadata calls, scrollable result sets, COPY), asyncpg (its statement cache, prepared
 //! statements, Cursor.forward, executemany, COPY) and psycopg2 (new literals each time, a
-//! scrollable named cursor moved with scroll(), executemany, COPY). Each suite prints one
+//! scrollable named cursor moved with scroll(), executemany, COPY), and an ORM application
+//! (SQLAlchemy over psycopg2: a small CRM model's list, detail, search, export and
+//! rolled-back edit views, lazy and eager loading, server-side cursors). Each suite prints one
 //! line per result: the exempt role's output through pgveil must equal a direct
 //! connection's, and the masked role's must hold masked values and no clear one.
 //!
 //! The drivers come from Debian (default-jdk-headless, libpostgresql-jdbc-java,
-//! python3-asyncpg, python3-psycopg2), installed by scripts/install-deps.sh.
+//! python3-asyncpg, python3-psycopg2, python3-sqlalchemy), installed by
+//! scripts/install-deps.sh.
 
 mod common;
 
@@ -41,7 +44,7 @@ fn suites() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
 }
 
-/// The first Python with both drivers (the system's, where a version manager's shim comes
+/// The first Python with the drivers and the ORM (the system's, where a version manager's shim comes
 /// first on PATH).
 fn python() -> &'static str {
     static PYTHON: OnceLock<&'static str> = OnceLock::new();
@@ -50,11 +53,11 @@ fn python() -> &'static str {
             .into_iter()
             .find(|py| {
                 Command::new(py)
-                    .args(["-c", "import asyncpg, psycopg2"])
+                    .args(["-c", "import asyncpg, psycopg2, sqlalchemy"])
                     .output()
                     .is_ok_and(|o| o.status.success())
             })
-            .expect("asyncpg and psycopg2 are missing: run scripts/install-deps.sh")
+            .expect("asyncpg, psycopg2 or sqlalchemy is missing: run scripts/install-deps.sh")
     })
 }
 
@@ -168,6 +171,10 @@ fn psycopg2_suite(addr: &str, user: &str, password: &str) -> String {
     python_suite("psycopg2_suite.py", addr, user, password)
 }
 
+fn sqlalchemy_suite(addr: &str, user: &str, password: &str) -> String {
+    python_suite("sqlalchemy_app.py", addr, user, password)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc() {
     through_pgveil(jdbc).await;
@@ -181,4 +188,9 @@ async fn asyncpg() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg2() {
     through_pgveil(psycopg2_suite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlalchemy_orm_application() {
+    through_pgveil(sqlalchemy_suite).await;
 }
