@@ -87,6 +87,7 @@ fn session(toml: &str) -> SessionState {
                 search_path,
                 sensitive: Sensitive::build(&rules, &identity, Some(&catalog)),
                 alerts: None,
+                counters: None,
             },
         )
         .recording(),

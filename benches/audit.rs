@@ -36,6 +36,7 @@ fn session() -> SessionAudit {
             search_path: vec!["public".into()],
             sensitive: Sensitive::default(),
             alerts: None,
+            counters: None,
         },
     )
     .recording()

@@ -9,6 +9,7 @@
 //! holds what every session shares. `config` turns flags, config files and rules into validated types.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod catalog;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod sql;
 pub mod tls;
 pub mod trash;

@@ -80,11 +80,18 @@ fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             tracing::info!(metrics = %metrics.local_addr()?, "metrics at /metrics");
             tokio::spawn(server::serve_metrics(metrics, proxy.clone()));
         }
+        if let Some(addr) = &proxy.config.admin {
+            let admin = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving the admin console on {addr}"))?;
+            tracing::info!(admin = %admin.local_addr()?, "admin console ready");
+            tokio::spawn(pgveil::admin::serve(admin, proxy.clone()));
+        }
         let mut hangup = signal(SignalKind::hangup())?;
         let reloader = proxy.clone();
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                let _ = reloader.reload_rules();
+                let _ = reloader.reload();
             }
         });
         tokio::spawn(server::watch_rules(

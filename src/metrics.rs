@@ -28,7 +28,7 @@ pub struct Metrics {
     connections_refused: DashMap<&'static str, AtomicU64>,
     connections_total: AtomicU64,
     audit_records: AtomicU64,
-    /// The last rules reload failed (the rules in force are older than the files).
+    /// The last reload failed (the rules or TLS material in force are older than the files).
     reload_failed: std::sync::atomic::AtomicBool,
 }
 
@@ -56,8 +56,9 @@ impl Metrics {
             .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// A rules reload succeeded (`true`) or was refused, keeping the old rules.
-    pub fn rules_reloaded(&self, ok: bool) {
+    /// A reload (rules, or rules and TLS files) succeeded (`true`) or was refused, keeping
+    /// the old.
+    pub fn config_reloaded(&self, ok: bool) {
         self.reload_failed.store(!ok, Ordering::Relaxed);
     }
 
@@ -113,7 +114,7 @@ impl Metrics {
             &mut o,
             "pgveil_config_last_reload_successful",
             "gauge",
-            "1 when the last rules reload (or the start) loaded the rules, 0 when it was refused and older rules stay in force.",
+            "1 when the last reload (or the start) loaded the rules and TLS files, 0 when it was refused and older ones stay in force.",
             u64::from(!self.reload_failed.load(Ordering::Relaxed)),
         );
         single(

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use atomic_waker::AtomicWaker;
 use dashmap::DashMap;
 use thiserror::Error;
@@ -16,9 +16,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::audit::AuditLog;
 use crate::catalog::Catalog;
 use crate::config::{Config, Rules, RulesError};
-use crate::identity::SessionIdentity;
 use crate::metrics::Metrics;
 use crate::protocol::startup::CancelKey;
+use crate::sessions::Sessions;
 use crate::tls::{self, TlsError, UpstreamConnector};
 use crate::watch::{Alerts, AuthThrottle};
 
@@ -52,12 +52,13 @@ pub enum ServerError {
 pub struct Proxy {
     pub config: Arc<Config>,
     pub rules: ArcSwap<Rules>,
-    pub client_tls: Option<TlsAcceptor>,
-    pub upstream_tls: UpstreamConnector,
+    /// Client TLS; replaced by a reload that reads new certificate files.
+    client_tls: ArcSwapOption<TlsAcceptor>,
+    upstream_tls: ArcSwap<UpstreamConnector>,
     /// Client-visible cancel key → the upstream backend's key.
     pub cancel_keys: DashMap<CancelKey, CancelKey>,
-    /// Identities of the sessions past authentication, by session id.
-    pub sessions: DashMap<u64, SessionIdentity>,
+    /// The sessions past authentication, with what they have done.
+    pub sessions: Sessions,
     /// How far shutdown has gone, and how to wake the sessions that must notice it.
     pub shutdown: Shutdown,
     /// Schema knowledge per database, loaded by the first session that needs it.
@@ -82,15 +83,7 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, ServerError> {
         let rules = Rules::load(&config.rules_path)?;
         check_keys(&rules)?;
-        let client_tls = match &config.client_tls {
-            Some((cert, key)) => Some(tls::client_acceptor(cert, key)?),
-            None => None,
-        };
-        let upstream_tls = UpstreamConnector::new(
-            config.upstream_tls,
-            config.upstream_ca.as_deref(),
-            &config.upstream_host,
-        )?;
+        let (client_tls, upstream_tls) = tls_material(&config)?;
         let audit = match &config.audit {
             Some(a) => Some(Arc::new(AuditLog::open(a.writer.clone())?)),
             None => None,
@@ -103,10 +96,10 @@ impl Proxy {
             auth_throttle,
             config: Arc::new(config),
             rules: ArcSwap::from_pointee(rules),
-            client_tls,
-            upstream_tls,
+            client_tls: ArcSwapOption::from(client_tls.map(Arc::new)),
+            upstream_tls: ArcSwap::from_pointee(upstream_tls),
             cancel_keys: DashMap::new(),
-            sessions: DashMap::new(),
+            sessions: Sessions::default(),
             shutdown: Shutdown::default(),
             catalogs: DashMap::new(),
             trash_purged: DashMap::new(),
@@ -124,13 +117,59 @@ impl Proxy {
         self.session_ids.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The acceptor for client TLS now in force; `None` without TLS.
+    pub fn client_tls(&self) -> Option<Arc<TlsAcceptor>> {
+        self.client_tls.load_full()
+    }
+
+    /// How to reach the server over TLS now.
+    pub fn upstream_tls(&self) -> Arc<UpstreamConnector> {
+        self.upstream_tls.load_full()
+    }
+
+    /// SIGHUP and the admin console's RELOAD: the rules, then the TLS files (certificate,
+    /// key, upstream CA). What fails to load is logged and the old stays in force; the
+    /// error names every part that failed.
+    pub fn reload(&self) -> Result<(), String> {
+        let rules = self.reload_rules().map_err(|e| e.to_string());
+        let tls = self.reload_tls().map_err(|e| e.to_string());
+        self.metrics.config_reloaded(rules.is_ok() && tls.is_ok());
+        match (rules, tls) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(r), Ok(())) => Err(format!("rules: {r}")),
+            (Ok(()), Err(t)) => Err(format!("TLS: {t}")),
+            (Err(r), Err(t)) => Err(format!("rules: {r}\nTLS: {t}")),
+        }
+    }
+
+    /// Re-reads the TLS files; new connections use them, running ones keep theirs. A file
+    /// that does not load (missing, a key that does not match its certificate) is logged
+    /// and the old material stays.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match tls_material(&self.config) {
+            Ok((client, upstream)) => {
+                let changed = self.config.client_tls.is_some() || self.config.upstream_ca.is_some();
+                self.client_tls.store(client.map(Arc::new));
+                self.upstream_tls.store(Arc::new(upstream));
+                if changed {
+                    tracing::info!("TLS certificates reloaded");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("new TLS files are invalid, keeping the old ones: {e}");
+                Err(e)
+            }
+        }
+    }
+
     /// Re-reads the rules; invalid new rules are logged and the old ones stay.
     pub fn reload_rules(&self) -> Result<(), RulesError> {
         match Rules::load(&self.config.rules_path) {
             Ok(rules) => {
                 if let Err(e) = check_keys(&rules) {
                     tracing::error!("new rules are invalid, keeping the old ones: {e}");
-                    self.metrics.rules_reloaded(false);
+                    self.metrics.config_reloaded(false);
                     return Err(RulesError {
                         problems: vec![e.to_string()],
                     });
@@ -139,12 +178,12 @@ impl Proxy {
                 // Running sessions notice this at their next statement.
                 self.rules_generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(path = %self.config.rules_path.display(), "rules reloaded");
-                self.metrics.rules_reloaded(true);
+                self.metrics.config_reloaded(true);
                 Ok(())
             }
             Err(e) => {
                 tracing::error!("new rules are invalid, keeping the old ones:\n{e}");
-                self.metrics.rules_reloaded(false);
+                self.metrics.config_reloaded(false);
                 Err(e)
             }
         }
@@ -191,6 +230,20 @@ impl Proxy {
     pub fn metrics_session_ended(&self) {
         self.active_sessions.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The client acceptor and the upstream connector the configuration's files make.
+fn tls_material(config: &Config) -> Result<(Option<TlsAcceptor>, UpstreamConnector), TlsError> {
+    let client = match &config.client_tls {
+        Some((cert, key)) => Some(tls::client_acceptor(cert, key)?),
+        None => None,
+    };
+    let upstream = UpstreamConnector::new(
+        config.upstream_tls,
+        config.upstream_ca.as_deref(),
+        &config.upstream_host,
+    )?;
+    Ok((client, upstream))
 }
 
 /// A database's catalog, with the version of the schema it was read at.
@@ -244,7 +297,14 @@ impl CatalogVersion {
 #[derive(Default)]
 pub struct Shutdown {
     level: AtomicU8,
-    wakers: DashMap<u64, Arc<AtomicWaker>>,
+    wakers: DashMap<u64, Arc<Watcher>>,
+}
+
+/// How one session is woken, and whether it alone was told to end.
+#[derive(Default)]
+struct Watcher {
+    waker: AtomicWaker,
+    killed: std::sync::atomic::AtomicBool,
 }
 
 /// The levels of [`Shutdown`].
@@ -254,6 +314,8 @@ pub mod shutdown_level {
     pub const DRAIN: u8 = 1;
     /// The grace period is over: end every session now.
     pub const STOP: u8 = 2;
+    /// What one session sees when an operator ended it (the admin console's KILL).
+    pub const KILLED: u8 = 3;
 }
 
 impl Shutdown {
@@ -261,18 +323,28 @@ impl Shutdown {
     pub fn raise(&self, level: u8) {
         self.level.fetch_max(level, Ordering::SeqCst);
         for w in self.wakers.iter() {
-            w.wake();
+            w.waker.wake();
         }
+    }
+
+    /// Ends one session now, whatever it is doing; `false` if no such session is relaying.
+    pub fn kill(&self, session: u64) -> bool {
+        let Some(w) = self.wakers.get(&session).map(|w| w.clone()) else {
+            return false;
+        };
+        w.killed.store(true, Ordering::SeqCst);
+        w.waker.wake();
+        true
     }
 
     /// Registers a session to be woken; dropping the guard unregisters it.
     pub fn watch(&self, session: u64) -> ShutdownWatch<'_> {
-        let waker = Arc::new(AtomicWaker::new());
-        self.wakers.insert(session, waker.clone());
+        let watcher = Arc::new(Watcher::default());
+        self.wakers.insert(session, watcher.clone());
         ShutdownWatch {
             shutdown: self,
             session,
-            waker,
+            watcher,
         }
     }
 }
@@ -281,14 +353,18 @@ impl Shutdown {
 pub struct ShutdownWatch<'a> {
     shutdown: &'a Shutdown,
     session: u64,
-    waker: Arc<AtomicWaker>,
+    watcher: Arc<Watcher>,
 }
 
 impl ShutdownWatch<'_> {
-    /// Resolves with the level once it is above `seen`.
+    /// Resolves with the level once it is above `seen` ([`shutdown_level::KILLED`] once
+    /// this session was killed).
     pub async fn above(&self, seen: u8) -> u8 {
         std::future::poll_fn(|cx| {
-            self.waker.register(cx.waker());
+            self.watcher.waker.register(cx.waker());
+            if self.watcher.killed.load(Ordering::SeqCst) {
+                return Poll::Ready(shutdown_level::KILLED);
+            }
             match self.shutdown.level.load(Ordering::SeqCst) {
                 level if level > seen => Poll::Ready(level),
                 _ => Poll::Pending,

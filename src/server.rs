@@ -55,7 +55,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
                 }
             },
         };
-        if accepted_count % 1024 == 0 {
+        if accepted_count.is_multiple_of(1024) {
             proxy.auth_throttle.prune();
         }
         accepted_count = accepted_count.wrapping_add(1);

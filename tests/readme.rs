@@ -29,7 +29,7 @@ const MARK: &str = "<!-- readme-test:";
 /// Fence info strings that hold commands a reader would type.
 const SHELLS: [&str; 4] = ["sh", "bash", "shell", "console"];
 /// The README's fixed ports, replaced by free ones.
-const README_PORTS: [&str; 3] = ["6432", "6433", "9187"];
+const README_PORTS: [&str; 4] = ["6432", "6433", "6434", "9187"];
 /// A cold `cargo build --release` included.
 const DEADLINE: Duration = Duration::from_secs(20 * 60);
 

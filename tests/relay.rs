@@ -323,9 +323,10 @@ async fn identity_has_transitive_roles() {
         proxy
             .proxy
             .sessions
-            .iter()
-            .find(|s| s.user == user)
-            .map(|s| s.clone())
+            .list()
+            .into_iter()
+            .find(|s| s.identity.user == user)
+            .map(|s| s.identity.clone())
     };
     let alice = find("alice").expect("alice's session is registered");
     assert_eq!(alice.roles, vec!["alice", "crm_base", "crm_support"]);

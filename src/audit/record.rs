@@ -31,6 +31,8 @@ pub enum Event {
     Alert,
     /// pgveil started and found the end of the log torn by a crash (see `writer`).
     Recovered,
+    /// A command of the admin console (`--admin-listen`).
+    Admin,
 }
 
 /// The outcome of a statement.

@@ -89,6 +89,11 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
             ));
         }
     }
+    if let Some(origin) = &rules.settings.origin {
+        for r in rules.settings.admin_roles.iter().filter(|r| !known_role(r)) {
+            out.push(format!("{origin}: admin role {r:?} does not exist"));
+        }
+    }
     for a in &rules.allows {
         for r in a.roles.iter().filter(|r| !known_role(r)) {
             out.push(format!("{}: role {r:?} does not exist", a.origin));

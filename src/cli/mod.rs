@@ -349,6 +349,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Serve the admin console (PostgreSQL protocol: SHOW CLIENTS, SHOW STATS, RELOAD, KILL)
+    /// on ADDR, for members of [settings] admin_roles.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     /// Most client connections at once; more get SQLSTATE 53300 [default: 1000]
     #[arg(long)]
     pub max_client_conn: Option<usize>,
@@ -400,6 +404,7 @@ impl ServeArgs {
             upstream_tls: self.upstream_tls,
             upstream_ca: self.upstream_ca.clone(),
             metrics: self.metrics.clone(),
+            admin_listen: self.admin_listen.clone(),
             max_client_conn: self.max_client_conn,
             handshake_timeout_secs: self.handshake_timeout_secs,
             client_idle_timeout_secs: self.client_idle_timeout_secs,

@@ -100,6 +100,7 @@ pub struct ServeSettings {
     pub upstream_tls: Option<UpstreamTls>,
     pub upstream_ca: Option<PathBuf>,
     pub metrics: Option<String>,
+    pub admin_listen: Option<String>,
     pub max_client_conn: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub client_idle_timeout_secs: Option<u64>,
@@ -149,6 +150,7 @@ impl ServeSettings {
             upstream_tls: self.upstream_tls.or(base.upstream_tls),
             upstream_ca: self.upstream_ca.or(base.upstream_ca),
             metrics: self.metrics.or(base.metrics),
+            admin_listen: self.admin_listen.or(base.admin_listen),
             max_client_conn: self.max_client_conn.or(base.max_client_conn),
             handshake_timeout_secs: self.handshake_timeout_secs.or(base.handshake_timeout_secs),
             client_idle_timeout_secs: self
@@ -180,6 +182,8 @@ pub struct Config {
     pub upstream_tls: UpstreamTls,
     pub upstream_ca: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// Where the admin console listens (`--admin-listen`).
+    pub admin: Option<String>,
     pub limits: Limits,
 }
 
@@ -298,6 +302,7 @@ impl Config {
             upstream_tls,
             upstream_ca: s.upstream_ca,
             metrics,
+            admin: s.admin_listen.filter(|a| !a.is_empty()),
             limits: Limits {
                 max_client_conn: s.max_client_conn.unwrap_or(d.max_client_conn).max(1),
                 handshake_timeout: secs(s.handshake_timeout_secs, d.handshake_timeout),

@@ -169,6 +169,8 @@ pub struct AlertRule {
 pub struct Settings {
     pub unanalysable: Unanalysable,
     pub protected: Vec<StatementKind>,
+    /// Roles whose members may use the admin console (`--admin-listen`); none by default.
+    pub admin_roles: Vec<String>,
     /// Where `[settings]` was written; `None` when the defaults hold.
     pub origin: Option<Origin>,
 }
@@ -182,6 +184,7 @@ impl Default for Settings {
                 StatementKind::Truncate,
                 StatementKind::Drop,
             ],
+            admin_roles: Vec::new(),
             origin: None,
         }
     }
@@ -218,6 +221,7 @@ struct RawFile {
 struct RawSettings {
     unanalysable: Option<Unanalysable>,
     protected: Option<Vec<StatementKind>>,
+    admin_roles: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +370,7 @@ impl FileCtx<'_> {
                 if let Some(p) = settings.1.protected {
                     rules.settings.protected = p;
                 }
+                rules.settings.admin_roles = settings.1.admin_roles.unwrap_or_default();
             }
         }
         for m in raw.mask {

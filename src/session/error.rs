@@ -25,6 +25,9 @@ pub enum SessionError {
     IdleTimeout,
     #[error("pgveil is shutting down")]
     Shutdown,
+    /// An operator ended the session (the admin console's KILL).
+    #[error("killed from the admin console")]
+    Killed,
     /// A refusal whose message is written for the client.
     #[error("{message}")]
     Refused { code: SqlState, message: String },
@@ -80,6 +83,10 @@ impl SessionError {
             SessionError::Shutdown => (
                 SqlState::ADMIN_SHUTDOWN,
                 "pgveil: terminating connection because the proxy is shutting down".into(),
+            ),
+            SessionError::Killed => (
+                SqlState::ADMIN_SHUTDOWN,
+                "pgveil: terminating connection due to administrator command".into(),
             ),
             SessionError::Refused { code, message } => (*code, message.clone()),
             SessionError::ClientGone | SessionError::Reported(_) => return None,

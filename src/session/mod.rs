@@ -173,7 +173,8 @@ async fn run_session(
             return Err(e);
         }
     };
-    let tls_both_legs = client.is_tls() && upstream.is_tls();
+    let client_tls = client.is_tls();
+    let tls_both_legs = client_tls && upstream.is_tls();
     let generation = proxy.rules_generation();
     let (client_r, client_w) = split(client, limits.max_message_bytes);
     let (upstream_r, upstream_w) = split(upstream, MAX_SERVER_MESSAGE);
@@ -212,13 +213,25 @@ async fn run_session(
         roles = ?identity.roles,
         "session established"
     );
-    proxy.sessions.insert(id, established.identity.clone());
-    let session_audit = session_audit(proxy, &established);
+    let server_key = established
+        .cancel
+        .as_ref()
+        .and_then(|c| proxy.cancel_keys.get(&c.client_key).map(|k| *k));
+    let live = Arc::new(crate::sessions::LiveSession::new(
+        established.identity.clone(),
+        client_tls,
+        established.policy.is_some(),
+        established.guard.is_some(),
+        server_key,
+    ));
+    proxy.sessions.open(live.clone());
+    let session_audit = session_audit(proxy, &established, &live);
     let mut session_state = state::SessionState::new(established.server_params);
     session_state.audit = session_audit;
     session_state.policy = established.policy;
     session_state.guard = established.guard;
     session_state.catalog_version = established.catalog_version;
+    session_state.live = Some(live);
     let refresh =
         reload::PolicyRefresh::new(proxy.clone(), established.identity.clone(), generation);
     if let Some(a) = &session_state.audit {
@@ -261,7 +274,7 @@ async fn run_session(
             }
         }
     }
-    proxy.sessions.remove(&id);
+    proxy.sessions.close(id);
     drop(established.cancel);
     if !matches!(result, Ok(relay::RelayEnd::Terminated)) {
         // Tell the server we are done, whatever happened on the client side.
@@ -281,13 +294,18 @@ async fn run_session(
 fn session_audit(
     proxy: &Arc<Proxy>,
     established: &auth::Established,
+    live: &Arc<crate::sessions::LiveSession>,
 ) -> Option<audit::SessionAudit> {
     let rules = proxy.rules.load_full();
     let identity = &established.identity;
     let alerts = crate::watch::AlertWatch::for_session(&proxy.alerts, &rules.alerts, identity);
     // Statement metrics are counted where records are made: with --no-audit they still
-    // need the session's audit side when --metrics is on.
-    if proxy.audit.is_none() && alerts.is_none() && proxy.config.metrics.is_none() {
+    // need the session's audit side when --metrics or the admin console is on.
+    if proxy.audit.is_none()
+        && alerts.is_none()
+        && proxy.config.metrics.is_none()
+        && proxy.config.admin.is_none()
+    {
         return None;
     }
     let catalog = established.catalog.clone();
@@ -299,6 +317,7 @@ fn session_audit(
         catalog,
         search_path: crate::catalog::search_path_schemas(&identity.search_path, &identity.user),
         alerts,
+        counters: Some(live.clone()),
     };
     Some(audit::SessionAudit::new(audit::Who::of(identity), setup))
 }

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::proxy::{shutdown_level, ShutdownWatch};
+use crate::sessions::Activity;
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -76,6 +77,9 @@ pub async fn run(
             r = &mut c2s => break r,
             seen = shutdown.above(level) => {
                 level = seen;
+                if level == shutdown_level::KILLED {
+                    break Err(SessionError::Killed);
+                }
                 if level >= shutdown_level::STOP {
                     break Err(SessionError::Shutdown);
                 }
@@ -137,6 +141,7 @@ async fn client_to_server(
     catalog_ready: &Notify,
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(16 * 1024);
+    let live = lock(state).live.clone();
     loop {
         let (idle, outside_tx) = {
             let st = lock(state);
@@ -166,6 +171,9 @@ async fn client_to_server(
                         code: SqlState::ADMIN_SHUTDOWN,
                         message,
                     })?;
+                if let Some(live) = &st.live {
+                    live.set_policy(st.policy.is_some(), st.guard.is_some());
+                }
             }
             match refresh.catalog_wanted(&mut st) {
                 true => Some(None),
@@ -233,6 +241,7 @@ async fn client_to_server(
                     again = false;
                     frame = client.buffered().map_err(SessionError::Client)?;
                 }
+                note_activity(&st);
                 wanted
             };
             if wanted {
@@ -246,6 +255,9 @@ async fn client_to_server(
             }
         }
         client_partial.store(client.has_partial(), Ordering::Relaxed);
+        if let Some(live) = &live {
+            live.counters.received(out.len());
+        }
         upstream
             .write_all(&out)
             .await
@@ -338,6 +350,7 @@ async fn server_to_client(
 ) -> Result<RelayEnd, SessionError> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut scratch = Vec::new();
+    let live = lock(state).live.clone();
     loop {
         let first = upstream.next().await.map_err(|e| {
             if e.is_disconnect() {
@@ -384,6 +397,7 @@ async fn server_to_client(
             ) {
                 catalog_ready.notify_one();
             }
+            note_activity(&st);
             // Records that wait for their batch's end keep the replies after them waiting
             // too (the end is on its way), up to a bound.
             if let Some(a) = st.audit.as_mut().filter(|a| a.holding()) {
@@ -406,6 +420,9 @@ async fn server_to_client(
                     message: format!("pgveil: {e}"),
                 })?;
         }
+        if let Some(live) = &live {
+            live.counters.sent(out.len());
+        }
         client_dirty.store(true, Ordering::Release);
         client
             .write_all(&out)
@@ -420,6 +437,17 @@ async fn server_to_client(
             return Err(SessionError::Shutdown);
         }
     }
+}
+
+/// Shows the admin console what the session is doing.
+fn note_activity(st: &SessionState) {
+    let Some(live) = &st.live else { return };
+    live.set_activity(match st.transaction {
+        _ if !st.is_idle() => Activity::Active,
+        Some(TransactionStatus::InBlock) => Activity::IdleInTransaction,
+        Some(TransactionStatus::Failed) => Activity::IdleInFailedTransaction,
+        _ => Activity::Idle,
+    });
 }
 
 /// What to do with one server frame.

@@ -69,7 +69,7 @@ pub async fn negotiate(
 type TlsStart = Result<Stream, (Option<Stream>, SessionError)>;
 
 async fn start_tls(mut tcp: TcpStream, proxy: &Proxy) -> TlsStart {
-    let Some(acceptor) = &proxy.client_tls else {
+    let Some(acceptor) = proxy.client_tls() else {
         return match tcp.write_all(b"N").await {
             Ok(()) => Ok(Stream::Plain(tcp)),
             Err(e) => Err((None, SessionError::from_client(e.into()))),

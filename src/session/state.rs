@@ -314,6 +314,8 @@ pub struct SessionState {
     ran_in_batch: bool,
     /// Audit records and alert accounting; `None` when neither is on.
     pub audit: Option<super::audit::SessionAudit>,
+    /// The session as operators see it (admin console): activity and counters.
+    pub live: Option<Arc<crate::sessions::LiveSession>>,
 }
 
 impl SessionState {

@@ -21,7 +21,7 @@ pub async fn connect(proxy: &Proxy) -> Result<Stream, SessionError> {
     .map_err(|_| SessionError::Connect(format!("{} timed out", cfg.upstream)))?
     .map_err(|e| SessionError::Connect(format!("{}: {e}", cfg.upstream)))?;
     tcp.set_nodelay(true).ok();
-    let connector = &proxy.upstream_tls;
+    let connector = proxy.upstream_tls();
     if connector.mode == UpstreamTls::Disable {
         return Ok(Stream::Plain(tcp));
     }

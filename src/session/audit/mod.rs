@@ -25,6 +25,7 @@ use crate::config::rules::AlertAction;
 use crate::metrics::Metrics;
 use crate::policy::Denied;
 use crate::protocol::frontend::FrontendMessage;
+use crate::sessions::LiveSession;
 use crate::sql::analysis::{Analysed, FactsCache};
 use crate::watch::{AlertWatch, Fired};
 use facts::{Facts, Resolutions};
@@ -75,6 +76,8 @@ pub struct SessionAudit {
     pub who: Who,
     facts: Resolutions,
     alerts: Option<AlertWatch>,
+    /// The session's line in the admin console, counted per statement.
+    live: Option<Arc<LiveSession>>,
     slots: VecDeque<Slot>,
     /// The refused Parse or Execute whose refusal the server has yet to raise.
     refused_parse: Option<InFlight>,
@@ -114,6 +117,7 @@ pub struct AuditSetup {
     pub search_path: Vec<String>,
     pub sensitive: Sensitive,
     pub alerts: Option<AlertWatch>,
+    pub counters: Option<Arc<LiveSession>>,
 }
 
 impl SessionAudit {
@@ -129,6 +133,7 @@ impl SessionAudit {
                 setup.sensitive,
             ),
             alerts: setup.alerts,
+            live: setup.counters,
             slots: VecDeque::new(),
             refused_parse: None,
             completed: Vec::new(),
@@ -493,6 +498,13 @@ impl SessionAudit {
         }
         if decision == Decision::Masked {
             self.metrics.rows_masked(rows.unwrap_or(0));
+        }
+        if let Some(live) = &self.live {
+            live.counters.statement(
+                rows.unwrap_or(0),
+                decision == Decision::Masked,
+                decision == Decision::Blocked,
+            );
         }
         let message = match (&f.blocked, note) {
             (Some(b), _) => Some(b.message.as_str()),
