@@ -47,14 +47,20 @@ impl SessionIdentity {
 
 /// Reads the identity in one round trip. Membership follows `pg_auth_members` recursively
 /// (UNION stops at cycles); a superuser is not treated as a member of every role, because
-/// the rules name roles, not privileges.
+/// the rules name roles, not privileges. It runs under the session's own search_path, which
+/// the client sets: every operator is spelled `OPERATOR(pg_catalog.=)` and every function
+/// qualified, so that an operator the user created in a schema of theirs cannot answer
+/// for the catalog's (an `=` that is always true would make the user a member of every
+/// role, exempt from every mask).
 pub const IDENTITY_QUERY: &str = "WITH RECURSIVE m(oid) AS (\
- SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user \
- UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN m ON a.member = m.oid) \
- SELECT 'u', session_user::text \
- UNION ALL SELECT 'd', pg_catalog.current_database()::text \
+ SELECT oid FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) session_user \
+ UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a \
+ JOIN m ON a.member OPERATOR(pg_catalog.=) m.oid) \
+ SELECT 'u', session_user::pg_catalog.text \
+ UNION ALL SELECT 'd', pg_catalog.current_database()::pg_catalog.text \
  UNION ALL SELECT 's', pg_catalog.current_setting('search_path') \
- UNION ALL SELECT 'r', r.rolname::text FROM pg_catalog.pg_roles r JOIN m ON r.oid = m.oid";
+ UNION ALL SELECT 'r', r.rolname::pg_catalog.text FROM pg_catalog.pg_roles r \
+ JOIN m ON r.oid OPERATOR(pg_catalog.=) m.oid";
 
 /// Collects the rows of [`IDENTITY_QUERY`].
 #[derive(Default)]

@@ -55,7 +55,7 @@ pub fn mask_sql(f: &MaskFunction, col: &str, ty: &str, is_text: bool) -> Option<
             format!("pg_catalog.date_trunc('{u}', {c})::{t}")
         }
         MaskFunction::Round { step } => {
-            format!("(pg_catalog.round(pg_catalog.numeric_div(({c})::numeric, {step})) * {step})::{t}")
+            format!("(pg_catalog.round(pg_catalog.numeric_div(({c})::pg_catalog.numeric, {step})) * {step})::{t}")
         }
         MaskFunction::Hash { .. } | MaskFunction::Tokenize { .. } | MaskFunction::Deny => return None,
     })
