@@ -497,3 +497,150 @@ fn check_names_admin_roles_that_do_not_exist() {
     );
     assert!(!text.contains("\"crm_admin\""), "{text}");
 }
+
+/// A tokio-postgres connection to the console, or the code of its refusal.
+async fn console_login(
+    addr: &str,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let conn = format!(
+        "host={host} port={port} user={user} password='{password}' dbname=pgveil sslmode=disable connect_timeout=10"
+    );
+    match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            Ok(client)
+        }
+        Err(e) => Err(e.code().map_or(e.to_string(), |c| c.code().to_string())),
+    }
+}
+
+// Found by the attack pass on the console: each test below failed on its first version.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_login_reads_the_same() {
+    let (p, addr, _dir) = console(shared(), RULES, |s| s.auth_max_failures = Some(0)).await;
+    // A right password of a role that is not an admin must not tell itself apart.
+    for (user, password) in [
+        ("alice", "alice_pw"),
+        ("alice", "wrong"),
+        ("no_such_role", "x"),
+    ] {
+        let code = console_login(&addr, user, password).await.err();
+        assert_eq!(code.as_deref(), Some("28P01"), "{user}/{password}");
+    }
+    assert!(console_login(&addr, "crm_admin", "admin_pw").await.is_ok());
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_get_no_more_tries_than_the_failed_login_limit() {
+    let (p, addr, _dir) = console(shared(), RULES, |s| s.auth_max_failures = Some(3)).await;
+    let guesses: Vec<_> = (0..10)
+        .map(|i| {
+            let addr = addr.clone();
+            tokio::spawn(
+                async move { console_login(&addr, "crm_admin", &format!("guess{i}")).await },
+            )
+        })
+        .collect();
+    for g in guesses {
+        assert!(g.await.unwrap().is_err());
+    }
+    // The server was asked at most the limit's number of times; the rest were turned away.
+    let checked = p
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "auth_failed")
+        .filter(|r| {
+            r["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("password authentication failed")
+        })
+        .count();
+    assert!(checked <= 3, "{checked} guesses reached the server");
+    assert!(
+        console_login(&addr, "crm_admin", "admin_pw").await.is_err(),
+        "banned"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_console_session_loses_its_rights_with_its_role() {
+    let (p, addr, dir) = console(shared(), RULES, |_| {}).await;
+    let admin = console_login(&addr, "crm_admin", "admin_pw").await.unwrap();
+    admin.simple_query("SHOW VERSION").await.unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        RULES.replace(
+            "admin_roles = [\"crm_admin\"]",
+            "admin_roles = [\"nobody\"]",
+        ),
+    )
+    .unwrap();
+    p.proxy.reload_rules().unwrap();
+    let err = admin.simple_query("SHOW CLIENTS").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err:?}");
+    assert!(!p
+        .audit_records()
+        .iter()
+        .any(|r| r["event"] == "admin" && r["statement"] == "SHOW CLIENTS"));
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_ends_the_connection_before_it_is_buffered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (p, addr, _dir) = console(shared(), RULES, |_| {}).await;
+    for after_login in [false, true] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut startup = Vec::new();
+        let params = b"user\0crm_admin\0database\0pgveil\0\0";
+        startup.extend_from_slice(&((8 + params.len()) as u32).to_be_bytes());
+        startup.extend_from_slice(&196608u32.to_be_bytes());
+        startup.extend_from_slice(params);
+        s.write_all(&startup).await.unwrap();
+        if after_login {
+            let mut password = vec![b'p'];
+            password.extend_from_slice(&(4 + 9u32).to_be_bytes());
+            password.extend_from_slice(b"admin_pw\0");
+            s.write_all(&password).await.unwrap();
+        }
+        // A query announcing ~1 GiB, and its first megabyte.
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&0x3fff_fffdu32.to_be_bytes());
+        s.write_all(&q).await.unwrap();
+        let chunk = vec![b'A'; 64 * 1024];
+        let mut sent = 0;
+        for _ in 0..16 {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        // The connection ends: reading reaches its end (after any replies) in time.
+        let closed = async {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("still open after {sent} bytes (after login: {after_login})")
+            });
+    }
+    // The console and the proxy go on.
+    assert!(admin_ok(&addr, "SHOW VERSION").await.starts_with("pgveil"));
+    let alice = p.connect("alice", "alice_pw").await;
+    alice.simple_query("SELECT 1").await.unwrap();
+    p.shutdown().await;
+}

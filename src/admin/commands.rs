@@ -74,10 +74,10 @@ impl Command {
                 ))
             })?),
             _ => {
+                let shown: String = text.trim().chars().take(80).collect();
                 return Err(CommandError::Syntax(format!(
-                    "pgveil admin console: unknown command {:?}; commands: {COMMANDS}",
-                    text.trim()
-                )))
+                    "pgveil admin console: unknown command {shown:?}; commands: {COMMANDS}"
+                )));
             }
         })
     }
@@ -165,7 +165,7 @@ pub async fn run(cmd: &Command, proxy: &Arc<Proxy>, admin: &str) -> Result<Reply
             ))
         }
         Command::Reload => {
-            tracing::info!(admin, "reload requested from the admin console");
+            tracing::info!(admin = ?admin, "reload requested from the admin console");
             proxy.reload().map_err(|e| {
                 CommandError::ReloadFailed(format!(
                     "pgveil: reload refused, the old rules and certificates stay in force:\n{e}"
@@ -507,14 +507,23 @@ async fn kill(proxy: &Arc<Proxy>, id: u64, admin: &str) -> Result<(), CommandErr
             "pgveil: session {id} is already ending"
         )));
     }
-    tracing::info!(admin, session = id, "session killed from the admin console");
+    tracing::info!(admin = ?admin, session = id, "session killed from the admin console");
+    // A cancel that reaches the backend before it starts the statement it was sent does
+    // nothing: sent again a little later, it stops what runs then. A cancel of an idle
+    // backend, or one gone, is ignored.
     if let Some(key) = session.server_key {
-        if let Err(e) = crate::session::upstream::cancel(proxy, key).await {
-            tracing::warn!(
-                session = id,
-                "cancelling the killed session's statement: {e}"
-            );
-        }
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            for wait in [0, 200, 1000] {
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                if let Err(e) = crate::session::upstream::cancel(&proxy, key).await {
+                    tracing::warn!(
+                        session = id,
+                        "cancelling the killed session's statement: {e}"
+                    );
+                }
+            }
+        });
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! refused login is an audit record.
 
 pub mod commands;
+mod wire;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -39,11 +40,14 @@ const MAX_CONNECTIONS: usize = 64;
 /// Accepts operators on `listener` for as long as the task runs.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let admins = Arc::new(Admins::default());
     let handlers = Arc::new(Handlers {
         startup: Arc::new(Startup {
             inner: CleartextPasswordAuthStartupHandler::new(
                 ServerLogin {
                     proxy: proxy.clone(),
+                    admins: admins.clone(),
+                    one_at_a_time: tokio::sync::Mutex::new(()),
                 },
                 parameters(),
             ),
@@ -51,6 +55,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
         }),
         queries: Arc::new(Queries {
             proxy: proxy.clone(),
+            admins,
         }),
     });
     loop {
@@ -72,10 +77,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
             proxy.metrics.connection_refused("max_connections");
             continue;
         };
-        let tls = proxy.client_tls().map(|a| (*a).clone());
+        let tls = proxy.client_tls();
         let handlers = handlers.clone();
+        let timeout = proxy.config.limits.handshake_timeout;
         tokio::spawn(async move {
-            if let Err(e) = pgwire::tokio::process_socket(tcp, tls, handlers).await {
+            if let Err(e) = wire::serve(tcp, peer, tls, &*handlers, timeout).await {
                 tracing::debug!(client = %peer, "admin console connection ended: {e}");
             }
             drop(slot);
@@ -144,10 +150,33 @@ impl StartupHandler for Startup {
     }
 }
 
+/// The roles of each user who logged in to the console, as of their latest login: each
+/// command is checked against them and the `admin_roles` in force, so that a rules reload
+/// that drops a role ends its rights at the next command.
+#[derive(Default)]
+struct Admins {
+    roles: dashmap::DashMap<String, Vec<String>>,
+}
+
+impl Admins {
+    fn may(&self, user: &str, admin_roles: &[String]) -> bool {
+        self.roles.get(user).is_some_and(|roles| {
+            let identity = crate::identity::SessionIdentity {
+                roles: roles.clone(),
+                ..crate::identity::SessionIdentity::offline(user, &[], "")
+            };
+            identity.has_any_role(admin_roles)
+        })
+    }
+}
+
 /// Checks a password by logging in to the server as the role, then its membership in
-/// `admin_roles`.
+/// `admin_roles`. One check at a time, the failed-login ban consulted inside: parallel
+/// attempts from one address get no more tries than sequential ones.
 struct ServerLogin {
     proxy: Arc<Proxy>,
+    admins: Arc<Admins>,
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl Debug for ServerLogin {
@@ -176,35 +205,29 @@ impl AuthSource for ServerLogin {
             _ => "postgres",
         };
         let ip = login.host().parse::<std::net::IpAddr>().ok();
-        let refused = match self.login(user, database, password).await {
-            Ok(roles) => {
-                let admins = &self.proxy.rules.load().settings.admin_roles;
-                let identity = crate::identity::SessionIdentity {
-                    roles,
-                    ..crate::identity::SessionIdentity::offline(user, &[], "")
-                };
-                if identity.has_any_role(admins) {
-                    return Ok(None);
+        let _turn = self.one_at_a_time.lock().await;
+        let reason = match ip.and_then(|ip| self.proxy.auth_throttle.banned(ip)) {
+            Some(_) => "the address is turned away for too many failed logins".to_string(),
+            None => match self.login(user, database, password).await {
+                Ok(roles) => {
+                    let admin_roles = &self.proxy.rules.load().settings.admin_roles;
+                    self.admins.roles.insert(user.to_string(), roles);
+                    if self.admins.may(user, admin_roles) {
+                        return Ok(None);
+                    }
+                    format!("role {user:?} is not a member of [settings] admin_roles")
                 }
-                (
-                    "28000",
-                    format!("role {user:?} is not a member of [settings] admin_roles"),
-                )
-            }
-            Err(reason) => ("28P01", reason),
+                Err(reason) => reason,
+            },
         };
-        let (code, reason) = refused;
         self.proxy.metrics.auth_failure();
         let banned = ip.is_some_and(|ip| self.proxy.auth_throttle.failed(ip));
-        let note = format!(
-            "admin console login refused ({code}): {reason}{}",
-            if banned {
-                "; the address reached the failed-login limit"
-            } else {
-                ""
-            }
-        );
-        tracing::info!(user, client = login.host(), "{note}");
+        let limit = match banned {
+            true => "; the address reached the failed-login limit",
+            false => "",
+        };
+        let note = format!("admin console login refused: {reason}{limit}");
+        tracing::info!(user = ?user, client = login.host(), "{note}");
         let who = crate::session::audit::Who {
             session: 0,
             user: user.to_string(),
@@ -215,9 +238,11 @@ impl AuthSource for ServerLogin {
         self.proxy
             .audit_event(who.event(Event::AuthFailed, Some(&note), None))
             .await;
-        // As the server does: the reason is in the log, never in the client's message.
+        // As the server does: the reason is in the log, never in the client's message,
+        // and every refusal reads the same (a right password of a role that is not an
+        // admin must not tell itself apart).
         Err(fatal(
-            code,
+            "28P01",
             format!("password authentication failed for user \"{user}\" (pgveil admin console)"),
         ))
     }
@@ -273,6 +298,7 @@ impl ServerLogin {
 /// Runs commands; each one is an audit record.
 struct Queries {
     proxy: Arc<Proxy>,
+    admins: Arc<Admins>,
 }
 
 /// The key under which a console connection keeps its session id.
@@ -297,6 +323,16 @@ impl SimpleQueryHandler for Queries {
         let meta = |k: &str| client.metadata().get(k).cloned().unwrap_or_default();
         let (user, application_name) = (meta("user"), meta("application_name"));
         let client_addr = client.socket_addr().to_string();
+        if !self
+            .admins
+            .may(&user, &self.proxy.rules.load().settings.admin_roles)
+        {
+            tracing::info!(user = ?user, "admin console: the role is no longer an admin; closing");
+            return Err(fatal(
+                "28000",
+                "pgveil: this role is no longer in [settings] admin_roles",
+            ));
+        }
         let mut replies = Vec::new();
         for text in query.split(';').filter(|t| !t.trim().is_empty()) {
             let started = std::time::Instant::now();
