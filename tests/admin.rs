@@ -68,6 +68,15 @@ fn client_line<'a>(clients: &'a str, app: &str) -> Vec<&'a str> {
         .unwrap_or_else(|| panic!("no session of {app} in:\n{clients}"))
 }
 
+/// The output of a SHOW STATS command, and the numbers of its `crm` line (the database
+/// name's column is 0).
+async fn crm_stats(addr: &str, cmd: &str) -> (String, Vec<u64>) {
+    let stats = admin_ok(addr, cmd).await;
+    let line = stats.lines().find(|l| l.starts_with("crm|")).unwrap();
+    let numbers = line.split('|').map(|f| f.parse().unwrap_or(0)).collect();
+    (stats, numbers)
+}
+
 async fn session(p: &TestProxy, user: &str, password: &str, app: &str) -> tokio_postgres::Client {
     let conn = format!(
         "{} application_name={app}",
@@ -152,14 +161,8 @@ async fn show_clients_and_stats_describe_real_sessions() {
     assert_eq!(b[8], "no", "crm_admin is exempt from the mask: {clients}");
     let alice_id: u64 = a[0].parse().unwrap();
 
-    let stats = admin_ok(&addr, "SHOW STATS").await;
-    let crm: Vec<&str> = stats
-        .lines()
-        .find(|l| l.starts_with("crm|"))
-        .unwrap()
-        .split('|')
-        .collect();
-    let n = |i: usize| crm[i].parse::<u64>().unwrap();
+    let (stats, crm) = crm_stats(&addr, "SHOW STATS").await;
+    let n = |i: usize| crm[i];
     assert_eq!(n(1), 2, "sessions: {stats}");
     assert!(n(2) >= 6, "statements: {stats}");
     assert_eq!(n(4), 15, "masked rows: {stats}");
@@ -179,15 +182,9 @@ async fn show_clients_and_stats_describe_real_sessions() {
     tokio::time::timeout(Duration::from_secs(10), gone)
         .await
         .unwrap();
-    let stats = admin_ok(&addr, "show stats;").await;
-    let crm: Vec<&str> = stats
-        .lines()
-        .find(|l| l.starts_with("crm|"))
-        .unwrap()
-        .split('|')
-        .collect();
-    assert_eq!(crm[1], "1", "{stats}");
-    assert_eq!(crm[4], "15", "{stats}");
+    let (stats, crm) = crm_stats(&addr, "show stats;").await;
+    assert_eq!(crm[1], 1, "{stats}");
+    assert_eq!(crm[4], 15, "{stats}");
 
     // Every command is an audit record naming who ran it.
     let records = p.audit_records();
