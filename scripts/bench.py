@@ -67,7 +67,7 @@ def as_postgres(cmd):
     return ["runuser", "-u", "postgres", "--"] + cmd if os.geteuid() == 0 else cmd
 
 
-def start_pgbouncer(work, pg_port):
+def start_pgbouncer(work, pg_port, max_client_conn=200, pool_size=50):
     port = free_port()
     d = os.path.join(work, "pgbouncer")
     os.makedirs(d)
@@ -84,8 +84,8 @@ unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {d}/userlist.txt
 pool_mode = session
-max_client_conn = 200
-default_pool_size = 50
+max_client_conn = {max_client_conn}
+default_pool_size = {pool_size}
 logfile = {d}/pgbouncer.log
 pidfile = {d}/pgbouncer.pid
 """)
@@ -94,7 +94,9 @@ pidfile = {d}/pgbouncer.pid
         for name in os.listdir(d):
             shutil.chown(os.path.join(d, name), "postgres")
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    run(as_postgres([binary, "-d", cfg]))
+    # runuser starts it with PAM's default of 1024 open files; it needs about three per client.
+    files = max(4096, 3 * max_client_conn + 1024)
+    run(as_postgres(["prlimit", f"--nofile={files}:{files}", binary, "-d", cfg]))
     for _ in range(100):
         if os.path.exists(os.path.join(d, "pgbouncer.pid")):
             break
@@ -105,13 +107,14 @@ pidfile = {d}/pgbouncer.pid
     return port, pid
 
 
-def start_pgveil(work, pg_port, rules, extra_args=""):
-    """Starts the release pgveil in front of pg_port; returns (process, port) once it answers."""
+def start_pgveil(work, pg_port, rules, extra_args="", binary=None):
+    """Starts the release pgveil (or `binary`) in front of pg_port; returns (process, port)
+    once it answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{port}",
+        [binary or os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{port}",
          "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
-         "--audit-log", os.path.join(work, "audit.jsonl")] + extra_args.split(),
+         "--audit-log", os.path.join(work, f"audit-{port}.jsonl")] + extra_args.split(),
         env=dict(os.environ, PGVEIL_LOG="warn"))
     wait_ready(port)
     return proc, port
@@ -186,6 +189,8 @@ def main():
     ap.add_argument("--fetch-reps", type=int, default=5)
     ap.add_argument("--no-pgbouncer", action="store_true")
     ap.add_argument("--pgveil-args", default="", help="extra flags for pgveil serve")
+    ap.add_argument("--also", action="append", default=[],
+                    help="LABEL=PATH: another pgveil binary to measure in the same rounds")
     a = ap.parse_args()
 
     work = prepare("pgveil-bench.")
@@ -204,6 +209,11 @@ def main():
         veil, veil_port = start_pgveil(work, pg_port, rules, a.pgveil_args)
         procs.append(veil)
         targets = [("direct", pg_port, None), ("pgveil", veil_port, veil.pid)]
+        for other in a.also:
+            label, path = other.split("=", 1)
+            proc, port = start_pgveil(work, pg_port, rules, a.pgveil_args, binary=path)
+            procs.append(proc)
+            targets.append((label, port, proc.pid))
         bouncer_pid = None
         if not a.no_pgbouncer:
             bouncer_port, bouncer_pid = start_pgbouncer(work, pg_port)

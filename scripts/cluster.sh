@@ -6,6 +6,7 @@
 #   scripts/cluster.sh stop DIR
 #
 # initdb refuses to run as root: as root, the cluster belongs to the `postgres` user.
+# PGVEIL_MAX_CONNECTIONS sets the server's max_connections (200).
 set -euo pipefail
 
 pg_bin() {
@@ -47,7 +48,7 @@ case "$cmd" in
     cat >>"$dir/data/postgresql.auto.conf" <<CONF
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$dir'
-max_connections = 200
+max_connections = ${PGVEIL_MAX_CONNECTIONS:-200}
 shared_buffers = 128MB
 fsync = off
 synchronous_commit = off

@@ -12,6 +12,10 @@ use pgveil::proxy::Proxy;
 use pgveil::server;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// mimalloc instead of the system allocator: see scripts/bench_memory.py for why.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     pgveil::logging::init(cli.log_format);

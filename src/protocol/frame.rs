@@ -87,16 +87,22 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max_len: usize,
+    /// How much room each read asks for: small for a session that exchanges short
+    /// messages (most of them, idle ones above all: this is per-session memory), doubled
+    /// up to [`MAX_READ_CHUNK`] whenever a read fills all the room it had.
+    chunk: usize,
 }
 
-const READ_CHUNK: usize = 64 * 1024;
+const MIN_READ_CHUNK: usize = 4 * 1024;
+const MAX_READ_CHUNK: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_len: usize) -> Self {
         FrameReader {
             inner,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             max_len,
+            chunk: MIN_READ_CHUNK,
         }
     }
 
@@ -116,10 +122,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.buffered()? {
                 return Ok(frame);
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
+            if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
+                self.buf.reserve(self.chunk);
             }
+            let room = self.buf.capacity() - self.buf.len();
             let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == room && self.chunk < MAX_READ_CHUNK {
+                self.chunk *= 2;
+            }
             if n == 0 {
                 return Err(if self.buf.is_empty() {
                     ProtocolError::Closed

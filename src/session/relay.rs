@@ -140,7 +140,8 @@ async fn client_to_server(
     client_partial: &AtomicBool,
     catalog_ready: &Notify,
 ) -> Result<RelayEnd, SessionError> {
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    // Grows with what the session sends; kept small for the many that send little.
+    let mut out = BytesMut::with_capacity(1024);
     let live = lock(state).live.clone();
     loop {
         let (idle, outside_tx) = {
@@ -348,7 +349,8 @@ async fn server_to_client(
     draining: &AtomicBool,
     catalog_ready: &Notify,
 ) -> Result<RelayEnd, SessionError> {
-    let mut out = BytesMut::with_capacity(64 * 1024);
+    // Grows to the largest batch of replies (bounded below) and keeps that size.
+    let mut out = BytesMut::with_capacity(4 * 1024);
     let mut scratch = Vec::new();
     let live = lock(state).live.clone();
     loop {
