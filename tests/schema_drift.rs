@@ -630,9 +630,10 @@ async fn inside_a_transaction_block_new_masked_tables_are_masked_not_refused() {
 }
 
 /// When pgveil's catalog read inside a block fails (here a lock it cannot get in time),
-/// the block is put back as it was: the client's next statements run, its work commits.
+/// the session ends (57P01) rather than judge the block's statements by a schema known to
+/// be out of date; the server rolls the block back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_catalog_read_inside_a_block_leaves_the_block_usable() {
+async fn a_failed_catalog_read_inside_a_block_ends_the_session() {
     let db = "drift_block_failed";
     let pg = database(db);
     let p = TestProxy::with_rules(pg, RULES).await;
@@ -655,16 +656,26 @@ async fn a_failed_catalog_read_inside_a_block_leaves_the_block_usable() {
     simple(&alice, "CREATE TABLE kept_in_block (id int)")
         .await
         .unwrap();
-    for sql in ["SELECT 1", "SELECT count(*) FROM deals", "SELECT 2"] {
-        simple(&alice, sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
+    let err = simple(&alice, "SELECT count(*) FROM deals")
+        .await
+        .unwrap_err();
+    assert!(
+        err.starts_with("57P01") && err.contains("could not be read again"),
+        "{err}"
+    );
+    assert!(
+        simple(&alice, "SELECT 1").await.is_err(),
+        "the session ended"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
-    simple(&alice, "COMMIT").await.unwrap();
     assert_eq!(
         pg.psql_super(db, "SELECT to_regclass('kept_in_block') IS NOT NULL"),
-        "t"
+        "f"
+    );
+    let again = client(&p, "alice", "alice_pw", db).await;
+    assert_eq!(
+        simple(&again, "SELECT 2").await.unwrap(),
+        vec!["2".to_string()]
     );
     p.shutdown().await;
 }
@@ -697,5 +708,54 @@ async fn extended_batches_carry_the_probe_and_stop_when_a_name_changed() {
             .unwrap();
         assert!(!rows[0].contains("topsecret"), "{rows:?}");
     }
+    p.shutdown().await;
+}
+
+/// The catalog read a drift asks for can fail (here: a view it must describe is locked by
+/// another session, and the user set a short lock_timeout). The session must not go on
+/// with the schema it knows to be out of date: a table renamed into a masked name would
+/// then be read in clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_that_cannot_be_read_again_ends_the_session() {
+    let db = "drift_unreadable";
+    let pg = database(db);
+    let p = TestProxy::with_rules(pg, RULES).await;
+    let alice = client(&p, "alice", "alice_pw", db).await;
+    let sql = "SELECT secret FROM plain2_view";
+    assert_eq!(
+        simple(&alice, sql).await.unwrap(),
+        vec!["topsecret-renamed-directly".to_string()]
+    );
+    simple(&alice, "SET lock_timeout = '200ms'").await.unwrap();
+    direct(pg, db, "ALTER TABLE plain2 RENAME TO renamed_here");
+    let locker = common::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PASSWORD} dbname={db}",
+        pg.port
+    ))
+    .await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE plain_view IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let got = simple(&alice, sql).await;
+        assert!(
+            !format!("{got:?}").contains("topsecret"),
+            "read in clear with a stale schema: {got:?} after {answers:?}"
+        );
+        answers.push(got);
+    }
+    assert!(
+        answers.iter().any(|a| a
+            .as_ref()
+            .is_err_and(|e| e.contains("could not be read again"))),
+        "{answers:?}"
+    );
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    // A new session reads the schema and masks.
+    let again = client(&p, "alice", "alice_pw", db).await;
+    let rows = simple(&again, sql).await.unwrap();
+    assert!(!rows[0].contains("topsecret"), "{rows:?}");
     p.shutdown().await;
 }

@@ -310,8 +310,12 @@ async fn read_catalog(
         .await?;
     }
     // What a block reads may not be committed (or may never be): for this session only.
-    refresh.adopt_catalog(&mut lock(state), read.map(Arc::new), version, !in_block);
-    Ok(())
+    refresh
+        .adopt_catalog(&mut lock(state), read.map(Arc::new), version, !in_block)
+        .map_err(|message| SessionError::Refused {
+            code: SqlState::ADMIN_SHUTDOWN,
+            message,
+        })
 }
 
 /// Runs a query of pgveil's own, its replies hidden from the client: whether a row (or

@@ -189,19 +189,23 @@ impl PolicyRefresh {
     /// Puts the catalog pgveil read on the session's connection in force (`None`: the
     /// server refused the query; the session goes on with what it had), and, when
     /// `shared`, offers it to sessions that start later.
+    /// A catalog that could not be read (`None`) ends the session: the statements that
+    /// asked for it would otherwise be judged by a schema known to be out of date (a
+    /// table renamed into a masked name would be read in clear).
     pub fn adopt_catalog(
         &mut self,
         st: &mut SessionState,
         catalog: Option<Arc<Catalog>>,
         version: CatalogVersion,
         shared: bool,
-    ) {
+    ) -> Result<(), String> {
         let Some(catalog) = catalog else {
-            tracing::warn!("pgveil could not read the catalog again; the session keeps its own");
-            if let Some(p) = st.policy.as_mut() {
-                p.catalog_wanted = false;
-            }
-            return;
+            tracing::warn!("pgveil could not read the catalog again; ending the session");
+            return Err(
+                "pgveil: the schema could not be read again to judge this statement; \
+                        the session ends: reconnect"
+                    .into(),
+            );
         };
         if shared {
             self.proxy.catalogs.insert(
@@ -213,6 +217,7 @@ impl PolicyRefresh {
             );
         }
         self.put_in_force(st, catalog, version);
+        Ok(())
     }
 
     fn put_in_force(
