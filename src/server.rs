@@ -23,7 +23,8 @@ pub async fn watch_rules(proxy: Arc<Proxy>, every: Duration) {
         if now != last {
             last = now;
             tracing::info!(path = %path.display(), "rules files changed");
-            let _ = proxy.reload_rules();
+            // All of it, as SIGHUP: the gauge then speaks for rules and TLS files alike.
+            let _ = proxy.reload();
         }
     }
 }

@@ -301,8 +301,10 @@ struct Queries {
     admins: Arc<Admins>,
 }
 
-/// The key under which a console connection keeps its session id.
-const SESSION_KEY: &str = "pgveil.admin_session";
+/// The key under which a console connection keeps its session id. pgwire copies every
+/// startup parameter into the same map; a parameter's name cannot hold a NUL, so a client
+/// cannot set this one.
+const SESSION_KEY: &str = "pgveil\0admin_session";
 
 #[async_trait]
 impl SimpleQueryHandler for Queries {
@@ -328,6 +330,22 @@ impl SimpleQueryHandler for Queries {
             .may(&user, &self.proxy.rules.load().settings.admin_roles)
         {
             tracing::info!(user = ?user, "admin console: the role is no longer an admin; closing");
+            let record = Record {
+                application_name: &application_name,
+                client_addr: &client_addr,
+                database: "pgveil",
+                decision: Some(Decision::Blocked),
+                event: Some(Event::Admin),
+                kind: Some("admin"),
+                message: Some("the role is no longer in [settings] admin_roles"),
+                session,
+                sqlstate: Some("28000"),
+                statement: Some(query.trim()),
+                ts: timestamp(OffsetDateTime::now_utc()),
+                user: &user,
+                ..Default::default()
+            };
+            self.proxy.audit_event(record.canonical()).await;
             return Err(fatal(
                 "28000",
                 "pgveil: this role is no longer in [settings] admin_roles",

@@ -28,6 +28,7 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
 
 trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
@@ -81,7 +82,8 @@ pub async fn serve<H: PgWireServerHandlers>(
     let (stream, secure, head, len) = opened.map_err(|_| refused("startup timed out"))??;
     // The startup packet's own limit is pgwire's (10000 bytes); a cancel request is not
     // for the console.
-    if !(8..=10_000).contains(&len) || len == 16 {
+    let code = u32::from_be_bytes(head[4..].try_into().expect("4 bytes"));
+    if !(8..=10_000).contains(&len) || code == CANCEL_REQUEST {
         return Err(refused("not a startup packet"));
     }
     let bounded = Bounded {

@@ -371,6 +371,10 @@ impl FileCtx<'_> {
                     rules.settings.protected = p;
                 }
                 rules.settings.admin_roles = settings.1.admin_roles.unwrap_or_default();
+                if rules.settings.admin_roles.iter().any(|r| r == "*") {
+                    let msg = "admin_roles cannot be \"*\" (every role would be an admin); name the roles";
+                    self.problem(&settings.0, msg.to_string());
+                }
             }
         }
         for m in raw.mask {
@@ -741,6 +745,14 @@ tables = ["*"]
             p[3].contains("r.toml:13") && p[3].contains("remove"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn admin_roles_cannot_be_everyone() {
+        let err = load_str("[settings]\nadmin_roles = [\"ops\", \"*\"]\n").unwrap_err();
+        assert!(err.to_string().contains("admin_roles cannot be"), "{err}");
+        let r = load_str("[settings]\nadmin_roles = [\"ops\"]\n").unwrap();
+        assert_eq!(r.settings.admin_roles, vec!["ops".to_string()]);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //!
 //! Every function that receives the clear value is qualified with `pg_catalog`, and no
 //! operator is applied to it, so that a function or operator of the same name created
-//! earlier in the session's `search_path` cannot see the clear value.
+//! earlier in the session's `search_path` cannot see the clear value. The operators on
+//! what is derived from it (its length, the position of `@`) are spelled
+//! `OPERATOR(pg_catalog.<=)` too: a shadowing `<=` that is always false would otherwise
+//! pick the branch that keeps both ends of a short value, all of it.
 
 use crate::config::rules::{MaskFunction, TruncUnit};
 
@@ -27,16 +30,16 @@ pub fn mask_sql(f: &MaskFunction, col: &str, ty: &str, is_text: bool) -> Option<
         MaskFunction::Partial { keep_first, keep_last } => {
             let (kf, kl) = (keep_first, keep_last);
             format!(
-                "(CASE WHEN {c} IS NULL THEN NULL WHEN pg_catalog.char_length({c}) <= {sum} \
+                "(CASE WHEN {c} IS NULL THEN NULL WHEN pg_catalog.char_length({c}) OPERATOR(pg_catalog.<=) {sum} \
                  THEN pg_catalog.repeat('*', GREATEST(pg_catalog.char_length({c}), 1)) \
                  ELSE pg_catalog.concat(pg_catalog.left({c}, {kf}), \
-                 pg_catalog.repeat('*', pg_catalog.char_length({c}) - {sum}), pg_catalog.right({c}, {kl})) END)::{t}",
+                 pg_catalog.repeat('*', pg_catalog.char_length({c}) OPERATOR(pg_catalog.-) {sum}), pg_catalog.right({c}, {kl})) END)::{t}",
                 sum = kf + kl
             )
         }
         MaskFunction::Email => format!(
             "(CASE WHEN {c} IS NULL THEN NULL \
-             WHEN pg_catalog.strpos({c}, '@') > 1 THEN pg_catalog.concat(pg_catalog.left({c}, 1), '***@', \
+             WHEN pg_catalog.strpos({c}, '@') OPERATOR(pg_catalog.>) 1 THEN pg_catalog.concat(pg_catalog.left({c}, 1), '***@', \
              pg_catalog.split_part({c}, '@', -1)) ELSE '****' END)::{t}"
         ),
         MaskFunction::Redact { replacement } if is_text => {
@@ -55,7 +58,7 @@ pub fn mask_sql(f: &MaskFunction, col: &str, ty: &str, is_text: bool) -> Option<
             format!("pg_catalog.date_trunc('{u}', {c})::{t}")
         }
         MaskFunction::Round { step } => {
-            format!("(pg_catalog.round(pg_catalog.numeric_div(({c})::pg_catalog.numeric, {step})) * {step})::{t}")
+            format!("(pg_catalog.round(pg_catalog.numeric_div(({c})::pg_catalog.numeric, {step})) OPERATOR(pg_catalog.*) {step})::{t}")
         }
         MaskFunction::Hash { .. } | MaskFunction::Tokenize { .. } | MaskFunction::Deny => return None,
     })

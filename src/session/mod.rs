@@ -224,6 +224,8 @@ async fn run_session(
         established.guard.is_some(),
         server_key,
     ));
+    // Watched before it is listed, so that a KILL of a listed session always reaches it.
+    let shutdown = proxy.shutdown.watch(id);
     proxy.sessions.open(live.clone());
     let session_audit = session_audit(proxy, &established, &live);
     let mut session_state = state::SessionState::new(established.server_params);
@@ -240,7 +242,6 @@ async fn run_session(
             .await;
     }
     let state = Mutex::new(session_state);
-    let shutdown = proxy.shutdown.watch(id);
     let result = relay::run(
         &mut legs,
         &state,
