@@ -8,7 +8,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::keyed::copy_bytes;
+use common::keyed::{copy_bytes, KEYED_RULES};
 use common::simple_rows;
 use common::{output, shared, stderr, stdout, PgCluster, TestProxy};
 use pgveil::protocol::write;
@@ -46,7 +46,7 @@ fn cluster() -> &'static PgCluster {
 
 async fn keyed_proxy() -> TestProxy {
     common::keyed::set_test_key();
-    TestProxy::with_rules(cluster(), common::keyed::KEYED_RULES).await
+    TestProxy::with_rules(cluster(), KEYED_RULES).await
 }
 
 /// Distinctive fragments of every masked value, read directly as the superuser: the
@@ -1118,42 +1118,18 @@ async fn raw_protocol_sequences_around_copy() {
 // 10. Partitions (one with its columns in another order and a dropped column) and an
 //     inheritance child of the masked table, in COPY.
 
-const PART_RULES: &str = r#"
-[[mask]]
-column = "customers.card_number"
-function = "tokenize"
-key_env = "PGVEIL_TEST_TOKEN_KEY"
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "customers.email"
-function = "hash"
-key_env = "PGVEIL_TEST_TOKEN_KEY"
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "customers.national_id"
-function = "redact"
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "customers.phone"
-function = "partial"
-keep_first = 3
-keep_last = 4
-unmasked_for = ["crm_admin"]
-
-[[mask]]
-column = "leads.phone"
-function = "tokenize"
-key_env = "PGVEIL_TEST_TOKEN_KEY"
-unmasked_for = ["crm_admin"]
-"#;
+/// The keyed rules, and the partitioned table's phone tokenized.
+fn part_rules() -> String {
+    format!(
+        "{KEYED_RULES}\n[[mask]]\ncolumn = \"leads.phone\"\nfunction = \"tokenize\"\n\
+         key_env = \"PGVEIL_TEST_TOKEN_KEY\"\nunmasked_for = [\"crm_admin\"]\n"
+    )
+}
 
 #[tokio::test]
 async fn partitions_and_children_in_copy() {
     common::keyed::set_test_key();
-    let p = TestProxy::with_rules(cluster(), PART_RULES).await;
+    let p = TestProxy::with_rules(cluster(), &part_rules()).await;
     let mut problems = Vec::new();
     for sql in [
         "COPY leads TO STDOUT",

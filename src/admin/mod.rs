@@ -325,25 +325,29 @@ impl SimpleQueryHandler for Queries {
         let meta = |k: &str| client.metadata().get(k).cloned().unwrap_or_default();
         let (user, application_name) = (meta("user"), meta("application_name"));
         let client_addr = client.socket_addr().to_string();
+        // What every record of this connection says of who and where.
+        let who = Record {
+            application_name: &application_name,
+            client_addr: &client_addr,
+            database: "pgveil",
+            event: Some(Event::Admin),
+            kind: Some("admin"),
+            session,
+            user: &user,
+            ..Default::default()
+        };
         if !self
             .admins
             .may(&user, &self.proxy.rules.load().settings.admin_roles)
         {
             tracing::info!(user = ?user, "admin console: the role is no longer an admin; closing");
             let record = Record {
-                application_name: &application_name,
-                client_addr: &client_addr,
-                database: "pgveil",
                 decision: Some(Decision::Blocked),
-                event: Some(Event::Admin),
-                kind: Some("admin"),
                 message: Some("the role is no longer in [settings] admin_roles"),
-                session,
                 sqlstate: Some("28000"),
                 statement: Some(query.trim()),
                 ts: timestamp(OffsetDateTime::now_utc()),
-                user: &user,
-                ..Default::default()
+                ..who.clone()
             };
             self.proxy.audit_event(record.canonical()).await;
             return Err(fatal(
@@ -368,21 +372,14 @@ impl SimpleQueryHandler for Queries {
                 _ => None,
             };
             let record = Record {
-                application_name: &application_name,
-                client_addr: &client_addr,
-                database: "pgveil",
                 decision: Some(decision),
                 duration_us: Some(started.elapsed().as_micros() as u64),
-                event: Some(Event::Admin),
-                kind: Some("admin"),
                 message: message.as_deref(),
                 rows,
-                session,
                 sqlstate,
                 statement: Some(text.trim()),
                 ts: timestamp(ts),
-                user: &user,
-                ..Default::default()
+                ..who.clone()
             };
             self.proxy.audit_event(record.canonical()).await;
             match outcome {

@@ -213,10 +213,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bounded<S> {
         let before = buf.filled().len();
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let new = buf.filled()[before..].to_vec();
-                Poll::Ready(this.scan(&new))
-            }
+            Poll::Ready(Ok(())) => Poll::Ready(this.scan(&buf.filled()[before..])),
             other => other,
         }
     }
