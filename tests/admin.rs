@@ -645,3 +645,37 @@ async fn an_oversized_message_ends_the_connection_before_it_is_buffered() {
     alice.simple_query("SELECT 1").await.unwrap();
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_choose_the_session_id_of_its_records() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (p, addr, _dir) = console(shared(), RULES, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // The key pgveil once kept the id under, as a startup parameter.
+    let params = b"user\0crm_admin\0database\0pgveil\0pgveil.admin_session\x00777\0\0";
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&((8 + params.len()) as u32).to_be_bytes());
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    startup.extend_from_slice(params);
+    s.write_all(&startup).await.unwrap();
+    let mut password = vec![b'p'];
+    password.extend_from_slice(&(4 + 9u32).to_be_bytes());
+    password.extend_from_slice(b"admin_pw\0");
+    s.write_all(&password).await.unwrap();
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&(4 + 13u32).to_be_bytes());
+    query.extend_from_slice(b"SHOW VERSION\0");
+    s.write_all(&query).await.unwrap();
+    s.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    let records: Vec<_> = p
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "admin" && r["statement"] == "SHOW VERSION")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_ne!(records[0]["session"], 777, "{records:?}");
+    assert_ne!(records[0]["session"], 0, "{records:?}");
+    p.shutdown().await;
+}

@@ -98,6 +98,26 @@ fn cluster() -> PgCluster {
     ]);
     let out = psql.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    // Frank shadows the integer comparisons with ones that are always false, and one
+    // customer's phone is short: the partial mask's CASE must still pick all stars.
+    c.psql_super(
+        "crm",
+        "CREATE ROLE frank LOGIN PASSWORD 'frank_pw' IN ROLE crm_support; \
+         CREATE SCHEMA falsy AUTHORIZATION frank; \
+         UPDATE customers SET phone = '5550123' WHERE id = 2",
+    );
+    let mut ops = String::from(
+        "CREATE FUNCTION falsy.no(int4, int4) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT false';\n",
+    );
+    for op in OPERATORS {
+        ops.push_str(&format!(
+            "CREATE OPERATOR falsy.{op} (LEFTARG = int4, RIGHTARG = int4, FUNCTION = falsy.no);\n"
+        ));
+    }
+    let mut psql = common::psql_cmd(&c.addr(), "frank", "frank_pw", "crm");
+    psql.args(["-c", &ops]);
+    let out = psql.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
     c
 }
 
@@ -150,6 +170,21 @@ async fn masks_and_identity_hold_under_a_hostile_search_path() {
     ))
     .await;
     holds("one operator", &eve, phone, balance).await;
+    let frank = common::connect(&format!(
+        "{} options='-c search_path=falsy,pg_catalog,public'",
+        p.conn_str("frank", "frank_pw", "crm"),
+    ))
+    .await;
+    for sql in [
+        "SELECT phone || '' FROM customers WHERE id = 2",
+        "SELECT pg_catalog.lower(phone) FROM customers WHERE id = 2",
+    ] {
+        let got = answer(&frank, sql).await;
+        assert!(
+            !got.contains("5550123") && got.contains("*******"),
+            "always-false comparisons: {sql}: {got}"
+        );
+    }
     // Set three ways: a startup option, SET in the session, the role's own setting.
     let by_option = common::connect(&format!(
         "{} options='-c search_path={}'",
