@@ -61,6 +61,7 @@ fn session(toml: &str) -> SessionState {
     if !masks.is_empty() {
         st.policy = Some(SessionPolicy::new(
             Arc::new(masks),
+            Arc::default(),
             catalog.clone(),
             search_path.clone(),
             &rules.settings,

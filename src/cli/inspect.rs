@@ -34,6 +34,62 @@ async fn load_catalog(client: &tokio_postgres::Client) -> Result<Catalog, String
     Ok(rows.finish())
 }
 
+/// A `[[filter]]` against the live schema: its table and columns exist, and the server
+/// itself accepts its condition on that table (types and operators resolve).
+async fn check_filter(
+    client: &tokio_postgres::Client,
+    catalog: &Catalog,
+    f: &crate::config::rules::FilterRule,
+) -> Vec<String> {
+    let Some(rel) = catalog.relation(&f.schema, &f.table) else {
+        return vec![format!(
+            "{}: warning: table {} does not exist (yet): until it does, statements of filtered roles that name it are refused",
+            f.origin,
+            f.qualified()
+        )];
+    };
+    let missing: Vec<&str> = f
+        .predicate
+        .columns()
+        .into_iter()
+        .filter(|c| rel.column(c).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return vec![format!(
+            "{}: filter on {}: no column {} (statements of filtered roles on it are refused)",
+            f.origin,
+            f.qualified(),
+            missing.join(", ")
+        )];
+    }
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let probe = format!(
+        "EXPLAIN SELECT 1 FROM {}.{} AS \"pgveil_row_filter\" WHERE {}",
+        quote(&rel.schema),
+        quote(&rel.name),
+        f.predicate.sql("pgveil_row_filter")
+    );
+    match client.simple_query(&probe).await {
+        Ok(_) => Vec::new(),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            vec![format!(
+                "{}: warning: filter on {}: the server could not be asked to plan its condition ({}): run check as a role that may read the table",
+                f.origin,
+                f.qualified(),
+                e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+            )]
+        }
+        Err(e) => vec![format!(
+            "{}: filter on {}: the server refuses {:?}: {}",
+            f.origin,
+            f.qualified(),
+            f.condition,
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string())
+        )],
+    }
+}
+
 async fn role_names(client: &tokio_postgres::Client) -> Result<Vec<String>, String> {
     let rows = client
         .query("SELECT rolname::text FROM pg_catalog.pg_roles", &[])
@@ -87,6 +143,17 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
                 "{}: warning: {c} is searchable: predicates compare clear values, which lets a user infer them",
                 m.origin
             ));
+        }
+    }
+    for f in &rules.filters {
+        out.extend(check_filter(&client, &catalog, f).await);
+        for r in f
+            .roles
+            .iter()
+            .chain(&f.unfiltered_for)
+            .filter(|r| !known_role(r))
+        {
+            out.push(format!("{}: role {r:?} does not exist", f.origin));
         }
     }
     if let Some(origin) = &rules.settings.origin {
@@ -182,6 +249,18 @@ pub async fn explain(
     let identity = SessionIdentity::offline(role, &role_refs, "pgveil explain");
     out.push_str(&format!("roles: {}\n", roles.join(", ")));
     let built = SessionRuleSet::build(rules, &identity, &catalog);
+    for f in rules
+        .filters
+        .iter()
+        .filter(|f| crate::policy::filters::applies(f, &identity))
+    {
+        out.push_str(&format!(
+            "row filter: {} where {} ({})\n",
+            f.qualified(),
+            f.condition,
+            f.origin
+        ));
+    }
     explain_guard(rules, &identity, built.guard, sql, &mut out);
     if out.contains("\ndecision: refused") {
         return Ok(out);
@@ -201,7 +280,7 @@ pub async fn explain(
         Verdict::Pass => out.push_str("decision: forwarded (reads no masked column)\n"),
         Verdict::Masked => out.push_str("decision: forwarded, result columns masked in flight\n"),
         Verdict::Rewritten(ref sql) => {
-            out.push_str("decision: rewritten, masked columns computed masked by the server\n");
+            out.push_str("decision: rewritten, masked columns computed masked by the server and row filters applied\n");
             out.push_str(&format!("rewritten: {sql}\n"));
         }
         Verdict::CopyOut(ref copy) => {

@@ -451,9 +451,10 @@ pub fn check(rules_path: &std::path::Path, upstream_url: Option<&str>) -> ExitCo
         }
     }
     println!(
-        "{}: valid ({} masks, {} allow rules, {} recycle rules, {} alerts)",
+        "{}: valid ({} masks, {} row filters, {} allow rules, {} recycle rules, {} alerts)",
         rules_path.display(),
         rules.masks.len(),
+        rules.filters.len(),
         rules.allows.len(),
         rules.recycles.len(),
         rules.alerts.len()

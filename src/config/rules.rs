@@ -9,6 +9,8 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
+use crate::sql::predicate::Predicate;
+
 /// All problems found in a rule set, one per line as `file:line: message`.
 #[derive(Debug, Error)]
 #[error("{}", .problems.join("\n"))]
@@ -130,6 +132,27 @@ pub struct MaskRule {
     pub origin: Origin,
 }
 
+/// `[[filter]]`: the rows of a table that sessions holding `roles` see and change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FilterRule {
+    pub schema: String,
+    pub table: String,
+    /// Sessions holding any of these roles (`"*"`: every role) are filtered...
+    pub roles: Vec<String>,
+    /// ...unless they hold one of these.
+    pub unfiltered_for: Vec<String>,
+    /// The `where` as written.
+    pub condition: String,
+    pub predicate: Predicate,
+    pub origin: Origin,
+}
+
+impl FilterRule {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct AllowRule {
     pub roles: Vec<String>,
@@ -198,6 +221,7 @@ pub struct Rules {
     pub allows: Vec<AllowRule>,
     pub recycles: Vec<RecycleRule>,
     pub alerts: Vec<AlertRule>,
+    pub filters: Vec<FilterRule>,
     /// The files the rules came from, in merge order.
     pub files: Vec<PathBuf>,
 }
@@ -214,6 +238,8 @@ struct RawFile {
     recycle: Vec<Spanned<toml::Value>>,
     #[serde(default)]
     alert: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    filter: Vec<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +289,17 @@ struct RawRecycle {
 
 fn default_retention() -> u32 {
     30
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    table: String,
+    roles: Vec<String>,
+    #[serde(rename = "where")]
+    condition: String,
+    #[serde(default)]
+    unfiltered_for: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -433,6 +470,13 @@ impl FileCtx<'_> {
                 }
             }
         }
+        for f in raw.filter {
+            if let Some((origin, f)) = self.entry::<RawFilter>(f, "filter") {
+                if let Some(rule) = self.filter(origin, f) {
+                    rules.filters.push(rule);
+                }
+            }
+        }
         for a in raw.alert {
             if let Some((origin, a)) = self.entry::<RawAlert>(a, "alert") {
                 rules.alerts.push(AlertRule {
@@ -459,6 +503,35 @@ impl FileCtx<'_> {
                 None
             }
         }
+    }
+
+    fn filter(&mut self, origin: Origin, f: RawFilter) -> Option<FilterRule> {
+        let Some(mut parts) = parse_qualified(&f.table, 2) else {
+            self.problem(&origin, format!("bad table name {:?}", f.table));
+            return None;
+        };
+        if f.roles.is_empty() {
+            self.problem(&origin, "a filter names no role (\"*\" is every role)");
+            return None;
+        }
+        let predicate = match Predicate::parse(&f.condition) {
+            Ok(p) => p,
+            Err(e) => {
+                self.problem(&origin, format!("filter on {}: {e}", f.table));
+                return None;
+            }
+        };
+        let table = parts.pop().unwrap_or_default();
+        let schema = parts.pop().unwrap_or_else(|| "public".into());
+        Some(FilterRule {
+            schema,
+            table,
+            roles: f.roles,
+            unfiltered_for: f.unfiltered_for,
+            condition: f.condition,
+            predicate,
+            origin,
+        })
     }
 
     fn mask(&mut self, origin: Origin, m: RawMask) -> Option<MaskRule> {

@@ -3,6 +3,7 @@
 //! whose `Permit` forwarding requires and whose `Denied` names its rule.
 
 pub mod authorize;
+pub mod filters;
 pub mod guard;
 pub mod mask;
 pub mod masking;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Settings, Unanalysable};
+use crate::policy::filters::SessionFilters;
 use crate::policy::masking::{self, Verdict};
 use crate::policy::{Denied, SessionMasks};
 use crate::sql::analysis::Analysed;
@@ -20,6 +21,8 @@ const VERDICT_CACHE: usize = 1024;
 #[derive(Debug)]
 pub struct SessionPolicy {
     pub masks: Arc<SessionMasks>,
+    /// The session's row filters (applied by the same analysis, after masking).
+    pub filters: Arc<SessionFilters>,
     pub catalog: Arc<Catalog>,
     pub search_path: Vec<String>,
     pub unanalysable: Unanalysable,
@@ -46,6 +49,7 @@ pub struct SessionPolicy {
 impl SessionPolicy {
     pub fn new(
         masks: Arc<SessionMasks>,
+        filters: Arc<SessionFilters>,
         catalog: Arc<Catalog>,
         search_path: Vec<String>,
         settings: &Settings,
@@ -53,6 +57,7 @@ impl SessionPolicy {
     ) -> SessionPolicy {
         SessionPolicy {
             masks,
+            filters,
             catalog,
             search_path,
             unanalysable: settings.unanalysable,
@@ -71,6 +76,7 @@ impl SessionPolicy {
         masking::Context {
             catalog: &self.catalog,
             masks: &self.masks,
+            filters: &self.filters,
             search_path: &self.search_path,
             temp_tables: &self.created,
             unanalysable: self.unanalysable,

@@ -1,10 +1,11 @@
 //! A session's rules in force, built in one place for session start, a rules reload and
-//! `pgveil explain`: its masking (when a mask applies to its roles) and its statement
+//! `pgveil explain`: its masking and row filters (when a mask or a filter applies to its roles) and its statement
 //! guard (when something can be refused to it), both resolving names along the session's
 //! search_path in the database's catalog.
 
 use std::sync::Arc;
 
+use super::filters::SessionFilters;
 use super::guard::GuardPolicy;
 use super::session_guard::SessionGuard;
 use super::session_masking::SessionPolicy;
@@ -24,9 +25,11 @@ impl SessionRuleSet {
     pub fn build(rules: &Rules, identity: &SessionIdentity, catalog: &Arc<Catalog>) -> Self {
         let search_path = search_path_schemas(&identity.search_path, &identity.user);
         let masks = SessionMasks::build(rules, identity, catalog);
-        let masking = (!masks.is_empty()).then(|| {
+        let filters = SessionFilters::build(rules, identity, catalog);
+        let masking = (!masks.is_empty() || !filters.is_empty()).then(|| {
             SessionPolicy::new(
                 Arc::new(masks),
+                Arc::new(filters),
                 catalog.clone(),
                 search_path.clone(),
                 &rules.settings,

@@ -311,7 +311,7 @@ async fn session_policy(
     let rules = startup.proxy.rules.load_full();
     let guarded = GuardPolicy::for_session(&rules, identity).is_some();
     let audited = startup.proxy.audit.is_some() || !rules.alerts.is_empty();
-    if rules.masks.is_empty() && !guarded && !audited {
+    if rules.masks.is_empty() && rules.filters.is_empty() && !guarded && !audited {
         return Ok((None, None, None, None));
     }
     let known = startup

@@ -89,10 +89,12 @@ impl PolicyRefresh {
             return Ok(());
         };
         let built = SessionRuleSet::build(&rules, &self.identity, &catalog);
-        let fingerprint =
-            |p: Option<&SessionPolicy>| p.map(|p| p.masks.fingerprint()).unwrap_or_default();
+        let fingerprint = |p: Option<&SessionPolicy>| {
+            p.map(|p| (p.masks.fingerprint(), p.filters.fingerprint()))
+                .unwrap_or_default()
+        };
         if fingerprint(st.policy.as_ref()) != fingerprint(built.masking.as_ref()) {
-            tracing::info!("masks changed by a rules reload; ending the session");
+            tracing::info!("masks or row filters changed by a rules reload; ending the session");
             return Err(RELOADED.into());
         }
         let old = st.guard.as_ref().map(|g| g.policy());

@@ -8,6 +8,7 @@ pub mod analysis;
 pub mod audit;
 pub mod guard;
 pub mod lex;
+pub mod predicate;
 pub mod scope;
 
 use std::borrow::Cow;

@@ -11,6 +11,7 @@
 
 mod copy;
 mod facts;
+mod filter;
 mod judge;
 mod rewrite;
 pub mod testing;
@@ -26,6 +27,7 @@ use sqlparser::ast::{Expr, SetExpr, Statement, Visit};
 
 use crate::catalog::Catalog;
 use crate::config::rules::{Origin, Unanalysable};
+use crate::policy::filters::SessionFilters;
 pub use crate::policy::Refusal;
 use crate::policy::SessionMasks;
 use crate::sql::analysis::{Analysed, Analysis};
@@ -35,6 +37,7 @@ use crate::sql::{fold, is_dangerous, kind_of, name_parts, Strings};
 pub struct Context<'a> {
     pub catalog: &'a Catalog,
     pub masks: &'a SessionMasks,
+    pub filters: &'a SessionFilters,
     pub search_path: &'a [String],
     pub temp_tables: &'a HashSet<String>,
     pub unanalysable: Unanalysable,
@@ -112,7 +115,7 @@ fn refusal_rule(r: &Refusal, ctx: &Context<'_>) -> Option<Origin> {
 }
 
 fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdict, Vec<String>) {
-    if ctx.masks.is_empty() {
+    if ctx.masks.is_empty() && ctx.filters.is_empty() {
         return (Verdict::Pass, Vec::new());
     }
     // A rewrite is written with standard strings: only a session known to read them so
@@ -161,6 +164,10 @@ fn check_string(sql: &str, analysed: &Analysed<'_>, ctx: &Context<'_>) -> (Verdi
             rewritten = true;
         }
         rewritten |= expanded;
+        match filter::apply(stmt, ctx) {
+            Ok(changed) => rewritten |= changed,
+            Err(r) => return (Verdict::Refused(r), Vec::new()),
+        }
         created.extend(created_table(stmt));
     }
     if rewritten || copy_format.is_some() {

@@ -19,7 +19,7 @@ use crate::policy::sqlmask;
 use super::facts::TableMasks;
 use super::{Context, Refusal};
 
-/// `COPY t TO ...` of a masked table becomes `COPY (SELECT <its columns> FROM t) TO ...`,
+/// `COPY t TO ...` of a masked or filtered table becomes `COPY (SELECT <its columns> FROM t) TO ...`,
 /// which the analysis then masks column by column (COPY output has no RowDescription for
 /// in-flight masking). Returns whether the statement changed.
 pub(super) fn expand_copy_of_masked_table(stmt: &mut Statement, ctx: &Context<'_>) -> bool {
@@ -41,16 +41,17 @@ pub(super) fn expand_copy_of_masked_table(stmt: &mut Statement, ctx: &Context<'_
     let Some(parts) = name_parts(table_name) else {
         return false;
     };
+    let hidden = |oid| ctx.masks.of_table(oid).is_some() || ctx.filters.of_table(oid).is_some();
     let rel = match parts.as_slice() {
         [name] => ctx
             .catalog
             .named(name)
-            .find(|r| ctx.masks.of_table(r.oid).is_some())
+            .find(|r| hidden(r.oid))
             .or_else(|| ctx.catalog.resolve(ctx.search_path, name)),
         [schema, name] | [_, schema, name] => ctx.catalog.relation(schema, name),
         _ => None,
     };
-    let Some(rel) = rel.filter(|r| ctx.masks.of_table(r.oid).is_some()) else {
+    let Some(rel) = rel.filter(|r| hidden(r.oid)) else {
         return false;
     };
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
@@ -77,7 +78,7 @@ pub(super) fn expand_copy_of_masked_table(stmt: &mut Statement, ctx: &Context<'_
     }
 }
 
-/// Views that read a masked table are replaced by their definitions (as derived tables
+/// Views that read a masked or filtered table are replaced by their definitions (as derived tables
 /// under the view's name), so that the masked columns inside are seen, and masked, like
 /// any other use. Returns whether the statement changed. Materialized views are left
 /// alone: their rows were computed in clear when refreshed, and stay refused.
@@ -102,7 +103,9 @@ pub(super) fn inline_masked_views(stmt: &mut Statement, ctx: &Context<'_>) -> bo
                 return ControlFlow::Continue(());
             };
             let masked_view = |r: &&Arc<Relation>| {
-                r.kind == 'v' && self.ctx.masks.view_reads_masked(r.oid).is_some()
+                r.kind == 'v'
+                    && (self.ctx.masks.view_reads_masked(r.oid).is_some()
+                        || self.ctx.filters.view_reads_filtered(r.oid).is_some())
             };
             let rel = match parts.as_slice() {
                 [n] => self.ctx.catalog.named(n).find(masked_view).cloned(),

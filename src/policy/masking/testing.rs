@@ -54,11 +54,13 @@ pub fn crm_context<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
     };
     let identity = SessionIdentity::offline("alice", &[], "");
     let masks = SessionMasks::build(&rules, &identity, &catalog);
+    let filters = crate::policy::filters::SessionFilters::build(&rules, &identity, &catalog);
     let search_path = vec!["pg_catalog".to_string(), "public".to_string()];
     let temp = HashSet::new();
     let ctx = Context {
         catalog: &catalog,
         masks: &masks,
+        filters: &filters,
         search_path: &search_path,
         temp_tables: &temp,
         unanalysable: Unanalysable::Deny,

@@ -1,0 +1,669 @@
+//! Row filters (`[[filter]]`) applied to a statement by rewriting it, after masking:
+//! every reference to a filtered table in FROM (joins, subqueries, CTEs, inlined views,
+//! `COPY (SELECT ...)`, cursors, CREATE ... AS) becomes a derived table that holds only
+//! the rows the filter lets through; UPDATE and DELETE get the filter in their WHERE; a
+//! write that could put a row outside the filter is refused unless its values prove it
+//! inside; any other statement naming a filtered table is refused.
+//!
+//! A condition of the statement could be evaluated on rows the filter hides, before the
+//! filter (the planner orders conditions by cost), and leak them through an error or a
+//! side effect. So unless every condition is harmless (column references, constants,
+//! parameters, comparisons, AND, OR, NOT, IS NULL, EXISTS and scalar subqueries, the
+//! comparisons then spelled `OPERATOR(pg_catalog.…)`), the derived tables end with
+//! `OFFSET 0`, which the planner neither flattens nor pushes conditions into, and the
+//! WHERE of an UPDATE or DELETE runs only on visible rows
+//! (`CASE WHEN filter THEN where ELSE false END`).
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use sqlparser::ast::{
+    visit_relations, AssignmentTarget, BinaryOperator, CopySource, Expr, FromTable, Ident,
+    ObjectName, OnInsert, Query, SetExpr, Statement, TableAlias, TableFactor, Visit, VisitMut,
+    Visitor, VisitorMut,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use super::{fold, kind_of, name_parts, Context, Refusal, UNKNOWN_RELATION};
+use crate::catalog::Relation;
+use crate::policy::filters::TableFilter;
+use crate::sql::predicate::Predicate;
+
+/// The alias the filtered table takes inside its derived table.
+const INNER: &str = "pgveil_row_filter";
+
+/// Applies the session's filters to `stmt`; whether it changed.
+pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Refusal> {
+    if ctx.filters.is_empty() {
+        return Ok(false);
+    }
+    let kind = kind_of(stmt);
+    // Every place the statement names a filtered table must be one the rewrite covers.
+    let mut named = 0usize;
+    let mut unknown = None;
+    let mut first: Option<(String, Option<crate::config::rules::Origin>)> = None;
+    let _ = visit_relations(stmt, |name| {
+        match lookup(name, ctx) {
+            Lookup::Filtered(rel, f) => {
+                named += 1;
+                first.get_or_insert_with(|| (rel.qualified(), f.origin().cloned()));
+            }
+            Lookup::Pending(t) => unknown = Some(t),
+            Lookup::Plain => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    if let Some(table) = unknown {
+        return Err(refusal(kind, table, UNKNOWN_RELATION, None));
+    }
+    // Names the relation visitor does not reach.
+    let direct: Vec<&ObjectName> = match &*stmt {
+        Statement::Copy {
+            source: CopySource::Table { table_name, .. },
+            ..
+        } => vec![table_name],
+        Statement::Truncate(t) => t.table_names.iter().map(|t| &t.name).collect(),
+        _ => Vec::new(),
+    };
+    for name in direct {
+        if let Lookup::Filtered(rel, f) = lookup(name, ctx) {
+            let reason =
+                "it would reach rows the filter hides (COPY (SELECT ...) TO can be filtered)";
+            return Err(refusal(kind, rel.qualified(), reason, f.origin()));
+        }
+    }
+    if named == 0 {
+        return Ok(false);
+    }
+    let harmless = Harmless::of(stmt);
+    let mut rewrite = Rewrite {
+        ctx,
+        barrier: !harmless,
+        skip: HashSet::new(),
+        handled: 0,
+        refused: None,
+    };
+    let _ = stmt.visit(&mut rewrite);
+    if let Some(r) = rewrite.refused {
+        return Err(r);
+    }
+    if rewrite.handled < named {
+        let reason =
+            "the statement names a filtered table where pgveil cannot apply its row filter";
+        let (table, origin) = first.unwrap_or_default();
+        return Err(refusal(kind, table, reason, origin.as_ref()));
+    }
+    if harmless {
+        let _ = stmt.visit(&mut CatalogOperators);
+    }
+    Ok(true)
+}
+
+enum Lookup<'a> {
+    Plain,
+    Filtered(Arc<Relation>, &'a Arc<TableFilter>),
+    /// A filter names a table of this name that the catalog does not have yet.
+    Pending(String),
+}
+
+/// Whether `name` (as written) means a filtered table. A bare name that some filtered
+/// table bears, in any schema, is taken as it: the session may change its search_path in
+/// ways the analysis cannot follow.
+fn lookup<'a>(name: &ObjectName, ctx: &Context<'a>) -> Lookup<'a> {
+    let Some(parts) = name_parts(name) else {
+        return Lookup::Plain;
+    };
+    let filters = ctx.filters;
+    let filtered = |r: &Arc<Relation>| filters.of_table(r.oid).map(|f| (r.clone(), f));
+    let found = match parts.as_slice() {
+        [n] => {
+            if let Some(_o) = filters.pending_table(n, ctx.catalog) {
+                return Lookup::Pending(n.clone());
+            }
+            ctx.catalog.named(n).find_map(filtered)
+        }
+        [schema, n] | [_, schema, n] => {
+            if filters.pending(schema, n).is_some() {
+                return Lookup::Pending(format!("{schema}.{n}"));
+            }
+            ctx.catalog.relation(schema, n).and_then(filtered)
+        }
+        _ => None,
+    };
+    match found {
+        Some((rel, f)) => Lookup::Filtered(rel, f),
+        None => Lookup::Plain,
+    }
+}
+
+fn refusal(
+    kind: &'static str,
+    table: impl Into<String>,
+    reason: impl Into<String>,
+    rule: Option<&crate::config::rules::Origin>,
+) -> Refusal {
+    Refusal {
+        kind,
+        table: table.into(),
+        reason: reason.into(),
+        rule: rule.cloned(),
+    }
+}
+
+struct Rewrite<'a, 'b> {
+    ctx: &'b Context<'a>,
+    barrier: bool,
+    /// TableFactors (by address) that are the targets of an UPDATE or DELETE.
+    skip: HashSet<usize>,
+    /// Filtered names the rewrite covered.
+    handled: usize,
+    refused: Option<Refusal>,
+}
+
+impl Rewrite<'_, '_> {
+    fn refuse(&mut self, r: Refusal) -> ControlFlow<()> {
+        self.refused = Some(r);
+        ControlFlow::Break(())
+    }
+
+    /// The filter of a target table, or the refusal of a filter that cannot apply.
+    fn target(&self, name: &ObjectName, kind: &'static str) -> Result<Option<Target>, Refusal> {
+        match lookup(name, self.ctx) {
+            Lookup::Plain => Ok(None),
+            Lookup::Pending(t) => Err(refusal(kind, t, UNKNOWN_RELATION, None)),
+            Lookup::Filtered(rel, f) => {
+                if let Some(why) = &f.broken {
+                    return Err(refusal(kind, rel.qualified(), why.clone(), f.origin()));
+                }
+                Ok(Some(Target {
+                    rel,
+                    filter: f.clone(),
+                }))
+            }
+        }
+    }
+
+    /// `where` of an UPDATE or DELETE of `target` (referred to as `qualifier`) with the
+    /// filter added.
+    fn restrict(&self, t: &Target, qualifier: &str, selection: &mut Option<Expr>) -> bool {
+        let filter = t.filter.sql(qualifier);
+        let sql = match selection.take() {
+            None => filter,
+            Some(w) if self.barrier => {
+                format!("{filter} AND CASE WHEN {filter} THEN ({w}) ELSE false END")
+            }
+            Some(w) => format!("{filter} AND ({w})"),
+        };
+        match Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(&sql)
+            .and_then(|mut p| p.parse_expr())
+        {
+            Ok(e) => {
+                *selection = Some(e);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+struct Target {
+    rel: Arc<Relation>,
+    filter: Arc<TableFilter>,
+}
+
+/// The name a target table is referred to by in its statement.
+fn qualifier(name: &ObjectName, alias: Option<&TableAlias>) -> String {
+    match alias {
+        Some(a) => fold(&a.name),
+        None => name_parts(name)
+            .and_then(|p| p.last().cloned())
+            .unwrap_or_default(),
+    }
+}
+
+impl VisitorMut for Rewrite<'_, '_> {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, stmt: &mut Statement) -> ControlFlow<()> {
+        let kind = kind_of(stmt);
+        match stmt {
+            Statement::Update(u) => {
+                let TableFactor::Table { name, alias, .. } = &u.table.relation else {
+                    return ControlFlow::Continue(());
+                };
+                let target = match self.target(name, kind) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => return ControlFlow::Continue(()),
+                    Err(r) => return self.refuse(r),
+                };
+                let q = qualifier(name, alias.as_ref());
+                // A row the UPDATE moves must stay visible: some condition must be all
+                // `column = value`, each of its columns set to its very value.
+                let assigned: Vec<(String, Option<Predicate>)> = u
+                    .assignments
+                    .iter()
+                    .flat_map(|a| {
+                        let cols: Vec<&ObjectName> = match &a.target {
+                            AssignmentTarget::ColumnName(c) => vec![c],
+                            AssignmentTarget::Tuple(cs) => cs.iter().collect(),
+                        };
+                        let single = cols.len() == 1;
+                        cols.into_iter().filter_map(move |c| {
+                            let col = name_parts(c)?.last()?.clone();
+                            let value = if single {
+                                Predicate::of_expr(&a.value)
+                            } else {
+                                None
+                            };
+                            Some((col, value))
+                        })
+                    })
+                    .collect();
+                let filter_cols = target.filter.columns();
+                if assigned
+                    .iter()
+                    .any(|(c, _)| filter_cols.contains(&c.as_str()))
+                {
+                    let proven = target.filter.conditions.iter().any(|(p, _)| {
+                        p.required_values().is_some_and(|req| {
+                            req.iter().all(|(col, value)| {
+                                assigned
+                                    .iter()
+                                    .any(|(c, v)| c == col && v.as_ref() == Some(*value))
+                            })
+                        })
+                    });
+                    if !proven {
+                        let reason = format!(
+                            "the UPDATE sets a column the row filter reads ({}), so it could move a row out of sight",
+                            filter_cols.join(", ")
+                        );
+                        let r =
+                            refusal(kind, target.rel.qualified(), reason, target.filter.origin());
+                        return self.refuse(r);
+                    }
+                }
+                self.skip
+                    .insert(&u.table.relation as *const TableFactor as usize);
+                if !self.restrict(&target, &q, &mut u.selection) {
+                    let r = refusal(
+                        kind,
+                        target.rel.qualified(),
+                        "pgveil could not add the row filter",
+                        None,
+                    );
+                    return self.refuse(r);
+                }
+                self.handled += 1;
+            }
+            Statement::Delete(d) => {
+                let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &d.from;
+                let Some(TableFactor::Table { name, alias, .. }) =
+                    from.first().map(|t| &t.relation)
+                else {
+                    return ControlFlow::Continue(());
+                };
+                let target = match self.target(name, kind) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => return ControlFlow::Continue(()),
+                    Err(r) => return self.refuse(r),
+                };
+                let q = qualifier(name, alias.as_ref());
+                let addr = from
+                    .first()
+                    .map(|t| &t.relation as *const TableFactor as usize);
+                self.skip.extend(addr);
+                if !self.restrict(&target, &q, &mut d.selection) {
+                    let r = refusal(
+                        kind,
+                        target.rel.qualified(),
+                        "pgveil could not add the row filter",
+                        None,
+                    );
+                    return self.refuse(r);
+                }
+                self.handled += 1;
+            }
+            Statement::Insert(i) => {
+                let sqlparser::ast::TableObject::TableName(name) = &i.table else {
+                    return ControlFlow::Continue(());
+                };
+                let target = match self.target(name, kind) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => return ControlFlow::Continue(()),
+                    Err(r) => return self.refuse(r),
+                };
+                if let Err(reason) = insert_proven(i, &target.filter) {
+                    let r = refusal(kind, target.rel.qualified(), reason, target.filter.origin());
+                    return self.refuse(r);
+                }
+                self.handled += 1;
+            }
+            Statement::Merge(m) => {
+                if let TableFactor::Table { name, .. } = &m.table {
+                    if let Ok(Some(t)) = self.target(name, kind) {
+                        let reason = "MERGE could change or insert rows the filter hides";
+                        let r = refusal(kind, t.rel.qualified(), reason, t.filter.origin());
+                        return self.refuse(r);
+                    }
+                }
+            }
+            Statement::Copy {
+                source: CopySource::Table { table_name, .. },
+                ..
+            } => {
+                if let Ok(Some(t)) = self.target(table_name, kind) {
+                    let reason = "COPY into or out of a filtered table cannot be filtered (COPY (SELECT ...) TO can)";
+                    let r = refusal(kind, t.rel.qualified(), reason, t.filter.origin());
+                    return self.refuse(r);
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+        let addr = tf as *const TableFactor as usize;
+        if self.skip.contains(&addr) {
+            return ControlFlow::Continue(());
+        }
+        let TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } = tf
+        else {
+            return ControlFlow::Continue(());
+        };
+        let target = match self.target(name, "select") {
+            Ok(Some(t)) => t,
+            Ok(None) => return ControlFlow::Continue(()),
+            Err(r) => return self.refuse(r),
+        };
+        if target.rel.kind == 'm' {
+            let reason = "a materialized view was computed from rows the filter hides";
+            let r = refusal(
+                "select",
+                target.rel.qualified(),
+                reason,
+                target.filter.origin(),
+            );
+            return self.refuse(r);
+        }
+        let sql = format!(
+            "SELECT * FROM {name} AS \"{INNER}\" WHERE {}{}",
+            target.filter.sql(INNER),
+            if self.barrier { " OFFSET 0" } else { "" }
+        );
+        let subquery: Box<Query> = match Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(&sql)
+            .and_then(|mut p| p.parse_query())
+        {
+            Ok(q) => q,
+            Err(e) => {
+                let reason = format!("pgveil could not add the row filter: {e}");
+                return self.refuse(refusal("select", target.rel.qualified(), reason, None));
+            }
+        };
+        let alias = alias.clone().unwrap_or_else(|| TableAlias {
+            explicit: true,
+            name: Ident::with_quote(
+                '"',
+                name_parts(name)
+                    .and_then(|p| p.last().cloned())
+                    .unwrap_or_default(),
+            ),
+            columns: Vec::new(),
+            at: None,
+        });
+        *tf = TableFactor::Derived {
+            lateral: false,
+            subquery,
+            alias: Some(alias),
+            sample: None,
+        };
+        self.handled += 1;
+        ControlFlow::Continue(())
+    }
+}
+
+/// Whether every row an INSERT writes satisfies the filter: plain VALUES rows naming
+/// their columns, where for some condition made only of `column = value`, each row sets
+/// every such column to that very value. No ON CONFLICT DO UPDATE (it changes a row that
+/// may be hidden).
+fn insert_proven(i: &sqlparser::ast::Insert, filter: &TableFilter) -> Result<(), String> {
+    if let Some(OnInsert::OnConflict(c)) = &i.on {
+        if !matches!(c.action, sqlparser::ast::OnConflictAction::DoNothing) {
+            return Err("ON CONFLICT DO UPDATE could change a row the filter hides".into());
+        }
+    } else if i.on.is_some() {
+        return Err("the INSERT's ON clause could change a row the filter hides".into());
+    }
+    let unproven = || {
+        format!(
+            "pgveil cannot prove the new rows satisfy the row filter: write VALUES that set {} to what the filter requires",
+            filter.columns().join(", ")
+        )
+    };
+    let rows = match i.source.as_deref().map(|q| q.body.as_ref()) {
+        Some(SetExpr::Values(v)) => &v.rows,
+        _ => return Err(unproven()),
+    };
+    let columns: Vec<String> = i
+        .columns
+        .iter()
+        .filter_map(|c| name_parts(c).and_then(|p| p.last().cloned()))
+        .collect();
+    let proven = filter.conditions.iter().any(|(p, _)| {
+        p.required_values().is_some_and(|req| {
+            req.iter().all(|(col, value)| {
+                columns.iter().position(|c| c == col).is_some_and(|at| {
+                    rows.iter().all(|row| {
+                        row.get(at).and_then(Predicate::of_expr).as_ref() == Some(*value)
+                    })
+                })
+            })
+        })
+    });
+    if proven {
+        Ok(())
+    } else {
+        Err(unproven())
+    }
+}
+
+/// Whether no condition of the statement could leak a hidden row before the filter runs.
+struct Harmless {
+    harmless: bool,
+    /// Expressions computed only on rows every condition passed: the outermost SELECT
+    /// list and ORDER BY, an UPDATE's SET values, RETURNING.
+    exempt: HashSet<usize>,
+    exempt_depth: usize,
+    saved: Vec<usize>,
+}
+
+impl Harmless {
+    fn of(stmt: &Statement) -> bool {
+        let mut exempt = HashSet::new();
+        let addr = |e: &Expr| e as *const Expr as usize;
+        let mut returning = |r: &Option<Vec<sqlparser::ast::SelectItem>>| {
+            for item in r.iter().flatten() {
+                if let sqlparser::ast::SelectItem::UnnamedExpr(e)
+                | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } = item
+                {
+                    exempt.insert(addr(e));
+                }
+            }
+        };
+        match stmt {
+            Statement::Update(u) => {
+                returning(&u.returning);
+                for a in &u.assignments {
+                    exempt.insert(addr(&a.value));
+                }
+            }
+            Statement::Delete(d) => returning(&d.returning),
+            Statement::Insert(i) => returning(&i.returning),
+            _ => {}
+        }
+        if let Statement::Query(q) = stmt {
+            if let SetExpr::Select(s) = q.body.as_ref() {
+                for item in &s.projection {
+                    if let sqlparser::ast::SelectItem::UnnamedExpr(e)
+                    | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } = item
+                    {
+                        exempt.insert(addr(e));
+                    }
+                }
+            }
+            if let Some(o) = &q.order_by {
+                if let sqlparser::ast::OrderByKind::Expressions(exprs) = &o.kind {
+                    for e in exprs {
+                        exempt.insert(addr(&e.expr));
+                    }
+                }
+            }
+        }
+        let mut h = Harmless {
+            harmless: true,
+            exempt,
+            exempt_depth: 0,
+            saved: Vec::new(),
+        };
+        let _ = stmt.visit(&mut h);
+        h.harmless
+    }
+}
+
+impl Visitor for Harmless {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.saved.push(self.exempt_depth);
+        self.exempt_depth = 0;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.exempt_depth = self.saved.pop().unwrap_or(0);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        // A function in FROM runs on its arguments, maybe a hidden row's columns.
+        if matches!(tf, TableFactor::Table { args: Some(_), .. })
+            || !matches!(
+                tf,
+                TableFactor::Table { .. }
+                    | TableFactor::Derived { .. }
+                    | TableFactor::NestedJoin { .. }
+            )
+        {
+            self.harmless = false;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, s: &sqlparser::ast::Select) -> ControlFlow<()> {
+        use sqlparser::ast::{JoinConstraint, JoinOperator as J};
+        for t in &s.from {
+            for j in &t.joins {
+                let c = match &j.join_operator {
+                    J::Join(c)
+                    | J::Inner(c)
+                    | J::Left(c)
+                    | J::LeftOuter(c)
+                    | J::Right(c)
+                    | J::RightOuter(c)
+                    | J::FullOuter(c)
+                    | J::CrossJoin(c) => c,
+                    _ => {
+                        self.harmless = false;
+                        return ControlFlow::Break(());
+                    }
+                };
+                // USING and NATURAL compare with `=` as the search_path finds it.
+                if matches!(c, JoinConstraint::Using(_) | JoinConstraint::Natural) {
+                    self.harmless = false;
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.exempt.contains(&(e as *const Expr as usize)) {
+            self.exempt_depth += 1;
+        }
+        if self.exempt_depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        let ok = match e {
+            Expr::Identifier(_)
+            | Expr::CompoundIdentifier(_)
+            | Expr::Value(_)
+            | Expr::Nested(_)
+            | Expr::IsNull(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsTrue(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsFalse(_)
+            | Expr::IsNotFalse(_)
+            | Expr::Exists { .. }
+            | Expr::Subquery(_) => true,
+            Expr::UnaryOp { op, .. } => matches!(op, sqlparser::ast::UnaryOperator::Not),
+            Expr::BinaryOp { op, .. } => {
+                matches!(op, BinaryOperator::And | BinaryOperator::Or) || catalog_op(op).is_some()
+            }
+            _ => false,
+        };
+        if !ok {
+            self.harmless = false;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.exempt.contains(&(e as *const Expr as usize)) {
+            self.exempt_depth = self.exempt_depth.saturating_sub(1);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn catalog_op(op: &BinaryOperator) -> Option<&'static str> {
+    Some(match op {
+        BinaryOperator::Eq => "=",
+        BinaryOperator::NotEq => "<>",
+        BinaryOperator::Lt => "<",
+        BinaryOperator::LtEq => "<=",
+        BinaryOperator::Gt => ">",
+        BinaryOperator::GtEq => ">=",
+        _ => return None,
+    })
+}
+
+/// Spells every comparison `OPERATOR(pg_catalog.…)`: the session's search_path may hold
+/// operators of the same name that would run on hidden rows.
+struct CatalogOperators;
+
+impl VisitorMut for CatalogOperators {
+    type Break = ();
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        if let Expr::BinaryOp { op, .. } = e {
+            if let Some(name) = catalog_op(op) {
+                *op =
+                    BinaryOperator::PGCustomBinaryOperator(vec!["pg_catalog".into(), name.into()]);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
