@@ -3,9 +3,10 @@
 8 clients, interleaved in one run against PostgreSQL directly, pgveil (no rules) and
 PgBouncer (session mode); plus a 1,000,000-row SELECT * fetched with psql. Prints TPS,
 latency, ratios against direct, and each proxy's CPU time per transaction (user+system
-from /proc/PID/stat over the run).
+from /proc/PID/stat over the run). With --unix every leg is a Unix-domain socket: pgbench
+to each target, and each proxy to the server.
 
-    scripts/bench.py [--duration 10] [--rounds 3] [--clients 8] [--fetch-reps 5]
+    scripts/bench.py [--duration 10] [--rounds 3] [--clients 8] [--fetch-reps 5] [--unix]
 """
 import argparse
 import os
@@ -67,7 +68,8 @@ def as_postgres(cmd):
     return ["runuser", "-u", "postgres", "--"] + cmd if os.geteuid() == 0 else cmd
 
 
-def start_pgbouncer(work, pg_port, max_client_conn=200, pool_size=50):
+def start_pgbouncer(work, pg_port, max_client_conn=200, pool_size=50, unix=False):
+    """Starts PgBouncer in front of pg_port; returns (port, pid, host clients use)."""
     port = free_port()
     d = os.path.join(work, "pgbouncer")
     os.makedirs(d)
@@ -76,11 +78,11 @@ def start_pgbouncer(work, pg_port, max_client_conn=200, pool_size=50):
     cfg = os.path.join(d, "pgbouncer.ini")
     with open(cfg, "w") as f:
         f.write(f"""[databases]
-bench = host=127.0.0.1 port={pg_port} dbname=bench
+bench = host={os.path.join(work, "pg") if unix else "127.0.0.1"} port={pg_port} dbname=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}
-unix_socket_dir =
+unix_socket_dir = {d if unix else ""}
 auth_type = scram-sha-256
 auth_file = {d}/userlist.txt
 pool_mode = session
@@ -104,24 +106,36 @@ pidfile = {d}/pgbouncer.pid
     with open(os.path.join(d, "pgbouncer.pid")) as f:
         pid = int(f.read().strip())
     wait_ready(port)
-    return port, pid
+    return port, pid, d if unix else "127.0.0.1"
 
 
-def start_pgveil(work, pg_port, rules, extra_args="", binary=None):
+def start_pgveil(work, pg_port, rules, extra_args="", binary=None, unix=False):
     """Starts the release pgveil (or `binary`) in front of pg_port; returns (process, port)
-    once it answers."""
+    once it answers. With `unix`, it also listens in a socket directory of its own and
+    reaches the server through the server's socket (see `veil_host`)."""
     port = free_port()
+    upstream = f"127.0.0.1:{pg_port}"
+    sockets = []
+    if unix:
+        os.makedirs(veil_host(work, port))
+        upstream = f"unix:{os.path.join(work, 'pg')}/.s.PGSQL.{pg_port}"
+        sockets = ["--unix-socket-dir", veil_host(work, port)]
     proc = subprocess.Popen(
         [binary or os.path.join(ROOT, "target/release/pgveil"), "serve", "--listen", f"127.0.0.1:{port}",
-         "--upstream", f"127.0.0.1:{pg_port}", "--upstream-tls", "disable", "--rules", rules,
-         "--audit-log", os.path.join(work, f"audit-{port}.jsonl")] + extra_args.split(),
+         "--upstream", upstream, "--upstream-tls", "disable", "--rules", rules,
+         "--audit-log", os.path.join(work, f"audit-{port}.jsonl")] + sockets + extra_args.split(),
         env=dict(os.environ, PGVEIL_LOG="warn"))
     wait_ready(port)
     return proc, port
 
 
-def pgbench(port, args, duration, clients):
-    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+def veil_host(work, port):
+    """The socket directory of the pgveil listening on `port` (started with unix=True)."""
+    return os.path.join(work, f"veil-{port}")
+
+
+def pgbench(port, args, duration, clients, host="127.0.0.1"):
+    cmd = ["pgbench", "-n", "-h", host, "-p", str(port), "-U", "postgres",
            "-c", str(clients), "-j", "2", "-T", str(duration)] + args + ["bench"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env())
     if done.returncode != 0:
@@ -133,9 +147,9 @@ def pgbench(port, args, duration, clients):
     return tps, lat, txns
 
 
-def timed_fetch(port):
+def timed_fetch(port, host="127.0.0.1"):
     start = time.perf_counter()
-    subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+    subprocess.run(["psql", "-X", "-A", "-t", "-h", host, "-p", str(port), "-U", "postgres",
                     "-d", "bench", "-c", "SELECT * FROM big", "-o", "/dev/null"],
                    check=True, env=env())
     return time.perf_counter() - start
@@ -191,6 +205,7 @@ def main():
     ap.add_argument("--pgveil-args", default="", help="extra flags for pgveil serve")
     ap.add_argument("--also", action="append", default=[],
                     help="LABEL=PATH: another pgveil binary to measure in the same rounds")
+    ap.add_argument("--unix", action="store_true", help="Unix-domain sockets on every leg")
     a = ap.parse_args()
 
     work = prepare("pgveil-bench.")
@@ -206,18 +221,21 @@ def main():
         os.makedirs(rules)
         with open(os.path.join(rules, "relay.toml"), "w") as f:
             f.write("[settings]\nprotected = []\n")  # the relay alone: no guard
-        veil, veil_port = start_pgveil(work, pg_port, rules, a.pgveil_args)
+        def host_of(port):
+            return veil_host(work, port) if a.unix else "127.0.0.1"
+
+        veil, veil_port = start_pgveil(work, pg_port, rules, a.pgveil_args, unix=a.unix)
         procs.append(veil)
-        targets = [("direct", pg_port, None), ("pgveil", veil_port, veil.pid)]
+        direct_host = os.path.join(work, "pg") if a.unix else "127.0.0.1"
+        targets = [("direct", pg_port, None, direct_host), ("pgveil", veil_port, veil.pid, host_of(veil_port))]
         for other in a.also:
             label, path = other.split("=", 1)
-            proc, port = start_pgveil(work, pg_port, rules, a.pgveil_args, binary=path)
+            proc, port = start_pgveil(work, pg_port, rules, a.pgveil_args, binary=path, unix=a.unix)
             procs.append(proc)
-            targets.append((label, port, proc.pid))
-        bouncer_pid = None
+            targets.append((label, port, proc.pid, host_of(port)))
         if not a.no_pgbouncer:
-            bouncer_port, bouncer_pid = start_pgbouncer(work, pg_port)
-            targets.append(("pgbouncer", bouncer_port, bouncer_pid))
+            bouncer_port, bouncer_pid, bouncer_host = start_pgbouncer(work, pg_port, unix=a.unix)
+            targets.append(("pgbouncer", bouncer_port, bouncer_pid, bouncer_host))
 
         workloads = [("select-only simple", ["-S", "-M", "simple"]),
                      ("select-only prepared", ["-S", "-M", "prepared"]),
@@ -226,18 +244,19 @@ def main():
         results = {}
         for r in range(a.rounds):
             for wname, args in workloads:
-                for tname, port, pid in targets:
+                for tname, port, pid, host in targets:
                     before = cpu_ticks(pid) if pid else 0
-                    tps, lat, txns = pgbench(port, args, a.duration, a.clients)
+                    tps, lat, txns = pgbench(port, args, a.duration, a.clients, host)
                     cpu_us = (cpu_ticks(pid) - before) * 1e6 / TICK / txns if pid else None
                     results.setdefault((wname, tname), []).append((tps, lat, cpu_us))
                     print(f"  round {r + 1} {wname:22} {tname:10} {tps:10.0f} tps", flush=True)
 
-        print(f"\npgbench, {a.clients} clients, {a.duration}s x {a.rounds} interleaved rounds, medians")
+        legs = "Unix-domain sockets" if a.unix else "TCP"
+        print(f"\npgbench over {legs}, {a.clients} clients, {a.duration}s x {a.rounds} interleaved rounds, medians")
         print(f"{'workload':22} {'target':10} {'tps':>10} {'lat ms':>8} {'ratio':>7} {'cpu us/txn':>11}")
         for wname, _ in workloads:
             direct = statistics.median(t for t, _, _ in results[(wname, "direct")])
-            for tname, _, pid in targets:
+            for tname, _, pid, _ in targets:
                 rows = results[(wname, tname)]
                 tps = statistics.median(t for t, _, _ in rows)
                 lat = statistics.median(l for _, l, _ in rows)
@@ -247,10 +266,10 @@ def main():
         print(f"\n1,000,000-row SELECT * with psql, {a.fetch_reps} interleaved reps, median seconds")
         fetch = {}
         for _ in range(a.fetch_reps):
-            for tname, port, _ in targets:
-                fetch.setdefault(tname, []).append(timed_fetch(port))
+            for tname, port, _, host in targets:
+                fetch.setdefault(tname, []).append(timed_fetch(port, host))
         base = statistics.median(fetch["direct"])
-        for tname, _, _ in targets:
+        for tname, _, _, _ in targets:
             m = statistics.median(fetch[tname])
             print(f"{tname:10} {m:8.3f} s  ratio {m / base:5.2f}")
     finally:

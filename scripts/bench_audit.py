@@ -51,7 +51,7 @@ def main():
             procs.append(proc)
             targets.append((name, port, proc.pid))
         if not a.no_pgbouncer:
-            bouncer_port, bouncer_pid = bench.start_pgbouncer(work, pg_port)
+            bouncer_port, bouncer_pid, _ = bench.start_pgbouncer(work, pg_port)
             targets.append(("pgbouncer", bouncer_port, bouncer_pid))
 
         results = {}

@@ -100,7 +100,7 @@ def main():
         with open(os.path.join(rules, "bench.toml"), "w") as f:
             f.write(RULES)
         veil, veil_port = bench.start_pgveil(work, pg_port, rules, a.pgveil_args)
-        bouncer_port, _ = bench.start_pgbouncer(work, pg_port)
+        bouncer_port, _, _ = bench.start_pgbouncer(work, pg_port)
         sample = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(veil_port), "-U",
                                  "masked_user", "-d", "bench", "-c",
                                  "COPY (SELECT card_number, email, phone FROM people WHERE id = 1) TO STDOUT"],

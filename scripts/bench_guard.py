@@ -114,7 +114,7 @@ def main():
         targets = [("direct", pg_port, None), ("pgveil no rules", plain_port, plain.pid),
                    ("pgveil guards", guarded_port, guarded.pid)]
         if not a.no_pgbouncer:
-            bouncer_port, bouncer_pid = bench.start_pgbouncer(work, pg_port)
+            bouncer_port, bouncer_pid, _ = bench.start_pgbouncer(work, pg_port)
             targets.append(("pgbouncer", bouncer_port, bouncer_pid))
 
         workloads = [] if a.delete_only else [("tpc-b simple", ["-M", "simple"]),

@@ -140,7 +140,7 @@ def main():
             proc.wait(timeout=60)
             procs.remove(proc)
         if not a.no_pgbouncer:
-            port, pid = bench.start_pgbouncer(work, pg_port, max_client_conn=a.sessions + 100,
+            port, pid, _ = bench.start_pgbouncer(work, pg_port, max_client_conn=a.sessions + 100,
                                              pool_size=a.sessions + 100)
             measure("pgbouncer", port, pid, a.sessions, a.bursts)
     finally:

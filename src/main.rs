@@ -69,11 +69,32 @@ fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     .build()
     .context("starting the runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&proxy.config.listen)
-            .await
-            .with_context(|| format!("listening on {}", proxy.config.listen))?;
+        let config = &proxy.config;
+        let (tcp, socket) = match pgveil::config::unix_socket(&config.listen, 6432) {
+            Some(path) => (None, Some(path)),
+            None => {
+                let tcp = tokio::net::TcpListener::bind(&config.listen)
+                    .await
+                    .with_context(|| format!("listening on {}", config.listen))?;
+                let port = tcp.local_addr()?.port();
+                let socket = config
+                    .unix_socket_dir
+                    .as_ref()
+                    .map(|d| d.join(format!(".s.PGSQL.{port}")));
+                (Some(tcp), socket)
+            }
+        };
+        let unix = match socket {
+            Some(path) => Some(
+                server::UnixSocket::bind(&path)
+                    .with_context(|| format!("listening on {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let listeners = server::Listeners { tcp, unix };
         tracing::info!(
-            listen = %listener.local_addr()?,
+            listen = %listeners.tcp.as_ref().map(|l| l.local_addr()).transpose()?.map_or_else(String::new, |a| a.to_string()),
+            socket = %listeners.unix.as_ref().map_or_else(String::new, |u| u.path().display().to_string()),
             upstream = %proxy.config.upstream,
             "pgveil ready"
         );
@@ -110,7 +131,7 @@ fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutdown requested");
         };
-        server::run(listener, proxy, shutdown).await;
+        server::run(listeners, proxy, shutdown).await;
         Ok(())
     })
 }

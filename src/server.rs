@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::proxy::{shutdown_level, Proxy};
+use crate::tls::Stream;
 
 /// Reloads the rules whenever their files change (polled: works on every filesystem,
 /// including bind mounts and network shares where inotify does not).
@@ -32,9 +33,92 @@ pub async fn watch_rules(proxy: Arc<Proxy>, every: Duration) {
 /// Connections past the cap that may be told so at once; beyond this they are dropped.
 const MAX_PENDING_REFUSALS: usize = 64;
 
-/// Accepts clients on `listener` until `shutdown` completes; then idle sessions close,
+/// Where clients connect: TCP, and optionally a Unix-domain socket too.
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub unix: Option<UnixSocket>,
+}
+
+/// A listening Unix-domain socket; its file is removed when it is dropped.
+pub struct UnixSocket {
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl UnixSocket {
+    /// Listens at `path` (any world-writable permission is up to the directory, as with
+    /// PostgreSQL's sockets). A file left there by a process that is gone is replaced; one
+    /// that answers is not.
+    pub fn bind(path: &std::path::Path) -> std::io::Result<UnixSocket> {
+        if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+            std::fs::remove_file(path)?;
+        }
+        let listener = tokio::net::UnixListener::bind(path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+        Ok(UnixSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(tcp: TcpListener) -> Listeners {
+        Listeners {
+            tcp: Some(tcp),
+            unix: None,
+        }
+    }
+}
+
+/// The address a client on a Unix-domain socket is recorded under (it has none).
+pub const LOCAL_PEER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+impl Listeners {
+    async fn accept(&self) -> std::io::Result<(Stream, std::net::SocketAddr)> {
+        let tcp = async {
+            match &self.tcp {
+                Some(l) => l.accept().await.map(|(s, a)| (Stream::Plain(s), a)),
+                None => std::future::pending().await,
+            }
+        };
+        let unix = async {
+            match &self.unix {
+                Some(u) => u
+                    .listener
+                    .accept()
+                    .await
+                    .map(|(s, _)| (Stream::Local(s), LOCAL_PEER)),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            a = tcp => a,
+            a = unix => a,
+        }
+    }
+}
+
+/// Accepts clients on `listeners` until `shutdown` completes; then idle sessions close,
 /// running statements get the grace period to finish, and the rest are cancelled.
-pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    listeners: impl Into<Listeners>,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let listener = listeners.into();
     if let Some(log) = &proxy.audit {
         log.start();
     }
@@ -44,7 +128,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
     tokio::pin!(shutdown);
     let mut accepted_count: u64 = 0;
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (conn, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -71,7 +155,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         };
         let proxy = proxy.clone();
         tracker.spawn(async move {
-            crate::session::serve(tcp, peer, proxy, permit).await;
+            crate::session::serve(conn, peer, proxy, permit).await;
             drop(refusal);
         });
     }

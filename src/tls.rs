@@ -256,13 +256,15 @@ impl ServerCertVerifier for ChainOnly {
 /// A TCP connection, plain or under TLS, on either leg.
 pub enum Stream {
     Plain(TcpStream),
+    /// A Unix-domain socket (no TLS there, as with PostgreSQL).
+    Local(tokio::net::UnixStream),
     ClientTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     UpstreamTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
+        !matches!(self, Stream::Plain(_) | Stream::Local(_))
     }
 }
 
@@ -274,6 +276,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ClientTls(s) => Pin::new(s).poll_read(cx, buf),
             Stream::UpstreamTls(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -288,6 +291,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ClientTls(s) => Pin::new(s).poll_write(cx, buf),
             Stream::UpstreamTls(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -296,6 +300,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Local(s) => Pin::new(s).poll_flush(cx),
             Stream::ClientTls(s) => Pin::new(s).poll_flush(cx),
             Stream::UpstreamTls(s) => Pin::new(s).poll_flush(cx),
         }
@@ -304,6 +309,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Local(s) => Pin::new(s).poll_shutdown(cx),
             Stream::ClientTls(s) => Pin::new(s).poll_shutdown(cx),
             Stream::UpstreamTls(s) => Pin::new(s).poll_shutdown(cx),
         }

@@ -452,3 +452,89 @@ async fn negotiate_protocol_version_passes_through() {
     assert!(tags.contains(&b'v'), "{tags:?}");
     assert_eq!(tags.last(), Some(&b'Z'), "{tags:?}");
 }
+
+/// Unix-domain sockets on both legs: clients connect to DIR/.s.PGSQL.PORT (as psql -h DIR
+/// does) and pgveil reaches the server through its socket. The server is the oracle: it
+/// sees no client address on a socket connection. A server that lets a client in without
+/// a password there (peer, trust) would lend it pgveil's own identity: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_on_both_legs() {
+    use pgveil::config::{Config, ServeSettings, UpstreamTls};
+    let c = shared();
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::write(
+        scratch.path().join("r.toml"),
+        "[settings]\nprotected = []\n",
+    )
+    .unwrap();
+    let settings = ServeSettings {
+        upstream: Some(format!("unix:{}/.s.PGSQL.{}", c.dir.display(), c.port)),
+        rules: Some(scratch.path().to_path_buf()),
+        audit_log: Some(scratch.path().join("audit.jsonl").display().to_string()),
+        upstream_tls: Some(UpstreamTls::Prefer),
+        ..Default::default()
+    };
+    let proxy = std::sync::Arc::new(
+        pgveil::proxy::Proxy::new(Config::from_settings(settings).unwrap()).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = pgveil::server::UnixSocket::bind(&dir.path().join(".s.PGSQL.6999")).unwrap();
+    let listeners = pgveil::server::Listeners {
+        tcp: None,
+        unix: Some(socket),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(pgveil::server::run(listeners, proxy, async {
+        let _ = stopped.await;
+    }));
+    let conn = |user: &str, pw: &str| {
+        format!(
+            "host={} port=6999 user={user} password={pw} dbname=crm",
+            dir.path().display()
+        )
+    };
+    let alice = common::connect(&conn("alice", "alice_pw")).await;
+    let row = alice
+        .query_one(
+            "SELECT current_user::text, inet_client_addr() IS NULL, count(*) FROM customers",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "alice");
+    assert!(row.get::<_, bool>(1), "the server saw a TCP client");
+    assert_eq!(row.get::<_, i64>(2), 200);
+    // A wrong password is the server's to refuse.
+    let wrong = tokio_postgres::connect(&conn("alice", "nope"), tokio_postgres::NoTls).await;
+    let err = wrong.err().unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+    );
+    // bob's local line is `trust`: pgveil refuses to pass that on.
+    let bob = tokio_postgres::connect(&conn("bob", "anything"), tokio_postgres::NoTls).await;
+    let err = bob.err().unwrap();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    );
+    assert!(
+        db.message().contains("without a password"),
+        "{}",
+        db.message()
+    );
+    // psql -h DIR finds the socket by the libpq convention.
+    let socket_dir = format!("{}:6999", dir.path().display());
+    let out = psql_cmd(&socket_dir, "alice", "alice_pw", "crm")
+        .args(["-c", "SELECT 'via ' || current_user"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "via alice", "{}", stderr(&out));
+    let _ = stop.send(());
+    task.await.unwrap();
+    assert!(
+        !dir.path().join(".s.PGSQL.6999").exists(),
+        "socket file left behind"
+    );
+}

@@ -283,10 +283,16 @@ pub struct ServeArgs {
     /// TOML file with any of the settings below (names with underscores).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Where clients connect [default: 127.0.0.1:6432]
+    /// Where clients connect: HOST:PORT, or unix:DIR for DIR/.s.PGSQL.6432 only
+    /// [default: 127.0.0.1:6432]
     #[arg(long)]
     pub listen: Option<String>,
-    /// The real PostgreSQL server, HOST:PORT [default: 127.0.0.1:5432]
+    /// Also listen on a Unix-domain socket in DIR, as DIR/.s.PGSQL.<the --listen port>
+    /// (what psql -h DIR connects to)
+    #[arg(long, value_name = "DIR")]
+    pub unix_socket_dir: Option<PathBuf>,
+    /// The real PostgreSQL server: HOST:PORT, or unix:DIR for its socket DIR/.s.PGSQL.5432
+    /// (unix:DIR/.s.PGSQL.PORT for another port) [default: 127.0.0.1:5432]
     #[arg(long)]
     pub upstream: Option<String>,
     /// A rules file or a directory of *.toml files, merged [default: rules/]
@@ -405,6 +411,7 @@ impl ServeArgs {
             upstream_ca: self.upstream_ca.clone(),
             metrics: self.metrics.clone(),
             admin_listen: self.admin_listen.clone(),
+            unix_socket_dir: self.unix_socket_dir.clone(),
             max_client_conn: self.max_client_conn,
             handshake_timeout_secs: self.handshake_timeout_secs,
             client_idle_timeout_secs: self.client_idle_timeout_secs,

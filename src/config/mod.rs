@@ -101,6 +101,7 @@ pub struct ServeSettings {
     pub upstream_ca: Option<PathBuf>,
     pub metrics: Option<String>,
     pub admin_listen: Option<String>,
+    pub unix_socket_dir: Option<PathBuf>,
     pub max_client_conn: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub client_idle_timeout_secs: Option<u64>,
@@ -151,6 +152,7 @@ impl ServeSettings {
             upstream_ca: self.upstream_ca.or(base.upstream_ca),
             metrics: self.metrics.or(base.metrics),
             admin_listen: self.admin_listen.or(base.admin_listen),
+            unix_socket_dir: self.unix_socket_dir.or(base.unix_socket_dir),
             max_client_conn: self.max_client_conn.or(base.max_client_conn),
             handshake_timeout_secs: self.handshake_timeout_secs.or(base.handshake_timeout_secs),
             client_idle_timeout_secs: self
@@ -184,6 +186,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Where the admin console listens (`--admin-listen`).
     pub admin: Option<String>,
+    /// A directory to listen in too (`--unix-socket-dir`).
+    pub unix_socket_dir: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -219,10 +223,24 @@ impl Config {
     pub fn from_settings(s: ServeSettings) -> Result<Config, ConfigError> {
         let d = Limits::default();
         let upstream = s.upstream.unwrap_or_else(|| "127.0.0.1:5432".into());
-        let upstream_host = split_host_port(&upstream).ok_or_else(|| ConfigError::Invalid {
-            key: "upstream",
-            message: format!("{upstream:?} is not HOST:PORT"),
-        })?;
+        let upstream_host = match unix_socket(&upstream, 5432) {
+            Some(_) => "localhost".to_string(),
+            None => split_host_port(&upstream).ok_or_else(|| ConfigError::Invalid {
+                key: "upstream",
+                message: format!("{upstream:?} is not HOST:PORT or unix:DIRECTORY"),
+            })?,
+        };
+        if unix_socket(&upstream, 5432).is_some()
+            && !matches!(
+                s.upstream_tls,
+                None | Some(UpstreamTls::Disable) | Some(UpstreamTls::Prefer)
+            )
+        {
+            return Err(ConfigError::Invalid {
+                key: "upstream_tls",
+                message: "PostgreSQL offers no TLS over a Unix-domain socket: use disable or prefer with a unix: upstream".into(),
+            });
+        }
         let client_tls = match (s.tls_cert, s.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -303,6 +321,7 @@ impl Config {
             upstream_ca: s.upstream_ca,
             metrics,
             admin: s.admin_listen.filter(|a| !a.is_empty()),
+            unix_socket_dir: s.unix_socket_dir,
             limits: Limits {
                 max_client_conn: s.max_client_conn.unwrap_or(d.max_client_conn).max(1),
                 handshake_timeout: secs(s.handshake_timeout_secs, d.handshake_timeout),
@@ -320,6 +339,22 @@ impl Config {
 }
 
 /// The host of `host:port` (`[v6]:port` too), if the port is a number.
+/// The socket file of a `unix:` address, in libpq's convention: `unix:/dir` is
+/// `/dir/.s.PGSQL.<default_port>`, `unix:/dir/.s.PGSQL.5433` names the file itself.
+/// `None` for a TCP address.
+pub fn unix_socket(address: &str, default_port: u16) -> Option<PathBuf> {
+    let path = Path::new(address.strip_prefix("unix:")?);
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(".s.PGSQL."));
+    Some(if named {
+        path.to_path_buf()
+    } else {
+        path.join(format!(".s.PGSQL.{default_port}"))
+    })
+}
+
 fn split_host_port(s: &str) -> Option<String> {
     let (host, port) = s.rsplit_once(':')?;
     port.parse::<u16>().ok()?;

@@ -110,6 +110,10 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
 
 /// Relays the authentication exchange until AuthenticationOk.
 async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), SessionError> {
+    // Over a Unix socket, `peer` (or `trust`) in pg_hba.conf lets in whoever pgveil's own
+    // operating-system user may be: a client must not inherit that.
+    let local = crate::config::unix_socket(&startup.proxy.config.upstream, 5432).is_some();
+    let mut asked_password = false;
     loop {
         let frame = legs
             .upstream_r
@@ -120,11 +124,19 @@ async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), Sess
             b'R' => {
                 let code = backend::authentication_code(&frame).map_err(SessionError::upstream)?;
                 match code {
+                    auth::OK if local && !asked_password => {
+                        auth_failed(startup, "28000").await;
+                        return Err(SessionError::Refused {
+                            code: crate::protocol::sqlstate::SqlState::INVALID_AUTHORIZATION,
+                            message: "pgveil: the server let this client in over its Unix socket without a password (peer or trust in pg_hba.conf), which would lend it pgveil's own identity; give pgveil's local connections a password method".into(),
+                        });
+                    }
                     auth::OK => {
                         send(&mut legs.client_w, frame.raw()).await?;
                         return Ok(());
                     }
                     auth::SASL => {
+                        asked_password = true;
                         let offered = strip_channel_binding(&frame)?;
                         send(&mut legs.client_w, offered.raw()).await?;
                         let answer = client_auth_response(legs).await?;
@@ -133,6 +145,7 @@ async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), Sess
                     }
                     auth::SASL_FINAL => send(&mut legs.client_w, frame.raw()).await?,
                     _ => {
+                        asked_password = true;
                         send(&mut legs.client_w, frame.raw()).await?;
                         let answer = client_auth_response(legs).await?;
                         send_upstream(&mut legs.upstream_w, answer.raw()).await?;

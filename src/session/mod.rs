@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
@@ -54,6 +53,10 @@ fn split(stream: Stream, max_len: usize) -> (FrameReader<BoxRead>, BoxWrite) {
             let (r, w) = tcp.into_split();
             (Box::new(r), Box::new(w))
         }
+        Stream::Local(local) => {
+            let (r, w) = local.into_split();
+            (Box::new(r), Box::new(w))
+        }
         tls => {
             let (r, w) = tokio::io::split(tls);
             (Box::new(r), Box::new(w))
@@ -64,7 +67,7 @@ fn split(stream: Stream, max_len: usize) -> (FrameReader<BoxRead>, BoxWrite) {
 
 /// Serves one accepted connection to its end. `permit` is `None` past the connection cap.
 pub async fn serve(
-    tcp: TcpStream,
+    conn: Stream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     permit: Option<OwnedSemaphorePermit>,
@@ -72,10 +75,12 @@ pub async fn serve(
     let id = proxy.next_session_id();
     let span = tracing::info_span!("session", id, %peer);
     async move {
-        tcp.set_nodelay(true).ok();
+        if let Stream::Plain(tcp) = &conn {
+            tcp.set_nodelay(true).ok();
+        }
         let limits = &proxy.config.limits;
         let opened =
-            tokio::time::timeout(limits.handshake_timeout, startup::negotiate(tcp, &proxy)).await;
+            tokio::time::timeout(limits.handshake_timeout, startup::negotiate(conn, &proxy)).await;
         let (stream, opening) = match opened {
             Ok(r) => r,
             Err(_) => return tracing::info!("client startup timed out"),
@@ -148,7 +153,8 @@ fn admit(
                     .into(),
         });
     }
-    if proxy.config.require_tls && !stream.is_tls() {
+    // A Unix-domain socket never leaves the host (PostgreSQL offers no TLS there either).
+    if proxy.config.require_tls && !stream.is_tls() && !matches!(stream, Stream::Local(_)) {
         proxy.metrics.connection_refused("tls_required");
         return Err(SessionError::Refused {
             code: SqlState::INVALID_AUTHORIZATION,

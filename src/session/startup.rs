@@ -23,17 +23,24 @@ pub enum Opening {
 /// Runs the startup-phase negotiation. The stream comes back in every case (encrypted
 /// if TLS was negotiated) so that an error can still be reported on it.
 pub async fn negotiate(
-    tcp: TcpStream,
+    mut stream: Stream,
     proxy: &Proxy,
 ) -> (Option<Stream>, Result<Opening, SessionError>) {
-    let mut stream = Stream::Plain(tcp);
     let mut asked_gss = false;
+    let mut asked_ssl = false;
     loop {
         let packet = match read_startup_packet(&mut stream).await {
             Ok(p) => p,
             Err(e) => return (Some(stream), Err(SessionError::from_client(e))),
         };
         match packet {
+            // As PostgreSQL does, no TLS over a Unix-domain socket.
+            StartupPacket::SslRequest if matches!(stream, Stream::Local(_)) && !asked_ssl => {
+                asked_ssl = true;
+                if let Err(e) = stream.write_all(b"N").await {
+                    return (None, Err(SessionError::from_client(e.into())));
+                }
+            }
             StartupPacket::SslRequest => {
                 let Stream::Plain(tcp) = stream else {
                     let err = ProtocolError::Unexpected {

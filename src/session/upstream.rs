@@ -13,6 +13,17 @@ use crate::tls::Stream;
 /// Opens a connection to the upstream, encrypted as configured.
 pub async fn connect(proxy: &Proxy) -> Result<Stream, SessionError> {
     let cfg = &proxy.config;
+    if let Some(path) = crate::config::unix_socket(&cfg.upstream, 5432) {
+        // The server offers no TLS here; the configuration allows only disable or prefer.
+        let local = tokio::time::timeout(
+            cfg.limits.connect_timeout,
+            tokio::net::UnixStream::connect(&path),
+        )
+        .await
+        .map_err(|_| SessionError::Connect(format!("{} timed out", path.display())))?
+        .map_err(|e| SessionError::Connect(format!("{}: {e}", path.display())))?;
+        return Ok(Stream::Local(local));
+    }
     let tcp = tokio::time::timeout(
         cfg.limits.connect_timeout,
         TcpStream::connect(&cfg.upstream),

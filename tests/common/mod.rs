@@ -222,7 +222,9 @@ impl PgCluster {
         let mut existing = std::fs::read_to_string(&path).unwrap_or_default();
         existing += &conf;
         std::fs::write(&path, existing).unwrap();
-        let hba = "local all all trust\n\
+        // alice over the Unix socket gives a password (pgveil's unix: upstream test).
+        let hba = "local all alice scram-sha-256\n\
+                   local all all trust\n\
                    host all md5_user 127.0.0.1/32 md5\n\
                    host all clear_user 127.0.0.1/32 password\n\
                    host all trust_user 127.0.0.1/32 trust\n\
