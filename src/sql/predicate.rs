@@ -296,7 +296,8 @@ fn like(e: Box<Predicate>, op: &'static str, pattern: Box<Predicate>, negated: b
     }
 }
 
-fn comparison(op: &BinaryOperator) -> Option<&'static str> {
+/// The catalog name of a comparison operator (`=`, `<>`, `<`, `<=`, `>`, `>=`).
+pub fn comparison(op: &BinaryOperator) -> Option<&'static str> {
     Some(match op {
         BinaryOperator::Eq => "=",
         BinaryOperator::NotEq => "<>",

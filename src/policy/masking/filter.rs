@@ -29,7 +29,7 @@ use sqlparser::parser::Parser;
 use super::{fold, kind_of, name_parts, Context, Refusal, UNKNOWN_RELATION};
 use crate::catalog::Relation;
 use crate::policy::filters::TableFilter;
-use crate::sql::predicate::Predicate;
+use crate::sql::predicate::{comparison, Predicate};
 
 /// The alias the filtered table takes inside its derived table.
 const INNER: &str = "pgveil_row_filter";
@@ -185,9 +185,17 @@ impl Rewrite<'_, '_> {
         }
     }
 
-    /// `where` of an UPDATE or DELETE of `target` (referred to as `qualifier`) with the
-    /// filter added.
-    fn restrict(&self, t: &Target, qualifier: &str, selection: &mut Option<Expr>) -> bool {
+    /// Adds the filter to the `where` of an UPDATE or DELETE of `t` (referred to as
+    /// `qualifier`, its TableFactor at `addr`), or refuses the statement.
+    fn restrict(
+        &mut self,
+        t: &Target,
+        qualifier: &str,
+        addr: usize,
+        selection: &mut Option<Expr>,
+        kind: &'static str,
+    ) -> ControlFlow<()> {
+        self.skip.insert(addr);
         let filter = t.filter.sql(qualifier);
         let sql = match selection.take() {
             None => filter,
@@ -202,9 +210,13 @@ impl Rewrite<'_, '_> {
         {
             Ok(e) => {
                 *selection = Some(e);
-                true
+                self.handled += 1;
+                ControlFlow::Continue(())
             }
-            Err(_) => false,
+            Err(e) => {
+                let reason = format!("pgveil could not add the row filter: {e}");
+                self.refuse(refusal(kind, t.rel.qualified(), reason, None))
+            }
         }
     }
 }
@@ -286,18 +298,8 @@ impl VisitorMut for Rewrite<'_, '_> {
                         return self.refuse(r);
                     }
                 }
-                self.skip
-                    .insert(&u.table.relation as *const TableFactor as usize);
-                if !self.restrict(&target, &q, &mut u.selection) {
-                    let r = refusal(
-                        kind,
-                        target.rel.qualified(),
-                        "pgveil could not add the row filter",
-                        None,
-                    );
-                    return self.refuse(r);
-                }
-                self.handled += 1;
+                let addr = &u.table.relation as *const TableFactor as usize;
+                return self.restrict(&target, &q, addr, &mut u.selection, kind);
             }
             Statement::Delete(d) => {
                 let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &d.from;
@@ -314,18 +316,8 @@ impl VisitorMut for Rewrite<'_, '_> {
                 let q = qualifier(name, alias.as_ref());
                 let addr = from
                     .first()
-                    .map(|t| &t.relation as *const TableFactor as usize);
-                self.skip.extend(addr);
-                if !self.restrict(&target, &q, &mut d.selection) {
-                    let r = refusal(
-                        kind,
-                        target.rel.qualified(),
-                        "pgveil could not add the row filter",
-                        None,
-                    );
-                    return self.refuse(r);
-                }
-                self.handled += 1;
+                    .map_or(0, |t| &t.relation as *const TableFactor as usize);
+                return self.restrict(&target, &q, addr, &mut d.selection, kind);
             }
             Statement::Insert(i) => {
                 let sqlparser::ast::TableObject::TableName(name) = &i.table else {
@@ -620,7 +612,7 @@ impl Visitor for Harmless {
             | Expr::Subquery(_) => true,
             Expr::UnaryOp { op, .. } => matches!(op, sqlparser::ast::UnaryOperator::Not),
             Expr::BinaryOp { op, .. } => {
-                matches!(op, BinaryOperator::And | BinaryOperator::Or) || catalog_op(op).is_some()
+                matches!(op, BinaryOperator::And | BinaryOperator::Or) || comparison(op).is_some()
             }
             _ => false,
         };
@@ -639,18 +631,6 @@ impl Visitor for Harmless {
     }
 }
 
-fn catalog_op(op: &BinaryOperator) -> Option<&'static str> {
-    Some(match op {
-        BinaryOperator::Eq => "=",
-        BinaryOperator::NotEq => "<>",
-        BinaryOperator::Lt => "<",
-        BinaryOperator::LtEq => "<=",
-        BinaryOperator::Gt => ">",
-        BinaryOperator::GtEq => ">=",
-        _ => return None,
-    })
-}
-
 /// Spells every comparison `OPERATOR(pg_catalog.…)`: the session's search_path may hold
 /// operators of the same name that would run on hidden rows.
 struct CatalogOperators;
@@ -659,7 +639,7 @@ impl VisitorMut for CatalogOperators {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         if let Expr::BinaryOp { op, .. } = e {
-            if let Some(name) = catalog_op(op) {
+            if let Some(name) = comparison(op) {
                 *op =
                     BinaryOperator::PGCustomBinaryOperator(vec!["pg_catalog".into(), name.into()]);
             }
