@@ -19,10 +19,15 @@ roles = ["crm_sales"]
 where = "owner = current_user"
 unfiltered_for = ["crm_admin"]
 
+[[filter]]
+table = "public.tasks"
+roles = ["crm_sales"]
+where = "owner = current_user"
+
 [[allow]]
 roles = ["crm_sales"]
 statements = ["delete"]
-tables = ["public.customers"]
+tables = ["public.customers", "public.task_board", "public.tasks"]
 
 [[mask]]
 column = "public.customers.phone"
@@ -43,7 +48,13 @@ fn cluster() -> PgCluster {
          CREATE VIEW customer_names AS SELECT id, full_name, owner FROM customers; \
          GRANT SELECT ON customer_names TO crm_base; \
          CREATE FUNCTION all_customers() RETURNS SETOF customers LANGUAGE sql STABLE \
-           AS 'SELECT * FROM public.customers'",
+           AS 'SELECT * FROM public.customers'; \
+         CREATE VIEW task_list AS SELECT id, owner, note FROM tasks; \
+         CREATE VIEW task_board AS SELECT t.id, t.owner, t.note, xmlelement(name task, t.note) AS x FROM tasks t; \
+         CREATE MATERIALIZED VIEW task_counts AS SELECT owner, count(*) AS n FROM tasks GROUP BY owner; \
+         GRANT SELECT, UPDATE, DELETE ON task_list, task_board TO crm_base; \
+         GRANT SELECT ON task_counts TO crm_base; \
+         CREATE UNIQUE INDEX ON customers (national_id)",
     );
     // Mallory's operators: `=` between text values that raises the value it is given,
     // so cheap (COST) that the planner runs it before anything else.
@@ -343,4 +354,67 @@ async fn check_and_explain_show_the_filter() {
             "{filter}: {text}"
         );
     }
+}
+
+/// What a plan, a view pgveil cannot read, or a unique index could tell of hidden rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_unreadable_views_and_conflicts_tell_nothing_of_hidden_rows() {
+    let c = cluster();
+    let p = TestProxy::with_rules(&c, RULES).await;
+    let carol = p.connect("carol", "carol_pw").await;
+    let her_tasks = c.psql_super("crm", "SELECT count(*) FROM tasks WHERE owner = 'carol'");
+    // A view whose definition sqlparser reads is filtered inside...
+    let got = answer(
+        &carol,
+        "SELECT count(*), count(*) FILTER (WHERE owner <> 'carol') FROM task_list",
+    )
+    .await;
+    assert_eq!(got.unwrap(), format!("{}|0|\n", her_tasks.trim()));
+    // ...one it cannot read (xmlelement), or a materialized view, is refused, read or written.
+    let hidden = c.psql_super("crm", "SELECT min(id) FROM tasks WHERE owner <> 'carol'");
+    let hidden = hidden.trim();
+    for sql in [
+        "SELECT count(*) FROM task_board".to_string(),
+        format!("UPDATE task_board SET note = 'changed' WHERE id = {hidden}"),
+        format!("DELETE FROM task_board WHERE id = {hidden}"),
+        "COPY (SELECT id, note FROM task_board) TO STDOUT".to_string(),
+        "SELECT n FROM task_counts".to_string(),
+    ] {
+        let got = answer(&carol, &sql).await;
+        assert!(
+            got.as_ref().is_err_and(|e| e.starts_with("42501") && e.contains("filtered table public.tasks")),
+            "{sql}: {got:?}"
+        );
+    }
+    let note = c.psql_super(
+        "crm",
+        &format!("SELECT note FROM tasks WHERE id = {hidden}"),
+    );
+    assert_ne!(note.trim(), "changed");
+    // A plan counts the rows the filter removed next to the statement's own condition.
+    for sql in [
+        "EXPLAIN ANALYZE SELECT id FROM customers WHERE id = 1",
+        "EXPLAIN SELECT id FROM customers WHERE balance > 100",
+        "EXPLAIN (ANALYZE, FORMAT JSON) SELECT count(*) FROM tasks",
+    ] {
+        let got = answer(&carol, sql).await;
+        assert!(
+            got.as_ref().is_err_and(|e| e.starts_with("42501")),
+            "{sql}: {got:?}"
+        );
+    }
+    // ON CONFLICT DO NOTHING would tell, by INSERT 0 0, that a hidden row holds a value.
+    let taken = c.psql_super(
+        "crm",
+        "SELECT national_id FROM customers WHERE owner = 'dave' LIMIT 1",
+    );
+    let sql = format!(
+        "INSERT INTO customers (full_name, owner, national_id) VALUES ('probe', current_user, '{}') ON CONFLICT DO NOTHING",
+        taken.trim()
+    );
+    let got = answer(&carol, &sql).await;
+    assert!(
+        got.as_ref().is_err_and(|e| e.starts_with("42501")),
+        "{got:?}"
+    );
 }

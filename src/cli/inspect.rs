@@ -147,6 +147,13 @@ pub async fn check_against_database(rules: &Rules, url: &str) -> Result<Vec<Stri
     }
     for f in &rules.filters {
         out.extend(check_filter(&client, &catalog, f).await);
+        if f.predicate.reads_setting() {
+            out.push(format!(
+                "{}: warning: filter on {} reads a pgveil.* setting, which the client sets (SET, startup options): it separates the rows of an application that sets it, never those of a user who sends their own SQL",
+                f.origin,
+                f.qualified()
+            ));
+        }
         for r in f
             .roles
             .iter()

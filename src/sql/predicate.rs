@@ -174,6 +174,21 @@ impl Predicate {
         })
     }
 
+    /// Whether the condition reads a `pgveil.` setting (which the client sets).
+    pub fn reads_setting(&self) -> bool {
+        match self {
+            Predicate::Setting(_) => true,
+            Predicate::Compare(a, _, b) | Predicate::And(a, b) | Predicate::Or(a, b) => {
+                a.reads_setting() || b.reads_setting()
+            }
+            Predicate::Not(a) | Predicate::Is(a, _) => a.reads_setting(),
+            Predicate::Column(_)
+            | Predicate::Constant(_)
+            | Predicate::CurrentUser
+            | Predicate::SessionUser => false,
+        }
+    }
+
     /// The columns the condition reads, each once.
     pub fn columns(&self) -> Vec<&str> {
         let mut out = Vec::new();

@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use sqlparser::ast::{
     visit_relations, AssignmentTarget, BinaryOperator, CopySource, Expr, FromTable, Ident,
-    ObjectName, OnInsert, Query, SetExpr, Statement, TableAlias, TableFactor, Visit, VisitMut,
-    Visitor, VisitorMut,
+    ObjectName, Query, SetExpr, Statement, TableAlias, TableFactor, Visit, VisitMut, Visitor,
+    VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -44,6 +44,10 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
     let mut named = 0usize;
     let mut unknown = None;
     let mut first: Option<(String, Option<crate::config::rules::Origin>)> = None;
+    // Views over a filtered table were replaced by their definitions before this pass;
+    // one still named is one whose definition pgveil could not read (or that stands
+    // where a definition cannot: the target of a write, a materialized view).
+    let mut view_left = None;
     let _ = visit_relations(stmt, |name| {
         match lookup(name, ctx) {
             Lookup::Filtered(rel, f) => {
@@ -51,12 +55,18 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
                 first.get_or_insert_with(|| (rel.qualified(), f.origin().cloned()));
             }
             Lookup::Pending(t) => unknown = Some(t),
+            Lookup::View(view, table) => {
+                view_left.get_or_insert((view, table));
+            }
             Lookup::Plain => {}
         }
         ControlFlow::<()>::Continue(())
     });
     if let Some(table) = unknown {
         return Err(refusal(kind, table, UNKNOWN_RELATION, None));
+    }
+    if let Some((view, table)) = view_left {
+        return Err(view_refusal(kind, &view, &table, ctx));
     }
     // Names the relation visitor does not reach.
     let direct: Vec<&ObjectName> = match &*stmt {
@@ -76,6 +86,14 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
     }
     if named == 0 {
         return Ok(false);
+    }
+    // A plan shows how many rows the filter removed next to the statement's own condition
+    // (EXPLAIN ANALYZE counts them; EXPLAIN estimates them from statistics over every row).
+    if matches!(stmt, Statement::Explain { .. }) {
+        let (table, origin) = first.unwrap_or_default();
+        let reason =
+            "a plan tells how many rows the row filter hides that match the statement's conditions";
+        return Err(refusal(kind, table, reason, origin.as_ref()));
     }
     let harmless = Harmless::of(stmt);
     let mut rewrite = Rewrite {
@@ -104,6 +122,8 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
 enum Lookup<'a> {
     Plain,
     Filtered(Arc<Relation>, &'a Arc<TableFilter>),
+    /// A view or materialized view that reads a filtered table (`Relation`, the table).
+    View(Arc<Relation>, Arc<Relation>),
     /// A filter names a table of this name that the catalog does not have yet.
     Pending(String),
 }
@@ -132,10 +152,40 @@ fn lookup<'a>(name: &ObjectName, ctx: &Context<'a>) -> Lookup<'a> {
         }
         _ => None,
     };
-    match found {
-        Some((rel, f)) => Lookup::Filtered(rel, f),
+    if let Some((rel, f)) = found {
+        return Lookup::Filtered(rel, f);
+    }
+    let reads = |r: &Arc<Relation>| {
+        let table = filters.view_reads_filtered(r.oid)?;
+        Some((r.clone(), ctx.catalog.by_oid(table)?.clone()))
+    };
+    let view = match parts.as_slice() {
+        [n] => ctx.catalog.named(n).find_map(reads),
+        [schema, n] | [_, schema, n] => ctx.catalog.relation(schema, n).and_then(reads),
+        _ => None,
+    };
+    match view {
+        Some((view, table)) => Lookup::View(view, table),
         None => Lookup::Plain,
     }
+}
+
+fn view_refusal(
+    kind: &'static str,
+    view: &Relation,
+    table: &Relation,
+    ctx: &Context<'_>,
+) -> Refusal {
+    let reason = format!(
+        "it reads filtered table {}, and pgveil cannot apply the row filter inside it{}",
+        table.qualified(),
+        match view.kind {
+            'm' => " (a materialized view holds rows computed without the filter)",
+            _ => " (its definition could not be read, or it is the target of a write)",
+        }
+    );
+    let origin = ctx.filters.of_table(table.oid).and_then(|f| f.origin());
+    refusal(kind, view.qualified(), reason, origin)
 }
 
 fn refusal(
@@ -173,6 +223,7 @@ impl Rewrite<'_, '_> {
         match lookup(name, self.ctx) {
             Lookup::Plain => Ok(None),
             Lookup::Pending(t) => Err(refusal(kind, t, UNKNOWN_RELATION, None)),
+            Lookup::View(view, table) => Err(view_refusal(kind, &view, &table, self.ctx)),
             Lookup::Filtered(rel, f) => {
                 if let Some(why) = &f.broken {
                     return Err(refusal(kind, rel.qualified(), why.clone(), f.origin()));
@@ -426,15 +477,12 @@ impl VisitorMut for Rewrite<'_, '_> {
 
 /// Whether every row an INSERT writes satisfies the filter: plain VALUES rows naming
 /// their columns, where for some condition made only of `column = value`, each row sets
-/// every such column to that very value. No ON CONFLICT DO UPDATE (it changes a row that
-/// may be hidden).
+/// every such column to that very value. No ON CONFLICT.
 fn insert_proven(i: &sqlparser::ast::Insert, filter: &TableFilter) -> Result<(), String> {
-    if let Some(OnInsert::OnConflict(c)) = &i.on {
-        if !matches!(c.action, sqlparser::ast::OnConflictAction::DoNothing) {
-            return Err("ON CONFLICT DO UPDATE could change a row the filter hides".into());
-        }
-    } else if i.on.is_some() {
-        return Err("the INSERT's ON clause could change a row the filter hides".into());
+    // DO UPDATE could change a hidden row; DO NOTHING would tell, quietly, which values
+    // hidden rows hold in a unique column.
+    if i.on.is_some() {
+        return Err("ON CONFLICT could change a row the filter hides, or tell which values hidden rows hold".into());
     }
     let unproven = || {
         format!(
