@@ -46,16 +46,24 @@ pub struct UnixSocket {
 }
 
 impl UnixSocket {
-    /// Listens at `path` (any world-writable permission is up to the directory, as with
-    /// PostgreSQL's sockets). A file left there by a process that is gone is replaced; one
-    /// that answers is not.
+    /// Listens at `path` (who may connect is up to the directory's permissions, as with
+    /// PostgreSQL's sockets). A socket left there by a process that is gone (connecting is
+    /// refused) is replaced; anything else there is not touched.
     pub fn bind(path: &std::path::Path) -> std::io::Result<UnixSocket> {
-        if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+        let refused = || {
+            std::os::unix::net::UnixStream::connect(path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        };
+        if socket && refused() {
             std::fs::remove_file(path)?;
         }
         let listener = tokio::net::UnixListener::bind(path)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)) {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Ok(UnixSocket {
             listener,
             path: path.to_path_buf(),
@@ -82,10 +90,6 @@ impl From<TcpListener> for Listeners {
     }
 }
 
-/// The address a client on a Unix-domain socket is recorded under (it has none).
-pub const LOCAL_PEER: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
-
 impl Listeners {
     async fn accept(&self) -> std::io::Result<(Stream, std::net::SocketAddr)> {
         let tcp = async {
@@ -100,7 +104,7 @@ impl Listeners {
                     .listener
                     .accept()
                     .await
-                    .map(|(s, _)| (Stream::Local(s), LOCAL_PEER)),
+                    .map(|(s, _)| (Stream::Local(s), crate::tls::LOCAL_PEER)),
                 None => std::future::pending().await,
             }
         };

@@ -254,6 +254,11 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// A TCP connection, plain or under TLS, on either leg.
+/// The address a client on a Unix-domain socket is recorded under (it has none); port 0,
+/// which no TCP client has, tells it apart.
+pub const LOCAL_PEER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 pub enum Stream {
     Plain(TcpStream),
     /// A Unix-domain socket (no TLS there, as with PostgreSQL).

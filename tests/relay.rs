@@ -478,7 +478,15 @@ async fn unix_sockets_on_both_legs() {
         pgveil::proxy::Proxy::new(Config::from_settings(settings).unwrap()).unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();
-    let socket = pgveil::server::UnixSocket::bind(&dir.path().join(".s.PGSQL.6999")).unwrap();
+    // A regular file where the socket would go is left alone; a socket nothing answers on
+    // (a crashed pgveil's) is replaced.
+    let path = dir.path().join(".s.PGSQL.6999");
+    std::fs::write(&path, "not a socket").unwrap();
+    assert!(pgveil::server::UnixSocket::bind(&path).is_err());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+    std::fs::remove_file(&path).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let socket = pgveil::server::UnixSocket::bind(&path).unwrap();
     let listeners = pgveil::server::Listeners {
         tcp: None,
         unix: Some(socket),

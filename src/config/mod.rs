@@ -241,6 +241,14 @@ impl Config {
                 message: "PostgreSQL offers no TLS over a Unix-domain socket: use disable or prefer with a unix: upstream".into(),
             });
         }
+        if let (Some(listen), Some(_)) = (&s.listen, &s.unix_socket_dir) {
+            if unix_socket(listen, 6432).is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "unix_socket_dir",
+                    message: "--listen unix:... already names the socket; --unix-socket-dir adds one beside a TCP --listen".into(),
+                });
+            }
+        }
         let client_tls = match (s.tls_cert, s.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -338,7 +346,6 @@ impl Config {
     }
 }
 
-/// The host of `host:port` (`[v6]:port` too), if the port is a number.
 /// The socket file of a `unix:` address, in libpq's convention: `unix:/dir` is
 /// `/dir/.s.PGSQL.<default_port>`, `unix:/dir/.s.PGSQL.5433` names the file itself.
 /// `None` for a TCP address.
@@ -355,6 +362,7 @@ pub fn unix_socket(address: &str, default_port: u16) -> Option<PathBuf> {
     })
 }
 
+/// The host of `host:port` (`[v6]:port` too), if the port is a number.
 fn split_host_port(s: &str) -> Option<String> {
     let (host, port) = s.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
@@ -385,6 +393,37 @@ pub struct AuthThrottleConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_addresses_follow_libpq_and_refuse_what_cannot_work() {
+        let socket = |a: &str| unix_socket(a, 5432);
+        assert_eq!(
+            socket("unix:/run/pg"),
+            Some(PathBuf::from("/run/pg/.s.PGSQL.5432"))
+        );
+        assert_eq!(
+            socket("unix:/run/pg/.s.PGSQL.6000"),
+            Some(PathBuf::from("/run/pg/.s.PGSQL.6000"))
+        );
+        assert_eq!(socket("127.0.0.1:5432"), None);
+        let both = ServeSettings {
+            listen: Some("unix:/tmp".into()),
+            unix_socket_dir: Some("/tmp".into()),
+            ..Default::default()
+        };
+        assert!(Config::from_settings(both).is_err());
+        let tls = ServeSettings {
+            upstream: Some("unix:/run/postgresql".into()),
+            upstream_tls: Some(UpstreamTls::Require),
+            ..Default::default()
+        };
+        assert!(Config::from_settings(tls).is_err());
+        let plain = ServeSettings {
+            upstream: Some("unix:/run/postgresql".into()),
+            ..Default::default()
+        };
+        assert!(Config::from_settings(plain).is_ok());
+    }
 
     #[test]
     fn defaults_match_the_contract() {

@@ -16,9 +16,11 @@ use crate::sql::predicate::Predicate;
 pub struct TableFilter {
     /// Each applying rule's condition (rows are visible when any holds).
     pub conditions: Vec<(Predicate, Origin)>,
-    /// Why the filter cannot be applied (a column it reads is missing): then the table
-    /// is refused whole.
+    /// Why the filter cannot be applied (a column it reads is missing, a child of the
+    /// table is filtered and it is not): then the table is refused whole.
     pub broken: Option<String>,
+    /// The rule a refusal names when `conditions` is empty.
+    origin: Option<Origin>,
 }
 
 impl TableFilter {
@@ -37,7 +39,10 @@ impl TableFilter {
 
     /// The rule a refusal on this table names (the first in rule order).
     pub fn origin(&self) -> Option<&Origin> {
-        self.conditions.first().map(|(_, o)| o)
+        self.conditions
+            .first()
+            .map(|(_, o)| o)
+            .or(self.origin.as_ref())
     }
 
     /// Every column some condition reads.
@@ -105,9 +110,37 @@ impl SessionFilters {
                     .iter()
                     .map(|r| (r.predicate.clone(), r.origin.clone()))
                     .collect();
-                let filter = TableFilter { conditions, broken };
+                let filter = TableFilter {
+                    conditions,
+                    broken,
+                    origin: None,
+                };
                 filters.by_table.insert(table, Arc::new(filter));
             }
+        }
+        // A parent reads its children's rows: one whose child or partition is filtered
+        // and that is not filtered itself cannot be read as a whole.
+        let parents: Vec<(u32, String)> = catalog
+            .relations()
+            .filter(|r| !filters.by_table.contains_key(&r.oid))
+            .filter_map(|r| {
+                let child = catalog
+                    .descendants(r.oid)
+                    .into_iter()
+                    .find(|c| filters.by_table.contains_key(c))?;
+                let child = catalog.by_oid(child)?.qualified();
+                Some((r.oid, child))
+            })
+            .collect();
+        for (parent, child) in parents {
+            let origin = filters.by_table.values().find_map(|f| f.origin().cloned());
+            let broken = format!("its child or partition {child} has a row filter that it lacks");
+            let filter = TableFilter {
+                conditions: Vec::new(),
+                broken: Some(broken),
+                origin,
+            };
+            filters.by_table.insert(parent, Arc::new(filter));
         }
         for rel in catalog.relations() {
             if let Some(t) = rel.reads.iter().find(|t| filters.by_table.contains_key(t)) {
@@ -119,6 +152,16 @@ impl SessionFilters {
 
     pub fn is_empty(&self) -> bool {
         self.by_table.is_empty() && self.pending.is_empty()
+    }
+
+    /// The first filter rule of the session, in rule order: what a refusal that no one
+    /// table decided names.
+    pub fn any_origin(&self) -> Option<&Origin> {
+        self.by_table
+            .values()
+            .filter_map(|f| f.origin())
+            .chain(self.pending.iter().map(|(_, _, o)| o))
+            .min_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)))
     }
 
     /// The filter of a table.

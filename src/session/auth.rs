@@ -178,7 +178,7 @@ async fn auth_failed(startup: &Startup<'_>, sqlstate: &str) {
     let ip = startup.client_addr.ip();
     // 28P01 invalid_password, 28000 invalid_authorization_specification (no pg_hba entry,
     // unknown role under some methods).
-    let credentials = sqlstate.starts_with("28");
+    let credentials = sqlstate.starts_with("28") && startup.client_addr != crate::tls::LOCAL_PEER;
     let banned = credentials && proxy.auth_throttle.failed(ip);
     proxy.metrics.auth_failure();
     let message = if banned {

@@ -98,7 +98,13 @@ pub async fn serve(
             report(&mut stream, &e).await;
             return;
         }
-        if let Some(left) = proxy.auth_throttle.banned(peer.ip()) {
+        // Socket clients share one recorded address: the failed-login limit is per TCP
+        // address only.
+        let banned = match peer == crate::tls::LOCAL_PEER {
+            true => None,
+            false => proxy.auth_throttle.banned(peer.ip()),
+        };
+        if let Some(left) = banned {
             proxy.metrics.connection_refused("failed_logins");
             let who = audit::Who::before_auth(id, &message, peer);
             let note = format!(

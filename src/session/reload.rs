@@ -74,12 +74,16 @@ impl PolicyRefresh {
         let applies = rules
             .masks
             .iter()
-            .any(|r| crate::policy::masks::applies(r, &self.identity));
+            .any(|r| crate::policy::masks::applies(r, &self.identity))
+            || rules
+                .filters
+                .iter()
+                .any(|r| crate::policy::filters::applies(r, &self.identity));
         let new_guard = GuardPolicy::for_session(&rules, &self.identity);
         self.recycles = new_guard.as_ref().is_some_and(|g| g.recycles());
         let Some(catalog) = catalog else {
             if applies || new_guard.is_some() {
-                // Masks or a guard now apply to a session pgveil never read a catalog for.
+                // Masks, filters or a guard now apply to a session pgveil never read a catalog for.
                 tracing::info!(
                     "a rules reload applies to a session pgveil has no catalog for; ending it"
                 );

@@ -48,7 +48,26 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
     // one still named is one whose definition pgveil could not read (or that stands
     // where a definition cannot: the target of a write, a materialized view).
     let mut view_left = None;
+    let mut statistics = None;
+    // A column of a type from outside pg_catalog (an extension's, a domain) may compare
+    // with operators pg_catalog does not have: its statements take the barrier.
+    let mut outside_types = false;
     let _ = visit_relations(stmt, |name| {
+        if let Some(parts) = name_parts(name) {
+            if is_statistics(&parts) {
+                statistics = Some(parts.join("."));
+            }
+            let rels: Vec<&Arc<Relation>> = match parts.as_slice() {
+                [n] => ctx.catalog.named(n).collect(),
+                [schema, n] | [_, schema, n] => {
+                    ctx.catalog.relation(schema, n).into_iter().collect()
+                }
+                _ => Vec::new(),
+            };
+            outside_types |= rels
+                .iter()
+                .any(|r| r.columns.iter().any(|c| c.type_oid >= FIRST_NORMAL_OID));
+        }
         match lookup(name, ctx) {
             Lookup::Filtered(rel, f) => {
                 named += 1;
@@ -58,12 +77,32 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
             Lookup::View(view, table) => {
                 view_left.get_or_insert((view, table));
             }
+            Lookup::Ambiguous(rel) => {
+                unknown = Some(format!("{} (and others of its name)", rel.qualified()))
+            }
             Lookup::Plain => {}
         }
         ControlFlow::<()>::Continue(())
     });
     if let Some(table) = unknown {
         return Err(refusal(kind, table, UNKNOWN_RELATION, None));
+    }
+    if let Some(view) = statistics.or_else(|| statistics_function(stmt)) {
+        let reason = "activity statistics count the rows a statement read, hidden ones included";
+        let origin = ctx.filters.any_origin();
+        return Err(refusal(kind, view, reason, origin));
+    }
+    // EXPLAIN EXECUTE plans a prepared statement this pass saw when it was prepared.
+    if let Statement::Explain { statement, .. } = &*stmt {
+        if matches!(statement.as_ref(), Statement::Execute { .. }) {
+            let reason = "a plan tells how many rows the row filter hides that match the statement's conditions";
+            return Err(refusal(
+                kind,
+                "(prepared statement)",
+                reason,
+                ctx.filters.any_origin(),
+            ));
+        }
     }
     if let Some((view, table)) = view_left {
         return Err(view_refusal(kind, &view, &table, ctx));
@@ -95,7 +134,7 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
             "a plan tells how many rows the row filter hides that match the statement's conditions";
         return Err(refusal(kind, table, reason, origin.as_ref()));
     }
-    let harmless = Harmless::of(stmt);
+    let harmless = !outside_types && Harmless::of(stmt);
     let mut rewrite = Rewrite {
         ctx,
         barrier: !harmless,
@@ -119,11 +158,44 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
     Ok(true)
 }
 
+/// OIDs below this are PostgreSQL's own objects (`FirstNormalObjectId`).
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// The cumulative statistics views (`pg_stat_*`, `pg_statio_*`): their counters move with
+/// every row a statement reads, the rows the filter then drops included.
+fn is_statistics(parts: &[String]) -> bool {
+    match parts {
+        [n] | [_, n] | [_, _, n] => {
+            (parts.len() == 1 || parts[parts.len() - 2] == "pg_catalog")
+                && (n.starts_with("pg_stat_") || n.starts_with("pg_statio_"))
+        }
+        _ => false,
+    }
+}
+
+/// A `pg_stat_get_*` function the statement calls (the statistics views' source).
+fn statistics_function(stmt: &Statement) -> Option<String> {
+    let mut found = None;
+    let _ = sqlparser::ast::visit_expressions(stmt, |e| {
+        if let Expr::Function(f) = e {
+            let name = f.name.0.last().and_then(|p| p.as_ident()).map(fold);
+            if let Some(n) = name.filter(|n| n.starts_with("pg_stat_")) {
+                found = Some(n);
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    found
+}
+
 enum Lookup<'a> {
     Plain,
     Filtered(Arc<Relation>, &'a Arc<TableFilter>),
     /// A view or materialized view that reads a filtered table (`Relation`, the table).
     View(Arc<Relation>, Arc<Relation>),
+    /// A bare name that filtered tables in several schemas bear.
+    Ambiguous(Arc<Relation>),
     /// A filter names a table of this name that the catalog does not have yet.
     Pending(String),
 }
@@ -142,7 +214,14 @@ fn lookup<'a>(name: &ObjectName, ctx: &Context<'a>) -> Lookup<'a> {
             if let Some(_o) = filters.pending_table(n, ctx.catalog) {
                 return Lookup::Pending(n.clone());
             }
-            ctx.catalog.named(n).find_map(filtered)
+            let mut found = ctx.catalog.named(n).filter_map(filtered);
+            let first = found.next();
+            // Filtered tables of one name in several schemas: which one the server reads
+            // depends on the search_path, so no one filter can be chosen.
+            if let (Some((rel, _)), Some(_)) = (&first, found.next()) {
+                return Lookup::Ambiguous(rel.clone());
+            }
+            first
         }
         [schema, n] | [_, schema, n] => {
             if filters.pending(schema, n).is_some() {
@@ -224,6 +303,11 @@ impl Rewrite<'_, '_> {
             Lookup::Plain => Ok(None),
             Lookup::Pending(t) => Err(refusal(kind, t, UNKNOWN_RELATION, None)),
             Lookup::View(view, table) => Err(view_refusal(kind, &view, &table, self.ctx)),
+            Lookup::Ambiguous(rel) => {
+                let reason =
+                    "filtered tables of this name are in several schemas: qualify the name";
+                Err(refusal(kind, rel.qualified(), reason, None))
+            }
             Lookup::Filtered(rel, f) => {
                 if let Some(why) = &f.broken {
                     return Err(refusal(kind, rel.qualified(), why.clone(), f.origin()));
@@ -686,10 +770,29 @@ struct CatalogOperators;
 impl VisitorMut for CatalogOperators {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        if let Expr::BinaryOp { op, .. } = e {
+        if let Expr::BinaryOp { left, op, right } = e {
             if let Some(name) = comparison(op) {
                 *op =
                     BinaryOperator::PGCustomBinaryOperator(vec!["pg_catalog".into(), name.into()]);
+                // OPERATOR(...) binds like any other operator, tighter than `=`: in
+                // `a = b || c` each side must stay whole, and so must the comparison.
+                for side in [left, right] {
+                    if !matches!(
+                        side.as_ref(),
+                        Expr::Identifier(_)
+                            | Expr::CompoundIdentifier(_)
+                            | Expr::Value(_)
+                            | Expr::Nested(_)
+                    ) {
+                        let inner = std::mem::replace(
+                            side.as_mut(),
+                            Expr::Value(sqlparser::ast::Value::Null.into()),
+                        );
+                        **side = Expr::Nested(Box::new(inner));
+                    }
+                }
+                let inner = std::mem::replace(e, Expr::Value(sqlparser::ast::Value::Null.into()));
+                *e = Expr::Nested(Box::new(inner));
             }
         }
         ControlFlow::Continue(())

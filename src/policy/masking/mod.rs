@@ -201,6 +201,11 @@ fn unanalysable(ctx: &Context<'_>, reason: &str, analysed: &Analysed<'_>) -> Ver
     let copies = analysed
         .as_ref()
         .map_or(true, |a| a.lexed().tokens.iter().any(|t| t.is_word("copy")));
+    // In-flight masking still covers what "allow" forwards; nothing would filter its rows.
+    if !ctx.filters.is_empty() {
+        let reason = format!("{reason}, and a row filter applies to the session");
+        return Verdict::Refused(Refusal::unanalysable(reason, None));
+    }
     match ctx.unanalysable {
         Unanalysable::Allow if !copies => Verdict::Masked,
         Unanalysable::Allow => {

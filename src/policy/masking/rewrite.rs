@@ -86,10 +86,34 @@ pub(super) fn inline_masked_views(stmt: &mut Statement, ctx: &Context<'_>) -> bo
     struct Inline<'a, 'b> {
         ctx: &'b Context<'a>,
         changed: bool,
+        /// The targets of writes (by address): a definition cannot stand there, so the
+        /// view stays, for the checks to refuse.
+        targets: std::collections::HashSet<usize>,
     }
     impl VisitorMut for Inline<'_, '_> {
         type Break = ();
+        fn pre_visit_statement(&mut self, stmt: &mut Statement) -> ControlFlow<()> {
+            let addr = |tf: &TableFactor| tf as *const TableFactor as usize;
+            match stmt {
+                Statement::Update(u) => {
+                    self.targets.insert(addr(&u.table.relation));
+                }
+                Statement::Delete(d) => {
+                    let (sqlparser::ast::FromTable::WithFromKeyword(from)
+                    | sqlparser::ast::FromTable::WithoutKeyword(from)) = &d.from;
+                    self.targets.extend(from.iter().map(|t| addr(&t.relation)));
+                }
+                Statement::Merge(m) => {
+                    self.targets.insert(addr(&m.table));
+                }
+                _ => {}
+            }
+            ControlFlow::Continue(())
+        }
         fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+            if self.targets.contains(&(tf as *const TableFactor as usize)) {
+                return ControlFlow::Continue(());
+            }
             let TableFactor::Table {
                 name,
                 alias,
@@ -149,6 +173,7 @@ pub(super) fn inline_masked_views(stmt: &mut Statement, ctx: &Context<'_>) -> bo
         let mut inline = Inline {
             ctx,
             changed: false,
+            targets: Default::default(),
         };
         let _ = stmt.visit(&mut inline);
         if !inline.changed {
