@@ -18,6 +18,7 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod predicate;
 pub mod protocol;
 pub mod proxy;
 pub mod server;

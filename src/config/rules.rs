@@ -9,7 +9,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::sql::predicate::Predicate;
+use crate::predicate::Predicate;
 
 /// All problems found in a rule set, one per line as `file:line: message`.
 #[derive(Debug, Error)]

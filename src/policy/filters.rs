@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::config::rules::{FilterRule, Origin, Rules};
 use crate::identity::SessionIdentity;
-use crate::sql::predicate::Predicate;
+use crate::predicate::Predicate;
 
 /// The filter of one table for one session.
 #[derive(Debug)]

@@ -6,15 +6,15 @@
 
 pub mod analysis;
 pub mod audit;
+pub mod conditions;
 pub mod guard;
 pub mod lex;
-pub mod predicate;
 pub mod scope;
 
 use std::borrow::Cow;
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Statement, TableFactor, Visit, Visitor};
+use sqlparser::ast::{ObjectName, ObjectNamePart, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
 
@@ -356,14 +356,7 @@ pub fn leading_keyword(sql: &str) -> Option<&'static str> {
         .find(|k| word.value.eq_ignore_ascii_case(k))
 }
 
-/// An identifier as the server folds it: unquoted → ASCII letters in lower case, quoted
-/// → as written.
-pub fn fold(ident: &Ident) -> String {
-    match ident.quote_style {
-        Some(_) => ident.value.clone(),
-        None => ident.value.to_ascii_lowercase(),
-    }
-}
+pub use crate::predicate::fold;
 
 /// The folded parts of a dotted name; `None` if a part is not a plain identifier.
 pub fn name_parts(name: &ObjectName) -> Option<Vec<String>> {
@@ -464,8 +457,11 @@ mod tests {
     fn folds_like_postgres() {
         let stmts = parse("SELECT \"Phone\", Email FROM Public.\"Customers\"").unwrap();
         assert_eq!(stmts.len(), 1);
-        assert_eq!(fold(&Ident::new("Email")), "email");
-        assert_eq!(fold(&Ident::with_quote('"', "Phone")), "Phone");
+        assert_eq!(fold(&sqlparser::ast::Ident::new("Email")), "email");
+        assert_eq!(
+            fold(&sqlparser::ast::Ident::with_quote('"', "Phone")),
+            "Phone"
+        );
     }
 
     #[test]

@@ -19,9 +19,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    visit_relations, AssignmentTarget, BinaryOperator, CopySource, Expr, FromTable, Ident,
-    ObjectName, Query, SetExpr, Statement, TableAlias, TableFactor, Visit, VisitMut, Visitor,
-    VisitorMut,
+    visit_relations, AssignmentTarget, CopySource, Expr, FromTable, Ident, ObjectName, Query,
+    SetExpr, Statement, TableAlias, TableFactor, VisitMut, VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -29,7 +28,8 @@ use sqlparser::parser::Parser;
 use super::{fold, kind_of, name_parts, Context, Refusal, UNKNOWN_RELATION};
 use crate::catalog::Relation;
 use crate::policy::filters::TableFilter;
-use crate::sql::predicate::{comparison, Predicate};
+use crate::predicate::Predicate;
+use crate::sql::conditions;
 
 /// The alias the filtered table takes inside its derived table.
 const INNER: &str = "pgveil_row_filter";
@@ -134,7 +134,7 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
             "a plan tells how many rows the row filter hides that match the statement's conditions";
         return Err(refusal(kind, table, reason, origin.as_ref()));
     }
-    let harmless = !outside_types && Harmless::of(stmt);
+    let harmless = !outside_types && conditions::harmless(stmt);
     let mut rewrite = Rewrite {
         ctx,
         barrier: !harmless,
@@ -153,7 +153,7 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
         return Err(refusal(kind, table, reason, origin.as_ref()));
     }
     if harmless {
-        let _ = stmt.visit(&mut CatalogOperators);
+        conditions::spell_comparisons(stmt);
     }
     Ok(true)
 }
@@ -598,203 +598,5 @@ fn insert_proven(i: &sqlparser::ast::Insert, filter: &TableFilter) -> Result<(),
         Ok(())
     } else {
         Err(unproven())
-    }
-}
-
-/// Whether no condition of the statement could leak a hidden row before the filter runs.
-struct Harmless {
-    harmless: bool,
-    /// Expressions computed only on rows every condition passed: the outermost SELECT
-    /// list and ORDER BY, an UPDATE's SET values, RETURNING.
-    exempt: HashSet<usize>,
-    exempt_depth: usize,
-    saved: Vec<usize>,
-}
-
-impl Harmless {
-    fn of(stmt: &Statement) -> bool {
-        let mut exempt = HashSet::new();
-        let addr = |e: &Expr| e as *const Expr as usize;
-        let mut returning = |r: &Option<Vec<sqlparser::ast::SelectItem>>| {
-            for item in r.iter().flatten() {
-                if let sqlparser::ast::SelectItem::UnnamedExpr(e)
-                | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } = item
-                {
-                    exempt.insert(addr(e));
-                }
-            }
-        };
-        match stmt {
-            Statement::Update(u) => {
-                returning(&u.returning);
-                for a in &u.assignments {
-                    exempt.insert(addr(&a.value));
-                }
-            }
-            Statement::Delete(d) => returning(&d.returning),
-            Statement::Insert(i) => returning(&i.returning),
-            _ => {}
-        }
-        if let Statement::Query(q) = stmt {
-            if let SetExpr::Select(s) = q.body.as_ref() {
-                for item in &s.projection {
-                    if let sqlparser::ast::SelectItem::UnnamedExpr(e)
-                    | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } = item
-                    {
-                        exempt.insert(addr(e));
-                    }
-                }
-            }
-            if let Some(o) = &q.order_by {
-                if let sqlparser::ast::OrderByKind::Expressions(exprs) = &o.kind {
-                    for e in exprs {
-                        exempt.insert(addr(&e.expr));
-                    }
-                }
-            }
-        }
-        let mut h = Harmless {
-            harmless: true,
-            exempt,
-            exempt_depth: 0,
-            saved: Vec::new(),
-        };
-        let _ = stmt.visit(&mut h);
-        h.harmless
-    }
-}
-
-impl Visitor for Harmless {
-    type Break = ();
-
-    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-        self.saved.push(self.exempt_depth);
-        self.exempt_depth = 0;
-        ControlFlow::Continue(())
-    }
-
-    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
-        self.exempt_depth = self.saved.pop().unwrap_or(0);
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
-        // A function in FROM runs on its arguments, maybe a hidden row's columns.
-        if matches!(tf, TableFactor::Table { args: Some(_), .. })
-            || !matches!(
-                tf,
-                TableFactor::Table { .. }
-                    | TableFactor::Derived { .. }
-                    | TableFactor::NestedJoin { .. }
-            )
-        {
-            self.harmless = false;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_select(&mut self, s: &sqlparser::ast::Select) -> ControlFlow<()> {
-        use sqlparser::ast::{JoinConstraint, JoinOperator as J};
-        for t in &s.from {
-            for j in &t.joins {
-                let c = match &j.join_operator {
-                    J::Join(c)
-                    | J::Inner(c)
-                    | J::Left(c)
-                    | J::LeftOuter(c)
-                    | J::Right(c)
-                    | J::RightOuter(c)
-                    | J::FullOuter(c)
-                    | J::CrossJoin(c) => c,
-                    _ => {
-                        self.harmless = false;
-                        return ControlFlow::Break(());
-                    }
-                };
-                // USING and NATURAL compare with `=` as the search_path finds it.
-                if matches!(c, JoinConstraint::Using(_) | JoinConstraint::Natural) {
-                    self.harmless = false;
-                    return ControlFlow::Break(());
-                }
-            }
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if self.exempt.contains(&(e as *const Expr as usize)) {
-            self.exempt_depth += 1;
-        }
-        if self.exempt_depth > 0 {
-            return ControlFlow::Continue(());
-        }
-        let ok = match e {
-            Expr::Identifier(_)
-            | Expr::CompoundIdentifier(_)
-            | Expr::Value(_)
-            | Expr::Nested(_)
-            | Expr::IsNull(_)
-            | Expr::IsNotNull(_)
-            | Expr::IsTrue(_)
-            | Expr::IsNotTrue(_)
-            | Expr::IsFalse(_)
-            | Expr::IsNotFalse(_)
-            | Expr::Exists { .. }
-            | Expr::Subquery(_) => true,
-            Expr::UnaryOp { op, .. } => matches!(op, sqlparser::ast::UnaryOperator::Not),
-            Expr::BinaryOp { op, .. } => {
-                matches!(op, BinaryOperator::And | BinaryOperator::Or) || comparison(op).is_some()
-            }
-            _ => false,
-        };
-        if !ok {
-            self.harmless = false;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn post_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if self.exempt.contains(&(e as *const Expr as usize)) {
-            self.exempt_depth = self.exempt_depth.saturating_sub(1);
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// Spells every comparison `OPERATOR(pg_catalog.…)`: the session's search_path may hold
-/// operators of the same name that would run on hidden rows.
-struct CatalogOperators;
-
-impl VisitorMut for CatalogOperators {
-    type Break = ();
-    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        if let Expr::BinaryOp { left, op, right } = e {
-            if let Some(name) = comparison(op) {
-                *op =
-                    BinaryOperator::PGCustomBinaryOperator(vec!["pg_catalog".into(), name.into()]);
-                // OPERATOR(...) binds like any other operator, tighter than `=`: in
-                // `a = b || c` each side must stay whole, and so must the comparison.
-                for side in [left, right] {
-                    if !matches!(
-                        side.as_ref(),
-                        Expr::Identifier(_)
-                            | Expr::CompoundIdentifier(_)
-                            | Expr::Value(_)
-                            | Expr::Nested(_)
-                    ) {
-                        let inner = std::mem::replace(
-                            side.as_mut(),
-                            Expr::Value(sqlparser::ast::Value::Null.into()),
-                        );
-                        **side = Expr::Nested(Box::new(inner));
-                    }
-                }
-                let inner = std::mem::replace(e, Expr::Value(sqlparser::ast::Value::Null.into()));
-                *e = Expr::Nested(Box::new(inner));
-            }
-        }
-        ControlFlow::Continue(())
     }
 }

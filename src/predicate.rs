@@ -8,7 +8,15 @@ use sqlparser::ast::{BinaryOperator, Expr, FunctionArguments, UnaryOperator, Val
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::fold;
+/// An identifier as PostgreSQL reads it: folded to lower case unless quoted. It lives
+/// here, the lowest module that reads SQL names (`config` reads filters with it, and `sql`,
+/// which uses `config`, re-exports it).
+pub fn fold(ident: &sqlparser::ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_ascii_lowercase(),
+    }
+}
 
 /// Deeper conditions than this are refused (they are not written by hand).
 const MAX_DEPTH: usize = 64;
