@@ -45,6 +45,15 @@ impl TableFilter {
             .or(self.origin.as_ref())
     }
 
+    /// Whether a new row is proven visible: some condition is only `column = value`
+    /// conditions, and `writes(column, value)` says the row holds each such value.
+    pub fn proven_by(&self, writes: impl Fn(&str, &Predicate) -> bool) -> bool {
+        self.conditions.iter().any(|(p, _)| {
+            p.required_values()
+                .is_some_and(|req| req.iter().all(|(col, value)| writes(col, value)))
+        })
+    }
+
     /// Every column some condition reads.
     pub fn columns(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();

@@ -414,14 +414,10 @@ impl VisitorMut for Rewrite<'_, '_> {
                     .iter()
                     .any(|(c, _)| filter_cols.contains(&c.as_str()))
                 {
-                    let proven = target.filter.conditions.iter().any(|(p, _)| {
-                        p.required_values().is_some_and(|req| {
-                            req.iter().all(|(col, value)| {
-                                assigned
-                                    .iter()
-                                    .any(|(c, v)| c == col && v.as_ref() == Some(*value))
-                            })
-                        })
+                    let proven = target.filter.proven_by(|col, value| {
+                        assigned
+                            .iter()
+                            .any(|(c, v)| c == col && v.as_ref() == Some(value))
                     });
                     if !proven {
                         let reason = format!(
@@ -583,15 +579,10 @@ fn insert_proven(i: &sqlparser::ast::Insert, filter: &TableFilter) -> Result<(),
         .iter()
         .filter_map(|c| name_parts(c).and_then(|p| p.last().cloned()))
         .collect();
-    let proven = filter.conditions.iter().any(|(p, _)| {
-        p.required_values().is_some_and(|req| {
-            req.iter().all(|(col, value)| {
-                columns.iter().position(|c| c == col).is_some_and(|at| {
-                    rows.iter().all(|row| {
-                        row.get(at).and_then(Predicate::of_expr).as_ref() == Some(*value)
-                    })
-                })
-            })
+    let proven = filter.proven_by(|col, value| {
+        columns.iter().position(|c| c == col).is_some_and(|at| {
+            rows.iter()
+                .all(|row| row.get(at).and_then(Predicate::of_expr).as_ref() == Some(value))
         })
     });
     if proven {
