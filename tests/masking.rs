@@ -274,6 +274,8 @@ const REFUSED: &[&str] = &[
     // `keyed_masks_apply_to_copy_to_stdout`.)
     "UPDATE customers SET full_name = full_name WHERE id = 1 RETURNING customers",
     "SELECT query_to_xml('select phone from customers', true, true, '')",
+    // ts_rewrite runs its second argument as a query.
+    "SELECT ts_rewrite('x'::tsquery, 'SELECT ''x''::tsquery, string_agg(phone, '' | '')::tsquery FROM customers')",
     "SELECT * FROM pg_stats WHERE tablename = 'customers'",
     "SELECT most_common_vals::text FROM pg_catalog.pg_stats",
     "SELECT phone FROM customer_mv",

@@ -454,6 +454,8 @@ async fn counters_parents_prepared_plans_and_view_writes_are_refused() {
             "UPDATE task_list SET note = 'changed' WHERE id = {}",
             hidden.trim()
         ),
+        "SELECT ts_rewrite('x'::tsquery, 'SELECT ''x''::tsquery, ''y''::tsquery FROM customers')"
+            .to_string(),
     ] {
         let got = answer(&carol, &sql).await;
         assert!(
@@ -480,7 +482,18 @@ async fn counters_parents_prepared_plans_and_view_writes_are_refused() {
     );
     let p = TestProxy::with_rules(&c, &allow).await;
     let carol = p.connect("carol", "carol_pw").await;
-    for sql in ["SELECT id FROM ONLY customers", "TABLE customers"] {
+    // Code the server runs later, out of pgveil's sight: a trigger on her own table.
+    carol
+        .batch_execute("CREATE TEMP TABLE trig (x int)")
+        .await
+        .unwrap();
+    for sql in [
+        "SELECT id FROM ONLY customers",
+        "TABLE customers",
+        "CREATE FUNCTION pg_temp.grab() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN DELETE FROM public.customers; RETURN NULL; END$$",
+        "CREATE PROCEDURE pg_temp.grab2() LANGUAGE sql AS $$DELETE FROM public.customers$$",
+        "CALL pg_temp.grab2()",
+    ] {
         let got = answer(&carol, sql).await;
         assert!(
             got.as_ref().is_err_and(|e| e.starts_with("42501")),

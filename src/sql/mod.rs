@@ -417,6 +417,7 @@ pub(crate) fn is_dangerous(name: &str) -> bool {
                 | "pg_ls_dir"
                 | "pg_stat_file"
                 | "set_config"
+                | "ts_rewrite"
                 | "query_to_xmlschema"
         )
 }

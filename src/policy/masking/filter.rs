@@ -40,6 +40,18 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
         return Ok(false);
     }
     let kind = kind_of(stmt);
+    // Code the server runs later, where this pass never sees it (a trigger fires on the
+    // session's own table; a procedure's body is a string).
+    if matches!(
+        stmt,
+        Statement::CreateFunction(_)
+            | Statement::CreateProcedure { .. }
+            | Statement::CreateTrigger(_)
+            | Statement::Call(_)
+    ) {
+        let reason = "it defines or runs code (a function, procedure or trigger body) whose SQL no row filter would reach";
+        return Err(refusal(kind, "(code)", reason, ctx.filters.any_origin()));
+    }
     // Every place the statement names a filtered table must be one the rewrite covers.
     let mut named = 0usize;
     let mut unknown = None;
