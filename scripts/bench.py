@@ -165,6 +165,20 @@ def start_bench_cluster(work, scale=10):
     return pg_port
 
 
+def cluster_with(work, setup, rules_text, scale=10):
+    """A scratch cluster (pgbench -i -s scale) with `setup` run in database bench, then
+    VACUUM ANALYZE, and a rules directory holding `rules_text`: (pg_port, rules_dir)."""
+    pg_port = start_bench_cluster(work, scale)
+    run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "-d", "bench",
+         "-v", "ON_ERROR_STOP=1", "-c", setup], env=env())
+    psql(pg_port, "bench", "VACUUM ANALYZE")
+    rules = os.path.join(work, "rules")
+    os.makedirs(rules)
+    with open(os.path.join(rules, "bench.toml"), "w") as f:
+        f.write(rules_text)
+    return pg_port, rules
+
+
 def prepare(prefix):
     """Installs what the benchmarks need, builds the release pgveil, returns a work dir."""
     subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh")], check=True)

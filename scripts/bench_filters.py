@@ -53,14 +53,7 @@ def main():
     veil = None
     try:
         print("loading: pgbench -i -s 10 ...", flush=True)
-        pg_port = bench.start_bench_cluster(work)
-        bench.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "-d", "bench",
-                   "-v", "ON_ERROR_STOP=1", "-c", SETUP], env=bench.env())
-        bench.psql(pg_port, "bench", "VACUUM ANALYZE")
-        rules = os.path.join(work, "rules")
-        os.makedirs(rules)
-        with open(os.path.join(rules, "bench.toml"), "w") as f:
-            f.write(RULES)
+        pg_port, rules = bench.cluster_with(work, SETUP, RULES)
         veil, veil_port = bench.start_pgveil(work, pg_port, rules, a.pgveil_args)
         # Sanity: the filter is applied (pgveil explain shows the statement as it is sent).
         shown = subprocess.run([os.path.join(bench.ROOT, "target/release/pgveil"), "explain", "--rules", rules,

@@ -105,17 +105,11 @@ def main():
     veil = None
     try:
         print("loading: pgbench -i -s 10 and 1,000,000 people ...", flush=True)
-        pg_port = bench.start_bench_cluster(work)
-        bench.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "-d", "bench",
-                   "-v", "ON_ERROR_STOP=1", "-c", SETUP], env=bench.env())
-        bench.psql(pg_port, "bench", "VACUUM ANALYZE")
-        rules = os.path.join(work, "rules")
-        os.makedirs(rules)
-        with open(os.path.join(rules, "bench.toml"), "w") as f:
-            f.write(RULES)
-            if a.pending_mask:
-                f.write('\n[[mask]]\ncolumn = "public.not_created_yet.secret"\nfunction = "redact"\n'
-                        'unmasked_for = ["bench_exempt"]\n')
+        rules_text = RULES
+        if a.pending_mask:
+            rules_text += ('\n[[mask]]\ncolumn = "public.not_created_yet.secret"\nfunction = "redact"\n'
+                           'unmasked_for = ["bench_exempt"]\n')
+        pg_port, rules = bench.cluster_with(work, SETUP, rules_text)
         veil, veil_port = bench.start_pgveil(work, pg_port, rules, a.pgveil_args)
         # Sanity: the masked role really gets masked values.
         sample = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(veil_port), "-U", "masked_user",
