@@ -174,6 +174,8 @@ pub struct Config {
     pub upstream: String,
     /// The host part of `upstream`, for TLS server-name checks.
     pub upstream_host: String,
+    /// The server's socket file when `upstream` is `unix:...`.
+    pub upstream_socket: Option<PathBuf>,
     pub rules_path: PathBuf,
     pub audit_log: String,
     /// `None` when the audit log is off.
@@ -223,14 +225,15 @@ impl Config {
     pub fn from_settings(s: ServeSettings) -> Result<Config, ConfigError> {
         let d = Limits::default();
         let upstream = s.upstream.unwrap_or_else(|| "127.0.0.1:5432".into());
-        let upstream_host = match unix_socket(&upstream, 5432) {
+        let upstream_socket = unix_socket(&upstream, 5432);
+        let upstream_host = match upstream_socket {
             Some(_) => "localhost".to_string(),
             None => split_host_port(&upstream).ok_or_else(|| ConfigError::Invalid {
                 key: "upstream",
                 message: format!("{upstream:?} is not HOST:PORT or unix:DIRECTORY"),
             })?,
         };
-        if unix_socket(&upstream, 5432).is_some()
+        if upstream_socket.is_some()
             && !matches!(
                 s.upstream_tls,
                 None | Some(UpstreamTls::Disable) | Some(UpstreamTls::Prefer)
@@ -319,6 +322,7 @@ impl Config {
             listen: s.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
             upstream,
             upstream_host,
+            upstream_socket,
             rules_path: s.rules.unwrap_or_else(|| PathBuf::from("rules/")),
             audit_log,
             audit,

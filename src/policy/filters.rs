@@ -127,11 +127,14 @@ impl SessionFilters {
                 filters.by_table.insert(table, Arc::new(filter));
             }
         }
+        if filters.by_table.is_empty() {
+            return filters;
+        }
         // A parent reads its children's rows: one whose child or partition is filtered
         // and that is not filtered itself cannot be read as a whole.
         let parents: Vec<(u32, String)> = catalog
             .relations()
-            .filter(|r| !filters.by_table.contains_key(&r.oid))
+            .filter(|r| matches!(r.kind, 'r' | 'p') && !filters.by_table.contains_key(&r.oid))
             .filter_map(|r| {
                 let child = catalog
                     .descendants(r.oid)

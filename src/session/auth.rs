@@ -112,7 +112,7 @@ pub async fn relay(legs: &mut Legs, startup: Startup<'_>) -> Result<Established,
 async fn authenticate(legs: &mut Legs, startup: &Startup<'_>) -> Result<(), SessionError> {
     // Over a Unix socket, `peer` (or `trust`) in pg_hba.conf lets in whoever pgveil's own
     // operating-system user may be: a client must not inherit that.
-    let local = crate::config::unix_socket(&startup.proxy.config.upstream, 5432).is_some();
+    let local = startup.proxy.config.upstream_socket.is_some();
     let mut asked_password = false;
     loop {
         let frame = legs

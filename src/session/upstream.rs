@@ -13,11 +13,11 @@ use crate::tls::Stream;
 /// Opens a connection to the upstream, encrypted as configured.
 pub async fn connect(proxy: &Proxy) -> Result<Stream, SessionError> {
     let cfg = &proxy.config;
-    if let Some(path) = crate::config::unix_socket(&cfg.upstream, 5432) {
+    if let Some(path) = &cfg.upstream_socket {
         // The server offers no TLS here; the configuration allows only disable or prefer.
         let local = tokio::time::timeout(
             cfg.limits.connect_timeout,
-            tokio::net::UnixStream::connect(&path),
+            tokio::net::UnixStream::connect(path),
         )
         .await
         .map_err(|_| SessionError::Connect(format!("{} timed out", path.display())))?

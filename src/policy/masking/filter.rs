@@ -309,8 +309,31 @@ impl Rewrite<'_, '_> {
         ControlFlow::Break(())
     }
 
-    /// The filter of a target table, or the refusal of a filter that cannot apply.
-    fn target(&self, name: &ObjectName, kind: &'static str) -> Result<Option<Target>, Refusal> {
+    /// The filter of a table the statement names; `None` when it has none, or when it
+    /// has one that cannot apply (then the refusal is recorded: see [`Self::flow`]).
+    fn target(&mut self, name: &ObjectName, kind: &'static str) -> Option<Target> {
+        match self.lookup_target(name, kind) {
+            Ok(t) => t,
+            Err(r) => {
+                self.refused = Some(r);
+                None
+            }
+        }
+    }
+
+    /// How the walk goes on after [`Self::target`] gave nothing: it stops on a refusal.
+    fn flow(&self) -> ControlFlow<()> {
+        match self.refused {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    fn lookup_target(
+        &self,
+        name: &ObjectName,
+        kind: &'static str,
+    ) -> Result<Option<Target>, Refusal> {
         match lookup(name, self.ctx) {
             Lookup::Plain => Ok(None),
             Lookup::Pending(t) => Err(refusal(kind, t, UNKNOWN_RELATION, None)),
@@ -393,10 +416,8 @@ impl VisitorMut for Rewrite<'_, '_> {
                 let TableFactor::Table { name, alias, .. } = &u.table.relation else {
                     return ControlFlow::Continue(());
                 };
-                let target = match self.target(name, kind) {
-                    Ok(Some(t)) => t,
-                    Ok(None) => return ControlFlow::Continue(()),
-                    Err(r) => return self.refuse(r),
+                let Some(target) = self.target(name, kind) else {
+                    return self.flow();
                 };
                 let q = qualifier(name, alias.as_ref());
                 // A row the UPDATE moves must stay visible: some condition must be all
@@ -451,10 +472,8 @@ impl VisitorMut for Rewrite<'_, '_> {
                 else {
                     return ControlFlow::Continue(());
                 };
-                let target = match self.target(name, kind) {
-                    Ok(Some(t)) => t,
-                    Ok(None) => return ControlFlow::Continue(()),
-                    Err(r) => return self.refuse(r),
+                let Some(target) = self.target(name, kind) else {
+                    return self.flow();
                 };
                 let q = qualifier(name, alias.as_ref());
                 let addr = from
@@ -466,10 +485,8 @@ impl VisitorMut for Rewrite<'_, '_> {
                 let sqlparser::ast::TableObject::TableName(name) = &i.table else {
                     return ControlFlow::Continue(());
                 };
-                let target = match self.target(name, kind) {
-                    Ok(Some(t)) => t,
-                    Ok(None) => return ControlFlow::Continue(()),
-                    Err(r) => return self.refuse(r),
+                let Some(target) = self.target(name, kind) else {
+                    return self.flow();
                 };
                 if let Err(reason) = insert_proven(i, &target.filter) {
                     let r = refusal(kind, target.rel.qualified(), reason, target.filter.origin());
@@ -479,7 +496,7 @@ impl VisitorMut for Rewrite<'_, '_> {
             }
             Statement::Merge(m) => {
                 if let TableFactor::Table { name, .. } = &m.table {
-                    if let Ok(Some(t)) = self.target(name, kind) {
+                    if let Some(t) = self.target(name, kind) {
                         let reason = "MERGE could change or insert rows the filter hides";
                         let r = refusal(kind, t.rel.qualified(), reason, t.filter.origin());
                         return self.refuse(r);
@@ -490,7 +507,7 @@ impl VisitorMut for Rewrite<'_, '_> {
                 source: CopySource::Table { table_name, .. },
                 ..
             } => {
-                if let Ok(Some(t)) = self.target(table_name, kind) {
+                if let Some(t) = self.target(table_name, kind) {
                     let reason = "COPY into or out of a filtered table cannot be filtered (COPY (SELECT ...) TO can)";
                     let r = refusal(kind, t.rel.qualified(), reason, t.filter.origin());
                     return self.refuse(r);
@@ -498,7 +515,7 @@ impl VisitorMut for Rewrite<'_, '_> {
             }
             _ => {}
         }
-        ControlFlow::Continue(())
+        self.flow()
     }
 
     fn post_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
@@ -515,10 +532,8 @@ impl VisitorMut for Rewrite<'_, '_> {
         else {
             return ControlFlow::Continue(());
         };
-        let target = match self.target(name, "select") {
-            Ok(Some(t)) => t,
-            Ok(None) => return ControlFlow::Continue(()),
-            Err(r) => return self.refuse(r),
+        let Some(target) = self.target(name, "select") else {
+            return self.flow();
         };
         if target.rel.kind == 'm' {
             let reason = "a materialized view was computed from rows the filter hides";
