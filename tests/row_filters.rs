@@ -501,3 +501,34 @@ async fn counters_parents_prepared_plans_and_view_writes_are_refused() {
         );
     }
 }
+
+/// A rules reload that adds a filter reaches a session that had nothing to apply before
+/// (no mask, no guard, no audit: pgveil never read a catalog for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_a_filter_reaches_a_session_with_no_rules_before() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.toml"), "[settings]\nprotected = []\n").unwrap();
+    let rules = dir.path().to_path_buf();
+    let p = TestProxy::start(&c, move |s| {
+        s.rules = Some(rules);
+        s.audit = Some(false);
+    })
+    .await;
+    let bob = p.connect("bob", "bob_pw").await;
+    let all = answer(&bob, "SELECT count(*) FROM customers").await;
+    assert_eq!(all.unwrap(), "200|\n");
+    std::fs::write(
+        dir.path().join("r.toml"),
+        "[settings]\nprotected = []\n\n[[filter]]\ntable = \"public.customers\"\nroles = [\"crm_analyst\"]\nwhere = \"owner = 'carol'\"\n",
+    )
+    .unwrap();
+    p.proxy.reload_rules().unwrap();
+    // The session ends rather than go on unfiltered; a new one is filtered.
+    let after = answer(&bob, "SELECT count(*) FROM customers").await;
+    assert!(after.is_err(), "{after:?}");
+    let bob = p.connect("bob", "bob_pw").await;
+    let mine = owned(&c, "carol").len();
+    let got = answer(&bob, "SELECT count(*) FROM customers").await;
+    assert_eq!(got.unwrap(), format!("{mine}|\n"));
+}
