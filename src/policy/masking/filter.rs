@@ -69,16 +69,15 @@ pub(super) fn apply(stmt: &mut Statement, ctx: &Context<'_>) -> Result<bool, Ref
             if is_statistics(&parts) {
                 statistics = Some(parts.join("."));
             }
-            let rels: Vec<&Arc<Relation>> = match parts.as_slice() {
-                [n] => ctx.catalog.named(n).collect(),
+            let outside =
+                |r: &Arc<Relation>| r.columns.iter().any(|c| c.type_oid >= FIRST_NORMAL_OID);
+            outside_types |= match parts.as_slice() {
+                [n] => ctx.catalog.named(n).any(outside),
                 [schema, n] | [_, schema, n] => {
-                    ctx.catalog.relation(schema, n).into_iter().collect()
+                    ctx.catalog.relation(schema, n).is_some_and(outside)
                 }
-                _ => Vec::new(),
+                _ => false,
             };
-            outside_types |= rels
-                .iter()
-                .any(|r| r.columns.iter().any(|c| c.type_oid >= FIRST_NORMAL_OID));
         }
         match lookup(name, ctx) {
             Lookup::Filtered(rel, f) => {
