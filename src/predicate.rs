@@ -128,42 +128,20 @@ impl Predicate {
             Expr::IsNotTrue(e) => Predicate::Is(sub(e)?, "IS NOT TRUE"),
             Expr::IsFalse(e) => Predicate::Is(sub(e)?, "IS FALSE"),
             Expr::IsNotFalse(e) => Predicate::Is(sub(e)?, "IS NOT FALSE"),
-            // IN is = ... OR = ...; NOT IN is <> ... AND <> ... (NULLs alike).
             Expr::InList {
                 expr: e,
                 list,
                 negated,
             } => {
-                let e = sub(e)?;
-                let op = if *negated { "<>" } else { "=" };
-                let join = |a: Predicate, b: Predicate| match negated {
-                    false => Predicate::Or(Box::new(a), Box::new(b)),
-                    true => Predicate::And(Box::new(a), Box::new(b)),
-                };
-                let mut items = list
-                    .iter()
-                    .map(|item| Ok(Predicate::Compare(e.clone(), op, sub(item)?)));
-                let first = items.next().ok_or_else(refused)??;
-                items.try_fold(first, |acc, item: Result<Predicate, String>| {
-                    Ok::<_, String>(join(acc, item?))
-                })?
+                let items = list.iter().map(|i| Predicate::of(i, depth + 1));
+                in_list(sub(e)?, items.collect::<Result<_, _>>()?, *negated).ok_or_else(refused)?
             }
             Expr::Between {
                 expr: e,
                 negated,
                 low,
                 high,
-            } => {
-                let e = sub(e)?;
-                let within = Predicate::And(
-                    Box::new(Predicate::Compare(e.clone(), ">=", sub(low)?)),
-                    Box::new(Predicate::Compare(e, "<=", sub(high)?)),
-                );
-                match negated {
-                    false => within,
-                    true => Predicate::Not(Box::new(within)),
-                }
-            }
+            } => between(sub(e)?, sub(low)?, sub(high)?, *negated),
             Expr::Like {
                 negated,
                 any: false,
@@ -308,6 +286,36 @@ impl Predicate {
             Predicate::CurrentUser | Predicate::SessionUser => true,
             _ => false,
         }
+    }
+}
+
+/// `e IN (a, b)` is `e = a OR e = b`; `NOT IN` is `e <> a AND e <> b` (NULLs alike).
+fn in_list(e: Box<Predicate>, items: Vec<Predicate>, negated: bool) -> Option<Predicate> {
+    let op = if negated { "<>" } else { "=" };
+    let mut items = items
+        .into_iter()
+        .map(|item| Predicate::Compare(e.clone(), op, Box::new(item)));
+    let first = items.next()?;
+    Some(items.fold(first, |acc, item| match negated {
+        false => Predicate::Or(Box::new(acc), Box::new(item)),
+        true => Predicate::And(Box::new(acc), Box::new(item)),
+    }))
+}
+
+/// `e BETWEEN low AND high` is `e >= low AND e <= high`.
+fn between(
+    e: Box<Predicate>,
+    low: Box<Predicate>,
+    high: Box<Predicate>,
+    negated: bool,
+) -> Predicate {
+    let within = Predicate::And(
+        Box::new(Predicate::Compare(e.clone(), ">=", low)),
+        Box::new(Predicate::Compare(e, "<=", high)),
+    );
+    match negated {
+        false => within,
+        true => Predicate::Not(Box::new(within)),
     }
 }
 
