@@ -163,6 +163,24 @@ async fn client_to_server(
         }
         .map_err(SessionError::from_client)?;
         let mut terminated = false;
+        // A schema check that is due cannot run while requests are in flight; screening
+        // the batch without it would judge it by a schema known to be out of date (a
+        // client that sends its next batch as soon as it has an error, before the
+        // ReadyForQuery, would have a renamed table read in clear). When the server will
+        // answer what is in flight without more from the client, wait for it.
+        loop {
+            let waits = {
+                let mut st = lock(state);
+                // (Once nothing is in flight, a failed block reads nothing until its
+                // ROLLBACK: that is not waited for.)
+                st.awaiting_idle = refresh.schema_check_due(&st) && st.in_flight_settles();
+                st.awaiting_idle
+            };
+            if !waits {
+                break;
+            }
+            catalog_ready.notified().await;
+        }
         let catalog = {
             let mut st = lock(state);
             if refresh.changed() {
@@ -400,7 +418,9 @@ async fn server_to_client(
             if matches!(
                 st.catalog_read,
                 CatalogRead::Done(_) | CatalogRead::Probed(_)
-            ) {
+            ) || (st.awaiting_idle && st.settled())
+            {
+                st.awaiting_idle = false;
                 catalog_ready.notify_one();
             }
             note_activity(&st);

@@ -174,6 +174,18 @@ impl PolicyRefresh {
         st.can_read_catalog()
     }
 
+    /// Whether a masked session must look at the schema before its next statement (read
+    /// the catalog again, or probe for masks the catalog does not have yet), whether or
+    /// not it can right now.
+    pub fn schema_check_due(&self, st: &SessionState) -> bool {
+        let Some(p) = &st.policy else {
+            return false;
+        };
+        p.catalog_wanted
+            || p.masks.pending_probe().is_some()
+            || st.catalog_version.as_ref().is_some_and(|v| !v.is_current())
+    }
+
     /// For a masked session with masks the catalog does not have yet (when nothing is in
     /// flight and no failed transaction block is open): the query that finds whether any of them
     /// exists now, so that the catalog is read again first. A table renamed, or a column

@@ -286,6 +286,9 @@ pub struct SessionState {
     pub facts: crate::sql::analysis::FactsCache,
     /// pgveil's own reading of the catalog on this session's connection.
     pub catalog_read: CatalogRead,
+    /// The client's next batch waits for the requests in flight to complete, so that the
+    /// schema can be checked before it is screened (see `relay::client_to_server`).
+    pub awaiting_idle: bool,
     /// The rows of the result now arriving could not be forwarded: the client got an
     /// error instead, and every reply until ReadyForQuery is withheld.
     pub withholding: bool,
@@ -1277,6 +1280,22 @@ impl SessionState {
                 self.transaction,
                 Some(TransactionStatus::Idle | TransactionStatus::InBlock)
             )
+    }
+
+    /// Whether requests are in flight that end where the server answers without more from
+    /// the client (a simple query, a Sync; not a COPY waiting for the client's data):
+    /// waiting for them to complete cannot wait forever.
+    pub fn in_flight_settles(&self) -> bool {
+        !self.copy_in
+            && self
+                .pending
+                .iter()
+                .any(|p| matches!(p, Pending::Query { .. } | Pending::Sync | Pending::Catalog))
+    }
+
+    /// Whether nothing is in flight.
+    pub fn settled(&self) -> bool {
+        self.pending.is_empty()
     }
 
     /// Whether the session is inside a transaction block that has not failed.
